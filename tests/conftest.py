@@ -1,0 +1,25 @@
+"""Shared fixtures: paths to the real Llama 2 tokenizer and Alpaca records beside the checkout."""
+
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+@pytest.fixture
+def llama2_tokenizer_path() -> Path:
+    """The real Llama 2 SentencePiece model; tests that need it skip where ../shared is absent."""
+    path = ASSETS / "llama2_tokenizer.model"
+    if not path.exists():
+        pytest.skip(f"{path} not present (needs ../shared/assets beside the checkout)")
+    return path
+
+
+@pytest.fixture
+def alpaca_tiny_path() -> Path:
+    """100 real Alpaca records (JSON list of instruction / input / output / text)."""
+    path = ASSETS / "alpaca_tiny.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present (needs ../shared/assets beside the checkout)")
+    return path
