@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,8 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.embed_dim, config.norm_eps)
+        # Recompute each layer's activations in backward instead of storing them: memory for time.
+        self.activation_checkpointing = False
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None) -> Tensor:
         """tokens [B, T] -> hidden states [B, T, E]; see `Llama.forward` for the arguments."""
@@ -204,7 +207,10 @@ class Decoder(nn.Module):
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, cache_pos, kv_len)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache_pos, kv_len, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, cache_pos, kv_len)
         return self.norm(x)
 
 
@@ -262,6 +268,26 @@ class Llama(nn.Module):
 
 # Builders. Sizes from Meta's `params.json` files (https://github.com/meta-llama/llama, MODEL_CARD.md)
 # and Hugging Face's `config.json` of meta-llama/Llama-2-{7b,13b,70b}-hf.
+LLAMA2_SIZES: dict[str, dict] = {
+    # 32 layers, 32 heads, dim 4096, MLP 11008: 6,738,415,616 parameters
+    "llama2_7b": dict(num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008),
+    # 40 layers, 40 heads, dim 5120, MLP 13824: 13,015,864,320 parameters
+    "llama2_13b": dict(num_layers=40, num_heads=40, num_kv_heads=40, embed_dim=5120, intermediate_dim=13824),
+    # 80 layers, 64 query heads sharing 8 KV heads (GQA), dim 8192, MLP 28672: 68,976,648,192 parameters
+    "llama2_70b": dict(num_layers=80, num_heads=64, num_kv_heads=8, embed_dim=8192, intermediate_dim=28672),
+    # Not a Meta size: a few-MB model with GQA for CPU demos and tests.
+    "tiny_llama2": dict(num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, intermediate_dim=352, max_seq_len=1024),
+}
+
+
+def llama2_config(name: str, **overrides) -> LlamaConfig:
+    """The `LlamaConfig` of a named size, with any field overridden (e.g. `vocab_size=1000`)."""
+    if name not in LLAMA2_SIZES:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(LLAMA2_SIZES)}")
+    unknown = set(overrides) - set(LlamaConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown model argument(s) {sorted(unknown)}; expected some of {list(LlamaConfig.__dataclass_fields__)}")
+    return LlamaConfig(**{**LLAMA2_SIZES[name], **overrides})
 
 
 def llama2(
@@ -280,23 +306,20 @@ def llama2(
 
 
 def llama2_7b() -> Llama:
-    """Llama 2 7B: 32 layers, 32 heads, dim 4096, MLP 11008 (6,738,415,616 parameters)."""
-    return llama2(num_layers=32, num_heads=32, embed_dim=4096, intermediate_dim=11008)
+    """Llama 2 7B (6,738,415,616 parameters)."""
+    return Llama(llama2_config("llama2_7b"))
 
 
 def llama2_13b() -> Llama:
-    """Llama 2 13B: 40 layers, 40 heads, dim 5120, MLP 13824 (13,015,864,320 parameters)."""
-    return llama2(num_layers=40, num_heads=40, embed_dim=5120, intermediate_dim=13824)
+    """Llama 2 13B (13,015,864,320 parameters)."""
+    return Llama(llama2_config("llama2_13b"))
 
 
 def llama2_70b() -> Llama:
-    """Llama 2 70B: 80 layers, 64 heads with 8 KV heads (GQA), dim 8192, MLP 28672 (68,976,648,192 parameters)."""
-    return llama2(num_layers=80, num_heads=64, num_kv_heads=8, embed_dim=8192, intermediate_dim=28672)
+    """Llama 2 70B (68,976,648,192 parameters)."""
+    return Llama(llama2_config("llama2_70b"))
 
 
 def tiny_llama2(vocab_size: int = 32000) -> Llama:
     """A tiny Llama 2 shaped model for CPU demos and tests: 4 layers, dim 128, GQA 4/2 heads."""
-    return llama2(vocab_size=vocab_size, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, intermediate_dim=352, max_seq_len=1024)
-
-
-BUILDERS = {"llama2_7b": llama2_7b, "llama2_13b": llama2_13b, "llama2_70b": llama2_70b, "tiny_llama2": tiny_llama2}
+    return Llama(llama2_config("tiny_llama2", vocab_size=vocab_size))
