@@ -133,3 +133,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child_name, linear)
     return model
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The base model's state dict with every adapter folded in, leaving `model` untouched.
+
+    Only the wrapped weights are new tensors (W + (alpha/r) B A, computed in fp32 then cast back);
+    every other entry is the model's own tensor, so exporting a 7B LoRA model costs memory only for
+    the few adapted matrices, not a second copy of the model.
+    """
+    loras = lora_modules(model)
+    merged = {}
+    for key, value in model.state_dict().items():
+        if is_lora_key(key):
+            continue
+        module_name, _, param_name = key.rpartition(".")
+        lora = loras.get(module_name)
+        if lora is not None and param_name == "weight" and not lora.merged:
+            value = (value.float() + lora.delta_weight().float()).to(value.dtype)
+        merged[key] = value
+    return merged
