@@ -1,0 +1,42 @@
+"""lightning_tune: Llama 2 fine-tuning recipes on PyTorch Lightning.
+
+Exports resolve lazily, so `python -m lightning_tune --help` answers without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Llama": "lightning_tune.model",
+    "LlamaConfig": "lightning_tune.model",
+    "llama2": "lightning_tune.model",
+    "llama2_7b": "lightning_tune.model",
+    "llama2_13b": "lightning_tune.model",
+    "llama2_70b": "lightning_tune.model",
+    "Tokenizer": "lightning_tune.tokenizer",
+    "from_pretrained": "lightning_tune.checkpoint",
+    "FullFinetune": "lightning_tune.modules",
+    "LoRAFinetune": "lightning_tune.modules",
+    "InstructDataModule": "lightning_tune.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from lightning_tune.checkpoint import from_pretrained
+    from lightning_tune.data import InstructDataModule
+    from lightning_tune.model import Llama, LlamaConfig, llama2, llama2_7b, llama2_13b, llama2_70b
+    from lightning_tune.modules import FullFinetune, LoRAFinetune
+    from lightning_tune.tokenizer import Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_tune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,255 @@
+"""What full and LoRA fine-tuning share: building the model, the loss, the optimiser, logging, exports.
+
+The recipes (`FullFinetune`, `LoRAFinetune`) subclass `FinetuneModule` once and add only what
+differs: which parameters train and what is exported. Lightning's `Trainer` does everything else
+(devices, precision, gradient accumulation and clipping, checkpoints, loggers, distribution).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_tune.model import LLAMA2_SIZES, Llama, LlamaConfig, llama2_config
+
+IGNORE_INDEX = -100
+
+
+def check_path(key: str, path: str | None, kind: str) -> None:
+    """Fail at construction, not an hour later, when a configured path does not exist."""
+    if path is not None and not Path(path).exists():
+        raise ValueError(f"{key}: {kind} {path!r} does not exist")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at `total_steps`.
+
+    The same curve as Hugging Face's `get_cosine_schedule_with_warmup`.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+class FinetuneModule(pl.LightningModule):
+    """Base of the fine-tuning recipes; see `FullFinetune` and `LoRAFinetune` for the parameters."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_args: dict[str, int | float] | None = None,
+        checkpoint_dir: str | None = None,
+        tokenizer_path: str | None = None,
+        max_seq_len: int | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        activation_checkpointing: bool = False,
+        export: bool = True,
+    ) -> None:
+        super().__init__()
+        if model is None and checkpoint_dir is None:
+            raise ValueError("model: give a model name (one of " + ", ".join(LLAMA2_SIZES) + ") or a checkpoint_dir to read its config from")
+        if model is not None and model not in LLAMA2_SIZES:
+            raise ValueError(f"model: unknown model {model!r}; expected one of {', '.join(LLAMA2_SIZES)}")
+        if model_args and checkpoint_dir is not None:
+            raise ValueError("model_args: cannot reshape a model loaded from checkpoint_dir; drop model_args or set checkpoint_dir: null")
+        check_path("checkpoint_dir", checkpoint_dir, "checkpoint directory")
+        check_path("tokenizer_path", tokenizer_path, "tokenizer file")
+        if lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {weight_decay}")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas: each must be in [0, 1), got {list(betas)}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}")
+        if max_seq_len is not None and max_seq_len <= 0:
+            raise ValueError(f"max_seq_len: must be > 0, got {max_seq_len}")
+        self.model_name = model
+        self.model_args = dict(model_args or {})
+        self.checkpoint_dir = checkpoint_dir
+        self.tokenizer_path = tokenizer_path
+        self.max_seq_len = max_seq_len
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.activation_checkpointing = activation_checkpointing
+        self.export = export
+        self.model: Llama | None = None
+        self._step_loss_sum = torch.zeros(())
+        self._step_tokens = torch.zeros((), dtype=torch.long)
+        self._step_started = 0.0
+        self._step_seen_tokens = 0
+
+    # ---- model -------------------------------------------------------------------------------
+
+    def model_config(self) -> LlamaConfig:
+        """The architecture: from the checkpoint when there is one, else the named size + model_args."""
+        if self.checkpoint_dir is None:
+            return llama2_config(self.model_name, **self.model_args)
+        from lightning_tune.checkpoint import load_config
+
+        config = load_config(self.checkpoint_dir)
+        if self.model_name is not None:
+            expected = llama2_config(self.model_name, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
+            if expected != config:
+                raise ValueError(f"model: {self.model_name!r} does not match the checkpoint in {self.checkpoint_dir} ({config}); set model: null to take the checkpoint's")
+        return config
+
+    def configure_model(self) -> None:
+        """Build on the meta device (allocating nothing), then load or randomly initialise.
+
+        Lightning calls this inside its device and precision contexts, so the default device and
+        dtype here are the ones the Trainer chose (e.g. bf16 for `precision: bf16-true`).
+        """
+        if self.model is not None:  # called again by trainer.validate/test after fit
+            return
+        config = self.model_config()
+        if self.max_seq_len is not None and self.max_seq_len > config.max_seq_len:
+            raise ValueError(f"max_seq_len: {self.max_seq_len} exceeds the model's context length {config.max_seq_len}")
+        if self.tokenizer_path is not None:
+            from lightning_tune.tokenizer import Tokenizer
+
+            vocab = Tokenizer(self.tokenizer_path).vocab_size
+            if vocab > config.vocab_size:
+                raise ValueError(f"tokenizer_path: {self.tokenizer_path} has {vocab} pieces but the model's vocab_size is {config.vocab_size}")
+        device, dtype = torch.get_default_device(), torch.get_default_dtype()
+        with torch.device("meta"):
+            model = Llama(config)
+        if self.checkpoint_dir is None:
+            model.to_empty(device=device)
+            model.to(dtype)
+            model.init_weights()
+        else:
+            from lightning_tune.checkpoint import load_weights
+
+            load_weights(model, self.checkpoint_dir, dtype=dtype, device=device)
+        model.model.activation_checkpointing = self.activation_checkpointing
+        self.adapt_model(model)
+        self.model = model
+
+    def adapt_model(self, model: Llama) -> None:
+        """Hook for the recipes: choose what trains (full: everything; LoRA: adapters only)."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
+
+    # ---- loss --------------------------------------------------------------------------------
+
+    def loss_sum(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed next-token cross-entropy over labelled positions, and their count.
+
+        Logits are computed only where a label exists (prompt and padding positions carry -100),
+        so the output head, the largest matmul of a small-batch step, skips the masked half.
+        """
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        hidden = self.model.model(input_ids)[:, :-1]  # [B, T-1, E]: position t predicts t+1
+        targets = labels[:, 1:]  # [B, T-1]
+        keep = targets != IGNORE_INDEX
+        logits = self.model.lm_head(hidden[keep])  # [N, V] for the N labelled positions only
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Return the *summed* loss; `on_before_optimizer_step` divides the accumulated gradient
+        by the tokens of the whole optimiser step, so accumulation equals one big batch."""
+        loss, tokens = self.loss_sum(batch)
+        self._step_loss_sum = self._step_loss_sum.to(loss.device) + loss.detach()
+        self._step_tokens = self._step_tokens.to(tokens.device) + tokens
+        self._step_seen_tokens += int(batch["input_ids"].numel())
+        return loss
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if not self._step_started:  # first micro-batch of an optimiser step
+            self._step_started = time.perf_counter()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged
+        # over ranks: undo both and divide by the step's labelled tokens over all ranks instead.
+        tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
+        loss_sum = self.trainer.strategy.reduce(self._step_loss_sum.float(), reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
+        elapsed = time.perf_counter() - self._step_started
+        self.log_dict(
+            {
+                "train_loss": loss_sum / tokens.clamp(min=1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens_per_s": self._step_seen_tokens * self.trainer.world_size / max(elapsed, 1e-9),
+                "peak_memory_gib": peak_memory_gib(self.device),
+            },
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
+        self._step_loss_sum = torch.zeros_like(self._step_loss_sum)
+        self._step_tokens = torch.zeros_like(self._step_tokens)
+        self._step_seen_tokens = 0
+        self._step_started = 0.0
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, tokens = self.loss_sum(batch)
+        n = int(tokens)
+        # Lightning's epoch mean weighted by batch_size=n gives sum(loss) / sum(tokens).
+        self.log("val_loss", loss / max(n, 1), batch_size=max(n, 1), on_epoch=True, prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, tokens = self.loss_sum(batch)
+        n = int(tokens)
+        self.log("test_loss", loss / max(n, 1), batch_size=max(n, 1), on_epoch=True, sync_dist=True)
+
+    # ---- optimiser -------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        """AdamW on the trainable parameters (no decay on 1-D norm weights), cosine with warm-up."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, self.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- exports ---------------------------------------------------------------------------
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def on_fit_end(self) -> None:
+        if self.export and self.trainer.is_global_zero and not self.trainer.interrupted:
+            self.export_to(self.output_dir)
+
+    def export_to(self, output_dir: Path) -> None:
+        """Write `merged/`, a Hugging Face directory that `transformers` loads."""
+        from lightning_tune.checkpoint import save_hf_checkpoint
+
+        save_hf_checkpoint(self.export_state_dict(), self.model.config, output_dir / "merged", tokenizer_path=self.tokenizer_path)
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()

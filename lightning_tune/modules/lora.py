@@ -1,0 +1,104 @@
+"""LoRA fine-tuning: the base model is frozen, low-rank adapters train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_tune.lora import apply_lora, lora_modules, mark_only_lora_trainable, merged_state_dict, resolve_targets
+from lightning_tune.model import Llama
+from lightning_tune.modules.base import FinetuneModule
+
+
+class LoRAFinetune(FinetuneModule):
+    """Fine-tune low-rank adapters on a frozen Llama 2; exports `adapter/` (PEFT) and `merged/` (HF).
+
+    Checkpoints hold only the adapters and their optimiser state: the frozen base is reloaded from
+    checkpoint_dir on resume, never stored a second time.
+
+    Args:
+        model: Model size (llama2_7b, llama2_13b, llama2_70b, tiny_llama2); null to take the
+            architecture from checkpoint_dir.
+        model_args: Overrides of the size's fields (vocab_size, num_layers, embed_dim, ...); only
+            without a checkpoint (random init, for demos and tests).
+        checkpoint_dir: Hugging Face or Meta checkpoint directory to start from; null = random init.
+        tokenizer_path: SentencePiece tokenizer, copied into the exports (linked from data).
+        max_seq_len: Longest training sequence (linked from data); checked against the model.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (applied to the adapter matrices).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        activation_checkpointing: Recompute each layer in backward to save activation memory.
+        export: Write the exports into the trainer's default_root_dir when fit ends.
+        lora_rank: Rank r of the adapters.
+        lora_alpha: Scale numerator: the adapter's output is multiplied by lora_alpha / lora_rank.
+        lora_dropout: Dropout on the adapter's input.
+        lora_attn_modules: Attention projections to adapt: q_proj, k_proj, v_proj, o_proj.
+        apply_lora_to_mlp: Also adapt the MLP (gate_proj, up_proj, down_proj).
+        apply_lora_to_output: Also adapt the output head (lm_head).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_args: dict[str, int | float] | None = None,
+        checkpoint_dir: str | None = None,
+        tokenizer_path: str | None = None,
+        max_seq_len: int | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        activation_checkpointing: bool = False,
+        export: bool = True,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_attn_modules: list[str] = ["q_proj", "v_proj"],  # noqa: B006 (read only; a list reads best in --help)
+        apply_lora_to_mlp: bool = False,
+        apply_lora_to_output: bool = False,
+    ) -> None:
+        super().__init__(model, model_args, checkpoint_dir, tokenizer_path, max_seq_len, lr, weight_decay, betas, warmup_steps, activation_checkpointing, export)
+        if lora_rank <= 0:
+            raise ValueError(f"lora_rank: must be a positive integer, got {lora_rank}")
+        if lora_alpha <= 0:
+            raise ValueError(f"lora_alpha: must be > 0, got {lora_alpha}")
+        if not 0 <= lora_dropout < 1:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {lora_dropout}")
+        self.lora_targets = resolve_targets(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output)  # validates names
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        # LoRA checkpoints lack the frozen base weights on purpose: load them non-strictly and
+        # check in on_load_checkpoint that every adapter tensor is there.
+        self.strict_loading = False
+        self.save_hyperparameters()
+
+    def adapt_model(self, model: Llama) -> None:
+        apply_lora(model, self.lora_targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
+        mark_only_lora_trainable(model)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(set(self.trainable_state_dict()) - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]}): it was saved with other LoRA settings")
+
+    def export_to(self, output_dir: Path) -> None:
+        """Write `adapter/` (PEFT format) and `merged/` (Hugging Face, adapters folded in)."""
+        from lightning_tune.checkpoint import save_peft_adapter
+
+        save_peft_adapter(self.model, output_dir / "adapter", base_model_name_or_path=self.checkpoint_dir)
+        super().export_to(output_dir)
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        return merged_state_dict(self.model)
