@@ -1,0 +1,122 @@
+"""The recipes: loss normalisation under gradient accumulation, LoRA checkpoints, validation errors."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_tune.modules import FullFinetune, LoRAFinetune
+from lightning_tune.modules.base import cosine_with_warmup
+
+TINY = {"vocab_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 32, "intermediate_dim": 48, "max_seq_len": 64}
+
+
+def sample(length: int, prompt: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (length,), generator=g)
+    labels = ids.clone()
+    labels[:prompt] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), -100)
+    for i, s in enumerate(samples):
+        ids[i, : len(s["input_ids"])] = s["input_ids"]
+        labels[i, : len(s["labels"])] = s["labels"]
+    return {"input_ids": ids, "labels": labels}
+
+
+# Very different numbers of trained tokens per micro-batch: a mean of per-micro-batch means
+# would weight the 2 short samples' tokens far more than the 2 long ones'.
+SAMPLES = [sample(6, 4, 0), sample(5, 3, 1), sample(30, 2, 2), sample(28, 4, 3)]
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def captured_grads(recipe_cls, batches, accumulate: int, **recipe_kwargs) -> dict[str, torch.Tensor]:
+    class Capture(recipe_cls):
+        def on_before_optimizer_step(self, optimizer):
+            super().on_before_optimizer_step(optimizer)
+            self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    module = Capture(model="tiny_llama2", model_args=TINY, export=False, **recipe_kwargs)
+    trainer(accumulate_grad_batches=accumulate).fit(module, DataLoader(batches, batch_size=None))
+    return module.grads
+
+
+@pytest.mark.parametrize("recipe_cls,kwargs", [(FullFinetune, {}), (LoRAFinetune, {"lora_dropout": 0.0})])
+def test_accumulated_gradient_equals_one_big_batch(recipe_cls, kwargs):
+    big = captured_grads(recipe_cls, [pad(SAMPLES)], accumulate=1, **kwargs)
+    accumulated = captured_grads(recipe_cls, [pad(SAMPLES[:2]), pad(SAMPLES[2:])], accumulate=2, **kwargs)
+    assert big.keys() == accumulated.keys() and big
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_naive_mean_of_means_would_differ():
+    """Guard that the test above can fail: the two micro-batches carry very different token counts."""
+    tokens = [int((pad(SAMPLES[:2])["labels"][:, 1:] != -100).sum()), int((pad(SAMPLES[2:])["labels"][:, 1:] != -100).sum())]
+    assert max(tokens) > 5 * min(tokens)
+
+
+def test_lora_checkpoint_holds_only_adapters(tmp_path):
+    torch.manual_seed(0)
+    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False)
+    t = trainer(default_root_dir=tmp_path, enable_checkpointing=True, max_steps=2)
+    t.fit(module, DataLoader([pad(SAMPLES[:2]), pad(SAMPLES[2:])], batch_size=None))
+    path = tmp_path / "saved.ckpt"
+    t.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    assert set(state) == {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_lora_targets_and_trainable_count():
+    torch.manual_seed(0)
+    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, lora_rank=4, lora_attn_modules=["q", "v"], apply_lora_to_mlp=True)
+    module.configure_model()
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    # per layer: q (32->32) and v (32->16) plus gate/up (32->48) and down (48->32), each r*(in+out)
+    per_layer = 4 * ((32 + 32) + (32 + 16) + 2 * (32 + 48) + (48 + 32))
+    assert trainable == 2 * per_layer
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lora_rank": 0}, "lora_rank: must be a positive integer, got 0"),
+        ({"lora_attn_modules": ["query"]}, "unknown module 'query'"),
+        ({"lora_dropout": 1.5}, "lora_dropout: must be in [0, 1)"),
+        ({"lr": -1.0}, "lr: must be > 0"),
+        ({"model": "llama3"}, "model: unknown model 'llama3'"),
+        ({"checkpoint_dir": "/no/such/dir"}, "checkpoint_dir: checkpoint directory '/no/such/dir' does not exist"),
+        ({"tokenizer_path": "/no/such.model"}, "tokenizer_path: tokenizer file '/no/such.model' does not exist"),
+    ],
+)
+def test_validation_errors(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        LoRAFinetune(**{"model": "tiny_llama2", **kwargs})
+    assert message in str(err.value)
+
+
+def test_model_or_checkpoint_required():
+    with pytest.raises(ValueError, match="model: give a model name"):
+        FullFinetune()
+
+
+def test_cosine_schedule_matches_transformers():
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
+    for step in range(100):
+        assert cosine_with_warmup(step, 10, 100) == pytest.approx(scheduler.get_last_lr()[0], abs=1e-12)
+        optimizer.step()
+        scheduler.step()
