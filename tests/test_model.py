@@ -1,0 +1,115 @@
+"""model.py against transformers' LlamaForCausalLM: same keys, same logits, cache = no cache, exact sizes."""
+
+import pytest
+import torch
+
+from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, rope_cos_sin
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.llama import modeling_llama as hf_llama  # noqa: E402
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def hf_model(num_kv_heads: int, seed: int = 0) -> "transformers.LlamaForCausalLM":
+    """A tiny random HF Llama; weights and norms randomised enough that a layout bug cannot hide."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+        initializer_range=0.1, attn_implementation="eager",
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    return model
+
+
+def ours_from(hf: "transformers.LlamaForCausalLM") -> Llama:
+    c = hf.config
+    model = Llama(LlamaConfig(c.vocab_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.intermediate_size, c.max_position_embeddings, c.rms_norm_eps, 10000.0))
+    model.load_state_dict(hf.state_dict(), strict=True)  # strict: exactly HF's keys and shapes
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_logits_match_transformers(num_kv_heads: int) -> None:
+    hf = hf_model(num_kv_heads)
+    ours = ours_from(hf)
+    assert sorted(ours.state_dict()) == sorted(hf.state_dict())  # same keys (order differs: HF declares attention first)
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours(tokens)
+    assert got.shape == expected.shape == (2, 24, 96)
+    assert rel_error(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_kv_cache_decoding_equals_full_forward(num_kv_heads: int) -> None:
+    ours = ours_from(hf_model(num_kv_heads))
+    tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours(tokens)
+        ours.setup_kv_cache(batch_size=2, max_seq_len=32)
+        steps = [ours(tokens[:, :6], cache_pos=torch.arange(6))]  # prefill
+        for t in range(6, 16):  # then one token at a time
+            steps.append(ours(tokens[:, t : t + 1], cache_pos=torch.tensor([t])))
+        ours.reset_kv_cache()
+    assert rel_error(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("builder", "expected"),
+    [(llama2_7b, 6_738_415_616), (llama2_13b, 13_015_864_320), (llama2_70b, 68_976_648_192)],
+    ids=["7b", "13b", "70b"],
+)
+def test_builders_on_meta_allocate_nothing_and_have_published_sizes(builder, expected: int) -> None:
+    with torch.device("meta"):
+        model = builder()
+    assert all(t.is_meta for t in model.state_dict(keep_vars=True).values())
+    assert list(model.buffers()) == []
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_layers": 0}, "num_layers must be a positive integer"),
+        ({"embed_dim": 100, "num_heads": 3}, "divisible by num_heads"),
+        ({"num_heads": 4, "num_kv_heads": 3, "embed_dim": 64}, "divisible by num_kv_heads"),
+        ({"embed_dim": 12, "num_heads": 4, "num_kv_heads": 4}, "must be even"),
+    ],
+)
+def test_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig(**kwargs)
+
+
+def test_rmsnorm_matches_transformers() -> None:
+    torch.manual_seed(3)
+    ours, theirs = RMSNorm(32, eps=1e-5), hf_llama.LlamaRMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32))
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    x16 = x.to(torch.bfloat16)
+    torch.testing.assert_close(ours.to(torch.bfloat16)(x16), theirs.to(torch.bfloat16)(x16), rtol=0, atol=0)
+
+
+def test_rope_matches_transformers() -> None:
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500.0)
+    positions = torch.tensor([[0, 1, 2, 7, 30], [3, 4, 5, 6, 100]])
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
+    cos_hf, sin_hf = hf_llama.LlamaRotaryEmbedding(config)(q, positions)
+    cos, sin = rope_cos_sin(positions, 16, 500.0, torch.float32)
+    torch.testing.assert_close(cos, cos_hf)
+    torch.testing.assert_close(sin, sin_hf)
+    q_hf, k_hf = hf_llama.apply_rotary_pos_emb(q, k, cos_hf, sin_hf)
+    torch.testing.assert_close(apply_rope(q, cos, sin), q_hf)
+    torch.testing.assert_close(apply_rope(k, cos, sin), k_hf)
