@@ -1,0 +1,8 @@
+"""Instruction data: prompt templates, sample encoding and masking, collate, and the DataModule."""
+
+from lightning_tune.data.datamodule import InstructDataModule
+from lightning_tune.data.errors import DataError
+from lightning_tune.data.instruct import IGNORE_INDEX, collate, encode_sample
+from lightning_tune.data.templates import PromptTemplate, get_template
+
+__all__ = ["DataError", "IGNORE_INDEX", "InstructDataModule", "PromptTemplate", "collate", "encode_sample", "get_template"]

@@ -1,0 +1,305 @@
+"""`InstructDataModule`: instruction records (hub, local file or the bundled demo) to padded training batches."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import datasets
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lightning_tune.data.errors import DataError
+from lightning_tune.data.instruct import collate, encode_sample
+from lightning_tune.data.templates import PromptTemplate, get_template
+from lightning_tune.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEMO = "demo"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_DATA = ASSETS / "demo.jsonl"
+DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
+# File extension -> `datasets` packaged loader.
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Extensions that are clearly files, so a missing "data.txt" is not mistaken for a hub dataset name.
+OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz", ".yaml", ".yml", ".md"}
+FIELDS = ("instruction", "input", "output")
+# Bump when `encode_sample` changes meaning, so caches written by older code are not reused.
+ENCODING_VERSION = 1
+
+
+class InstructDataModule(LightningDataModule):
+    """Instruction data (instruction / optional input / output records) rendered with a prompt template.
+
+    Each record becomes `BOS + prompt + response + EOS` with the prompt masked from the loss (see
+    `encode_sample`); batches are right-padded by `collate`. The tokenised data set is cached by
+    `datasets`, keyed by the data, tokenizer file, template, columns, `max_seq_len` and `train_on_input`,
+    so a second run does not re-tokenise. The train loader is a `StatefulDataLoader` with a seeded
+    sampler, so Lightning can resume mid-epoch from a checkpoint without replaying batches.
+    """
+
+    def __init__(
+        self,
+        source: str = "tatsu-lab/alpaca",
+        split: str = "train",
+        column_map: dict[str, str] | None = None,
+        template: str = "alpaca",
+        tokenizer_path: str | None = None,
+        max_seq_len: int = 512,
+        train_on_input: bool = False,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 42,
+        val_size: float = 0.0,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file, or "demo" for the bundled demo data.
+            split: Split to load from a hub data set (local files have only "train").
+            column_map: Our field name -> the data's column name, e.g. {"output": "response"}; fields not named keep their name; "input" is optional.
+            template: Prompt template name: "alpaca" (Stanford Alpaca) or "none" (the instruction as raw text).
+            tokenizer_path: SentencePiece tokenizer.model file; may be left out only with source "demo" (uses the bundled demo tokenizer).
+            max_seq_len: Longest sample in tokens; longer ones are truncated, the prompt first (a warning gives the count).
+            train_on_input: Also train on the prompt tokens, instead of only on the response.
+            batch_size: Samples per batch.
+            num_workers: DataLoader worker processes.
+            shuffle: Shuffle the training samples (seeded by `seed`; the order is restored on resume).
+            seed: Seed of the shuffle and of the validation split.
+            val_size: Held out for validation: a fraction if below 1, a count of records if 1 or more, none if 0.
+            cache_dir: Where `datasets` caches loaded and tokenised data (default: its own cache, ~/.cache/huggingface/datasets).
+        """
+        super().__init__()
+        self.template: PromptTemplate = get_template(template)
+        if column_map is not None:
+            unknown = sorted(set(column_map) - set(FIELDS))
+            if unknown:
+                raise DataError(f"column_map: unknown field(s) {unknown}; the fields are {list(FIELDS)} (map each to your data's column name)")
+            bad = [field for field, column in column_map.items() if not isinstance(column, str) or not column]
+            if bad:
+                raise DataError(f"column_map: field(s) {bad} must map to a column name (a non-empty string)")
+        if tokenizer_path is None and source != DEMO:
+            raise DataError(f"tokenizer_path is required for source {source!r} (only source 'demo' has a bundled tokenizer)")
+        if max_seq_len < 2:
+            raise DataError(f"max_seq_len must be at least 2 (room for BOS and EOS), got {max_seq_len}")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise DataError(f"num_workers must be 0 or more, got {num_workers}")
+        if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+            raise DataError(f"val_size must be 0, a fraction below 1, or a whole count of records, got {val_size}")
+        suffix = Path(source).suffix.lower()
+        if source != DEMO and (suffix in OTHER_FILE_SUFFIXES or (Path(source).is_file() and suffix not in LOADERS)):
+            raise DataError(f"{source}: unsupported file type {suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
+        self.source = source
+        self.split = split
+        self.column_map = dict(column_map or {})
+        self.tokenizer_path = str(DEMO_TOKENIZER) if tokenizer_path is None else tokenizer_path
+        self.max_seq_len = max_seq_len
+        self.train_on_input = train_on_input
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.seed = seed
+        self.val_size = val_size
+        self.cache_dir = cache_dir
+        self._tokenizer: Tokenizer | None = None
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self.num_truncated = 0
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        """Download and tokenise once (rank 0 only under DDP); `setup` then reads the cache."""
+        self._tokenized()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenised data (from the cache after `prepare_data`) and split off validation."""
+        if self.train_dataset is not None:
+            return
+        data = self._tokenized()
+        self.num_truncated = sum(data["truncated"])
+        if self.num_truncated:
+            log.warning(
+                f"{self.source}: {self.num_truncated} of {len(data)} records are longer than max_seq_len={self.max_seq_len}"
+                " and were truncated (prompt start first, then response end)"
+            )
+        if self.val_size == 0:
+            self.train_dataset = data
+            return
+        # A fraction becomes a count here so the split sizes are explicit (and the same on every rank).
+        val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * len(data))
+        if not 1 <= val_count < len(data):
+            raise DataError(f"{self.source}: val_size={self.val_size} leaves no training or no validation records out of {len(data)}")
+        parts = data.train_test_split(test_size=val_count, shuffle=True, seed=self.seed)
+        self.train_dataset, self.val_dataset = parts["train"], parts["test"]
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled (seeded) training batches; its `state_dict` records the position for mid-epoch resume."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
+        return StatefulDataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in a fixed order; an empty list (no validation) when `val_size` is 0."""
+        if self.train_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+        )
+
+    def _tokenized(self) -> datasets.Dataset:
+        """Records encoded into `input_ids` / `labels` / `truncated`, through the `datasets` cache."""
+        records = self._load_records()
+        columns = self._columns(records)
+        key = {
+            "data": records._fingerprint,
+            "tokenizer_sha256": hashlib.sha256(Path(self.tokenizer_path).read_bytes()).hexdigest(),
+            "template": asdict(self.template),
+            "columns": columns,
+            "max_seq_len": self.max_seq_len,
+            "train_on_input": self.train_on_input,
+            "version": ENCODING_VERSION,
+        }
+        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        encode = partial(
+            _encode_record,
+            source=self.source,
+            columns=columns,
+            template=self.template,
+            tokenizer=self.tokenizer,
+            max_seq_len=self.max_seq_len,
+            train_on_input=self.train_on_input,
+        )
+        # A failing record raises inside `map`; `datasets` then deletes its temporary file, so no partial cache remains.
+        return records.map(
+            encode,
+            with_indices=True,
+            remove_columns=records.column_names,
+            new_fingerprint=fingerprint,
+            desc=f"Tokenizing {self.source}",
+        )
+
+    def _load_records(self) -> datasets.Dataset:
+        """The raw records through `datasets`, any failure turned into one `DataError` line."""
+        if self.source == DEMO:
+            path: Path | None = DEMO_DATA
+        elif Path(self.source).suffix.lower() in LOADERS or Path(self.source).exists():
+            path = Path(self.source)
+        else:
+            path = None
+        if path is None:
+            try:
+                records = datasets.load_dataset(self.source, split=self.split, cache_dir=self.cache_dir)
+            except Exception as error:
+                raise DataError(
+                    f"{self.source}: cannot load this data set from the Hugging Face Hub ({_first_line(error)});"
+                    " if you are offline, pass a local .json/.jsonl/.csv/.parquet file as source"
+                ) from error
+        else:
+            records = self._load_file(path)
+        if not isinstance(records, datasets.Dataset):
+            raise DataError(f"{self.source}: expected one split of records, got {type(records).__name__}")
+        if len(records) == 0:
+            raise DataError(f"{self.source}: no records (expected instruction/output records)")
+        return records
+
+    def _load_file(self, path: Path) -> datasets.Dataset:
+        """A local file through the `datasets` loader for its extension."""
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        loader = LOADERS.get(path.suffix.lower())
+        if loader is None:
+            raise DataError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
+        if not path.read_bytes().strip():
+            raise DataError(f"{path}: empty file (expected instruction/output records)")
+        options: dict = {}
+        if loader == "csv":
+            # CSV has no types: read every cell as text (pandas would turn an output "12" into a number) and
+            # empty cells as "" rather than missing.
+            with path.open(newline="", encoding="utf-8") as file:
+                header = next(csv.reader(file), [])
+            options = {"features": datasets.Features({name: datasets.Value("string") for name in header}), "na_filter": False}
+        try:
+            return datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=self.cache_dir, **options)
+        except Exception as error:
+            reason = error.__cause__ if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ else error
+            raise DataError(f"{path}: cannot read as {path.suffix} ({_first_line(reason)})") from error
+
+    def _columns(self, records: datasets.Dataset) -> dict[str, str | None]:
+        """Our field -> the data's column (None: an absent optional `input`); a missing column is an error."""
+        columns: dict[str, str | None] = {}
+        for field in FIELDS:
+            column = self.column_map.get(field, field)
+            if column in records.column_names:
+                columns[field] = column
+            elif field == "input" and "input" not in self.column_map:
+                columns[field] = None
+            else:
+                raise DataError(
+                    f"{self.source}: no column {column!r} for field {field!r} (columns: {', '.join(records.column_names)});"
+                    " set column_map to name it"
+                )
+        return columns
+
+
+def _encode_record(
+    record: dict,
+    index: int,
+    *,
+    source: str,
+    columns: dict[str, str | None],
+    template: PromptTemplate,
+    tokenizer: Tokenizer,
+    max_seq_len: int,
+    train_on_input: bool,
+) -> dict:
+    """One raw record -> `encode_sample` output, after checking each field is a string."""
+    values: dict[str, str] = {}
+    for field, column in columns.items():
+        value = "" if column is None else record[column]
+        if value is None and field == "input":
+            value = ""  # records without an input in a file where others have one
+        if not isinstance(value, str):
+            where = f"{source}: record {index} (counting from 0), field {field!r}" + (f" (column {column!r})" if column != field else "")
+            if value is None:
+                raise DataError(f"{where}: missing, expected a string")
+            raise DataError(f"{where}: expected a string, got {type(value).__name__} {str(value)[:40]!r}")
+        values[field] = value
+    prompt = template.format(values["instruction"], values["input"])
+    return encode_sample(tokenizer, prompt, values["output"], max_seq_len, train_on_input)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,78 @@
+"""See what you train on: the first samples decoded, with the masked (untrained) spans marked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning_tune.data.datamodule import InstructDataModule
+from lightning_tune.data.instruct import IGNORE_INDEX
+from lightning_tune.tokenizer import Tokenizer
+
+MASK_OPEN, MASK_CLOSE = "[[", "]]"
+
+
+def describe_samples(datamodule: InstructDataModule, n: int = 3) -> str:
+    """Counts of samples, tokens, trained tokens and truncated samples, then the first `n` training samples.
+
+    Tokens whose label is -100 (not trained: the prompt, unless `train_on_input`) are wrapped in
+    `[[...]]`, so a wrong template or mask is visible before any compute is spent. BOS/EOS show as `<s>`/`</s>`.
+    """
+    if datamodule.train_dataset is None:
+        datamodule.setup("fit")
+    data = datamodule.train_dataset
+    tokenizer = datamodule.tokenizer
+    lengths = [len(ids) for ids in data["input_ids"]]
+    trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in data["labels"])
+    total = sum(lengths)
+    lines = [
+        f"{datamodule.source}: {len(data)} training samples"
+        + (f" ({len(datamodule.val_dataset)} held out for validation)" if datamodule.val_dataset is not None else "")
+        + f", {total} tokens, {trained} trained ({100 * trained / max(total, 1):.1f}%),"
+        f" {datamodule.num_truncated} truncated to max_seq_len={datamodule.max_seq_len}",
+        f"(spans in {MASK_OPEN}...{MASK_CLOSE} are masked from the loss)",
+    ]
+    for index in range(min(n, len(data))):
+        sample = data[index]
+        trained_here = sum(label != IGNORE_INDEX for label in sample["labels"])
+        lines.append(f"--- sample {index}: {len(sample['input_ids'])} tokens, {trained_here} trained ---")
+        lines.append(_render(tokenizer, sample["input_ids"], sample["labels"]))
+    return "\n".join(lines)
+
+
+def _render(tokenizer: Tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> str:
+    """The sample's text, masked runs wrapped in [[...]]; each run is decoded in context of what precedes it."""
+    out: list[str] = []
+    start = 0
+    while start < len(input_ids):
+        masked = labels[start] == IGNORE_INDEX
+        end = start
+        while end < len(input_ids) and (labels[end] == IGNORE_INDEX) == masked:
+            end += 1
+        text = _decode_span(tokenizer, input_ids, start, end)
+        out.append(f"{MASK_OPEN}{text}{MASK_CLOSE}" if masked else text)
+        start = end
+    return "".join(out)
+
+
+def _decode_span(tokenizer: Tokenizer, ids: Sequence[int], start: int, end: int) -> str:
+    """Text of ids[start:end] as it reads inside the whole sample (keeps the spaces a lone decode would drop).
+
+    Each stretch between special tokens is the difference of decoding the sample's prefix with and
+    without it; stretches end only at mask or special-token boundaries, never inside a character.
+    """
+    specials = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    out: list[str] = []
+    i = start
+    while i < end:
+        if ids[i] in specials:
+            out.append(specials[ids[i]])
+            i += 1
+            continue
+        j = i
+        while j < end and ids[j] not in specials:
+            j += 1
+        before = tokenizer.decode([t for t in ids[:i] if t not in specials])
+        after = tokenizer.decode([t for t in ids[:j] if t not in specials])
+        out.append(after[len(before) :])
+        i = j
+    return "".join(out)
