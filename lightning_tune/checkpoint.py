@@ -1,0 +1,670 @@
+"""Checkpoint formats in one place: Hugging Face safetensors / .bin, Meta's consolidated.*.pth, PEFT adapters.
+
+Every key map lives here. Our module tree uses Hugging Face's names, so a Hugging Face checkpoint loads
+with the identity map; Meta's checkpoints go through `META_KEYS` (names, model-parallel shard dims) and
+the rotary permutation of wq/wk. Loading builds the model on the meta device and materialises it one
+tensor at a time, so it never needs twice the model's memory. Writing goes through `atomic_directory`:
+an export is either complete or absent, never half-written.
+
+Bad input raises `CheckpointError`: one line naming the path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_tune.lora import apply_lora, is_lora_key, lora_modules
+from lightning_tune.model import Llama, LlamaConfig
+
+
+class CheckpointError(ValueError):
+    """One-line, user-facing: names the path and what is missing or mismatched."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Key maps
+
+# Meta name (for `layers.N.<name>`, the part after the layer index) -> (our / Hugging Face name, the dim
+# along which Meta's fairscale layers split the tensor across model-parallel shards; None = replicated).
+# ColumnParallelLinear splits its output rows (dim 0), RowParallelLinear its input columns (dim 1), and
+# ParallelEmbedding the embedding dim (dim 1). Source: meta-llama/llama, llama/model.py.
+META_KEYS: dict[str, tuple[str, int | None]] = {
+    "tok_embeddings.weight": ("model.embed_tokens.weight", 1),
+    "norm.weight": ("model.norm.weight", None),
+    "output.weight": ("lm_head.weight", 0),
+    "attention.wq.weight": ("self_attn.q_proj.weight", 0),
+    "attention.wk.weight": ("self_attn.k_proj.weight", 0),
+    "attention.wv.weight": ("self_attn.v_proj.weight", 0),
+    "attention.wo.weight": ("self_attn.o_proj.weight", 1),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
+    "attention_norm.weight": ("input_layernorm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
+}
+META_IGNORED = ("rope.freqs",)  # Meta's precomputed rotary table; we compute it per call
+HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer old transformers versions saved
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (ours)
+
+# PEFT options that change an adapter's math or layout; each must be absent or at its plain-LoRA value.
+PEFT_PLAIN_LORA: dict[str, object] = {
+    "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False,
+    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
+    "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+    "alora_invocation_tokens": None, "exclude_modules": None, "use_bdlora": None, "arrow_config": None,
+}
+# init_lora_weights values that leave the base weights untouched (PiSSA, OLoRA, LoftQ, CorDA rewrite them).
+PEFT_PLAIN_INITS = (True, False, None, "gaussian")
+
+CONFIG_KEYS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
+
+
+def meta_to_hf_key(meta_key: str) -> tuple[str, int | None]:
+    """`layers.3.attention.wq.weight` -> (`model.layers.3.self_attn.q_proj.weight`, shard dim 0); KeyError if unknown."""
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", meta_key)
+    name = match.group(2) if match else meta_key
+    hf_name, dim = META_KEYS[name]
+    is_top_level = hf_name.startswith(("model.", "lm_head."))  # whole-model tensors, not per layer
+    if is_top_level == bool(match):
+        raise KeyError(meta_key)
+    return (f"model.layers.{match.group(1)}.{hf_name}" if match else hf_name), dim
+
+
+def meta_to_hf_rotary(w: Tensor, n_heads: int) -> Tensor:
+    """Meta's interleaved rotary rows (pairs 2i, 2i+1) -> Hugging Face's rotate-half rows (i, i + D/2).
+
+    The permutation of transformers' convert_llama_weights_to_hf.py; w is [n_heads * D, E].
+    """
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def meta_intermediate_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU hidden size exactly as Meta's FeedForward computes it (7B: 4096 -> 11008, 70B: 8192 -> 28672)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# --------------------------------------------------------------------------------------------------
+# Formats and configs
+
+
+def _checkpoint_dir(checkpoint_dir: str | Path) -> Path:
+    path = Path(checkpoint_dir).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    return path
+
+
+def _meta_shards(path: Path) -> list[Path]:
+    """consolidated.00.pth ... consolidated.NN.pth in shard order, or [] if there are none."""
+    shards = sorted(path.glob("consolidated.*.pth"))
+    expected = [path / f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if shards != expected:
+        raise CheckpointError(f"{path}: Meta shards must be consolidated.00.pth ... consolidated.{len(shards) - 1:02d}.pth, found {[s.name for s in shards]}")
+    return shards
+
+
+def detect_format(checkpoint_dir: str | Path) -> Literal["hf", "meta"]:
+    """'hf' for a config.json directory, 'meta' for params.json + consolidated.*.pth."""
+    path = _checkpoint_dir(checkpoint_dir)
+    has_hf, has_meta = (path / "config.json").is_file(), (path / "params.json").is_file()
+    if has_hf and has_meta:  # some downloads carry both configs: the weight files decide
+        return "meta" if list(path.glob("consolidated.*.pth")) else "hf"
+    if has_hf:
+        return "hf"
+    if has_meta:
+        return "meta"
+    raise CheckpointError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _require(data: dict, key: str, path: Path):
+    if key not in data:
+        raise CheckpointError(f"{path}: missing required key {key!r}")
+    return data[key]
+
+
+def _make_config(path: Path, **values) -> LlamaConfig:
+    try:
+        return LlamaConfig(**values)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _hf_rope_base(cfg: dict, path: Path) -> float:
+    """rope_theta from either transformers 4's `rope_theta`/`rope_scaling` or 5's `rope_parameters`."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported; Llama 2 uses the default rotary embedding")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _load_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
+    """config.json -> (LlamaConfig, tie_word_embeddings)."""
+    file = path / "config.json"
+    cfg = _read_json(file)
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{file}: model_type is {cfg['model_type']!r}, expected 'llama'")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{file}: hidden_act is {cfg['hidden_act']!r}, expected 'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise CheckpointError(f"{file}: {flag} is true; Llama 2 has no biases")
+    heads = _require(cfg, "num_attention_heads", file)
+    hidden = _require(cfg, "hidden_size", file)
+    if cfg.get("head_dim") not in (None, hidden // heads):
+        raise CheckpointError(f"{file}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads = {hidden // heads}")
+    config = _make_config(
+        file,
+        vocab_size=_require(cfg, "vocab_size", file),
+        num_layers=_require(cfg, "num_hidden_layers", file),
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        embed_dim=hidden,
+        intermediate_dim=_require(cfg, "intermediate_size", file),
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),  # transformers' default when absent
+        rope_base=_hf_rope_base(cfg, file),
+    )
+    return config, bool(cfg.get("tie_word_embeddings", False))
+
+
+def _load_meta_config(path: Path) -> LlamaConfig:
+    """params.json (+ the embedding's shape when vocab_size is -1) -> LlamaConfig."""
+    file = path / "params.json"
+    params = _read_json(file)
+    dim = _require(params, "dim", file)
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size <= 0:  # Meta's files say -1: the tokenizer decides; the embedding's rows tell us
+        shards = _meta_shards(path)
+        if not shards:
+            raise CheckpointError(f"{file}: vocab_size is {vocab_size} and no consolidated.00.pth to read it from")
+        embed = _torch_load(shards[0]).get("tok_embeddings.weight")
+        if embed is None:
+            raise CheckpointError(f"{shards[0]}: missing 'tok_embeddings.weight' (needed for vocab_size)")
+        vocab_size = embed.shape[0]  # ParallelEmbedding splits dim 1, so every shard has all rows
+    return _make_config(
+        file,
+        vocab_size=vocab_size,
+        num_layers=_require(params, "n_layers", file),
+        num_heads=_require(params, "n_heads", file),
+        num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        embed_dim=dim,
+        intermediate_dim=meta_intermediate_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+        max_seq_len=params.get("max_seq_len", 4096),  # Llama 2's context; Meta's files leave it out
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_base=float(params.get("rope_theta", 10000.0)),
+    )
+
+
+def load_config(checkpoint_dir: str | Path) -> LlamaConfig:
+    """The model config of a Hugging Face (config.json) or Meta (params.json) checkpoint directory."""
+    path = _checkpoint_dir(checkpoint_dir)
+    if detect_format(path) == "hf":
+        return _load_hf_config(path)[0]
+    return _load_meta_config(path)
+
+
+def config_to_hf(config: LlamaConfig, torch_dtype: torch.dtype = torch.float32) -> dict:
+    """config.json contents for transformers' LlamaForCausalLM (the 4.x layout, which 5.x also reads)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.embed_dim,
+        "intermediate_size": config.intermediate_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(torch_dtype).removeprefix("torch."),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class _Entry:
+    """One tensor of a checkpoint, not yet read: our key, its shape, where it lives, how to read it."""
+
+    key: str
+    shape: tuple[int, ...]
+    file: Path
+    read: Callable[[], Tensor] | None = None  # None when only the key and shape are being checked
+
+
+def _torch_load(file: Path) -> dict[str, Tensor]:
+    """A .bin/.pth state dict, memory-mapped (tensors are read from disk only when touched)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file}: cannot read as a torch zip checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The weight files of a Hugging Face directory, safetensors preferred over .bin."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            weight_map = _require(_read_json(path / index), "weight_map", path / index)
+            files = [path / name for name in dict.fromkeys(weight_map.values())]
+            for file in files:
+                if not file.is_file():
+                    raise CheckpointError(f"{path / index}: lists shard {file.name}, which is missing")
+            return files
+    raise CheckpointError(f"{path}: no weight files (expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def _hf_entries(path: Path, stack: ExitStack) -> list[_Entry]:
+    entries = []
+    for file in _hf_weight_files(path):
+        if file.suffix == ".safetensors":
+            try:
+                handle = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            except Exception as err:  # noqa: BLE001
+                raise CheckpointError(f"{file}: cannot read as safetensors ({err})") from None
+            for key in handle.keys():
+                if not key.endswith(HF_IGNORED_SUFFIX):
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    entries.append(_Entry(key, shape, file, lambda h=handle, k=key: h.get_tensor(k)))
+        else:
+            for key, tensor in _torch_load(file).items():
+                if not key.endswith(HF_IGNORED_SUFFIX):
+                    entries.append(_Entry(key, tuple(tensor.shape), file, lambda t=tensor: t))
+    return entries
+
+
+def _meta_entries(path: Path, config: LlamaConfig) -> list[_Entry]:
+    """Merge Meta's model-parallel shards tensor by tensor, renamed and with wq/wk un-interleaved."""
+    files = _meta_shards(path)
+    if not files:
+        raise CheckpointError(f"{path}: no weight files (expected consolidated.00.pth ...)")
+    shards = [_torch_load(f) for f in files]
+    entries = []
+    for meta_key in shards[0]:
+        if meta_key in META_IGNORED:
+            continue
+        try:
+            key, dim = meta_to_hf_key(meta_key)
+        except KeyError:
+            raise CheckpointError(f"{files[0]}: unexpected key {meta_key!r} (not a Llama 2 parameter)") from None
+        for file, shard in zip(files, shards):
+            if meta_key not in shard:
+                raise CheckpointError(f"{file}: missing key {meta_key!r} present in {files[0].name}")
+        parts = [shard[meta_key] for shard in shards]
+        shape = list(parts[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in parts)
+        heads = {"wq": config.num_heads, "wk": config.num_kv_heads}.get(meta_key.split(".")[-2])
+
+        def read(parts: list[Tensor] = parts, dim: int | None = dim, heads: int | None = heads) -> Tensor:
+            w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+            return meta_to_hf_rotary(w, heads) if heads else w
+
+        entries.append(_Entry(key, tuple(shape), files[0] if dim is None else path / "consolidated.*.pth", read))
+    return entries
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else f" ({len(names)})")
+
+
+def _check_entries(path: Path, entries: list[_Entry], expected: dict[str, torch.Size], skip: set[str]) -> None:
+    """Every expected key present once with the expected shape, nothing else (before touching the model)."""
+    found = {e.key for e in entries} - skip
+    unexpected = sorted(found - expected.keys())
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys {_first(unexpected)}")
+    missing = sorted(expected.keys() - found)
+    if missing:
+        raise CheckpointError(f"{path}: missing keys {_first(missing)}")
+    for e in entries:
+        if e.key not in skip and e.shape != tuple(expected[e.key]):
+            raise CheckpointError(f"{e.file}: {e.key} has shape {list(e.shape)}, the config expects {list(expected[e.key])}")
+
+
+def _assign(model: nn.Module, key: str, tensor: Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+    """Put one tensor into the model: materialise a meta parameter (assign), else copy in place.
+
+    A parameter still on the meta device takes the tensor's dtype (or `dtype`) and device (CPU, or
+    `device`). A real parameter keeps its dtype and device unless `dtype`/`device` ask otherwise.
+    Either way requires_grad is kept, so a frozen base stays frozen.
+    """
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters[attr]
+    target_dtype = dtype or (tensor.dtype if old.is_meta else old.dtype)
+    target_device = torch.device(device) if device is not None else (tensor.device if old.is_meta else old.device)
+    if old.is_meta or old.dtype != target_dtype or old.device != target_device:
+        module._parameters[attr] = nn.Parameter(tensor.to(target_device, target_dtype), requires_grad=old.requires_grad)
+    else:
+        with torch.no_grad():
+            old.copy_(tensor)
+
+
+def _check_config(path: Path, model: nn.Module, config: LlamaConfig) -> None:
+    ours = getattr(model, "config", None)
+    if isinstance(ours, LlamaConfig):
+        diff = [f"{k} {getattr(config, k)} vs model's {getattr(ours, k)}" for k in CONFIG_KEYS if getattr(config, k) != getattr(ours, k)]
+        if diff:
+            raise CheckpointError(f"{path}: checkpoint config does not match the model: {'; '.join(diff)}")
+
+
+def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    """Load a Hugging Face or Meta checkpoint into `model` (built on the meta device or real) one tensor at a time.
+
+    Keys and shapes are all checked before the first tensor is read, so a mismatched checkpoint
+    leaves the model untouched. LoRA's lora_A/lora_B are not in a base checkpoint and are left as
+    they are. With a tied-embedding Hugging Face config, lm_head shares embed_tokens' weight.
+    """
+    path = _checkpoint_dir(checkpoint_dir)
+    fmt = detect_format(path)
+    config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
+    _check_config(path, model, config)
+    expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
+    skip = set()
+    if tied:  # transformers ties lm_head to embed_tokens and ignores any saved lm_head
+        expected.pop("lm_head.weight", None)
+        skip.add("lm_head.weight")
+    with ExitStack() as stack:
+        entries = _hf_entries(path, stack) if fmt == "hf" else _meta_entries(path, config)
+        _check_entries(path, entries, expected, skip)
+        for entry in entries:
+            if entry.key not in skip:
+                _assign(model, entry.key, entry.read(), dtype, device)
+    if tied:
+        model.get_submodule("lm_head").weight = model.get_submodule("model.embed_tokens").weight
+
+
+def from_pretrained(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Llama:
+    """A `Llama` from a Hugging Face or Meta directory, in eval mode; dtype None keeps the checkpoint's."""
+    config = load_config(path)
+    with torch.device("meta"):  # no memory until each tensor is loaded
+        model = Llama(config)
+    load_weights(model, path, dtype=dtype, device=device)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling directory; on success it replaces `path`, on error it is removed.
+
+    Readers see the old directory or the complete new one, never a half-written export. The old
+    one is moved aside and deleted only after the new one is in place.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # put the previous export back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest existing ancestor of `path` (where the disk space will come from)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_disk_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise CheckpointError(f"{directory}: not enough free disk space: need {needed / 2**30:.2f} GiB, have {free / 2**30:.2f} GiB")
+
+
+def _shard(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    """Split keys in order, starting a new shard when the next tensor would pass max_shard_size bytes (as transformers)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save_hf_checkpoint(
+    model_or_state_dict: nn.Module | dict[str, Tensor],
+    config: LlamaConfig,
+    output_dir: str | Path,
+    *,
+    max_shard_size: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    tokenizer_path: str | Path | None = None,
+) -> Path:
+    """Write a transformers-loadable Llama directory atomically; returns its path.
+
+    Writes config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n shards
+    plus model.safetensors.index.json above `max_shard_size` bytes) and tokenizer.model if given.
+    A LoRA model must be merged first (`lora.merge_lora`) or saved with `save_peft_adapter`.
+    """
+    output_dir = Path(output_dir).expanduser().absolute()
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
+    lora_keys = [k for k in state if is_lora_key(k)]
+    if lora_keys:
+        raise CheckpointError(f"{output_dir}: the model has LoRA weights ({lora_keys[0]}, ...): merge them (lora.merge_lora) or use save_peft_adapter")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Llama(config).state_dict().items()}
+    entries = [_Entry(k, tuple(v.shape), output_dir) for k, v in state.items()]
+    _check_entries(output_dir, entries, expected, skip=set())
+    tokenizer = None
+    if tokenizer_path is not None:
+        tokenizer = Path(tokenizer_path).expanduser()
+        tokenizer = tokenizer / "tokenizer.model" if tokenizer.is_dir() else tokenizer
+        if not tokenizer.is_file():
+            raise CheckpointError(f"{tokenizer}: tokenizer file not found")
+
+    tensors = {key: state[key].detach() for key in expected}  # our canonical order: shards hold layers in sequence
+    meta = [k for k, t in tensors.items() if t.is_meta]
+    if meta:
+        raise CheckpointError(f"{output_dir}: {_first(meta)} are on the meta device (never loaded); nothing to save")
+    out_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
+    itemsize = torch.empty((), dtype=out_dtype).element_size()
+    sizes = {k: t.numel() * itemsize for k, t in tensors.items()}
+    total = sum(sizes.values())
+    extra = (tokenizer.stat().st_size if tokenizer else 0) + 2**20  # tokenizer, JSON files, headers
+    _check_disk_space(_existing_parent(output_dir), total + extra)
+
+    shards = _shard(sizes, max_shard_size)
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with atomic_directory(output_dir) as tmp:
+        for name, keys in zip(names, shards):
+            # Cast and copy to CPU one shard at a time: at most one shard's worth of extra memory.
+            written: dict[str, Tensor] = {}
+            storages: set[int] = set()
+            for key in keys:
+                t = tensors[key].to("cpu", out_dtype).contiguous()
+                if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors refuses shared storage
+                    t = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
+                written[key] = t
+            save_file(written, tmp / name, metadata={"format": "pt"})
+            del written
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    return output_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT adapters
+
+
+def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter directory (loadable by `PeftModel.from_pretrained`)."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    loras = lora_modules(model)
+    if not loras:
+        raise CheckpointError(f"{output_dir}: the model has no LoRA layers to save")
+    settings = {(m.rank, m.alpha, m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0) for m in loras.values()}
+    if len(settings) > 1:
+        raise CheckpointError(f"{output_dir}: PEFT needs one rank/alpha/dropout for all LoRA layers, found (rank, alpha, dropout) {sorted(settings)}")
+    rank, alpha, dropout = settings.pop()
+    targets = sorted({name.rpartition(".")[2] for name in loras})
+    # PEFT wraps every linear named like a target; an adapter on only some of them would not round-trip.
+    same_named = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
+    if sorted(same_named) != sorted(loras):
+        raise CheckpointError(f"{output_dir}: LoRA covers only some of the layers named {targets}; PEFT's target_modules cannot express that")
+    lora_state = {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
+    meta = [k for k, v in lora_state.items() if v.is_meta]
+    if meta:
+        raise CheckpointError(f"{output_dir}: {_first(meta)} are on the meta device (never initialised); nothing to save")
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state.items()}
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    _check_disk_space(_existing_parent(output_dir), sum(t.numel() * t.element_size() for t in tensors.values()) + 2**20)
+    with atomic_directory(output_dir) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return output_dir
+
+
+def _read_adapter_weights(path: Path) -> tuple[Path, dict[str, Tensor]]:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        file = path / name
+        if file.is_file():
+            if file.suffix == ".bin":
+                return file, _torch_load(file)
+            try:
+                with safe_open(file, framework="pt", device="cpu") as handle:
+                    return file, {k: handle.get_tensor(k) for k in handle.keys()}  # adapters are small
+            except Exception as err:  # noqa: BLE001
+                raise CheckpointError(f"{file}: cannot read as safetensors ({err})") from None
+    raise CheckpointError(f"{path}: no adapter weights (expected adapter_model.safetensors or adapter_model.bin)")
+
+
+def load_peft_adapter(model: Llama, adapter_dir: str | Path) -> list[str]:
+    """Wrap `model`'s target layers with LoRA as a PEFT adapter directory says, and load its A/B weights.
+
+    Everything is checked before the model is touched: unsupported options, target modules absent
+    from the model, keys and shapes. Returns the names of the wrapped layers.
+    """
+    path = _checkpoint_dir(adapter_dir)
+    file = path / "adapter_config.json"
+    cfg = _read_json(file)
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{file}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+    for option, plain in PEFT_PLAIN_LORA.items():
+        value = cfg.get(option)
+        if value not in (None, plain) and (bool(value) or bool(plain)):
+            raise CheckpointError(f"{file}: {option}={value!r} is not supported (plain LoRA needs {plain!r})")
+    if cfg.get("init_lora_weights", True) not in PEFT_PLAIN_INITS:
+        raise CheckpointError(f"{file}: init_lora_weights={cfg['init_lora_weights']!r} rewrites the base weights; not supported")
+    rank, alpha = _require(cfg, "r", file), _require(cfg, "lora_alpha", file)
+    if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{file}: r must be a positive integer and lora_alpha a number, got r={rank!r}, lora_alpha={alpha!r}")
+    targets = _require(cfg, "target_modules", file)
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and "." not in t for t in targets):
+        raise CheckpointError(f"{file}: target_modules must be a list of layer names like ['q_proj', 'v_proj'], got {targets!r}")
+    if lora_modules(model):
+        raise CheckpointError(f"{path}: the model already has LoRA layers; load the adapter into the base model")
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n.rpartition(".")[2] in targets}
+    absent = sorted(set(targets) - {n.rpartition(".")[2] for n in linears})
+    if absent:
+        raise CheckpointError(f"{file}: target_modules {absent} are not linear layers of the model")
+
+    weights_file, tensors = _read_adapter_weights(path)
+    expected = {}
+    for name, m in linears.items():
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.Size([rank, m.in_features])
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.Size([m.out_features, rank])
+    entries = [_Entry(k, tuple(v.shape), weights_file) for k, v in tensors.items()]
+    _check_entries(weights_file, entries, expected, skip=set())
+
+    wrapped = apply_lora(model, targets, rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0))
+    for key, tensor in tensors.items():
+        _assign(model, key.removeprefix(PEFT_PREFIX), tensor, None, None)
+    return wrapped
