@@ -285,8 +285,8 @@ def _torch_load(file: Path) -> dict[str, Tensor]:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{file}: cannot read as a torch zip checkpoint ({reason})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a state dict, got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: expected a flat state dict of tensors, got {type(state).__name__}")
     return state
 
 
