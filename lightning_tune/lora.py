@@ -93,9 +93,13 @@ def apply_lora(model: nn.Module, targets: Iterable[str], rank: int, alpha: float
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                lora = LoRALinear(child.in_features, child.out_features, rank, alpha, dropout, bias=child.bias is not None, device=child.weight.device, dtype=child.weight.dtype)
-                lora.weight = child.weight
-                lora.bias = child.bias
+                # Built on meta so no throw-away base weight is allocated, then given the layer's own
+                # weight and real A, B on its device.
+                lora = LoRALinear(child.in_features, child.out_features, rank, alpha, dropout, bias=child.bias is not None, device="meta", dtype=child.weight.dtype)
+                lora.weight, lora.bias = child.weight, child.bias
+                lora.lora_A.to_empty(device=child.weight.device)
+                lora.lora_B.to_empty(device=child.weight.device)
+                lora.reset_lora_parameters()
                 setattr(parent, child_name, lora)
                 wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     if not wrapped:
