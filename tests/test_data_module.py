@@ -1,0 +1,320 @@
+"""InstructDataModule: every file format, column mapping, bad input, caching, Trainer loop, mid-epoch resume."""
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import lightning
+import pandas as pd
+import pytest
+import sentencepiece as spm
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+import lightning_tune.data.datamodule as datamodule_module
+from lightning_tune.data import DataError, InstructDataModule
+from lightning_tune.data.inspect import describe_samples
+from lightning_tune.data.templates import ALPACA
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchdata's "set_vital is deprecated"
+datasets.disable_progress_bars()
+
+
+@pytest.fixture
+def records(alpaca_tiny_path: Path) -> list[dict]:
+    return json.loads(alpaca_tiny_path.read_text())
+
+
+def make(source, tmp_path: Path, tokenizer_path=None, **kwargs) -> InstructDataModule:
+    """A DataModule caching under tmp_path, set up for fitting."""
+    dm = InstructDataModule(source=str(source), tokenizer_path=None if tokenizer_path is None else str(tokenizer_path), cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def write(records: list[dict], path: Path) -> Path:
+    """The records as a .json / .jsonl / .csv / .parquet file."""
+    frame = pd.DataFrame(records)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    return path
+
+
+def samples(dm: InstructDataModule) -> list[tuple[list[int], list[int]]]:
+    return list(zip(dm.train_dataset["input_ids"], dm.train_dataset["labels"]))
+
+
+def test_every_file_format_loads_the_same_samples(records, llama2_tokenizer_path, tmp_path) -> None:
+    reference = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_path))
+    loaded = {}
+    for suffix in (".json", ".jsonl", ".csv", ".parquet"):
+        path = write(records, tmp_path / f"alpaca{suffix}")
+        loaded[suffix] = samples(make(path, tmp_path, llama2_tokenizer_path))
+    assert len(loaded[".json"]) == 100
+    assert loaded[".json"] == loaded[".jsonl"] == loaded[".csv"] == loaded[".parquet"]
+    # Spot-check against sentencepiece alone: the sample is the record's `text` field plus BOS/EOS.
+    ids, labels = loaded[".json"][1]
+    assert ids == [1, *reference.encode(records[1]["text"]), 2]
+    trained = [label for label in labels if label != -100]
+    assert trained == ids[len(ids) - len(trained) :]
+
+
+def test_csv_cells_are_text(llama2_tokenizer_path, tmp_path) -> None:
+    # pandas would read "12" as a number; CSV has no types, so outputs stay strings and empty inputs stay "".
+    path = tmp_path / "numbers.csv"
+    path.write_text("instruction,input,output\nAdd the two numbers.,7 + 5,12\nSay two.,,2\n")
+    dm = make(path, tmp_path, llama2_tokenizer_path)
+    prompt = ALPACA.format("Say two.")
+    assert dm.train_dataset[1]["input_ids"] == dm.tokenizer.encode(prompt + "2", add_eos=True)
+
+
+def test_column_map(records, llama2_tokenizer_path, tmp_path) -> None:
+    renamed = [{"prompt": r["instruction"], "context": r["input"], "completion": r["output"]} for r in records]
+    plain = make(write(records, tmp_path / "plain.jsonl"), tmp_path, llama2_tokenizer_path)
+    mapped = make(
+        write(renamed, tmp_path / "renamed.jsonl"),
+        tmp_path,
+        llama2_tokenizer_path,
+        column_map={"instruction": "prompt", "input": "context", "output": "completion"},
+    )
+    assert samples(mapped) == samples(plain)
+    # `input` is optional: without that column every record uses the no-input form.
+    no_input = [{"instruction": r["instruction"], "output": r["output"]} for r in records if not r["input"]]
+    dm = make(write(no_input, tmp_path / "no_input.json"), tmp_path, llama2_tokenizer_path)
+    assert samples(dm) == [s for s, r in zip(samples(plain), records) if not r["input"]]
+
+
+def test_masking_off_trains_every_token(records, llama2_tokenizer_path, tmp_path) -> None:
+    dm = make(write(records, tmp_path / "a.json"), tmp_path, llama2_tokenizer_path, train_on_input=True)
+    for ids, labels in samples(dm):
+        assert labels == ids
+
+
+def test_truncated_records_are_counted_and_reported_once(records, llama2_tokenizer_path, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="lightning_tune.data.datamodule"):
+        dm = make(write(records, tmp_path / "a.json"), tmp_path, llama2_tokenizer_path, max_seq_len=64)
+    lengths = [len(ids) for ids, _ in samples(dm)]
+    assert max(lengths) == 64
+    reference = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_path))
+    expected = sum(len(reference.encode(r["text"])) + 2 > 64 for r in records)  # BOS + text + EOS
+    assert dm.num_truncated == expected == sum(dm.train_dataset["truncated"])
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and f"{dm.num_truncated} of 100 records are longer than max_seq_len=64" in warnings[0]
+
+
+def test_tokenised_data_is_cached(records, llama2_tokenizer_path, tmp_path, monkeypatch) -> None:
+    calls = []
+    original = datamodule_module.encode_sample
+    monkeypatch.setattr(datamodule_module, "encode_sample", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    path = write(records, tmp_path / "a.jsonl")
+    first = make(path, tmp_path, llama2_tokenizer_path)
+    assert len(calls) == 100
+    second = make(path, tmp_path, llama2_tokenizer_path)  # a new run with the same settings
+    assert len(calls) == 100
+    assert samples(second) == samples(first)
+    make(path, tmp_path, llama2_tokenizer_path, max_seq_len=256)  # a setting in the cache key
+    assert len(calls) == 200
+    make(path, tmp_path, llama2_tokenizer_path, train_on_input=True)
+    assert len(calls) == 300
+
+
+def test_validation_split(tmp_path) -> None:
+    dm = make("demo", tmp_path, val_size=0.1)
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (1350, 150)
+    counted = make("demo", tmp_path, val_size=32)
+    assert len(counted.val_dataset) == 32
+    batch = next(iter(counted.val_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    assert make("demo", tmp_path).val_dataloader() == []
+    with pytest.raises(DataError, match="val_size=1500 leaves no training"):
+        make("demo", tmp_path, val_size=1500)
+
+
+def test_works_directly_from_python(tmp_path) -> None:
+    dm = InstructDataModule(source="demo", batch_size=8, cache_dir=str(tmp_path / "cache"))
+    assert dm.train_dataset is None  # construction loads nothing
+    loader = dm.train_dataloader()  # sets itself up when used directly
+    assert isinstance(loader, StatefulDataLoader)
+    batch = next(iter(loader))
+    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape[0] == 8
+    assert dm.tokenizer.vocab_size == 512
+    assert (batch["input_ids"][:, 0] == dm.tokenizer.bos_id).all()
+
+
+class TinyModel(lightning.LightningModule):
+    """An embedding and a linear head: enough to run the data through a real Trainer loop."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, 16)
+        self.head = torch.nn.Linear(16, vocab_size)
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch["input_ids"])
+        logits = self.head(self.embed(batch["input_ids"]))
+        # Labels are aligned with input_ids; the model shifts (position t predicts token t + 1).
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_plain_lightning_trainer_loop(tmp_path) -> None:
+    dm = InstructDataModule(source="demo", batch_size=4, cache_dir=str(tmp_path / "cache"))
+    model = TinyModel(vocab_size=512)
+    trainer = lightning.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2 and len(model.seen) == 2
+
+
+def test_stateful_loader_resumes_mid_epoch(tmp_path) -> None:
+    dm = make("demo", tmp_path, batch_size=16, seed=7)
+    epoch = [batch["input_ids"] for batch in dm.train_dataloader()]
+    again = [batch["input_ids"] for batch in dm.train_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(epoch, again))  # seeded: the same order every run
+    first_rows = torch.cat([batch[:, :2] for batch in epoch])
+    assert len(epoch) == 94 and len(first_rows) == 1500
+
+    k = 5
+    interrupted = dm.train_dataloader()
+    iterator = iter(interrupted)
+    for _ in range(k):
+        next(iterator)
+    state = interrupted.state_dict()
+
+    restored = dm.train_dataloader()
+    restored.load_state_dict(state)
+    rest = [batch["input_ids"] for batch in restored]
+    assert len(rest) == len(epoch) - k
+    assert all(torch.equal(a, b) for a, b in zip(rest, epoch[k:]))
+
+
+def test_describe_samples_marks_the_masked_prompt(records, llama2_tokenizer_path, tmp_path) -> None:
+    dm = make(write(records, tmp_path / "a.json"), tmp_path, llama2_tokenizer_path, max_seq_len=128, shuffle=False)
+    text = describe_samples(dm, n=2)
+    assert "100 training samples" in text and f"{dm.num_truncated} truncated to max_seq_len=128" in text
+    total = sum(len(ids) for ids, _ in samples(dm))
+    trained = sum(sum(label != -100 for label in labels) for _, labels in samples(dm))
+    assert f"{total} tokens, {trained} trained" in text
+    first = ALPACA.format(records[0]["instruction"]) 
+    assert f"[[<s>{first}]]{records[0]['output']}</s>" in text
+    assert "--- sample 1:" in text and "--- sample 2:" not in text
+    unmasked = describe_samples(make(write(records, tmp_path / "b.json"), tmp_path, llama2_tokenizer_path, train_on_input=True), n=1)
+    assert f"<s>{first}{records[0]['output']}</s>" in unmasked and "[[" not in unmasked.splitlines()[2]
+
+
+# --- bad input: one clear line, no partial cache ----------------------------------------------------------
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def leftover_cache_files(tmp_path: Path) -> list[str]:
+    """Files a failed run must not leave: tokenised caches, their temporary files, unfinished loads."""
+    return [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and (p.name.startswith(("cache-", "tmp")) or ".incomplete" in str(p) and not p.name.endswith(".lock"))]
+
+
+def test_bad_records_name_source_record_and_field(records, llama2_tokenizer_path, tmp_path) -> None:
+    broken = [dict(r) for r in records[:5]]
+    del broken[3]["output"]
+    path = write(broken, tmp_path / "missing.jsonl")
+    with pytest.raises(DataError) as error:
+        make(path, tmp_path, llama2_tokenizer_path)
+    assert one_line(error) == f"{path}: record 3 (counting from 0), field 'output': missing, expected a string"
+    assert leftover_cache_files(tmp_path) == []
+
+    broken = [dict(r) for r in records[:5]]
+    broken[2]["instruction"] = 42
+    path = write(broken, tmp_path / "number.jsonl")
+    with pytest.raises(DataError) as error:
+        make(path, tmp_path, llama2_tokenizer_path)
+    assert one_line(error) == f"{path}: record 2 (counting from 0), field 'instruction': expected a string, got int '42'"
+    assert leftover_cache_files(tmp_path) == []
+
+    path = write(records[:5], tmp_path / "unmapped.jsonl")
+    with pytest.raises(DataError) as error:
+        make(path, tmp_path, llama2_tokenizer_path, column_map={"output": "answer"})
+    assert "no column 'answer' for field 'output' (columns: instruction, input, output, text); set column_map" in one_line(error)
+
+
+def test_bad_files(llama2_tokenizer_path, tmp_path) -> None:
+    cases = {
+        "empty.json": ("", "empty file"),
+        "blank.jsonl": ("\n\n", "empty file"),
+        "broken.json": ('[{"instruction": "a",', "cannot read as .json"),
+        "broken.csv": ('instruction,output\n"a,b\n', "cannot read as .csv"),
+        "broken.parquet": ("not parquet", "cannot read as .parquet"),
+        "no_records.json": ("[]", "cannot read as .json (Instruction \"train\" corresponds to no data!)"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(DataError) as error:
+            make(path, tmp_path, llama2_tokenizer_path)
+        assert one_line(error).startswith(f"{path}: {expected}"), name
+    with pytest.raises(DataError) as error:
+        make(tmp_path / "absent.jsonl", tmp_path, llama2_tokenizer_path)
+    assert one_line(error) == f"{tmp_path / 'absent.jsonl'}: no such file"
+    assert leftover_cache_files(tmp_path) == []
+
+
+def test_bad_settings_fail_in_init(tmp_path, llama2_tokenizer_path) -> None:
+    text = tmp_path / "data.txt"
+    text.write_text("hello")
+    tok = str(llama2_tokenizer_path)
+    cases = [
+        (dict(source=str(text), tokenizer_path=tok), f"{text}: unsupported file type '.txt'; use .json, .jsonl, .csv or .parquet"),
+        (dict(source="missing.tsv", tokenizer_path=tok), "unsupported file type '.tsv'"),
+        (dict(source="demo", template="alpaka"), "unknown prompt template 'alpaka'; choose one of: alpaca, none"),
+        (dict(source="data.json"), "tokenizer_path is required for source 'data.json'"),
+        (dict(source="demo", column_map={"response": "x"}), "column_map: unknown field(s) ['response']"),
+        (dict(source="demo", max_seq_len=1), "max_seq_len must be at least 2"),
+        (dict(source="demo", batch_size=0), "batch_size must be at least 1"),
+        (dict(source="demo", val_size=-0.5), "val_size must be 0"),
+        (dict(source="demo", val_size=2.5), "val_size must be 0"),
+    ]
+    for kwargs, expected in cases:
+        with pytest.raises(DataError) as error:
+            InstructDataModule(**kwargs)
+        assert expected in one_line(error), kwargs
+
+
+def test_unreachable_hub_fails_fast_with_advice(tmp_path, llama2_tokenizer_path, monkeypatch) -> None:
+    # Offline mode as a user sets it; `datasets` / `huggingface_hub` read the variables at import, so set their flags too.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    dm = InstructDataModule(source="tatsu-lab/alpaca", tokenizer_path=str(llama2_tokenizer_path), cache_dir=str(tmp_path / "cache"))
+    outcome: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            dm.setup("fit")
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=attempt, daemon=True)  # a hang fails the test instead of blocking the suite
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "loading an unreachable hub data set hung"
+    assert len(outcome) == 1 and isinstance(outcome[0], DataError)
+    message = str(outcome[0])
+    assert "\n" not in message
+    assert message.startswith("tatsu-lab/alpaca: cannot load this data set from the Hugging Face Hub")
+    assert "pass a local .json/.jsonl/.csv/.parquet file as source" in message
