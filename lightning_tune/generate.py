@@ -151,7 +151,7 @@ def generate(
     # next layer, so every query may also attend to itself (harmless: pad outputs are never used).
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=device)
-    prefill_mask = ((causal & real[:, None, None, :T]) | eye)  # [B, 1, T, T]
+    prefill_mask = (causal & real[:, None, None, :T]) | eye  # [B, 1, T, T]
     slots = torch.arange(T + N, device=device)  # cache slot ids; decode steps take [p : p + 1] views
 
     out = torch.full((B, N), pad_id, dtype=torch.long, device=device)  # new tokens, filled per step

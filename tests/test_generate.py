@@ -164,6 +164,20 @@ def test_greedy_is_argmax():
     assert torch.equal(sample_next(logits, temperature=0.0, top_k=5, top_p=0.5), logits.argmax(-1))
 
 
+def test_cache_allocated_once_and_prefill_head_on_last_position_only(models, monkeypatch):
+    ours, _ = models
+    setups, head_inputs = [], []
+    setup = ours.setup_kv_cache
+    monkeypatch.setattr(ours, "setup_kv_cache", lambda *a, **k: (setups.append(a), setup(*a, **k)))
+    hook = ours.lm_head.register_forward_hook(lambda mod, args, out: head_inputs.append(tuple(args[0].shape)))
+    try:
+        generate(ours, PROMPTS, 5)
+    finally:
+        hook.remove()
+    assert setups == [(3, 7 + 5)]  # batch 3, longest prompt + new tokens, once
+    assert head_inputs == [(3, 64)] + [(3, 1, 64)] * 4  # prefill: last position only; then one per step
+
+
 # Validation and model state
 
 
