@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import huggingface_hub.constants
 import lightning
+from lightning.pytorch.callbacks import ModelCheckpoint
 import pandas as pd
 import pytest
 import sentencepiece as spm
@@ -19,8 +20,7 @@ from lightning_tune.data import DataError, InstructDataModule
 from lightning_tune.data.inspect import describe_samples
 from lightning_tune.data.templates import ALPACA
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchdata's "set_vital is deprecated"
-datasets.disable_progress_bars()
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # from torchdata on recent torch
 
 
 @pytest.fixture
@@ -208,7 +208,7 @@ def test_describe_samples_marks_the_masked_prompt(records, llama2_tokenizer_path
     total = sum(len(ids) for ids, _ in samples(dm))
     trained = sum(sum(label != -100 for label in labels) for _, labels in samples(dm))
     assert f"{total} tokens, {trained} trained" in text
-    first = ALPACA.format(records[0]["instruction"]) 
+    first = ALPACA.format(records[0]["instruction"])
     assert f"[[<s>{first}]]{records[0]['output']}</s>" in text
     assert "--- sample 1:" in text and "--- sample 2:" not in text
     unmasked = describe_samples(make(write(records, tmp_path / "b.json"), tmp_path, llama2_tokenizer_path, train_on_input=True), n=1)
@@ -318,3 +318,30 @@ def test_unreachable_hub_fails_fast_with_advice(tmp_path, llama2_tokenizer_path,
     assert "\n" not in message
     assert message.startswith("tatsu-lab/alpaca: cannot load this data set from the Hugging Face Hub")
     assert "pass a local .json/.jsonl/.csv/.parquet file as source" in message
+
+
+def test_lightning_resumes_mid_epoch_without_replaying_batches(tmp_path) -> None:
+    """Lightning stores the StatefulDataLoader's position in a mid-epoch checkpoint: resumed batches equal the uninterrupted run's."""
+
+    def fit(max_steps: int, ckpt_path: Path | None = None, save_every: int | None = None) -> list[torch.Tensor]:
+        dm = InstructDataModule(source="demo", batch_size=8, cache_dir=str(tmp_path / "cache"))
+        model = TinyModel(vocab_size=512)
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=save_every, save_top_k=-1)] if save_every else []
+        trainer = lightning.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=bool(callbacks),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model.seen
+
+    uninterrupted = fit(max_steps=5)
+    fit(max_steps=2, save_every=2)  # "interrupted" after step 2, an epoch being 188 steps
+    resumed = fit(max_steps=5, ckpt_path=tmp_path / "checkpoints" / "epoch=0-step=2.ckpt")
+    assert len(resumed) == 3
+    assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[2:]))
