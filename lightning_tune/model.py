@@ -136,6 +136,7 @@ class Attention(nn.Module):
         Without a cache and without `attn_mask`, attention is causal over x itself (training with
         right padding: real tokens precede the padding, so they never see it). With a cache, the
         caller passes `cache_pos` [T], `kv_len` and a boolean `attn_mask` [B or 1, 1, T, kv_len].
+        `enable_gqa` lets SDPA share each K/V head across its query heads without copying.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -146,10 +147,8 @@ class Attention(nn.Module):
             if cache_pos is None:
                 raise ValueError("Attention has a KV cache: pass cache_pos (the cache slots of the new tokens)")
             k, v = self.kv_cache.update(cache_pos, k, v, kv_len)  # [B, K, S, D]
-        if self.num_kv_heads != self.num_heads:  # GQA: each K/V head serves H/K query heads
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # [B, H, S, D]
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        # GQA: each K/V head serves H/K query heads; SDPA broadcasts them without copying K/V.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -199,8 +198,11 @@ class Decoder(nn.Module):
         kv_len = 0
         if cache_pos is not None:
             # The new tokens occupy slots cache_pos; attention looks at every slot up to the last.
-            kv_len = int(cache_pos[-1]) + 1
-            if attn_mask is None:  # plain causal over the cache: slot s is visible from slot p if s <= p
+            # A given mask says how many (no GPU sync); else read it off cache_pos, causal.
+            if attn_mask is not None:
+                kv_len = attn_mask.shape[-1]
+            else:
+                kv_len = int(cache_pos[-1]) + 1
                 attn_mask = (torch.arange(kv_len, device=tokens.device) <= cache_pos[:, None])[None, None]
         if positions is None:
             positions = cache_pos if cache_pos is not None else torch.arange(T, device=tokens.device)
