@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 import sys
 from pathlib import Path
+from typing import Literal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
@@ -97,6 +99,13 @@ def cmd_cp(args: list[str]) -> int:
     return 0
 
 
+def data_tokenizer_path(source: str, tokenizer_path: str | None) -> str | None:
+    """The tokenizer the data module will use: its own, or the bundled one of the demo data."""
+    from lightning_tune.data.datamodule import DEMO, DEMO_TOKENIZER
+
+    return str(DEMO_TOKENIZER) if tokenizer_path is None and source == DEMO else tokenizer_path
+
+
 def run_lightning(argv: list[str]) -> int:
     """fit / validate / test / predict through LightningCLI (imports Lightning only now)."""
     from lightning.pytorch.cli import LightningCLI
@@ -107,9 +116,11 @@ def run_lightning(argv: list[str]) -> int:
     class TuneCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             # One value, one place: the model learns the tokenizer and length from the data.
-            parser.link_arguments(("data.source", "data.tokenizer_path"), "model.init_args.tokenizer_path", compute_fn=InstructDataModule.resolve_tokenizer_path)
+            parser.link_arguments(("data.source", "data.tokenizer_path"), "model.init_args.tokenizer_path", compute_fn=data_tokenizer_path)
             parser.link_arguments("data.max_seq_len", "model.init_args.max_seq_len")
 
+    # We pass argv explicitly (to resolve bundled config names); Lightning warns about that.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     TuneCLI(
         FinetuneModule,
         InstructDataModule,
@@ -119,6 +130,114 @@ def run_lightning(argv: list[str]) -> int:
         auto_configure_optimizers=False,
         parser_kwargs={"default_env": False},
     )
+    return 0
+
+
+def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[dict[str, str]]:
+    """Prompts from the command line and/or a file: JSON lines with `instruction` (and optional
+    `input`), or plain text lines; returned as records with `instruction` and `input`."""
+    import json
+
+    records = [{"instruction": p, "input": ""} for p in prompt or []]
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts_file: {prompts_file} does not exist")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"--prompts_file: {prompts_file} line {number} is not valid JSON ({err.msg})") from None
+                if not isinstance(record.get("instruction"), str) or not isinstance(record.get("input", ""), str):
+                    raise UsageError(f"--prompts_file: {prompts_file} line {number}: expected a string 'instruction' and optional string 'input'")
+                records.append({"instruction": record["instruction"], "input": record.get("input", "")})
+            else:
+                records.append({"instruction": line, "input": ""})
+    if not records:
+        raise UsageError("generate: give --prompt TEXT (repeatable) or --prompts_file FILE")
+    for i, record in enumerate(records):
+        if not record["instruction"].strip():
+            raise UsageError(f"generate: prompt {i} is empty")
+    return records
+
+
+def generate_command(
+    checkpoint_dir: str,
+    prompt: list[str] | None = None,
+    prompts_file: str | None = None,
+    adapter_dir: str | None = None,
+    tokenizer_path: str | None = None,
+    template: str = "alpaca",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+) -> None:
+    """Generate text from a fine-tuned (or base) Llama 2 checkpoint.
+
+    Args:
+        checkpoint_dir: Hugging Face or Meta checkpoint directory, e.g. a fit's merged/.
+        prompt: Prompt text (an instruction when template is alpaca); repeat for a batch.
+        prompts_file: File of prompts: JSON lines with instruction (and optional input), or plain text lines.
+        adapter_dir: PEFT LoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
+        tokenizer_path: SentencePiece tokenizer; default checkpoint_dir/tokenizer.model.
+        template: Prompt template: alpaca (the fine-tuning format) or none (raw text).
+        max_new_tokens: Most tokens to generate per prompt.
+        temperature: Sampling temperature; 0 = greedy.
+        top_k: Sample only among the k most likely tokens.
+        top_p: Sample only from the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1).
+        seed: Random seed for sampling (reproducible output).
+        device: cpu, cuda, cuda:N or auto (a GPU when there is one).
+        dtype: Weights' dtype; default: the checkpoint's.
+    """
+    import torch
+
+    from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
+    from lightning_tune.data.templates import get_template
+    from lightning_tune.generate import TextStreamer, generate
+    from lightning_tune.tokenizer import Tokenizer
+
+    records = read_prompts(prompt, prompts_file)
+    fmt = get_template(template)
+    if tokenizer_path is None:
+        tokenizer_path = str(Path(checkpoint_dir) / "tokenizer.model")
+        if not Path(tokenizer_path).is_file():
+            raise UsageError(f"--tokenizer_path: {checkpoint_dir} has no tokenizer.model; pass --tokenizer_path")
+    tokenizer = Tokenizer(tokenizer_path)
+    texts = [fmt.format(r["instruction"], r["input"]) for r in records]
+    prompt_ids = [tokenizer.encode(t) for t in texts]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    if adapter_dir is not None:
+        load_peft_adapter(model, adapter_dir)
+        model.to(device).eval()
+    if len(prompt_ids) == 1:  # stream one completion as it is produced
+        streamer = TextStreamer(tokenizer, prompt_ids[0])
+        generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, on_tokens=streamer)
+        streamer.finish()
+        stats = streamer.stats()
+    else:  # one batched pass; print each completion after its prompt
+        from lightning_tune.generate import GenerationTimer
+
+        timer = GenerationTimer()
+        outputs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, on_tokens=timer)
+        for record, ids in zip(records, outputs):
+            print(f"### {record['instruction']}\n{tokenizer.decode([i for i in ids if i != tokenizer.eos_id])}\n")
+        stats = timer.stats()
+    print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+
+
+def run_generate(argv: list[str]) -> int:
+    from jsonargparse import CLI
+
+    CLI(generate_command, args=resolve_config_args(argv), as_positional=False)
     return 0
 
 
@@ -133,6 +252,8 @@ def dispatch(argv: list[str]) -> int:
         return cmd_cp(rest)
     if verb in LIGHTNING_VERBS:
         return run_lightning(argv)
+    if verb == "generate":
+        return run_generate(rest)
     raise UsageError(f"unknown verb {verb!r}; expected one of fit, validate, test, predict, generate, data, ls, cp")
 
 
