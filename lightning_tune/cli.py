@@ -106,8 +106,9 @@ def data_tokenizer_path(source: str, tokenizer_path: str | None) -> str | None:
     return str(DEMO_TOKENIZER) if tokenizer_path is None and source == DEMO else tokenizer_path
 
 
-def run_lightning(argv: list[str]) -> int:
-    """fit / validate / test / predict through LightningCLI (imports Lightning only now)."""
+def make_cli(argv: list[str], run: bool = True):
+    """The LightningCLI of the recipes. With `run=False`, argv holds no verb and the CLI only parses
+    and instantiates (model, data, trainer): what `validate` and notebooks-from-configs need."""
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_tune.data import InstructDataModule
@@ -121,15 +122,57 @@ def run_lightning(argv: list[str]) -> int:
 
     # We pass argv explicitly (to resolve bundled config names); Lightning warns about that.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    TuneCLI(
+    return TuneCLI(
         FinetuneModule,
         InstructDataModule,
         subclass_mode_model=True,
         args=resolve_config_args(argv),
+        run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "prog": "python -m lightning_tune"},
     )
+
+
+def split_configs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config X` / `--config=X` (in order) from the other arguments."""
+    configs, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            configs.append(argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith("--config="):
+            configs.append(argv[i].split("=", 1)[1])
+        else:
+            rest.append(argv[i])
+        i += 1
+    return configs, rest
+
+
+def data_command(argv: list[str]) -> int:
+    """`data --config X.yaml [--data.KEY VALUE ...] [--n 3]`: print the first training samples
+    decoded with the masked spans marked, and the token counts. Reads only the config's `data:`."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from lightning_tune.data import InstructDataModule
+    from lightning_tune.data.inspect import describe_samples
+
+    parser = ArgumentParser(prog="python -m lightning_tune data", description=data_command.__doc__)
+    parser.add_argument("--config", help="Recipe config(s) whose data: section is read; repeatable, later wins.")
+    parser.add_argument("--n", type=int, default=3, help="How many samples to print.")
+    parser.add_class_arguments(InstructDataModule, "data")
+    configs, args = split_configs(resolve_config_args(argv))
+    for path in configs:
+        section = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
+        unknown = sorted(set(section) - set(vars(parser.get_defaults().data)))
+        if unknown:
+            raise UsageError(f"{path}: data: unknown key(s) {unknown}")
+        parser.set_defaults({f"data.{key}": value for key, value in section.items()})
+    cfg = parser.parse_args(args)
+    datamodule = parser.instantiate_classes(cfg).data
+    print(describe_samples(datamodule, cfg.n))
     return 0
 
 
@@ -237,7 +280,9 @@ def generate_command(
 def run_generate(argv: list[str]) -> int:
     from jsonargparse import CLI
 
-    CLI(generate_command, args=resolve_config_args(argv), as_positional=False)
+    # `--prompt A --prompt B` builds a list: jsonargparse spells appending `--prompt+`.
+    argv = ["--prompt+" if a == "--prompt" else "--prompt+=" + a[9:] if a.startswith("--prompt=") else a for a in argv]
+    CLI(generate_command, args=resolve_config_args(argv), as_positional=False, prog="python -m lightning_tune generate")
     return 0
 
 
@@ -251,7 +296,10 @@ def dispatch(argv: list[str]) -> int:
     if verb == "cp":
         return cmd_cp(rest)
     if verb in LIGHTNING_VERBS:
-        return run_lightning(argv)
+        make_cli(argv)
+        return 0
+    if verb == "data":
+        return data_command(rest)
     if verb == "generate":
         return run_generate(rest)
     raise UsageError(f"unknown verb {verb!r}; expected one of fit, validate, test, predict, generate, data, ls, cp")
