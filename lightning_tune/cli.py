@@ -8,8 +8,10 @@ exit code 2; set LIGHTNING_TUNE_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import warnings
+from argparse import ArgumentError
 import sys
 from pathlib import Path
 from typing import Literal
@@ -40,6 +42,21 @@ example:
 
 class UsageError(Exception):
     """A mistake in the command line; printed as one line, exit code 2."""
+
+
+# Lines of jsonargparse's nested error reports that say nothing about the user's mistake.
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>", "Given value", "Problem with given class_path", "tip: For details")
+
+
+def condense_parse_error(message: str) -> str:
+    """jsonargparse explains a bad value through every union branch it tried; keep the one line that
+    names the key and the problem, e.g. `model.lora_rank: Expected a <class 'int'>. Got value: abc`."""
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_NOISE)]
+    text = " ".join(kept)
+    keys = re.findall(r'Parser key "([^"]+)":\s*', text)
+    text = re.sub(r'Parser key "[^"]+":\s*', "", text).strip()
+    return f"{'.'.join(keys)}: {text}" if keys else text
 
 
 def bundled_configs() -> list[Path]:
@@ -130,7 +147,7 @@ def make_cli(argv: list[str], run: bool = True):
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"default_env": False, "prog": "python -m lightning_tune"},
+        parser_kwargs={"default_env": False, "prog": "python -m lightning_tune", "exit_on_error": False},
     )
 
 
@@ -312,10 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ArgumentError as err:  # jsonargparse / argparse: a bad key, type or value
+        print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
+        return 2
     except ValueError as err:  # our validation errors (config values, paths, data, checkpoints)
         if os.environ.get("LIGHTNING_TUNE_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
