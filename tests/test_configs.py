@@ -1,0 +1,94 @@
+"""Every bundled config parses, round-trips through --print_config, and trains two steps (shrunk)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_tune.cli import CONFIG_DIR, main, make_cli
+
+CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+# A 7B/70B config shrunk to a few-MB random model on the CPU with the bundled demo data.
+SHRINK = [
+    "--model.init_args.checkpoint_dir=null",
+    "--model.init_args.model_args={vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}",
+    "--data.source=demo",
+    "--data.tokenizer_path=null",
+    "--data.max_seq_len=96",
+    "--data.batch_size=2",
+    "--data.val_size=0",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.strategy=auto",
+    "--trainer.precision=32",
+    "--trainer.max_steps=2",
+    "--trainer.max_epochs=1",
+    "--trainer.accumulate_grad_batches=1",
+    "--trainer.val_check_interval=null",
+    "--trainer.check_val_every_n_epoch=1",
+    "--trainer.limit_val_batches=0",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def test_configs_are_bundled():
+    assert {"alpaca_llama2_lora.yaml", "alpaca_llama2_full.yaml", "alpaca_llama2_13b_lora.yaml", "alpaca_llama2_70b_lora.yaml", "tiny_lora.yaml", "tiny_full.yaml"} <= set(CONFIGS)
+    assert (Path(__file__).parents[1] / "configs").resolve() == CONFIG_DIR.resolve()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_header_documents_the_run(name):
+    text = (CONFIG_DIR / name).read_text()
+    assert text.startswith("#") and f"fit --config {name}" in text
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_print_config_round_trips(name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        make_cli(["fit", "--config", name, "--print_config"])
+    assert exit_.value.code in (0, None)
+    first = capsys.readouterr().out
+    resolved = yaml.safe_load(first)
+    assert resolved["model"]["class_path"].startswith("lightning_tune.modules.")
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(first)
+    with pytest.raises(SystemExit):
+        make_cli(["fit", "--config", str(dumped), "--print_config"])
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_runs_two_steps_shrunk(name, tmp_path):
+    cli = make_cli(["--config", name, *SHRINK, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    model = cli.model
+    assert model.model is None, "construction must not build the model"
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2
+    assert model.model.config.num_layers == 1
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_precedence_default_config_second_config_cli(tmp_path):
+    """default < config < second config < command line, read from a real run's saved config."""
+    second = tmp_path / "second.yaml"
+    second.write_text("model:\n  init_args:\n    lr: 0.5\n    warmup_steps: 7\ndata:\n  batch_size: 3\n")
+    run_dir = tmp_path / "run"
+    code = main(["fit", "--config", "tiny_lora.yaml", "--config", str(second), *SHRINK, "--trainer.logger=true", f"--trainer.default_root_dir={run_dir}", "--model.init_args.warmup_steps=11"])
+    assert code == 0
+    saved = yaml.safe_load(next(run_dir.rglob("config.yaml")).read_text())
+    init = saved["model"]["init_args"]
+    assert init["lora_rank"] == 16  # from tiny_lora.yaml (default 8)
+    assert init["lr"] == 0.5  # second config beats the first (3e-3)
+    assert init["warmup_steps"] == 11  # command line beats both
+    assert init["weight_decay"] == 0.01  # the __init__ default
+    assert saved["data"]["batch_size"] == 2  # SHRINK's --data.batch_size comes after the configs
+    assert "tokenizer_path" not in init and "max_seq_len" not in init  # linked from data: one place
+
+
+def test_bundled_name_resolves_from_anywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the bundled copy is used
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "tiny_lora", "--print_config"])
+    assert "lightning_tune.modules.LoRAFinetune" in capsys.readouterr().out
