@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import collate, encode_sample
+from lightning_tune.data.sampler import LengthGroupedSampler
 from lightning_tune.data.templates import PromptTemplate, get_template
 from lightning_tune.tokenizer import Tokenizer
 
@@ -61,6 +62,7 @@ class InstructDataModule(LightningDataModule):
         seed: int = 42,
         val_size: float = 0.0,
         cache_dir: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         """
         Args:
@@ -77,6 +79,7 @@ class InstructDataModule(LightningDataModule):
             seed: Seed of the shuffle and of the validation split.
             val_size: Held out for validation: a fraction if below 1, a count of records if 1 or more, none if 0.
             cache_dir: Where `datasets` caches loaded and tokenised data (default: its own cache, ~/.cache/huggingface/datasets).
+            group_by_length: Batch training samples of similar length (shuffled groups, seeded, resumable) so less compute goes to padding; changes which samples share a batch, not what each contributes.
         """
         super().__init__()
         self.template: PromptTemplate = get_template(template)
@@ -112,6 +115,7 @@ class InstructDataModule(LightningDataModule):
         self.seed = seed
         self.val_size = val_size
         self.cache_dir = cache_dir
+        self.group_by_length = group_by_length
         self._tokenizer: Tokenizer | None = None
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
@@ -153,12 +157,17 @@ class InstructDataModule(LightningDataModule):
         """Shuffled (seeded) training batches; its `state_dict` records the position for mid-epoch resume."""
         if self.train_dataset is None:
             self.setup("fit")
-        generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
+        if self.group_by_length:
+            # Buckets of similar length in shuffled order; its iterator is Stateful for mid-epoch resume.
+            lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
+            options: dict = {"sampler": LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)}
+        else:
+            generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
+            options = {"shuffle": self.shuffle, "generator": generator}
         return StatefulDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            **options,
             num_workers=self.num_workers,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
         )

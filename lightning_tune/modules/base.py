@@ -7,6 +7,7 @@ differs: which parameters train and what is exported. Lightning's `Trainer` does
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import sys
@@ -21,6 +22,7 @@ from torch import Tensor
 from lightning_tune.model import LLAMA2_SIZES, Llama, LlamaConfig, llama2_config
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def check_path(key: str, path: str | None, kind: str) -> None:
@@ -48,6 +50,64 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk_size` rows at a time.
+
+    Each chunk's logits [chunk, V] live only inside `forward`: the gradients with respect to
+    hidden and weight (softmax - onehot, times the inputs) are computed right there, chunk by
+    chunk, and `backward` only scales them by the incoming scalar. So the full [N, V] logits never
+    exist and nothing is recomputed: the same three matmuls as an unchunked head, less memory.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # [n, E], [n]
+            logits = (h @ weight.T).float()  # [n, V], in fp32 like F.cross_entropy(logits.float())
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_hidden or need_weight:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: [n, V]
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d logits
+                grad = grad.to(hidden.dtype)
+                if need_hidden:
+                    grad_hidden[start : start + chunk_size] = grad @ weight
+                if need_weight:
+                    grad_weight += grad.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Summed cross-entropy of the logits `hidden @ weight.T` ([N, E] x [V, E]) against `targets` [N].
+
+    Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` in value
+    and gradients, but the logits exist `chunk_size` rows at a time (see `_LinearCrossEntropySum`).
+    Under autocast both operands are cast to the autocast dtype first, as `F.linear` would do.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_size)
+
+
 class FinetuneModule(pl.LightningModule):
     """Base of the fine-tuning recipes; see `FullFinetune` and `LoRAFinetune` for the parameters."""
 
@@ -64,6 +124,8 @@ class FinetuneModule(pl.LightningModule):
         warmup_steps: int = 100,
         activation_checkpointing: bool = False,
         export: bool = True,
+        loss_chunk_size: int = 1024,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if model is None and checkpoint_dir is None:
@@ -84,6 +146,8 @@ class FinetuneModule(pl.LightningModule):
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}")
         if max_seq_len is not None and max_seq_len <= 0:
             raise ValueError(f"max_seq_len: must be > 0, got {max_seq_len}")
+        if loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size: must be >= 0 (0 = no chunking), got {loss_chunk_size}")
         self.model_name = model
         self.model_args = dict(model_args or {})
         self.checkpoint_dir = checkpoint_dir
@@ -95,6 +159,8 @@ class FinetuneModule(pl.LightningModule):
         self.warmup_steps = warmup_steps
         self.activation_checkpointing = activation_checkpointing
         self.export = export
+        self.loss_chunk_size = loss_chunk_size
+        self.compile = compile
         self.model: Llama | None = None
         self._step_loss_sum = torch.zeros(())
         self._step_tokens = torch.zeros((), dtype=torch.long)
@@ -160,14 +226,21 @@ class FinetuneModule(pl.LightningModule):
         """Summed next-token cross-entropy over labelled positions, and their count.
 
         Logits are computed only where a label exists (prompt and padding positions carry -100),
-        so the output head, the largest matmul of a small-batch step, skips the masked half.
+        so the output head, the largest matmul of a small-batch step, skips the masked half. With
+        `loss_chunk_size` the head and the cross-entropy run in chunks of that many positions, so
+        the [N, vocab] logits never exist at once (same loss and gradients, see
+        `linear_cross_entropy_sum`); an adapted (LoRA) head takes the unchunked path.
         """
         input_ids, labels = batch["input_ids"], batch["labels"]
         hidden = self.model.model(input_ids)[:, :-1]  # [B, T-1, E]: position t predicts t+1
         targets = labels[:, 1:]  # [B, T-1]
         keep = targets != IGNORE_INDEX
-        logits = self.model.lm_head(hidden[keep])  # [N, V] for the N labelled positions only
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        head = self.model.lm_head
+        if self.loss_chunk_size and type(head) is torch.nn.Linear and head.bias is None:
+            loss = linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], self.loss_chunk_size)
+        else:
+            logits = head(hidden[keep])  # [N, V] for the N labelled positions only
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, keep.sum()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -178,6 +251,18 @@ class FinetuneModule(pl.LightningModule):
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
         self._step_seen_tokens += int(batch["input_ids"].numel())
         return loss
+
+    def on_fit_start(self) -> None:
+        """With `compile`, compile each decoder layer in place (state-dict keys unchanged).
+
+        Layers rather than the whole model: one small graph reused by every layer compiles faster,
+        and the chunked loss (a custom autograd function) stays eager.
+        """
+        if self.compile and not getattr(self.model, "_lightning_tune_compiled", False):
+            log.warning("compile: compiling the decoder layers with torch.compile; the first steps (and each new sequence length until shapes go dynamic) are slow")
+            for layer in self.model.model.layers:
+                layer.compile()
+            self.model._lightning_tune_compiled = True
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if not self._step_started:  # first micro-batch of an optimiser step

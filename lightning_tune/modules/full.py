@@ -22,6 +22,10 @@ class FullFinetune(FinetuneModule):
         warmup_steps: Linear warm-up steps before the cosine decay.
         activation_checkpointing: Recompute each layer in backward to save activation memory.
         export: Write the exports into the trainer's default_root_dir when fit ends.
+        loss_chunk_size: Run the output head and cross-entropy this many labelled positions at a
+            time, so the [tokens, vocab] logits never exist at once; 0 = in one piece. Same loss
+            and gradients either way.
+        compile: torch.compile each decoder layer; the first steps are slow (compilation).
     """
 
     def __init__(
@@ -37,6 +41,8 @@ class FullFinetune(FinetuneModule):
         warmup_steps: int = 100,
         activation_checkpointing: bool = False,
         export: bool = True,
+        loss_chunk_size: int = 1024,
+        compile: bool = False,
     ) -> None:
-        super().__init__(model, model_args, checkpoint_dir, tokenizer_path, max_seq_len, lr, weight_decay, betas, warmup_steps, activation_checkpointing, export)
+        super().__init__(model, model_args, checkpoint_dir, tokenizer_path, max_seq_len, lr, weight_decay, betas, warmup_steps, activation_checkpointing, export, loss_chunk_size, compile)
         self.save_hyperparameters()

@@ -33,6 +33,10 @@ class LoRAFinetune(FinetuneModule):
         warmup_steps: Linear warm-up steps before the cosine decay.
         activation_checkpointing: Recompute each layer in backward to save activation memory.
         export: Write the exports into the trainer's default_root_dir when fit ends.
+        loss_chunk_size: Run the output head and cross-entropy this many labelled positions at a
+            time, so the [tokens, vocab] logits never exist at once; 0 = in one piece. Same loss
+            and gradients either way.
+        compile: torch.compile each decoder layer; the first steps are slow (compilation).
         lora_rank: Rank r of the adapters.
         lora_alpha: Scale numerator: the adapter's output is multiplied by lora_alpha / lora_rank.
         lora_dropout: Dropout on the adapter's input.
@@ -54,6 +58,8 @@ class LoRAFinetune(FinetuneModule):
         warmup_steps: int = 100,
         activation_checkpointing: bool = False,
         export: bool = True,
+        loss_chunk_size: int = 1024,
+        compile: bool = False,
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.05,
@@ -61,7 +67,7 @@ class LoRAFinetune(FinetuneModule):
         apply_lora_to_mlp: bool = False,
         apply_lora_to_output: bool = False,
     ) -> None:
-        super().__init__(model, model_args, checkpoint_dir, tokenizer_path, max_seq_len, lr, weight_decay, betas, warmup_steps, activation_checkpointing, export)
+        super().__init__(model, model_args, checkpoint_dir, tokenizer_path, max_seq_len, lr, weight_decay, betas, warmup_steps, activation_checkpointing, export, loss_chunk_size, compile)
         if lora_rank <= 0:
             raise ValueError(f"lora_rank: must be a positive integer, got {lora_rank}")
         if lora_alpha <= 0:

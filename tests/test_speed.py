@@ -1,0 +1,200 @@
+"""Speed options change speed only: chunked head + loss equals the plain one (value and gradients),
+LoRA's frozen base gets no gradients, length-grouped batching keeps every sample once and resumes
+mid-epoch, bf16 precisions run, compile is opt-in with a warning."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_tune.data import InstructDataModule, LengthGroupedSampler
+from lightning_tune.modules.base import linear_cross_entropy_sum
+from lightning_tune.modules.full import FullFinetune
+from lightning_tune.modules.lora import LoRAFinetune
+
+TINY = {"vocab_size": 512, "num_layers": 2, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 2, "intermediate_dim": 128}
+
+
+def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_chunked_head_loss_and_gradients_equal_unchunked(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_size)
+    (loss * 0.37).backward()  # a non-unit upstream gradient, as after Lightning's scaling
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = reference_loss(hidden, weight, targets)
+    (expected * 0.37).backward()
+    torch.testing.assert_close(loss, expected)  # fp32 tolerances: only the summation order differs
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], weight.grad)
+
+
+def test_chunked_head_frozen_weight_and_no_grad():
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    weight = torch.randn(100, 16)  # frozen (LoRA's head): no weight gradient is computed
+    targets = torch.randint(0, 100, (20,))
+    linear_cross_entropy_sum(hidden, weight, targets, 6).backward()
+    expected_grad = torch.autograd.grad(reference_loss(hidden, weight, targets), hidden)[0]
+    torch.testing.assert_close(hidden.grad, expected_grad)
+    with torch.no_grad():  # validation: value only
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, targets, 6), reference_loss(hidden, weight, targets))
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy_sum(hidden, weight, targets, 0)
+
+
+def test_chunked_head_under_bf16_autocast_matches_autocast_linear():
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(200, 32, requires_grad=True)
+    targets = torch.randint(0, 200, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy_sum(hidden, weight, targets, 16)
+        expected = reference_loss(hidden, weight, targets)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    want = torch.autograd.grad(expected, (hidden, weight))
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def build(recipe_cls, **kwargs):
+    torch.manual_seed(0)
+    module = recipe_cls(model="tiny_llama2", model_args=TINY, export=False, **kwargs)
+    module.configure_model()
+    return module
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, 512, (3, 12), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # masked prompt
+    labels[1, 9:] = -100  # padding
+    return {"input_ids": input_ids, "labels": labels}
+
+
+@pytest.mark.parametrize("recipe_cls", [FullFinetune, LoRAFinetune])
+def test_recipe_loss_and_gradients_do_not_depend_on_chunking(recipe_cls):
+    results = []
+    for chunk in (0, 4):
+        module = build(recipe_cls, loss_chunk_size=chunk)
+        if recipe_cls is LoRAFinetune:  # non-zero B so adapter gradients reach A too
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.1)
+        loss, tokens = module.loss_sum(batch())
+        loss.backward()
+        results.append((loss.detach(), tokens, {n: p.grad for n, p in module.named_parameters() if p.requires_grad}))
+    (loss0, tokens0, grads0), (loss1, tokens1, grads1) = results
+    assert tokens0 == tokens1 == 7 + 4 + 7  # labelled targets after the shift
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0.keys() == grads1.keys() and grads0
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], msg=name)
+
+
+def test_lora_base_is_frozen_and_gets_no_gradient():
+    module = build(LoRAFinetune, loss_chunk_size=4)
+    loss, _ = module.loss_sum(batch())
+    loss.backward()
+    for name, p in module.named_parameters():
+        is_adapter = ".lora_A." in name or ".lora_B." in name
+        assert p.requires_grad == is_adapter, name
+        assert (p.grad is not None) == is_adapter, name
+
+
+def test_bad_chunk_size_fails_in_init():
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        FullFinetune(model="tiny_llama2", loss_chunk_size=-1)
+
+
+def test_compile_is_opt_in_and_warns(caplog):
+    module = build(LoRAFinetune)
+    assert all(layer._compiled_call_impl is None for layer in module.model.model.layers)
+    module = build(LoRAFinetune, compile=True)
+    with caplog.at_level(logging.WARNING):
+        module.on_fit_start()  # nn.Module.compile is lazy: nothing compiles until the first call
+    assert all(layer._compiled_call_impl is not None for layer in module.model.model.layers)
+    assert "first steps" in caplog.text and "slow" in caplog.text
+    assert set(module.state_dict()) == set(build(LoRAFinetune).state_dict())  # keys unchanged
+
+
+# ---- length-grouped batching -------------------------------------------------------------------
+
+
+def test_length_grouped_sampler_groups_lengths_and_keeps_every_sample():
+    lengths = [int(x) for x in torch.randint(5, 300, (203,), generator=torch.Generator().manual_seed(3))]
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=1, group_batches=10)
+    order = list(sampler)
+    assert sorted(order) == list(range(203))
+    assert order == list(sampler) and order != sampler.order(1)  # deterministic per epoch, new each epoch
+    assert order != LengthGroupedSampler(lengths, 4, seed=2, group_batches=10).order(0)
+
+    def padded(indices):
+        return sum(4 * max(lengths[i] for i in indices[k : k + 4]) for k in range(0, len(indices), 4))
+
+    random_order = torch.randperm(203, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padded(order) < 0.8 * padded(random_order)
+    assert len(order[200:]) == 3  # the short batch is last so DataLoader batches line up with groups
+
+
+def test_grouped_datamodule_pads_less_and_resumes_mid_epoch(tmp_path):
+    def make(group: bool) -> InstructDataModule:
+        dm = InstructDataModule(source="demo", batch_size=8, seed=5, group_by_length=group, cache_dir=str(tmp_path / "cache"))
+        dm.setup("fit")
+        return dm
+
+    plain, grouped = make(False), make(True)
+    batches = list(grouped.train_dataloader())
+    assert sum(len(b["input_ids"]) for b in batches) == len(grouped.train_dataset)
+    pads = [sum(int((b["input_ids"] == dm.tokenizer.pad_id).sum()) for b in dm.train_dataloader()) for dm in (plain, grouped)]
+    assert pads[1] < 0.5 * pads[0]
+
+    for epoch in (0, 1):  # Lightning sets the epoch; the position within it comes from the state dict
+        loader = grouped.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        full = [b["input_ids"] for b in loader]
+        loader = grouped.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        iterator = iter(loader)
+        for _ in range(5):
+            next(iterator)
+        state = loader.state_dict()
+        restored = grouped.train_dataloader()  # a fresh process: epoch 0 until the state says otherwise
+        restored.load_state_dict(state)
+        rest = [b["input_ids"] for b in restored]
+        assert len(rest) == len(full) - 5
+        assert all(torch.equal(a, b) for a, b in zip(rest, full[5:]))
+
+
+# ---- bf16 through the Trainer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_precisions_train_on_cpu(tmp_path, precision):
+    dm = InstructDataModule(source="demo", batch_size=4, max_seq_len=64, group_by_length=True, cache_dir=str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False, warmup_steps=0, lr=1e-2, loss_chunk_size=16)
+    trainer = lightning.Trainer(
+        max_steps=3, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 3
+    loss = trainer.callback_metrics["train_loss"]
+    assert torch.isfinite(loss)
+    expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert module.model.lm_head.weight.dtype == expected_dtype
