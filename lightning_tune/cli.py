@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as err:  # jsonargparse / argparse: a bad key, type or value
         print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
         return 2
-    except ValueError as err:  # our validation errors (config values, paths, data, checkpoints)
+    except (ValueError, FileNotFoundError) as err:  # our validation errors (config values, paths, data, checkpoints)
         if os.environ.get("LIGHTNING_TUNE_DEBUG"):
             raise
         print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
