@@ -291,7 +291,8 @@ def generate_command(
         for record, ids in zip(records, outputs):
             print(f"### {record['instruction']}\n{tokenizer.decode([i for i in ids if i != tokenizer.eos_id])}\n")
         stats = timer.stats()
-    print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    rate = f"{stats.decode_tokens_per_s:.1f} tokens/s" if stats.new_tokens > 1 else "n/a (one token)"
+    print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {rate}", file=sys.stderr)
 
 
 def run_generate(argv: list[str]) -> int:
