@@ -668,3 +668,83 @@ def load_peft_adapter(model: Llama, adapter_dir: str | Path) -> list[str]:
     for key, tensor in tensors.items():
         _assign(model, key.removeprefix(PEFT_PREFIX), tensor, None, None)
     return wrapped
+
+
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints (Lightning's .ckpt): atomic writes, disk check, safe reads
+
+
+def checkpoint_nbytes(obj: object) -> int:
+    """Bytes of all tensors in a nested checkpoint (dicts, lists, tuples): what `torch.save` will write, less the pickle."""
+    if isinstance(obj, Tensor):
+        return obj.untyped_storage().nbytes() if not obj.is_meta else 0
+    if isinstance(obj, dict):
+        return sum(checkpoint_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(checkpoint_nbytes(v) for v in obj)
+    return 0
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: object, path: str | Path, *, margin: int = 2**20) -> Path:
+    """`torch.save` to `path` so that readers see the previous file or the complete new one, never a torn one.
+
+    Checks the free disk space first (tensor bytes + `margin`), writes `.<name>.tmp-XXXX` in the same
+    directory (so the rename cannot cross file systems), fsyncs it, `os.replace`s it into place and
+    fsyncs the directory. On any error or interruption the temporary file is removed.
+    """
+    path = Path(path).expanduser().absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk_space(path.parent, checkpoint_nbytes(obj) + margin)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0o600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def load_training_checkpoint(path: str | Path, map_location: object = "cpu") -> dict:
+    """A Lightning .ckpt read with `weights_only=True`: tensors, numbers, strings and containers only.
+
+    A file that needs arbitrary Python objects (a pickle that could run code) is refused with one line.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets one line
+        import pickle
+
+        if isinstance(err, pickle.UnpicklingError):
+            raise CheckpointError(
+                f"{path}: refused: the file holds Python objects other than tensors and plain containers, "
+                "which could run code when loaded (only weights_only checkpoints are read)"
+            ) from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}")
+    return checkpoint

@@ -1,0 +1,106 @@
+"""`python -m lightning_tune export`: write a PEFT adapter or a Hugging Face directory from any training checkpoint.
+
+The checkpoint carries the recipe's hyper-parameters (`save_hyperparameters`), so the model is rebuilt
+exactly as in the run: the recipe class, its architecture and LoRA settings, the base checkpoint (from the
+run unless `--checkpoint_dir` is given). The checkpoint's weights (adapters only for LoRA) are loaded over
+it, and the same writers as the end of `fit` produce the files.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lightning_tune.checkpoint import CheckpointError, load_training_checkpoint, save_hf_checkpoint, save_peft_adapter
+from lightning_tune.modules.base import FinetuneModule
+
+# Hyper-parameters LightningCLI adds beside the recipe's own arguments.
+CLI_KEYS = ("_class_path", "_instantiator")
+
+
+def recipe_class(hparams: dict, ckpt_path: Path) -> type[FinetuneModule]:
+    """The recipe that wrote the checkpoint; only classes of this package are imported."""
+    class_path = hparams.get("_class_path")
+    if class_path is None:  # saved outside LightningCLI: LoRA settings tell the recipes apart
+        class_path = "lightning_tune.modules.LoRAFinetune" if "lora_rank" in hparams else "lightning_tune.modules.FullFinetune"
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name.startswith("lightning_tune."):
+        raise CheckpointError(f"{ckpt_path}: recipe {class_path!r} is not a lightning_tune recipe; refusing to import it")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, FinetuneModule)):
+        raise CheckpointError(f"{ckpt_path}: {class_path!r} is not a fine-tuning recipe")
+    return cls
+
+
+def _float_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the run trained in (bf16 under precision bf16-true), read off the saved weights."""
+    return next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+
+
+def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | None = None, tokenizer_path: str | None = None) -> FinetuneModule:
+    """The run's recipe with the checkpoint's weights, on the CPU, in eval mode.
+
+    Args:
+        ckpt_path: Lightning checkpoint (.ckpt) of a fit run.
+        checkpoint_dir: Base model directory; default: the run's own.
+        tokenizer_path: Tokenizer copied into Hugging Face exports; default: the run's own.
+    """
+    ckpt_path = Path(ckpt_path).expanduser()
+    checkpoint = load_training_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters")
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state_dict, dict):
+        raise CheckpointError(f"{ckpt_path}: no hyper_parameters/state_dict; expected a checkpoint written by a lightning_tune fit")
+    cls = recipe_class(hparams, ckpt_path)
+    kwargs = {k: v for k, v in hparams.items() if k not in CLI_KEYS}
+    if checkpoint_dir is not None:
+        kwargs["checkpoint_dir"] = checkpoint_dir
+    if tokenizer_path is not None:
+        kwargs["tokenizer_path"] = tokenizer_path
+    kwargs["export"] = False
+    try:
+        module = cls(**kwargs)
+    except TypeError as err:
+        raise CheckpointError(f"{ckpt_path}: its hyper-parameters do not fit {cls.__name__} ({err})") from None
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(_float_dtype(state_dict))  # configure_model builds in the default dtype, as under the Trainer
+    try:
+        module.configure_model()
+    finally:
+        torch.set_default_dtype(previous)
+    module.on_load_checkpoint(checkpoint)  # the recipe's own checks (LoRA: every adapter present)
+    result = module.load_state_dict(state_dict, strict=module.strict_loading)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(f"{ckpt_path}: {len(unexpected)} weights do not belong to the model (e.g. {unexpected[0]})")
+    return module.eval()
+
+
+def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str, checkpoint_dir: str | None = None, tokenizer_path: str | None = None) -> Path:
+    """Export a fit checkpoint: a PEFT adapter (LoRA runs) or a Hugging Face directory (adapters merged in).
+
+    Args:
+        ckpt_path: Lightning checkpoint (.ckpt) of a fit run, e.g. out/RUN/checkpoints/last.ckpt.
+        format: peft (adapter_config.json + adapter_model.safetensors) or hf (transformers-loadable Llama).
+        output: Directory to write; replaced atomically if it exists.
+        checkpoint_dir: Base model directory; default: the one the run was trained from.
+        tokenizer_path: Tokenizer copied into an hf export; default: the run's.
+    """
+    module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path)
+    if format == "peft":
+        if not hasattr(module, "lora_targets"):
+            raise CheckpointError(f"{ckpt_path}: a full fine-tuning checkpoint has no adapters; use --format hf")
+        return save_peft_adapter(module.model, output, base_model_name_or_path=module.checkpoint_dir)
+    return save_hf_checkpoint(module.export_state_dict(), module.model.config, output, tokenizer_path=module.tokenizer_path)
+
+
+def export_command(argv: list[str]) -> int:
+    """`export --ckpt_path CKPT --format peft|hf --output DIR [--checkpoint_dir BASE]`."""
+    from jsonargparse import CLI
+
+    path = CLI(export_checkpoint, args=argv, as_positional=False, prog="python -m lightning_tune export")
+    print(f"wrote {path}")
+    return 0
