@@ -11,6 +11,7 @@ Bad input raises `CheckpointError`: one line naming the path and what was expect
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -703,12 +704,15 @@ def atomic_torch_save(obj: object, path: str | Path, *, margin: int = 2**20) -> 
     """`torch.save` to `path` so that readers see the previous file or the complete new one, never a torn one.
 
     Checks the free disk space first (tensor bytes + `margin`), writes `.<name>.tmp-XXXX` in the same
-    directory (so the rename cannot cross file systems), fsyncs it, `os.replace`s it into place and
+    directory (so the rename cannot cross file systems; a killed writer's leftover for this name is removed
+    first), fsyncs it, `os.replace`s it into place and
     fsyncs the directory. On any error or interruption the temporary file is removed.
     """
     path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     _check_disk_space(path.parent, checkpoint_nbytes(obj) + margin)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # left by a writer killed mid-save; one writer per path
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     tmp = Path(tmp_name)
     try:

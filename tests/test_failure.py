@@ -1,0 +1,187 @@
+"""Failure safety: killed mid-save, diverged, out of disk, untrusted files. Nothing corrupt is left, every error is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections import namedtuple
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from kill_helpers import fit_args, run_fit
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_tune.callbacks import AtomicCheckpointIO, DivergenceError, DivergenceGuard
+from lightning_tune.checkpoint import CheckpointError, atomic_torch_save, load_peft_adapter, load_training_checkpoint
+from lightning_tune.export import export_command
+from lightning_tune.model import Llama, llama2_config
+from lightning_tune.modules import LoRAFinetune
+
+TINY = {"vocab_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 32, "intermediate_dim": 48, "max_seq_len": 64}
+
+
+def batches(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 64, (2, 12), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def fit(module: pl.LightningModule, root: Path, steps: int, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, save_last=True, filename="{step}")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=root, callbacks=[DivergenceGuard(), *callbacks, checkpoints], plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, DataLoader(batches(steps), batch_size=None))
+    return trainer
+
+
+def lora() -> LoRAFinetune:
+    torch.manual_seed(0)
+    return LoRAFinetune(model="tiny_llama2", model_args=TINY, lora_rank=4, lora_dropout=0.0, warmup_steps=0, export=False)
+
+
+def assert_finite_checkpoint(path: Path, step: int) -> None:
+    checkpoint = load_training_checkpoint(path)
+    assert checkpoint["global_step"] == step
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+# ---- killed in the middle of a save ------------------------------------------------------------
+
+
+def test_run_killed_mid_save_keeps_the_previous_checkpoint_and_resumes(tmp_path: Path) -> None:
+    """SIGKILL while step 3's checkpoint is being written: last.ckpt is still step 2's, loads, and the run resumes to the end."""
+    plugin = json.dumps({"class_path": "kill_helpers.KillDuringSave", "init_args": {"step": 3}})
+    run_fit(fit_args(tmp_path, "run", max_steps=5, plugin=plugin), killed=True)
+    checkpoints = tmp_path / "checkpoints"
+    finals = sorted(p.name for p in checkpoints.glob("*.ckpt"))
+    assert finals == ["epoch=0-step=2.ckpt", "last.ckpt"]  # save_top_k=1; step 3's never appeared under its name
+    assert [p.name.split(".tmp-")[0] for p in checkpoints.glob(".*.tmp-*")] == [".epoch=0-step=3.ckpt"]  # the torn write
+    assert_finite_checkpoint(checkpoints / "last.ckpt", 2)
+    run_fit(fit_args(tmp_path, "resumed", max_steps=5, extra=["--ckpt_path", "last"]))
+    assert_finite_checkpoint(checkpoints / "last.ckpt", 5)
+    assert not list(checkpoints.glob(".*.tmp-*"))  # rewriting step 3's checkpoint removed the torn one
+
+
+def test_atomic_save_failing_midway_leaves_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 1, "w": torch.ones(3)}, path)
+
+    def torn_save(obj, file) -> None:
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_torch_save({"global_step": 2, "w": torch.zeros(3)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    assert load_training_checkpoint(path)["global_step"] == 1
+
+
+# ---- divergence ---------------------------------------------------------------------------------
+
+
+class OverflowAt(LoRAFinetune):
+    """Its forward pass overflows at one step, with finite inputs and weights."""
+
+    def __init__(self, bad_step: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bad_step = bad_step
+
+    def loss_sum(self, batch):
+        loss, tokens = super().loss_sum(batch)
+        return (loss * float("inf") if self.global_step + 1 == self.bad_step else loss), tokens
+
+
+class PoisonWeightsAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:
+            with torch.no_grad():
+                pl_module.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+
+
+def test_nan_loss_from_weights_stops_naming_step_and_cause(tmp_path: Path) -> None:
+    with pytest.raises(DivergenceError) as err:
+        fit(lora(), tmp_path, steps=4, callbacks=[PoisonWeightsAt(3)])
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("training diverged: loss is NaN at step 3 ")
+    assert "the weights were already non-finite (1 tensors, e.g. model.model.layers.1.mlp.up_proj.weight)" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]
+    assert_finite_checkpoint(tmp_path / "checkpoints" / "last.ckpt", 2)
+
+
+def test_inf_loss_from_the_forward_pass_stops_before_any_update(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = OverflowAt(2, model="tiny_llama2", model_args=TINY, lora_rank=4, lora_dropout=0.0, warmup_steps=0, export=False)
+    with pytest.raises(DivergenceError, match=r"loss is inf at step 2 .*inputs and weights were finite: the forward pass overflowed"):
+        fit(module, tmp_path, steps=3)
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # no optimiser step took the inf
+    assert_finite_checkpoint(tmp_path / "checkpoints" / "last.ckpt", 1)
+
+
+# ---- disk space -----------------------------------------------------------------------------------
+
+
+def test_too_little_disk_fails_before_writing(tmp_path: Path, monkeypatch) -> None:
+    trainer = fit(lora(), tmp_path, steps=1)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("lightning_tune.checkpoint.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CheckpointError, match=r"checkpoints: not enough free disk space: need \d+\.\d+ GiB, have 0\.00 GiB") as err:
+        trainer.save_checkpoint(tmp_path / "checkpoints" / "more.ckpt")
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing written, not even a temporary file
+
+
+# ---- untrusted files ------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file named by `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+def test_malicious_checkpoint_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": Payload(marker)}}, evil)
+    for load in (load_training_checkpoint, AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(CheckpointError, match="refused: the file holds Python objects other than tensors") as err:
+            load(evil)
+        assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="refused"):
+        export_command(["--ckpt_path", str(evil), "--format", "hf", "--output", str(tmp_path / "out")])
+    with pytest.raises(CheckpointError, match="refused"):  # resuming from it goes through the same reader
+        fit(lora(), tmp_path / "run", steps=1).fit(lora(), DataLoader(batches(1), batch_size=None), ckpt_path=evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_malicious_adapter_bin_is_refused_without_running_it(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "pwned"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    with (adapter / "adapter_model.bin").open("wb") as file:
+        (torch.save if writer == "torch" else pickle.dump)({"x": Payload(marker)}, file)
+    with torch.device("meta"):
+        model = Llama(llama2_config("tiny_llama2", **TINY))
+    with pytest.raises(CheckpointError, match="adapter_model.bin: cannot read as a torch zip checkpoint") as err:
+        load_peft_adapter(model, adapter)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
