@@ -1,0 +1,211 @@
+"""Estimate the peak memory per device of a fine-tuning run before launching it, without allocating.
+
+The estimate (bytes per device; P = all parameters, P_t = trainable ones, b = bytes per parameter:
+4 for `32` and `bf16-mixed`, 2 for `bf16-true` / `16-true`; S = shards: `devices` under FSDP, else 1):
+
+    weights     = P * b / S
+                + FSDP: the unsharded parameters being computed on (in the compute dtype): two decoder
+                  layers with an `auto_wrap_policy`, the whole model without one (one flat unit)
+                + bf16-mixed without FSDP: a bf16 copy of every linear weight (2 bytes each), which
+                  autocast caches (trainable) or saves for backward (frozen) during forward/backward
+    gradients   = P_t * b / S    (+ the same again for DDP's gradient buckets when devices > 1)
+    optimizer   = 2 * P_t * b / S   (AdamW's exp_avg and exp_avg_sq, in the parameters' dtype)
+    activations = stored + max(head, layer_backward)
+        stored         = what autograd keeps for backward from embedding to final norm for one
+                         micro-batch [batch_size, max_seq_len], i.e. the worst case of full-length
+                         batches: per decoder layer x num_layers (with activation checkpointing only
+                         each layer's input is kept)
+        head           = lm_head + float32 cross-entropy on every position N = B * (T - 1): see
+                         `head_activations` (chunked: O(N * E + chunk * vocab); else O(N * vocab))
+        layer_backward = the gradients alive while one layer runs backward: the widest are three
+                         [N, intermediate] (SwiGLU) and two [N, E], N = B * T; with activation
+                         checkpointing plus that layer's recomputed activations
+    peak = weights + optimizer + max(activations + (gradients if accumulate_grad_batches > 1),
+                                     gradients + optimizer-step temporaries)
+
+The per-layer activations are not a hand-written formula: one and two decoder layers of the real model
+(with the recipe's LoRA adapters and frozen parameters) run forward on the meta device under
+`torch.autograd.graph.saved_tensors_hooks`, which reports every tensor autograd saves; the two-layer
+minus the one-layer total is one layer. That follows the code (SDPA's saved outputs, RoPE, RMSNorm in
+float32, LoRA dropout) instead of approximating it. Optimiser-step temporaries: CUDA's foreach AdamW
+holds one extra copy of the trainable parameters; on a CPU AdamW goes tensor by tensor.
+
+Not counted: the CUDA context and allocator fragmentation (add ~1-2 GiB on a GPU), NCCL buffers, and
+for bf16-mixed the residual stream that autocast keeps in float32 (activations are traced in bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from lightning_tune.model import Llama, LlamaConfig
+
+GIB = 2**30
+HALF_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
+MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device of each part of the peak; `total` is the estimated peak."""
+
+    parameters: int
+    trainable: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    total: int
+
+    def lines(self, device_memory: int | None = None) -> list[str]:
+        """Human-readable summary, compared with `device_memory` bytes when given."""
+        pct = 100 * self.trainable / max(1, self.parameters)
+        out = [
+            f"parameters            {self.parameters:,}",
+            f"trainable parameters  {self.trainable:,} ({pct:.2f}%)",
+            "estimated peak memory per device:",
+            f"  weights             {self.weights / GIB:8.2f} GiB",
+            f"  gradients           {self.gradients / GIB:8.2f} GiB",
+            f"  optimizer state     {self.optimizer / GIB:8.2f} GiB",
+            f"  activations         {self.activations / GIB:8.2f} GiB",
+            f"  peak (estimate)     {self.total / GIB:8.2f} GiB",
+        ]
+        if device_memory is not None:
+            verdict = "fits" if self.total <= device_memory else "does NOT fit"
+            out.append(f"  device memory       {device_memory / GIB:8.2f} GiB: {verdict} ({100 * self.total / device_memory:.0f}% of it)")
+        return out
+
+
+def param_bytes(precision: str) -> int:
+    """Bytes per parameter: half precision stores bf16/fp16 weights, 32 and *-mixed store float32."""
+    return 2 if str(precision) in HALF_PRECISIONS else 4
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16") or precision == "half":
+        return torch.float16
+    return torch.float32
+
+
+def saved_bytes(fn, params: nn.Module) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `fn()` runs (parameters excluded)."""
+    exclude = {p.untyped_storage()._cdata for p in params.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in exclude:
+            seen[storage._cdata] = max(seen.get(storage._cdata, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def build_meta_model(config: LlamaConfig, adapt, dtype: torch.dtype, activation_checkpointing: bool = False) -> Llama:
+    """The recipe's model on the meta device (no memory): `adapt` applies LoRA / freezing."""
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to(dtype)
+    model.model.activation_checkpointing = activation_checkpointing
+    adapt(model)
+    return model.train()
+
+
+def decoder_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_size: int, seq_len: int, checkpointing: bool) -> tuple[int, int]:
+    """(base, per_layer) bytes saved by the decoder: traced with one and two layers on meta."""
+    tokens = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    totals = []
+    for layers in (1, 2):
+        model = build_meta_model(replace(config, num_layers=layers), adapt, dtype, checkpointing)
+        totals.append(saved_bytes(lambda: model.model(tokens), model))
+    per_layer = totals[1] - totals[0]
+    return totals[0] - per_layer, per_layer
+
+
+def head_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_size: int, seq_len: int, loss_chunk_size: int = 0) -> int:
+    """Memory of the output head + float32 cross-entropy over all N = B*(T-1) positions (worst case).
+
+    Chunked (`loss_chunk_size`, plain lm_head; see `linear_cross_entropy_sum`): the [N, E] input copy,
+    the [N, E] input gradient computed in forward and scaled in backward (two), one chunk's
+    [chunk, V] float32 logits plus their cast gradient, and lm_head's float32 gradient (twice:
+    accumulated, then scaled) when it trains. Unchunked: traced like the decoder, plus the float32
+    [N, V] gradient of the logits (and its cast when logits are half) alive at the start of backward.
+    """
+    model = build_meta_model(replace(config, num_layers=1), adapt, dtype)
+    n = batch_size * (seq_len - 1)
+    a = dtype.itemsize
+    head = model.lm_head
+    if loss_chunk_size and type(head) is nn.Linear and head.bias is None:
+        weight_grad = 2 * head.weight.numel() * 4 if head.weight.requires_grad else 0
+        return 3 * n * config.embed_dim * a + min(loss_chunk_size, n) * config.vocab_size * (4 + a) + weight_grad
+    hidden = torch.empty(n, config.embed_dim, dtype=dtype, device="meta", requires_grad=True)
+    targets = torch.zeros(n, dtype=torch.long, device="meta")
+    saved = saved_bytes(lambda: nn.functional.cross_entropy(head(hidden * 1).float(), targets, reduction="sum"), model)
+    return saved + n * config.vocab_size * (4 + (a if dtype != torch.float32 else 0))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def estimate_memory(
+    config: LlamaConfig,
+    adapt,
+    *,
+    batch_size: int,
+    seq_len: int,
+    precision: str = "32",
+    activation_checkpointing: bool = False,
+    strategy: str = "auto",
+    devices: int = 1,
+    fsdp_wrapped_layers: bool = False,
+    accumulate_grad_batches: int = 1,
+    accelerator: str = "cpu",
+    loss_chunk_size: int = 0,
+) -> MemoryEstimate:
+    """Estimate the peak memory per device of a training step (see the module docstring for the formula).
+
+    `adapt(model)` is the recipe's `adapt_model` (LoRA / freezing); `strategy` is "fsdp", "ddp" or
+    anything else (single device); `fsdp_wrapped_layers` says whether FSDP wraps each decoder layer.
+    """
+    dtype = compute_dtype(precision)
+    b = param_bytes(precision)
+    model = build_meta_model(config, adapt, torch.float32)
+    total, trainable = count_parameters(model)
+    fsdp = strategy == "fsdp"
+    shards = devices if fsdp else 1
+
+    weights = total * b // shards
+    layer_params = count_parameters(model.model.layers[0])[0]
+    if fsdp:  # parameters gathered for compute, in the compute dtype
+        weights += (2 * layer_params if fsdp_wrapped_layers else total) * dtype.itemsize
+    elif precision in MIXED_PRECISIONS:
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        weights += linear * dtype.itemsize
+    gradients = trainable * b // shards
+    if strategy == "ddp" and devices > 1:
+        gradients *= 2  # DDP's gradient buckets
+    optimizer = 2 * trainable * b // shards
+    step_temp = trainable * b // shards if accelerator not in ("cpu",) else 0
+
+    base, per_layer = decoder_activations(config, adapt, dtype, batch_size, seq_len, activation_checkpointing)
+    stored = base + config.num_layers * per_layer
+    n = batch_size * seq_len
+    layer_backward = n * (3 * config.intermediate_dim + 2 * config.embed_dim) * dtype.itemsize  # widest gradients alive
+    if activation_checkpointing:  # the layer's activations, recomputed for its backward
+        layer_backward += decoder_activations(config, adapt, dtype, batch_size, seq_len, False)[1]
+    head = head_activations(config, adapt, dtype, batch_size, seq_len, loss_chunk_size)
+    activations = stored + max(head, layer_backward)
+
+    held_grads = gradients if accumulate_grad_batches > 1 else 0
+    peak = weights + optimizer + max(activations + held_grads, gradients + step_temp)
+    return MemoryEstimate(total, trainable, weights, gradients, optimizer, activations, peak)

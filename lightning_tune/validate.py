@@ -1,0 +1,218 @@
+"""`python -m lightning_tune validate --config X [overrides]`: check a config and estimate its memory, without training.
+
+Steps: the recipe CLI resolves the config exactly as `fit` would (`--print_config`, no instantiation),
+then instantiates the model and data classes (cheap: weights load only in `configure_model`) with
+the trainer on CPU, because the configured trainer (8 GPUs, FSDP) cannot be built on this machine.
+Missing checkpoint/tokenizer/data paths are reported one line each; the memory estimate
+(`lightning_tune.memory`) is still printed, from the named size when the checkpoint is absent.
+
+Exit codes: 0 valid (and fits a present GPU), 2 bad config or missing paths, 1 estimated not to
+fit the GPU of this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_tune.memory import GIB, MemoryEstimate, estimate_memory
+
+def resolved_config(argv: list[str]) -> dict[str, Any]:
+    """The config `fit` would run, as a dict: LightningCLI's own `--print_config`, captured."""
+    from lightning_tune.cli import make_cli
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            make_cli([*argv, "--print_config"], run=False)
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            raise
+    return yaml.safe_load(out.getvalue())
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Hide Lightning's start-up chatter (seed, GPU available, tips): validate prints a summary."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def record_missing_paths(missing: list[str]):
+    """Let the recipe's construction-time path checks record instead of raise, so validate can
+    report every missing path and still estimate memory."""
+    import lightning_tune.modules.base as base
+
+    original = base.check_path
+
+    def check_path(key: str, path: str | None, kind: str) -> None:
+        if path is not None and not Path(path).exists():
+            missing.append(f"model.{key}: {kind} {path!r} does not exist")
+
+    base.check_path = check_path
+    try:
+        yield
+    finally:
+        base.check_path = original
+
+
+def instantiate(argv: list[str], missing: list[str]):
+    """(model, datamodule) built by the recipe CLI, with a CPU trainer standing in for the real one."""
+    from lightning_tune.cli import make_cli
+
+    cpu = ["--trainer.accelerator=cpu", "--trainer.strategy=auto", "--trainer.devices=1", "--trainer.precision=32", "--trainer.logger=false"]
+    with record_missing_paths(missing):
+        cli = make_cli([*argv, *cpu], run=False)
+    return cli.model, cli.datamodule
+
+
+def data_path_problems(data: dict[str, Any]) -> list[str]:
+    """Missing data files: the tokenizer, and a local source (hub names cannot be checked offline)."""
+    from lightning_tune.data.datamodule import DEMO, LOADERS
+
+    problems = []
+    tokenizer = data.get("tokenizer_path")
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        problems.append(f"data.tokenizer_path: tokenizer file {tokenizer!r} does not exist")
+    source = data.get("source")
+    if source != DEMO and Path(source).suffix.lower() in LOADERS and not Path(source).is_file():
+        problems.append(f"data.source: data file {source!r} does not exist")
+    return problems
+
+
+def strategy_of(trainer: dict[str, Any]) -> tuple[str, bool]:
+    """('fsdp' | 'ddp' | 'single', FSDP wraps each layer) from the trainer's strategy setting."""
+    strategy = trainer.get("strategy") or "auto"
+    init_args: dict = {}
+    if isinstance(strategy, dict):
+        init_args = strategy.get("init_args") or {}
+        strategy = strategy.get("class_path", "")
+    name = str(strategy).lower().rsplit(".", 1)[-1]
+    kind = "fsdp" if "fsdp" in name else "ddp" if "ddp" in name else "single"
+    return kind, bool(init_args.get("auto_wrap_policy"))
+
+
+def device_count(trainer: dict[str, Any]) -> int:
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    import torch
+
+    return max(1, torch.cuda.device_count()) if trainer.get("accelerator") != "cpu" else 1
+
+
+def model_config(model):
+    """The architecture without reading weights: the checkpoint's config.json, else the named size."""
+    from lightning_tune.model import llama2_config
+
+    if model.checkpoint_dir is not None and Path(model.checkpoint_dir).exists():
+        return model.model_config()
+    if model.model_name is None:
+        return None
+    return llama2_config(model.model_name, **model.model_args)
+
+
+@dataclass
+class Check:
+    """What validate found: the recipe, the run's shape, missing paths and the memory estimate."""
+
+    model: Any
+    data: Any
+    settings: dict[str, Any]
+    missing: list[str]
+    estimate: MemoryEstimate | None
+
+
+def check(argv: list[str]) -> Check:
+    """Resolve and instantiate the config, collect missing paths, estimate memory (None without an architecture)."""
+    resolved = resolved_config(argv)
+    missing: list[str] = []
+    with quiet_lightning():
+        model, data = instantiate(argv, missing)
+    data_problems = data_path_problems(resolved.get("data") or {})
+    # The model's tokenizer_path is linked from data's: report each missing file once, under data.
+    tokenizer = (resolved.get("data") or {}).get("tokenizer_path")
+    missing = [m for m in missing if not (m.startswith("model.tokenizer_path:") and tokenizer and repr(tokenizer) in m)] + data_problems
+    trainer = resolved.get("trainer") or {}
+    config = model_config(model)
+    strategy, wrapped = strategy_of(trainer)
+    precision = str(trainer.get("precision") or "32")
+    settings = dict(
+        batch_size=data.batch_size,
+        seq_len=data.max_seq_len if config is None else min(data.max_seq_len, config.max_seq_len),
+        precision="32" if precision in ("32-true", "32", "32.0") else precision,
+        activation_checkpointing=bool(model.activation_checkpointing),
+        strategy=strategy,
+        devices=device_count(trainer),
+        fsdp_wrapped_layers=wrapped,
+        accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
+        accelerator=str(trainer.get("accelerator") or "auto"),
+        loss_chunk_size=int(getattr(model, "loss_chunk_size", 0) or 0),
+    )
+    estimate = None if config is None else estimate_memory(config, model.adapt_model, **settings)
+    return Check(model, data, settings, missing, estimate)
+
+
+def validate(argv: list[str]) -> int:
+    """Print the checks and the estimate; return the exit code (see the module docstring)."""
+    import torch
+
+    result = check(argv)
+    for line in result.missing:
+        print(f"error: {line}", file=sys.stderr)
+    if result.estimate is None:
+        print("error: model: null needs an existing checkpoint_dir to read the architecture from; cannot estimate memory", file=sys.stderr)
+        return 2
+    model, s = result.model, result.settings
+    print(f"recipe                {type(model).__name__} ({model.model_name or model.checkpoint_dir})")
+    print(f"run                   batch_size {s['batch_size']} x max_seq_len {s['seq_len']}, precision {s['precision']}, "
+          f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, strategy {s['strategy']}, {s['devices']} device(s)")
+    device_memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    for line in result.estimate.lines(device_memory):
+        print(line)
+    if s["strategy"] == "fsdp" and not s["fsdp_wrapped_layers"]:
+        print("note: FSDP without auto_wrap_policy gathers the whole model for compute (counted above); wrap the decoder layers to shard it", file=sys.stderr)
+    if result.missing:
+        return 2
+    if device_memory is not None and result.estimate.total > device_memory:
+        print(f"error: estimated peak {result.estimate.total / GIB:.1f} GiB exceeds this GPU's {device_memory / GIB:.1f} GiB; "
+              "lower data.batch_size, enable activation_checkpointing, use bf16-true or more devices with fsdp", file=sys.stderr)
+        return 1
+    print("config OK")
+    return 0
+
+
+def validate_command(argv: list[str]) -> int:
+    """`validate --config X [overrides]`: one-line errors with exit code 2 for config mistakes."""
+    import os
+    from argparse import ArgumentError
+
+    from lightning_tune.cli import UsageError, condense_parse_error
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m lightning_tune validate --config FILE_OR_BUNDLED_NAME [--KEY VALUE ...]\n\n" + __doc__)
+        return 0
+    try:
+        return validate(argv)
+    except (UsageError, ArgumentError, ValueError, FileNotFoundError) as err:  # ours, jsonargparse's, Lightning's
+        if os.environ.get("LIGHTNING_TUNE_DEBUG"):
+            raise
+        print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
+        return 2
