@@ -198,3 +198,51 @@ def test_bf16_precisions_train_on_cpu(tmp_path, precision):
     assert torch.isfinite(loss)
     expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     assert module.model.lm_head.weight.dtype == expected_dtype
+
+
+# ---- sample packing ----------------------------------------------------------------------------
+
+
+def test_packed_batch_gives_each_sample_its_unpacked_loss_and_gradients():
+    from lightning_tune.data import collate, collate_packed
+
+    generator = torch.Generator().manual_seed(2)
+    samples = []
+    for length, prompt in ((5, 2), (9, 4), (7, 3)):
+        ids = torch.randint(1, 512, (length,), generator=generator).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    samples.append({"input_ids": samples[0]["input_ids"], "labels": list(samples[0]["input_ids"])})  # train_on_input: BOS labelled
+    packed = collate_packed(samples)
+    assert packed["input_ids"].shape == (1, 5 + 9 + 7 + 5) and packed["attn_mask"].shape == (1, 1, 26, 26)
+    assert packed["positions"][0, 5:14].tolist() == list(range(9))
+
+    module = build(FullFinetune, loss_chunk_size=4)
+    per_sample = []
+    for sample in samples:  # each sample alone: no padding, no neighbours
+        loss, tokens = module.loss_sum(collate([sample], pad_id=0))
+        per_sample.append((loss, tokens))
+    padded_loss, padded_tokens = module.loss_sum(collate(samples, pad_id=0))
+    padded_loss.backward()
+    padded_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    module.zero_grad()
+    packed_loss, packed_tokens = module.loss_sum(packed)
+    packed_loss.backward()
+    assert packed_tokens == padded_tokens == sum(t for _, t in per_sample)
+    torch.testing.assert_close(packed_loss, sum(loss for loss, _ in per_sample))
+    torch.testing.assert_close(packed_loss, padded_loss)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, padded_grads[name], msg=name)
+
+
+def test_packing_datamodule_trains(tmp_path):
+    dm = InstructDataModule(source="demo", batch_size=4, max_seq_len=64, pack=True, group_by_length=True, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    first = next(iter(dm.train_dataloader()))
+    assert first["input_ids"].shape[0] == 1 and (first["input_ids"] != dm.tokenizer.pad_id).all()
+    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False, warmup_steps=0)
+    trainer = lightning.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])

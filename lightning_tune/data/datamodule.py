@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import collate, encode_sample
+from lightning_tune.data.packing import collate_packed
 from lightning_tune.data.sampler import LengthGroupedSampler
 from lightning_tune.data.templates import PromptTemplate, get_template
 from lightning_tune.tokenizer import Tokenizer
@@ -63,6 +64,7 @@ class InstructDataModule(LightningDataModule):
         val_size: float = 0.0,
         cache_dir: str | None = None,
         group_by_length: bool = False,
+        pack: bool = False,
     ) -> None:
         """
         Args:
@@ -80,6 +82,7 @@ class InstructDataModule(LightningDataModule):
             val_size: Held out for validation: a fraction if below 1, a count of records if 1 or more, none if 0.
             cache_dir: Where `datasets` caches loaded and tokenised data (default: its own cache, ~/.cache/huggingface/datasets).
             group_by_length: Batch training samples of similar length (shuffled groups, seeded, resumable) so less compute goes to padding; changes which samples share a batch, not what each contributes.
+            pack: Concatenate each batch's samples into one unpadded row with a block-diagonal causal mask and per-sample positions; each sample's loss is what it is unpacked. Pays off when padding costs more than the larger attention block (short samples, large batches).
         """
         super().__init__()
         self.template: PromptTemplate = get_template(template)
@@ -116,6 +119,7 @@ class InstructDataModule(LightningDataModule):
         self.val_size = val_size
         self.cache_dir = cache_dir
         self.group_by_length = group_by_length
+        self.pack = pack
         self._tokenizer: Tokenizer | None = None
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
@@ -169,7 +173,7 @@ class InstructDataModule(LightningDataModule):
             batch_size=self.batch_size,
             **options,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            collate_fn=self._collate(),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -183,8 +187,12 @@ class InstructDataModule(LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            collate_fn=self._collate(),
         )
+
+    def _collate(self):
+        """Right padding to the batch's longest sample, or packing into one row (`pack`)."""
+        return collate_packed if self.pack else partial(collate, pad_id=self.tokenizer.pad_id)
 
     def _tokenized(self) -> datasets.Dataset:
         """Records encoded into `input_ids` / `labels` / `truncated`, through the `datasets` cache."""

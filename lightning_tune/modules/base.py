@@ -232,7 +232,8 @@ class FinetuneModule(pl.LightningModule):
         `linear_cross_entropy_sum`); an adapted (LoRA) head takes the unchunked path.
         """
         input_ids, labels = batch["input_ids"], batch["labels"]
-        hidden = self.model.model(input_ids)[:, :-1]  # [B, T-1, E]: position t predicts t+1
+        # Packed batches (`collate_packed`) bring per-sample positions and a block-diagonal mask.
+        hidden = self.model.model(input_ids, batch.get("positions"), batch.get("attn_mask"))[:, :-1]  # [B, T-1, E]: t predicts t+1
         targets = labels[:, 1:]  # [B, T-1]
         keep = targets != IGNORE_INDEX
         head = self.model.lm_head
