@@ -43,11 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 ASSETS = ROOT.parent / "shared" / "assets"
 
-# name -> (recipe, implementation, precision, group_by_length)
+# name -> (recipe, implementation, precision, group_by_length); "-packed" rows also set pack: true
 CONFIGS: dict[str, tuple[str, str, str, bool]] = {
     "plain-lora": ("lora", "plain", "32-true", False),
     "ours-lora": ("lora", "ours", "32-true", False),
     "ours-lora-grouped": ("lora", "ours", "32-true", True),
+    "ours-lora-packed": ("lora", "ours", "32-true", False),
     "ours-lora-bf16-mixed": ("lora", "ours", "bf16-mixed", False),
     "ours-lora-bf16-true": ("lora", "ours", "bf16-true", False),
     "plain-full": ("full", "plain", "32-true", False),
@@ -76,13 +77,13 @@ def shape(args: argparse.Namespace) -> dict:
 # ---- workers (one configuration, one fresh process) ---------------------------------------------
 
 
-def data_module(args: argparse.Namespace, group_by_length: bool):
+def data_module(args: argparse.Namespace, group_by_length: bool, pack: bool = False):
     from lightning_tune.data import InstructDataModule
 
     # shuffle=False: every ungrouped run sees the same batches in file order.
     return InstructDataModule(
         source=str(args.data), tokenizer_path=str(args.tokenizer), max_seq_len=2048, batch_size=args.batch,
-        shuffle=group_by_length, group_by_length=group_by_length, seed=0, cache_dir=str(args.cache_dir),
+        shuffle=group_by_length, group_by_length=group_by_length, pack=pack, seed=0, cache_dir=str(args.cache_dir),
     )
 
 
@@ -92,7 +93,7 @@ def profiler_for(args: argparse.Namespace):
     return profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=3, warmup=0, active=3, repeat=1), record_shapes=False)
 
 
-def run_ours(args: argparse.Namespace, recipe: str, precision: str, grouped: bool) -> tuple[list[float], list[int]]:
+def run_ours(args: argparse.Namespace, recipe: str, precision: str, grouped: bool, pack: bool) -> tuple[list[float], list[int]]:
     import lightning
 
     from lightning_tune.modules.full import FullFinetune
@@ -127,7 +128,7 @@ def run_ours(args: argparse.Namespace, recipe: str, precision: str, grouped: boo
     torch.manual_seed(0)
     if prof is not None:
         prof.start()
-    trainer.fit(module, datamodule=data_module(args, grouped))
+    trainer.fit(module, datamodule=data_module(args, grouped, pack))
     if prof is not None:
         prof.stop()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
@@ -189,7 +190,7 @@ def worker(args: argparse.Namespace) -> None:
     recipe, impl, precision, grouped = CONFIGS[args.worker]
     if args.threads:
         torch.set_num_threads(args.threads)
-    times, tokens = run_ours(args, recipe, precision, grouped) if impl == "ours" else run_plain(args, recipe)
+    times, tokens = run_ours(args, recipe, precision, grouped, args.worker.endswith("-packed")) if impl == "ours" else run_plain(args, recipe)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print("RESULT " + json.dumps({"times": times, "tokens": tokens, "rss_gib": rss_gib}))
 
