@@ -17,7 +17,7 @@ KILL_AT = 4  # after the step-4 checkpoint, where validation also ran
 # The resumed run's next epoch must shuffle as the uninterrupted one's did. InstructDataModule's sampler draws
 # each epoch's order from one generator chained across epochs, which the restored StatefulDataLoader does not
 # continue exactly; the fix (an epoch-seeded sampler with set_epoch) belongs to data/datamodule.py.
-CROSSES_EPOCH = pytest.param(5, marks=pytest.mark.xfail(strict=True, reason="needs the epoch-seeded train sampler in InstructDataModule"))
+CROSSES_EPOCH = 5  # the resumed run crosses into epoch 1: its shuffle must equal the uninterrupted run's
 
 
 def train_losses(root: Path, version: str) -> dict[int, str]:

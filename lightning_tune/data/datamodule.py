@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_tune.data.errors import DataError
@@ -36,6 +36,19 @@ OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz",
 FIELDS = ("instruction", "input", "output")
 # Bump when `encode_sample` changes meaning, so caches written by older code are not reused.
 ENCODING_VERSION = 1
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """Each epoch's order depends only on (seed, epoch), so a run resumed from a checkpoint
+    reshuffles later epochs exactly as the uninterrupted run does (Lightning calls `set_epoch`)."""
+
+    def __init__(self, data_source, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
 
 
 class InstructDataModule(LightningDataModule):
@@ -166,8 +179,7 @@ class InstructDataModule(LightningDataModule):
             lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
             options: dict = {"sampler": LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)}
         else:
-            generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
-            options = {"shuffle": self.shuffle, "generator": generator}
+            options = {"sampler": EpochSeededRandomSampler(self.train_dataset, self.seed) if self.shuffle else None}
         return StatefulDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
