@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+# Lightning's own `validate` loop is replaced by our `validate` (check a config, estimate memory).
+LIGHTNING_VERBS = ("fit", "test", "predict")
 RECIPES = {
     "LoRAFinetune": "lightning_tune.modules.LoRAFinetune: LoRA adapters on a frozen Llama 2; exports adapter/ (PEFT) and merged/ (HF)",
     "FullFinetune": "lightning_tune.modules.FullFinetune: all weights train; exports merged/ (HF)",
@@ -28,10 +29,14 @@ HELP = """usage: python -m lightning_tune VERB [options]
 Fine-tune Llama 2 (LoRA or full) with PyTorch Lightning.
 
 verbs:
-  fit|validate|test|predict  run a recipe through LightningCLI: --config FILE_OR_BUNDLED_NAME,
-                             --print_config, --KEY VALUE overrides (VERB --help lists every key)
-  generate                   generate text from a checkpoint (generate --help)
-  data                       print the first training samples decoded, masked tokens marked (data --help)
+  fit|test|predict           run a recipe through LightningCLI: --config FILE_OR_BUNDLED_NAME,
+                             --print_config, --KEY VALUE overrides (VERB --help lists every key);
+                             fit --ckpt_path last resumes a run
+  validate                   check a config without training: paths, parameters, memory per device
+  data                       print the first training samples decoded, masked tokens marked
+  generate                   generate text from a checkpoint (and a PEFT adapter)
+  export                     write a PEFT adapter or a Hugging Face directory from a .ckpt
+  download REPO_ID           fetch a Hugging Face checkpoint (weights, config, tokenizer only)
   ls                         list the recipes and the bundled configs
   cp NAME DEST               copy a bundled config to DEST for editing
 
@@ -131,11 +136,16 @@ def make_cli(argv: list[str], run: bool = True):
     from lightning_tune.data import InstructDataModule
     from lightning_tune.modules import FinetuneModule
 
+    from lightning_tune.callbacks import DivergenceGuard, StepSeed
+
     class TuneCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             # One value, one place: the model learns the tokenizer and length from the data.
             parser.link_arguments(("data.source", "data.tokenizer_path"), "model.init_args.tokenizer_path", compute_fn=data_tokenizer_path)
             parser.link_arguments("data.max_seq_len", "model.init_args.max_seq_len")
+            # Always on, whatever callbacks a config lists: exact resume and a clear stop on NaN/inf.
+            parser.add_lightning_class_args(StepSeed, "step_seed")
+            parser.add_lightning_class_args(DivergenceGuard, "divergence_guard")
 
     # We pass argv explicitly (to resolve bundled config names); Lightning warns about that.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -146,6 +156,8 @@ def make_cli(argv: list[str], run: bool = True):
         args=resolve_config_args(argv),
         run=run,
         save_config_kwargs={"overwrite": True},
+        # Checkpoints are written to a temporary file and renamed into place, after a disk-space check.
+        trainer_defaults={"plugins": {"class_path": "lightning_tune.callbacks.AtomicCheckpointIO"}},
         auto_configure_optimizers=False,
         parser_kwargs={"default_env": False, "prog": "python -m lightning_tune", "exit_on_error": False},
     )
@@ -318,9 +330,21 @@ def dispatch(argv: list[str]) -> int:
         return 0
     if verb == "data":
         return data_command(rest)
+    if verb == "validate":
+        from lightning_tune.validate import validate_command
+
+        return validate_command(rest)
+    if verb == "export":
+        from lightning_tune.export import export_command
+
+        return export_command(rest)
+    if verb == "download":
+        from lightning_tune.download import download_command
+
+        return download_command(rest)
     if verb == "generate":
         return run_generate(rest)
-    raise UsageError(f"unknown verb {verb!r}; expected one of fit, validate, test, predict, generate, data, ls, cp")
+    raise UsageError(f"unknown verb {verb!r}; expected one of fit, test, predict, validate, generate, data, export, download, ls, cp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a diverged run: say where, exit 1 (not a usage error)
+        if type(err).__name__ != "DivergenceError" or os.environ.get("LIGHTNING_TUNE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -56,13 +56,6 @@ TESTS = Path(__file__).resolve().parent
 TINY_MODEL = "{vocab_size: 512, num_layers: 2, embed_dim: 64, num_heads: 4, num_kv_heads: 2, intermediate_dim: 128}"
 
 
-def safety_wired() -> bool:
-    """Whether the CLI already adds StepSeed/DivergenceGuard/AtomicCheckpointIO by default (then adding them again would clash)."""
-    import lightning_tune.cli
-
-    return "StepSeed" in Path(lightning_tune.cli.__file__).read_text()
-
-
 def fit_args(root: Path, version: str, *, max_steps: int = 8, plugin: str | None = None, extra: list[str] = ()) -> list[str]:
     """`fit --config tiny_lora.yaml` shrunk to seconds: 2 layers, batches of 4, validation every 4 steps, dropout on (so the RNG matters), a checkpoint and
     last.ckpt after every step in root/checkpoints, per-step CSV metrics flushed at once in root/logs/<version>."""
@@ -78,9 +71,6 @@ def fit_args(root: Path, version: str, *, max_steps: int = 8, plugin: str | None
         "--trainer.callbacks+", "ModelCheckpoint", "--trainer.callbacks.dirpath", str(root / "checkpoints"),
         "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_last", "true",
     ]
-    if not safety_wired():
-        args += ["--trainer.callbacks+", "lightning_tune.callbacks.StepSeed", "--trainer.callbacks+", "lightning_tune.callbacks.DivergenceGuard"]
-        plugin = plugin or "lightning_tune.callbacks.AtomicCheckpointIO"
     if plugin is not None:
         args += ["--trainer.plugins", plugin]
     return args + list(extra)

@@ -29,6 +29,7 @@ SHRINK = [
     "--trainer.limit_val_batches=0",
     "--trainer.logger=false",
     "--trainer.enable_checkpointing=false",
+    "--trainer.callbacks=[]",
     "--trainer.enable_progress_bar=false",
 ]
 

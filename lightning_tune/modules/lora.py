@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from lightning_tune.lora import apply_lora, lora_modules, mark_only_lora_trainable, merged_state_dict, resolve_targets
+from lightning_tune.lora import apply_lora, mark_only_lora_trainable, merged_state_dict, resolve_targets
 from lightning_tune.model import Llama
 from lightning_tune.modules.base import FinetuneModule
 
