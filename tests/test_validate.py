@@ -32,7 +32,7 @@ MEASURE = textwrap.dedent("""
     config, root, *extra = sys.argv[1:]
     estimate = check(["--config", config, *extra]).estimate
     cli = make_cli(["--config", config, f"--trainer.default_root_dir={root}", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-                    "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+                    "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
                     "--trainer.enable_model_summary=false", "--model.init_args.export=false", *extra], run=False)
     B, T, V = cli.datamodule.batch_size, cli.datamodule.max_seq_len, cli.model.model_config().vocab_size
     g = torch.Generator().manual_seed(0)
