@@ -1,4 +1,4 @@
-"""`python -m lightning_tune VERB ...`: LightningCLI for fit/validate/test/predict, small verbs beside it.
+"""`python -m lightning_tune VERB ...`: LightningCLI for fit and test, small verbs beside it.
 
 Nothing heavy is imported before the verb is known: `--help`, `ls` and `cp` answer without
 importing torch or Lightning. User mistakes (a bad key, value or path) end in one `error:` line and
@@ -18,7 +18,7 @@ from typing import Literal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Lightning's own `validate` loop is replaced by our `validate` (check a config, estimate memory).
-LIGHTNING_VERBS = ("fit", "test", "predict")
+LIGHTNING_VERBS = ("fit", "test")
 RECIPES = {
     "LoRAFinetune": "lightning_tune.modules.LoRAFinetune: LoRA adapters on a frozen Llama 2; exports adapter/ (PEFT) and merged/ (HF)",
     "FullFinetune": "lightning_tune.modules.FullFinetune: all weights train; exports merged/ (HF)",
@@ -29,9 +29,9 @@ HELP = """usage: python -m lightning_tune VERB [options]
 Fine-tune Llama 2 (LoRA or full) with PyTorch Lightning.
 
 verbs:
-  fit|test|predict           run a recipe through LightningCLI: --config FILE_OR_BUNDLED_NAME,
+  fit|test                   run a recipe through LightningCLI: --config FILE_OR_BUNDLED_NAME,
                              --print_config, --KEY VALUE overrides (VERB --help lists every key);
-                             fit --ckpt_path last resumes a run
+                             fit --ckpt_path last resumes a run; test: loss on the held-out split
   validate                   check a config without training: paths, parameters, memory per device
   data                       print the first training samples decoded, masked tokens marked
   generate                   generate text from a checkpoint (and a PEFT adapter)
@@ -344,7 +344,7 @@ def dispatch(argv: list[str]) -> int:
         return download_command(rest)
     if verb == "generate":
         return run_generate(rest)
-    raise UsageError(f"unknown verb {verb!r}; expected one of fit, test, predict, validate, generate, data, export, download, ls, cp")
+    raise UsageError(f"unknown verb {verb!r}; expected one of fit, test, validate, generate, data, export, download, ls, cp")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,6 +202,14 @@ class InstructDataModule(LightningDataModule):
             collate_fn=self._collate(),
         )
 
+
+    def test_dataloader(self) -> DataLoader | list:
+        """`test` evaluates on the held-out split (`val_size`): instruction data sets ship no test split."""
+        if self.train_dataset is None:
+            self.setup("test")
+        if self.val_dataset is None:
+            raise DataError("test: no held-out data; set data.val_size (a fraction or a count of records) to hold some out")
+        return self.val_dataloader()
     def _collate(self):
         """Right padding to the batch's longest sample, or packing into one row (`pack`)."""
         return collate_packed if self.pack else partial(collate, pad_id=self.tokenizer.pad_id)
