@@ -86,3 +86,23 @@ def test_generate_command_prints_transformers_greedy_output(hf_base, tmp_path, c
     new = [i for i in out[0, len(ids) :].tolist() if i not in (tokenizer.eos_id, 0)]
     assert len(new) >= 3, "too few tokens to compare"
     assert printed.strip() == tokenizer.decode(new).strip()
+
+
+def test_tiny_demo_learns_and_generates_what_it_learned(tmp_path, capsys):
+    """The README's CPU demo, shortened: the loss falls clearly and the model answers in the
+    trained format (capital letters for the uppercase task, counting starting at the given number)."""
+    import csv
+
+    run = tmp_path / "demo"
+    assert main(["fit", "--config", "tiny_full.yaml", "--trainer.max_steps=300", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}", f"--trainer.callbacks.init_args.dirpath={run}/checkpoints", "--data.val_size=0", "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0"]) == 0
+    rows = [r for r in csv.DictReader(open(next(run.rglob("metrics.csv")))) if r.get("train_loss")]
+    first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
+    assert last < 0.5 * first, (first, last)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Write the word in capital letters.", "input": "apple"}\n{"instruction": "Count from 3 to 9."}\n')
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint_dir", str(run / "merged"), "--prompts_file", str(prompts), "--max_new_tokens", "16"]) == 0
+    answers = [block.split("\n", 1)[1].strip() for block in capsys.readouterr().out.strip().split("### ")[1:]]
+    assert answers[0] and answers[0].replace(" ", "").isupper(), answers
+    assert answers[1].startswith("3 "), answers
