@@ -3,6 +3,9 @@
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
+
+from lightning_tune.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -23,3 +26,15 @@ def alpaca_tiny_path() -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (needs ../shared/assets beside the checkout)")
     return path
+
+
+@pytest.fixture
+def llama(llama2_tokenizer_path: Path) -> Tokenizer:
+    """Our tokenizer on the real Llama 2 model."""
+    return Tokenizer(llama2_tokenizer_path)
+
+
+@pytest.fixture
+def reference(llama2_tokenizer_path: Path) -> spm.SentencePieceProcessor:
+    """The sentencepiece library itself on the same model: the reference for ids."""
+    return spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_path))

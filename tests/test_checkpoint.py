@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_helpers import tiny_hf_llama
+
 from lightning_tune import checkpoint
 from lightning_tune.checkpoint import (
     CheckpointError,
@@ -37,22 +39,6 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def make_hf(num_kv_heads: int = 2, intermediate_size: int = 192, seed: int = 0, **kwargs) -> "transformers.LlamaForCausalLM":
-    """Tiny random HF Llama with non-trivial norms (so a layout bug shows in the logits)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
-        attn_implementation="eager", **kwargs,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    return model
-
-
 @torch.no_grad()
 def hf_logits(model) -> torch.Tensor:
     return model(TOKENS).logits
@@ -65,7 +51,7 @@ def our_logits(model: Llama) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def hf() -> "transformers.LlamaForCausalLM":
-    return make_hf()
+    return tiny_hf_llama()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +104,7 @@ def test_bin_dirs_single_and_sharded(hf, tmp_path: Path) -> None:
 
 
 def test_tied_embeddings_follow_transformers(tmp_path: Path) -> None:
-    tied = make_hf(tie_word_embeddings=True)
+    tied = tiny_hf_llama(tie_word_embeddings=True)
     tied.save_pretrained(tmp_path)
     model = from_pretrained(tmp_path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -199,7 +185,7 @@ def write_meta_checkpoint(hf, path: Path, params: dict, num_shards: int = 2) -> 
     ids=["mha", "gqa"],
 )
 def test_meta_sharded_checkpoint_gives_same_logits(tmp_path: Path, num_kv_heads: int, intermediate_size: int, extra: dict) -> None:
-    hf = make_hf(num_kv_heads=num_kv_heads, intermediate_size=intermediate_size)
+    hf = tiny_hf_llama(num_kv_heads=num_kv_heads, intermediate_size=intermediate_size)
     params = {"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-5, "vocab_size": -1} | extra
     write_meta_checkpoint(hf, tmp_path / "meta", params)
     assert detect_format(tmp_path / "meta") == "meta"
@@ -388,7 +374,7 @@ def test_peft_adapter_loads_into_ours_with_same_logits(hf, hf_dir: Path, tmp_pat
 def test_adapter_errors(hf, hf_dir: Path, tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     # An adapter trained on a base with a wider MLP does not fit ours.
-    wide = peft.get_peft_model(make_hf(intermediate_size=256), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
+    wide = peft.get_peft_model(tiny_hf_llama(intermediate_size=256), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
     wide.save_pretrained(tmp_path / "wide")
     model = from_pretrained(hf_dir)
     message = one_line_error(load_peft_adapter, model, tmp_path / "wide")

@@ -10,22 +10,11 @@ import torch
 from lightning_tune.data import IGNORE_INDEX, DataError, collate, encode_sample, get_template
 from lightning_tune.data import make_demo
 from lightning_tune.data.templates import ALPACA, TEMPLATES
-from lightning_tune.tokenizer import Tokenizer
 
 
 @pytest.fixture
 def records(alpaca_tiny_path: Path) -> list[dict]:
     return json.loads(alpaca_tiny_path.read_text())
-
-
-@pytest.fixture
-def llama(llama2_tokenizer_path: Path) -> Tokenizer:
-    return Tokenizer(llama2_tokenizer_path)
-
-
-@pytest.fixture
-def reference(llama2_tokenizer_path: Path) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_path))
 
 
 def reference_sample(reference: spm.SentencePieceProcessor, prompt: str, response: str) -> tuple[list[int], list[int]]:

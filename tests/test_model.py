@@ -7,6 +7,7 @@ from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama import modeling_llama as hf_llama  # noqa: E402
+from hf_helpers import tiny_hf_llama  # noqa: E402
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -14,19 +15,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_model(num_kv_heads: int, seed: int = 0) -> "transformers.LlamaForCausalLM":
-    """A tiny random HF Llama; weights and norms randomised enough that a layout bug cannot hide."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-        initializer_range=0.1, attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    return model
+    return tiny_hf_llama(num_kv_heads, intermediate_size=160, seed=seed)
 
 
 def ours_from(hf: "transformers.LlamaForCausalLM") -> Llama:

@@ -29,16 +29,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture
-def llama(llama2_tokenizer_path: Path) -> Tokenizer:
-    return Tokenizer(llama2_tokenizer_path)
-
-
-@pytest.fixture
-def reference(llama2_tokenizer_path: Path) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_path))
-
-
 def test_special_ids_match_llama2(llama: Tokenizer, reference: spm.SentencePieceProcessor) -> None:
     assert (llama.bos_id, llama.eos_id, llama.pad_id, llama.vocab_size) == (1, 2, 0, 32000)
     assert reference.id_to_piece(llama.pad_id) == "<unk>"  # Llama 2 has no pad piece; see the class docstring
