@@ -95,6 +95,45 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
+def packed_segments(positions: Tensor) -> list[list[int]] | None:
+    """Sample lengths per row of a packed batch, read off the rotary positions [T] or [B, T].
+
+    A sample starts at index 0 and wherever the positions restart at 0 (Hugging Face's
+    padding-free convention: `collate_packed` builds such rows). Returns None when no row restarts,
+    i.e. every row is one sequence and plain causal attention applies. Reads the positions on the
+    host (one device sync per forward on a GPU).
+    """
+    rows = positions.reshape(-1, positions.shape[-1]) if positions.dim() > 1 else positions[None]
+    starts = (rows[:, 1:] == 0).nonzero().tolist()  # [(row, index - 1)] of every restart
+    if not starts:
+        return None
+    T = rows.shape[1]
+    bounds: list[list[int]] = [[0] for _ in range(rows.shape[0])]
+    for row, index in starts:
+        bounds[row].append(index + 1)
+    return [[end - start for start, end in zip(b, b[1:] + [T])] for b in bounds]
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: list[list[int]], enable_gqa: bool) -> Tensor:
+    """Causal attention within each packed sample: q [B, H, T, D], k/v [B, K, T, D] -> [B, H, T, D].
+
+    Equal to SDPA with the block-diagonal causal mask, but each sample is its own causal SDPA
+    call: the cost is sum(n_i^2) instead of T^2, no [T, T] mask exists, and every call takes the
+    fused kernel that `is_causal` allows. One list of lengths in `segments` applies to every row.
+    """
+    if len(segments) == 1:
+        return _split_causal_attention(q, k, v, segments[0], enable_gqa)
+    return torch.cat([_split_causal_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths, enable_gqa) for b, lengths in enumerate(segments)])
+
+
+def _split_causal_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], enable_gqa: bool) -> Tensor:
+    qs, ks, vs = (t.split(lengths, dim=2) for t in (q, k, v))
+    # Joined as [B, T, H, D] and handed back as a transposed view: the caller's
+    # transpose(1, 2).reshape is then free, as after a single SDPA call.
+    parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=enable_gqa).transpose(1, 2) for qi, ki, vi in zip(qs, ks, vs)]
+    return torch.cat(parts, dim=1).transpose(1, 2)
+
+
 class KVCache(nn.Module):
     """Preallocated key/value cache for one attention layer: [B, K, max_seq_len, D] each.
 
@@ -130,11 +169,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.embed_dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, segments: list[list[int]] | None = None) -> Tensor:
         """x [B, T, E] -> [B, T, E].
 
         Without a cache and without `attn_mask`, attention is causal over x itself (training with
-        right padding: real tokens precede the padding, so they never see it). With a cache, the
+        right padding: real tokens precede the padding, so they never see it), or with `segments`
+        (packed samples, see `packed_segments`) causal within each sample. With a cache, the
         caller passes `cache_pos` [T], `kv_len` and a boolean `attn_mask` [B or 1, 1, T, kv_len].
         `enable_gqa` lets SDPA share each K/V head across its query heads without copying.
         """
@@ -148,7 +188,11 @@ class Attention(nn.Module):
                 raise ValueError("Attention has a KV cache: pass cache_pos (the cache slots of the new tokens)")
             k, v = self.kv_cache.update(cache_pos, k, v, kv_len)  # [B, K, S, D]
         # GQA: each K/V head serves H/K query heads; SDPA broadcasts them without copying K/V.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        if segments is not None:
+            out = segment_attention(q, k, v, segments, gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -175,8 +219,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
         self.mlp = FeedForward(config.embed_dim, config.intermediate_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_pos, kv_len)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, segments: list[list[int]] | None = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_pos, kv_len, segments)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -204,15 +248,18 @@ class Decoder(nn.Module):
             else:
                 kv_len = int(cache_pos[-1]) + 1
                 attn_mask = (torch.arange(kv_len, device=tokens.device) <= cache_pos[:, None])[None, None]
+        segments = None
         if positions is None:
             positions = cache_pos if cache_pos is not None else torch.arange(T, device=tokens.device)
+        elif cache_pos is None and attn_mask is None:
+            segments = packed_segments(positions)  # packed samples: attention within each
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn_mask, cache_pos, kv_len, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache_pos, kv_len, segments, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cache_pos, kv_len)
+                x = layer(x, cos, sin, attn_mask, cache_pos, kv_len, segments)
         return self.norm(x)
 
 
@@ -236,10 +283,21 @@ class Llama(nn.Module):
         Args:
             tokens: token ids [B, T].
             positions: rotary positions [T] or [B, T]; default 0..T-1 (or `cache_pos` with a cache).
+                Without `attn_mask` and cache, a row whose positions restart at 0 holds packed
+                samples (`collate_packed`): each attends only to itself, as if alone.
             attn_mask: boolean [B or 1, 1, T, S], True where attention is allowed; default causal.
             cache_pos: with a KV cache (`setup_kv_cache`), the cache slots [T] of these tokens.
         """
         return self.lm_head(self.model(tokens, positions, attn_mask, cache_pos))
+
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """tokens [B, T] -> the final norm's output [B, T, E], before the output head.
+
+        Training computes the head only where there is a label (see `FinetuneModule.loss_sum`).
+        Under FSDP2 this is registered as a forward method (`sharding.shard_model`), so the root
+        unit's parameters (embeddings, norm, head) are gathered as for `forward`.
+        """
+        return self.model(tokens, positions, attn_mask)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         """Give every attention layer a preallocated cache for `batch_size` rows of `max_seq_len` tokens."""

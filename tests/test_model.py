@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, rope_cos_sin
+from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, packed_segments, rope_cos_sin
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama import modeling_llama as hf_llama  # noqa: E402
@@ -50,6 +50,44 @@ def test_kv_cache_decoding_equals_full_forward(num_kv_heads: int) -> None:
             steps.append(ours(tokens[:, t : t + 1], cache_pos=torch.tensor([t])))
         ours.reset_kv_cache()
     assert rel_error(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+def block_diagonal_causal_mask(lengths: list[int]) -> torch.Tensor:
+    """[S, S] bool: token i sees token j iff both are in the same sample and j <= i."""
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    index = torch.arange(len(sample))
+    return (sample[:, None] == sample[None, :]) & (index[None, :] <= index[:, None])
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_packed_row_equals_each_sample_alone_and_the_block_diagonal_mask(num_kv_heads: int) -> None:
+    ours = ours_from(hf_model(num_kv_heads))
+    lengths = [5, 1, 9, 7]
+    tokens = torch.randint(0, 96, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]  # restarts at 0: packed samples
+    assert packed_segments(positions) == [lengths]
+    with torch.no_grad():
+        packed = ours(tokens, positions)
+        alone = torch.cat([ours(t) for t in tokens.split(lengths, dim=1)], dim=1)
+        masked = ours(tokens, positions, block_diagonal_causal_mask(lengths)[None, None])
+    assert rel_error(packed, alone) <= 1e-6
+    assert rel_error(packed, masked) <= 1e-6
+
+
+def test_packed_rows_may_differ_and_unpacked_positions_stay_causal() -> None:
+    ours = ours_from(hf_model(2))
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7], list(range(12))])  # row 1 is one sample
+    assert packed_segments(positions) == [[4, 8], [12]]
+    assert packed_segments(torch.arange(3, 15)) is None  # no restart: one causal sequence per row
+    with torch.no_grad():
+        got = ours(tokens, positions)
+        row0 = torch.cat([ours(tokens[:1, :4]), ours(tokens[:1, 4:])], dim=1)
+        row1 = ours(tokens[1:])
+        shared = ours(tokens, positions[0])  # [T] positions: the same samples in every row
+        expected_shared = torch.cat([ours(tokens[:, :4]), ours(tokens[:, 4:])], dim=1)
+    assert rel_error(got[:1], row0) <= 1e-6 and rel_error(got[1:], row1) <= 1e-6
+    assert rel_error(shared, expected_shared) <= 1e-6
 
 
 @pytest.mark.parametrize(
