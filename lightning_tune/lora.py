@@ -50,7 +50,9 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # Scaled on the rank-r intermediate: r numbers per token instead of out_features (forward
+        # and backward); the same product as PEFT's B(A(x)) * scaling up to rounding.
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def delta_weight(self) -> Tensor:
         """(alpha / r) * B A, the [out, in] update that merging adds to W."""
