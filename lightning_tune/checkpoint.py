@@ -379,11 +379,19 @@ def _assign(model: nn.Module, key: str, tensor: Tensor, dtype: torch.dtype | Non
 
     A parameter still on the meta device takes the tensor's dtype (or `dtype`) and device (CPU, or
     `device`). A real parameter keeps its dtype and device unless `dtype`/`device` ask otherwise.
-    Either way requires_grad is kept, so a frozen base stays frozen.
+    Either way requires_grad is kept, so a frozen base stays frozen. A parameter sharded by FSDP2
+    (a DTensor) keeps its dtype and placement and receives only this rank's rows.
     """
+    from torch.distributed.tensor import DTensor
+
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
     old = module._parameters[attr]
+    if isinstance(old, DTensor):
+        from lightning_tune.sharding import load_shard_
+
+        load_shard_(old, tensor)
+        return
     target_dtype = dtype or (tensor.dtype if old.is_meta else old.dtype)
     target_device = torch.device(device) if device is not None else (tensor.device if old.is_meta else old.device)
     if old.is_meta or old.dtype != target_dtype or old.device != target_device:
@@ -415,6 +423,8 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
     skip = set()
     if tied:  # transformers ties lm_head to embed_tokens and ignores any saved lm_head
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise CheckpointError(f"{path}: tie_word_embeddings is true, which sharded (FSDP2) loading does not support; untie the checkpoint or train without sharding")
         expected.pop("lm_head.weight", None)
         skip.add("lm_head.weight")
     with ExitStack() as stack:
@@ -568,8 +578,12 @@ def save_hf_checkpoint(
 # PEFT adapters
 
 
-def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's LoRA layers as a PEFT adapter directory (loadable by `PeftModel.from_pretrained`)."""
+def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_name_or_path: str | None = None, state_dict: dict[str, Tensor] | None = None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter directory (loadable by `PeftModel.from_pretrained`).
+
+    `state_dict` supplies the tensors when the model's own are sharded (the gathered full state
+    dict, see `sharding.gather_state_dict`); the model still gives the layers' rank, alpha and names.
+    """
     output_dir = Path(output_dir).expanduser().absolute()
     loras = lora_modules(model)
     if not loras:
@@ -583,7 +597,7 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
     same_named = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
     if sorted(same_named) != sorted(loras):
         raise CheckpointError(f"{output_dir}: LoRA covers only some of the layers named {targets}; PEFT's target_modules cannot express that")
-    lora_state = {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
+    lora_state = {k: v for k, v in (model.state_dict() if state_dict is None else state_dict).items() if is_lora_key(k)}
     meta = [k for k, v in lora_state.items() if v.is_meta]
     if meta:
         raise CheckpointError(f"{output_dir}: {_first(meta)} are on the meta device (never initialised); nothing to save")

@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_tune.data.errors import DataError
@@ -36,19 +36,6 @@ OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz",
 FIELDS = ("instruction", "input", "output")
 # Bump when `encode_sample` changes meaning, so caches written by older code are not reused.
 ENCODING_VERSION = 1
-
-
-class EpochSeededRandomSampler(RandomSampler):
-    """Each epoch's order depends only on (seed, epoch), so a run resumed from a checkpoint
-    reshuffles later epochs exactly as the uninterrupted run does (Lightning calls `set_epoch`)."""
-
-    def __init__(self, data_source, seed: int) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed + epoch)
 
 
 class InstructDataModule(LightningDataModule):
@@ -170,20 +157,37 @@ class InstructDataModule(LightningDataModule):
         parts = data.train_test_split(test_size=val_count, shuffle=True, seed=self.seed)
         self.train_dataset, self.val_dataset = parts["train"], parts["test"]
 
+    def data_parallel_rank(self) -> tuple[int, int]:
+        """(number of data-parallel processes, this one's index): from the Trainer's strategy under
+        DDP/FSDP, else (1, 0) (no Trainer, e.g. in a notebook or the `data` command)."""
+        trainer = self.trainer  # None until a Trainer attaches this data module
+        if trainer is None or trainer.world_size == 1:
+            return 1, 0
+        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        return kwargs.get("num_replicas", trainer.world_size), kwargs.get("rank", trainer.global_rank)
+
     def train_dataloader(self) -> StatefulDataLoader:
-        """Shuffled (seeded) training batches; its `state_dict` records the position for mid-epoch resume."""
+        """Shuffled (seeded) training batches, this rank's share under DDP/FSDP; its `state_dict`
+        records the position for mid-epoch resume.
+
+        The samplers are `DistributedSampler`s built here with our `seed`, so Lightning keeps them
+        (rather than substituting its own, seeded by the global seed): epoch e's order is a function
+        of (seed, e) only, and rank r of n takes every n-th index from r, so n processes with
+        `batch_size` b see the same global batches as one process with batch size n * b.
+        """
         if self.train_dataset is None:
             self.setup("fit")
+        replicas, rank = self.data_parallel_rank()
         if self.group_by_length:
             # Buckets of similar length in shuffled order; its iterator is Stateful for mid-epoch resume.
             lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
-            options: dict = {"sampler": LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)}
+            sampler: DistributedSampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, num_replicas=replicas, rank=rank)
         else:
-            options = {"sampler": EpochSeededRandomSampler(self.train_dataset, self.seed) if self.shuffle else None}
+            sampler = DistributedSampler(self.train_dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
         return StatefulDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            **options,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self._collate(),
         )

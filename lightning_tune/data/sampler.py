@@ -6,10 +6,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class LengthGroupedSampler(Sampler[int]):
+class LengthGroupedSampler(DistributedSampler):
     """Sample indices so that each run of `batch_size` consecutive indices has similar lengths.
 
     Per epoch (as Hugging Face's `LengthGroupedSampler`): shuffle all indices, cut the permutation
@@ -18,47 +18,52 @@ class LengthGroupedSampler(Sampler[int]):
     DataLoader's own `batch_size` chunking lines up). Every sample is still seen once per epoch,
     batches still come in random order, and the order is a function of (seed, epoch) only.
 
+    Distributed (`num_replicas` > 1): the groups are cut for the global batch
+    (`batch_size * num_replicas`) and rank r takes every `num_replicas`-th index from r, so the
+    ranks' batches of one step have similar lengths and together hold one global batch. The epoch is
+    padded by repeating its first indices to a multiple of `num_replicas`, as `DistributedSampler`
+    does, so every rank runs the same number of steps. It subclasses `DistributedSampler` so that
+    Lightning keeps it instead of wrapping it in a sampler that would reshuffle the groups away.
+
     Mid-epoch resume: the iterator is `Stateful` (epoch and samples yielded), so torchdata's
     `StatefulDataLoader` and Lightning's checkpoints restore its position without replaying batches.
     Lightning calls `set_epoch` at the start of each epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group_batches: int = 50) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group_batches: int = 50, num_replicas: int = 1, rank: int = 0) -> None:
         """
         Args:
             lengths: Length of each sample, in dataset order.
             batch_size: The DataLoader's batch size (batches are formed from consecutive indices).
             seed: Seed of the shuffles; epoch e uses seed + e.
             group_batches: Batches per sorted group: larger groups pad less but mix lengths less.
+            num_replicas: Data-parallel processes (Lightning's world size under DDP/FSDP).
+            rank: This process's index among them.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if group_batches < 1:
             raise ValueError(f"group_batches must be at least 1, got {group_batches}")
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # sets num_samples, epoch
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.seed = seed
         self.group_batches = group_batches
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def order(self, epoch: int) -> list[int]:
-        """The epoch's index order (deterministic in seed and epoch)."""
+        """This rank's index order for the epoch (deterministic in seed, epoch, num_replicas and rank)."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(len(self.lengths), generator=generator).tolist()
-        group = self.group_batches * self.batch_size
+        global_batch = self.batch_size * self.num_replicas
+        group = self.group_batches * global_batch
         batches = []
         for start in range(0, len(perm), group):
             chunk = sorted(perm[start : start + group], key=lambda i: -self.lengths[i])  # stable: ties keep shuffled order
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        last = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+            batches += [chunk[i : i + global_batch] for i in range(0, len(chunk), global_batch)]
+        last = [batches.pop()] if batches and len(batches[-1]) < global_batch else []
         shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + last
-        return [index for batch in shuffled for index in batch]
+        indices = [index for batch in shuffled for index in batch]
+        indices += indices[: self.total_size - len(indices)]  # pad to a multiple of num_replicas
+        return indices[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return _GroupedIterator(self, self.epoch)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -202,17 +203,63 @@ class FinetuneModule(pl.LightningModule):
         device, dtype = torch.get_default_device(), torch.get_default_dtype()
         with torch.device("meta"):
             model = Llama(config)
-        if self.checkpoint_dir is None:
+        model.model.activation_checkpointing = self.activation_checkpointing
+        mesh = self.sharding_mesh()
+        if mesh is None:  # one process, or DDP (a whole replica per process)
+            self.materialize(model, device, dtype)
+            self.adapt_model(model)
+        else:  # FSDP2: adapt and shard on meta, then each rank allocates and loads only its shards
+            from lightning_tune.sharding import mixed_precision_policy, shard_model
+
+            self.adapt_model(model)
+            shard_model(model, mesh, mixed_precision_policy(self.trainer.precision))
             model.to_empty(device=device)
-            model.to(dtype)
-            model.init_weights()
-        else:
+            self.materialize(model, device, dtype)
+            self.reset_adapters(model)
+            local = sum(p.to_local().numel() for p in model.parameters())
+            total = sum(p.numel() for p in model.parameters())
+            rank_zero_info(f"FSDP2: {len(model.model.layers)} decoder layers sharded over {mesh.size()} processes; rank 0 holds {local:,} of {total:,} parameter elements")
+        self.model = model
+
+    def sharding_mesh(self):
+        """The data-parallel device mesh to shard over with FSDP2, or None when not sharding.
+
+        Lightning's `ModelParallelStrategy` hands a 2-D (data_parallel, tensor_parallel) mesh to
+        `configure_model`; we shard over the data-parallel dimension and do no tensor parallelism.
+        Lightning's `FSDPStrategy` (FSDP1) is refused: it would need the whole model in every process.
+        """
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+            raise ValueError(
+                "trainer.strategy: FSDPStrategy would load the whole model in every process; shard with "
+                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) and tensor_parallel_size: 1 (see docs/distributed.md)"
+            )
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return None
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                f"trainer.strategy: tensor_parallel_size is {mesh['tensor_parallel'].size()}, but lightning_tune shards with FSDP2 only: "
+                f"set tensor_parallel_size: 1 and data_parallel_size: {mesh.size()} (devices x num_nodes)"
+            )
+        return mesh["data_parallel"]
+
+    def materialize(self, model: Llama, device: torch.device, dtype: torch.dtype) -> None:
+        """Fill the base weights: from `checkpoint_dir` one tensor at a time, else a random init."""
+        if self.checkpoint_dir is not None:
             from lightning_tune.checkpoint import load_weights
 
             load_weights(model, self.checkpoint_dir, dtype=dtype, device=device)
-        model.model.activation_checkpointing = self.activation_checkpointing
-        self.adapt_model(model)
-        self.model = model
+        else:
+            if any(p.is_meta for p in model.parameters()):
+                model.to_empty(device=device)
+                model.to(dtype)
+            model.init_weights()
+
+    def reset_adapters(self, model: Llama) -> None:
+        """Hook for the recipes: initialise what `adapt_model` added, once it has real storage."""
 
     def adapt_model(self, model: Llama) -> None:
         """Hook for the recipes: choose what trains (full: everything; LoRA: adapters only)."""
@@ -233,7 +280,7 @@ class FinetuneModule(pl.LightningModule):
         """
         input_ids, labels = batch["input_ids"], batch["labels"]
         # Packed batches (`collate_packed`) bring per-sample positions and a block-diagonal mask.
-        hidden = self.model.model(input_ids, batch.get("positions"), batch.get("attn_mask"))[:, :-1]  # [B, T-1, E]: t predicts t+1
+        hidden = self.model.hidden_states(input_ids, batch.get("positions"), batch.get("attn_mask"))[:, :-1]  # [B, T-1, E]: t predicts t+1
         targets = labels[:, 1:]  # [B, T-1]
         keep = targets != IGNORE_INDEX
         head = self.model.lm_head
@@ -274,10 +321,10 @@ class FinetuneModule(pl.LightningModule):
         # over ranks: undo both and divide by the step's labelled tokens over all ranks instead.
         tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
         loss_sum = self.trainer.strategy.reduce(self._step_loss_sum.float(), reduce_op="sum")
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        scale = float(self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1))
         for param in self.parameters():
             if param.grad is not None:
-                param.grad.mul_(scale.to(param.grad.dtype))
+                param.grad.mul_(scale)  # a Python float: also valid for FSDP2's sharded (DTensor) gradients
         elapsed = time.perf_counter() - self._step_started
         self.log_dict(
             {
@@ -296,16 +343,28 @@ class FinetuneModule(pl.LightningModule):
         self._step_seen_tokens = 0
         self._step_started = 0.0
 
+    # Evaluation: summed loss and label count over the epoch, reduced over ranks, then divided, so
+    # the logged loss is per token over the whole set whatever the batch or process count.
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = torch.zeros(2, device=self.device)
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, tokens = self.loss_sum(batch)
-        n = int(tokens)
-        # Lightning's epoch mean weighted by batch_size=n gives sum(loss) / sum(tokens).
-        self.log("val_loss", loss / max(n, 1), batch_size=max(n, 1), on_epoch=True, prog_bar=True, sync_dist=True)
+        self._eval_sums += torch.stack([loss.detach().float(), tokens.float()])
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss, tokens = self.loss_sum(batch)
-        n = int(tokens)
-        self.log("test_loss", loss / max(n, 1), batch_size=max(n, 1), on_epoch=True, sync_dist=True)
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_loss", self._eval_loss(), prog_bar=True)
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test_loss", self._eval_loss())
+
+    def _eval_loss(self) -> Tensor:
+        loss_sum, tokens = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
+        return loss_sum / tokens.clamp(min=1)
 
     # ---- optimiser -------------------------------------------------------------------------
 
@@ -328,14 +387,29 @@ class FinetuneModule(pl.LightningModule):
         return Path(self.trainer.default_root_dir)
 
     def on_fit_end(self) -> None:
-        if self.export and self.trainer.is_global_zero and not self.trainer.interrupted:
-            self.export_to(self.output_dir)
+        """Export at the end of fit, written once by rank 0.
 
-    def export_to(self, output_dir: Path) -> None:
-        """Write `merged/`, a Hugging Face directory that `transformers` loads."""
+        Every rank takes part in gathering the weights (under FSDP each holds only a shard), then
+        rank 0 writes while the others wait, so no process exits before the export is complete.
+        """
+        if not self.export or self.trainer.interrupted:
+            return
+        from lightning_tune.sharding import gather_state_dict
+
+        state = gather_state_dict(self.model)  # full on rank 0 ({} on the others under FSDP)
+        if self.trainer.is_global_zero:
+            self.export_to(self.output_dir, state)
+        self.trainer.strategy.barrier("export")
+
+    def export_to(self, output_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write `merged/`, a Hugging Face directory that `transformers` loads.
+
+        `state_dict` is the model's full state dict (default: `self.model.state_dict()`).
+        """
         from lightning_tune.checkpoint import save_hf_checkpoint
 
-        save_hf_checkpoint(self.export_state_dict(), self.model.config, output_dir / "merged", tokenizer_path=self.tokenizer_path)
+        save_hf_checkpoint(self.export_state_dict(state_dict), self.model.config, output_dir / "merged", tokenizer_path=self.tokenizer_path)
 
-    def export_state_dict(self) -> dict[str, Tensor]:
-        return self.model.state_dict()
+    def export_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The base model's weights to export, from the model's full state dict (default: the model's own)."""
+        return self.model.state_dict() if state_dict is None else state_dict

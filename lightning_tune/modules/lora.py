@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_tune.lora import apply_lora, mark_only_lora_trainable, merged_state_dict, resolve_targets
+from lightning_tune.lora import apply_lora, is_lora_key, lora_modules, mark_only_lora_trainable, merged_state_dict, resolve_targets
 from lightning_tune.model import Llama
 from lightning_tune.modules.base import FinetuneModule
 
@@ -83,7 +84,7 @@ class LoRAFinetune(FinetuneModule):
         self.save_hyperparameters()
 
     def adapt_model(self, model: Llama) -> None:
-        apply_lora(model, self.lora_targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
+        self.lora_layers = apply_lora(model, self.lora_targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
         mark_only_lora_trainable(model)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
@@ -94,16 +95,46 @@ class LoRAFinetune(FinetuneModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # a sharded (FSDP2) checkpoint: the strategy loaded the weights itself
+            return
         missing = sorted(set(self.trainable_state_dict()) - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]}): it was saved with other LoRA settings")
 
-    def export_to(self, output_dir: Path) -> None:
+    def reset_adapters(self, model: Llama) -> None:
+        """LoRALinear's init (A Kaiming-uniform, B zeros) on sharded adapters, with one process's values
+        (same draws in the same order as `apply_lora` on an unsharded model)."""
+        from lightning_tune.sharding import init_like_unsharded_
+
+        for name in self.lora_layers:
+            layer = model.get_submodule(name)
+            init_like_unsharded_(layer.lora_A.weight, lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)))
+            init_like_unsharded_(layer.lora_B.weight, nn.init.zeros_)
+
+    def export_to(self, output_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """Write `adapter/` (PEFT format) and `merged/` (Hugging Face, adapters folded in)."""
         from lightning_tune.checkpoint import save_peft_adapter
 
-        save_peft_adapter(self.model, output_dir / "adapter", base_model_name_or_path=self.checkpoint_dir)
-        super().export_to(output_dir)
+        save_peft_adapter(self.model, output_dir / "adapter", base_model_name_or_path=self.checkpoint_dir, state_dict=state_dict)
+        super().export_to(output_dir, state_dict)
 
-    def export_state_dict(self) -> dict[str, Tensor]:
-        return merged_state_dict(self.model)
+    def export_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The base weights with every adapter folded in: W + (alpha / r) B A."""
+        if state_dict is None:
+            return merged_state_dict(self.model)
+        return fold_adapters(state_dict, {name: layer.scaling for name, layer in lora_modules(self.model).items()})
+
+
+def fold_adapters(state_dict: dict[str, Tensor], scalings: dict[str, float]) -> dict[str, Tensor]:
+    """`merged_state_dict` for a state dict (e.g. gathered from FSDP shards) instead of a model:
+    each adapted `NAME.weight` becomes W + scaling * B A (in fp32, cast back), adapter keys dropped."""
+    merged = {}
+    for key, value in state_dict.items():
+        if is_lora_key(key):
+            continue
+        name, _, param = key.rpartition(".")
+        if name in scalings and param == "weight":
+            delta = state_dict[f"{name}.lora_B.weight"].float() @ state_dict[f"{name}.lora_A.weight"].float()
+            value = (value.float() + delta * scalings[name]).to(value.dtype)
+        merged[key] = value
+    return merged

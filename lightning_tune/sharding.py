@@ -1,0 +1,93 @@
+"""FSDP2 sharding of the Llama model, for Lightning's `ModelParallelStrategy`.
+
+The recipes build the model on the meta device, shard it here (each decoder layer its own unit,
+then the root: embeddings, final norm, output head), and only then allocate: every rank holds
+1/N of each parameter, and `checkpoint.load_weights` copies each checkpoint tensor's rows for
+this rank into its shard, one tensor at a time. So a 70B model never exists whole in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from lightning_tune.model import Llama
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for the Trainer's `precision`.
+
+    `bf16-mixed`: fp32 sharded parameters (the optimiser's master copy), all-gathered and computed
+    in bf16, gradients reduced in fp32. `bf16-true` / `16-true` / `32-true`: parameters already have
+    the compute dtype (Lightning creates them in it), so nothing to cast.
+    """
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: Llama, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """Shard `model` in place over `mesh` (1-D, data parallel): one FSDP unit per decoder layer.
+
+    Per-layer units mean only one layer's full parameters exist at a time in forward and backward
+    (plus the next one's, prefetched). The last layer is not resharded after forward because
+    backward needs it again at once.
+    """
+    layers = model.model.layers
+    for index, layer in enumerate(layers):
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=index < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    # Training calls `hidden_states` (the head runs only on labelled positions), not `forward`.
+    register_fsdp_forward_method(model, "hidden_states")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The full (unsharded) state dict on CPU, on rank 0 only (other ranks get `{}`).
+
+    Every rank must call this: each parameter is all-gathered in turn and copied to rank 0's CPU
+    memory, so GPU memory grows by one parameter at a time. Unsharded models return their own
+    state dict (every rank holds a full replica under DDP).
+    """
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_shard_(param: Tensor, full: Tensor) -> None:
+    """Copy this rank's rows of the full tensor `full` into the sharded parameter `param` in place.
+
+    `distribute_tensor(..., src_data_rank=None)` slices locally (no communication): every rank reads
+    the same full tensor from the checkpoint and keeps only its own shard.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    shard = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    with torch.no_grad():
+        param.to_local().copy_(shard.to_local())
+
+
+def init_like_unsharded_(param: Tensor, init: Callable[[Tensor], object]) -> None:
+    """Initialise `param` in place as `init` would initialise it unsharded.
+
+    A sharded parameter is drawn whole (one tensor at a time, on this rank's device, from the
+    generator every rank seeded alike) and this rank keeps its rows: the same values as a single
+    process, so FSDP runs start where single-device and DDP runs do.
+    """
+    if isinstance(param, DTensor):
+        full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+        init(full)
+        load_shard_(param, full)
+    else:
+        with torch.no_grad():
+            init(param)

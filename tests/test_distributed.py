@@ -1,0 +1,123 @@
+"""Scale-out on a CPU: 2 processes (gloo) under DDP and FSDP2 train exactly as 1 process with the same global batch.
+
+Each run is a real `python -m lightning_tune fit` whose second process Lightning launches itself,
+from a base checkpoint on disk, so the FSDP2 runs also exercise sharded loading.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_tune.checkpoint import save_hf_checkpoint
+from lightning_tune.data import InstructDataModule
+from lightning_tune.data.sampler import LengthGroupedSampler
+from lightning_tune.model import Llama, llama2_config
+
+STEPS = 3
+GLOBAL_BATCH = 8
+STRATEGIES = {
+    "single": [],
+    "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
+    "fsdp": [
+        "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
+        "--trainer.devices", "2",
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama 2 (demo vocabulary) saved as a Hugging Face directory."""
+    torch.manual_seed(0)
+    model = Llama(llama2_config("tiny_llama2", vocab_size=512))
+    model.init_weights()
+    return save_hf_checkpoint(model, model.config, tmp_path_factory.mktemp("base") / "tiny")
+
+
+def fit(config: str, strategy: str, root: Path, base: Path) -> subprocess.CompletedProcess:
+    processes = 1 if strategy == "single" else 2
+    args = [
+        sys.executable, "-m", "lightning_tune", "fit", "--config", config,
+        "--model.checkpoint_dir", str(base), "--model.model_args", "{}", "--model.warmup_steps", "1",
+        "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", str(STEPS),
+        "--trainer.limit_val_batches", "2",
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        "--data.batch_size", str(GLOBAL_BATCH // processes),
+        *STRATEGIES[strategy],
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a 2-core machine
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(root: Path) -> dict[str, list[float]]:
+    """train_loss per step and the final val_loss from the one CSV log rank 0 wrote."""
+    versions = sorted((root / "logs").iterdir())
+    assert [v.name for v in versions] == ["version_0"], "logs must be written once, by rank 0"
+    rows = list(csv.DictReader((versions[0] / "metrics.csv").open()))
+    return {
+        "train_loss": [float(r["train_loss"]) for r in rows if r.get("train_loss")],
+        "val_loss": [float(r["val_loss"]) for r in rows if r.get("val_loss")],
+    }
+
+
+@pytest.mark.parametrize(("config", "export"), [("tiny_lora.yaml", "adapter/adapter_model.safetensors"), ("tiny_full.yaml", "merged/model.safetensors")])
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, base_checkpoint: Path, config: str, export: str) -> None:
+    """Loss curve, validation loss and exported weights of DDP and FSDP2 (2 processes x batch 4) equal a
+    single process's (batch 8) within fp32 tolerance: the ranks saw disjoint halves of each global batch."""
+    strategies = ["single", "ddp", "fsdp"] if config == "tiny_lora.yaml" else ["single", "fsdp"]
+    runs = {s: tmp_path / s for s in strategies}
+    outputs = {s: fit(config, s, root, base_checkpoint) for s, root in runs.items()}
+    if "fsdp" in outputs:  # each rank holds half of every parameter, never the whole model
+        assert "sharded over 2 processes" in outputs["fsdp"].stderr + outputs["fsdp"].stdout
+
+    want = metrics(runs["single"])
+    assert len(want["train_loss"]) == STEPS and len(want["val_loss"]) == 1
+    expected = load_file(runs["single"] / export)
+    for strategy in strategies[1:]:
+        got = metrics(runs[strategy])
+        torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(got["val_loss"]), torch.tensor(want["val_loss"]), rtol=1e-5, atol=0)
+        weights = load_file(runs[strategy] / export)
+        assert weights.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(weights[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"{strategy}: {key}")
+        assert (runs[strategy] / "merged" / "config.json").is_file()
+
+
+def test_ranks_split_each_global_batch(tmp_path: Path) -> None:
+    """Rank r of 2 with batch b gets indices that, batch by batch, together form the 1-process batch of 2b."""
+    data = InstructDataModule(source="demo", cache_dir=str(tmp_path), batch_size=8, max_seq_len=64)
+    data.setup("fit")
+    one = list(data.train_dataloader().sampler)
+    ranks = [
+        list(torch.utils.data.DistributedSampler(data.train_dataset, num_replicas=2, rank=r, shuffle=True, seed=data.seed))
+        for r in range(2)
+    ]  # what train_dataloader builds under a 2-process Trainer (data_parallel_rank)
+    assert set(ranks[0]).isdisjoint(ranks[1])
+    for step in range(len(one) // 8):
+        assert sorted(ranks[0][step * 4 : step * 4 + 4] + ranks[1][step * 4 : step * 4 + 4]) == sorted(one[step * 8 : step * 8 + 8])
+
+
+def test_length_grouped_sampler_splits_each_global_batch() -> None:
+    """Grouped by length across ranks: the 2 ranks' batches of a step are one global batch of the
+    1-process grouped order (with the global batch size), and every rank gets the same number of samples."""
+    lengths = [(i * 37) % 101 for i in range(203)]  # odd count: one index is repeated to even the ranks out
+    single = LengthGroupedSampler(lengths, batch_size=8, seed=3, group_batches=4).order(0)
+    ranks = [LengthGroupedSampler(lengths, batch_size=4, seed=3, group_batches=4, num_replicas=2, rank=r) for r in range(2)]
+    orders = [r.order(0) for r in ranks]
+    assert len(orders[0]) == len(orders[1]) == len(ranks[0]) == 102
+    for step in range(len(lengths) // 8):
+        got = orders[0][step * 4 : step * 4 + 4] + orders[1][step * 4 : step * 4 + 4]
+        assert sorted(got) == sorted(single[step * 8 : step * 8 + 8])
