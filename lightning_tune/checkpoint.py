@@ -744,13 +744,21 @@ def atomic_torch_save(obj: object, path: str | Path, *, margin: int = 2**20) -> 
 
 
 def load_training_checkpoint(path: str | Path, map_location: object = "cpu") -> dict:
-    """A Lightning .ckpt read with `weights_only=True`: tensors, numbers, strings and containers only.
+    """A Lightning checkpoint read with `weights_only=True`: tensors, numbers, strings and containers only.
 
-    A file that needs arbitrary Python objects (a pickle that could run code) is refused with one line.
+    `path` is a .ckpt file, or the directory a sharded (FSDP2) run writes, read here in one process
+    without its optimiser states. A file that needs arbitrary Python objects (a pickle that could
+    run code) is refused with one line.
     """
     path = Path(path).expanduser()
+    if path.is_dir() and (path / ".metadata").is_file():
+        return _load_sharded_training_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    return _safe_torch_load(path, map_location)
+
+
+def _safe_torch_load(path: Path, map_location: object = "cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - every unreadable file gets one line
@@ -765,4 +773,25 @@ def load_training_checkpoint(path: str | Path, map_location: object = "cpu") -> 
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def _load_sharded_training_checkpoint(path: Path) -> dict:
+    """Lightning's `meta.pt` (step, hyper-parameters, loops) plus the full model weights, gathered
+    from the per-rank shards of a torch.distributed.checkpoint directory in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (path / "meta.pt").is_file():
+        raise CheckpointError(f"{path}: sharded checkpoint without Lightning's meta.pt; expected a directory written by a lightning_tune fit")
+    checkpoint = _safe_torch_load(path / "meta.pt")
+    reader = dcp.FileSystemReader(path)
+    prefix = "state_dict."
+    weights = {
+        key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load({"state_dict": weights}, storage_reader=reader, no_dist=True)
+    checkpoint["state_dict"] = weights
     return checkpoint

@@ -121,3 +121,41 @@ def test_length_grouped_sampler_splits_each_global_batch() -> None:
     for step in range(len(lengths) // 8):
         got = orders[0][step * 4 : step * 4 + 4] + orders[1][step * 4 : step * 4 + 4]
         assert sorted(got) == sorted(single[step * 8 : step * 8 + 8])
+
+
+def test_fsdp_run_killed_and_resumed_from_its_sharded_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
+    """FSDP2 saves sharded (torch.distributed.checkpoint) directories; a run SIGKILLed after step 2 and resumed with
+    --ckpt_path last continues the loss curve and ends with the same adapter as the uninterrupted run."""
+    from kill_helpers import fit_args, run_fit
+
+    fsdp = STRATEGIES["fsdp"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_fit(fit_args(straight, "run", max_steps=4, extra=fsdp), timeout=300)
+    killer = ["--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", "2"]
+    run_fit(fit_args(broken, "run", max_steps=4, extra=fsdp + killer), killed=True, timeout=300)
+    last = broken / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / ".metadata").is_file()  # one shard file per rank plus the metadata
+    run_fit(fit_args(broken, "resumed", max_steps=4, extra=fsdp + ["--ckpt_path", "last"]), timeout=300)
+
+    want = metrics_of(straight, "run")
+    before, after = metrics_of(broken, "run"), metrics_of(broken, "resumed")
+    assert len(after) == 2, after  # resumed after step 2, not from scratch
+    merged = {**before, **after}
+    for step, loss in want.items():
+        assert abs(merged[step] - loss) <= 1e-5 * abs(loss), (step, merged[step], loss)
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    got = load_file(broken / "adapter" / "adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
+
+    # The sharded checkpoint exports in one process, as a .ckpt does: the adapter it holds is the one the run exported.
+    from lightning_tune.export import export_command
+
+    assert export_command(["--ckpt_path", str(last), "--format", "peft", "--output", str(tmp_path / "exported")]) == 0
+    exported = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    for key, value in load_file(broken / "adapter" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+
+def metrics_of(root: Path, version: str) -> dict[int, float]:
+    with (root / "logs" / version / "metrics.csv").open() as file:
+        return {int(row["step"]): float(row["train_loss"]) for row in csv.DictReader(file) if row.get("train_loss")}

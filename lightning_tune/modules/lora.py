@@ -87,17 +87,21 @@ class LoRAFinetune(FinetuneModule):
         self.lora_layers = apply_lora(model, self.lora_targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
         mark_only_lora_trainable(model)
 
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        names = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Only the trainable tensors (the adapters): the frozen base is reloaded from checkpoint_dir,
+        never stored a second time. Lightning's checkpoints, plain or sharded (FSDP2 saves and loads
+        exactly the keys this returns), hold adapters only."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k.startswith(prefix) and k not in trainable]:
+            del state[key]
+        return state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" not in checkpoint:  # a sharded (FSDP2) checkpoint: the strategy loaded the weights itself
             return
-        missing = sorted(set(self.trainable_state_dict()) - set(checkpoint["state_dict"]))
+        missing = sorted(set(self.state_dict()) - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]}): it was saved with other LoRA settings")
 
