@@ -1,4 +1,4 @@
-"""FSDP2 sharding of the Llama model, for Lightning's `ModelParallelStrategy`.
+"""FSDP2 sharding of the Llama model, under Lightning's `ModelParallelStrategy` (`--trainer.strategy fsdp2`).
 
 The recipes build the model on the meta device, shard it here (each decoder layer its own unit,
 then the root: embeddings, final norm, output head), and only then allocate: every rank holds
@@ -9,14 +9,45 @@ this rank into its shard, one tensor at a time. So a 70B model never exists whol
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from lightning_tune.model import Llama
+
+FSDP2 = "fsdp2"
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's `ModelParallelStrategy` as plain FSDP2: every process is one data-parallel shard.
+
+    The data-parallel size is always devices x num_nodes (no tensor parallelism), so one config runs
+    on 1, 8 or 64 GPUs by changing only `trainer.devices` / `trainer.num_nodes`. Registered with
+    Lightning as `--trainer.strategy fsdp2`; the recipes shard the model in `configure_model`.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout) -> None:
+        """
+        Args:
+            save_distributed_checkpoint: Each rank writes its own shard (a checkpoint directory); False gathers one file on rank 0.
+            process_group_backend: nccl on GPUs, gloo on CPUs by default.
+            timeout: For collective operations.
+        """
+        super().__init__("auto", 1, save_distributed_checkpoint, process_group_backend, timeout)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # known once Lightning set devices and nodes
+        super().setup_environment()
+
+
+if FSDP2 not in StrategyRegistry:
+    StrategyRegistry.register(FSDP2, FSDP2Strategy, description="FSDP2 over all devices and nodes (lightning_tune)")
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:

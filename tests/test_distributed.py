@@ -26,12 +26,8 @@ GLOBAL_BATCH = 8
 STRATEGIES = {
     "single": [],
     "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
-    "fsdp": [
-        "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
-        "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
-        "--trainer.devices", "2",
-    ],
-}  # fmt: skip
+    "fsdp": ["--trainer.strategy", "fsdp2", "--trainer.devices", "2"],
+}
 
 
 @pytest.fixture(scope="module")

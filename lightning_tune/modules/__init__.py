@@ -3,5 +3,6 @@
 from lightning_tune.modules.base import FinetuneModule
 from lightning_tune.modules.full import FullFinetune
 from lightning_tune.modules.lora import LoRAFinetune
+from lightning_tune.sharding import FSDP2Strategy  # registers --trainer.strategy fsdp2 with Lightning
 
-__all__ = ["FinetuneModule", "FullFinetune", "LoRAFinetune"]
+__all__ = ["FSDP2Strategy", "FinetuneModule", "FullFinetune", "LoRAFinetune"]

@@ -233,8 +233,8 @@ class FinetuneModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             raise ValueError(
-                "trainer.strategy: FSDPStrategy would load the whole model in every process; shard with "
-                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) and tensor_parallel_size: 1 (see docs/distributed.md)"
+                "trainer.strategy: FSDPStrategy (FSDP1) would load the whole model in every process; "
+                "use --trainer.strategy fsdp2, which loads each process's shards only (see docs/distributed.md)"
             )
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:
@@ -242,7 +242,7 @@ class FinetuneModule(pl.LightningModule):
         if mesh["tensor_parallel"].size() != 1:
             raise ValueError(
                 f"trainer.strategy: tensor_parallel_size is {mesh['tensor_parallel'].size()}, but lightning_tune shards with FSDP2 only: "
-                f"set tensor_parallel_size: 1 and data_parallel_size: {mesh.size()} (devices x num_nodes)"
+                f"use --trainer.strategy fsdp2 (or tensor_parallel_size: 1 and data_parallel_size: {mesh.size()})"
             )
         return mesh["data_parallel"]
 
