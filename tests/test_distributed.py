@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,22 +40,62 @@ def base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_hf_checkpoint(model, model.config, tmp_path_factory.mktemp("base") / "tiny")
 
 
-def fit(config: str, strategy: str, root: Path, base: Path) -> subprocess.CompletedProcess:
-    processes = 1 if strategy == "single" else 2
-    args = [
-        sys.executable, "-m", "lightning_tune", "fit", "--config", config,
+def fit_args(config: str, root: Path, base: Path, processes: int) -> list[str]:
+    """`fit` shrunk to STEPS steps from `base`, per-step CSV metrics; batch = GLOBAL_BATCH / processes."""
+    return [
+        "fit", "--config", config,
         "--model.checkpoint_dir", str(base), "--model.model_args", "{}", "--model.warmup_steps", "1",
         "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", str(STEPS),
         "--trainer.limit_val_batches", "2",
         "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
         "--data.batch_size", str(GLOBAL_BATCH // processes),
-        *STRATEGIES[strategy],
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a 2-core machine
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a 2-core machine
+
+
+def fit(config: str, strategy: str, root: Path, base: Path) -> subprocess.CompletedProcess:
+    """One `python -m lightning_tune fit`; under ddp/fsdp Lightning launches the second process itself."""
+    processes = 1 if strategy == "single" else 2
+    args = [sys.executable, "-m", "lightning_tune", *fit_args(config, root, base, processes), *STRATEGIES[strategy]]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fit_on_two_nodes(launcher: str, root: Path, base: Path) -> None:
+    """Two single-process "nodes" on this machine (--trainer.num_nodes 2 --trainer.devices 1, fsdp2), started
+    the way a cluster starts them: by torchrun on each node, or by srun (its SLURM_* variables, set here)."""
+    port = free_port()
+    args = fit_args("tiny_lora.yaml", root, base, 2) + ["--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "fsdp2"]
+    procs = []
+    for node in range(2):
+        if launcher == "torchrun":
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lightning_tune", *args,
+            ]  # fmt: skip
+            env = ENV
+        else:
+            command = [sys.executable, "-m", "lightning_tune", *args]
+            env = {
+                **ENV, "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "alpaca", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+                "SLURM_NNODES": "2", "SLURM_NODELIST": "127.0.0.1", "SLURM_PROCID": str(node), "SLURM_LOCALID": "0",
+                "SLURM_NODEID": str(node), "MASTER_PORT": str(port),
+            }  # fmt: skip
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    assert "sharded over 2 processes" in outputs[0]  # (each process alone would hang waiting for a world of 2)
 
 
 def metrics(root: Path) -> dict[str, list[float]]:
@@ -155,3 +196,23 @@ def test_fsdp_run_killed_and_resumed_from_its_sharded_checkpoint_equals_uninterr
 def metrics_of(root: Path, version: str) -> dict[int, float]:
     with (root / "logs" / version / "metrics.csv").open() as file:
         return {int(row["step"]): float(row["train_loss"]) for row in csv.DictReader(file) if row.get("train_loss")}
+
+
+@pytest.fixture(scope="module")
+def single_lora_run(tmp_path_factory: pytest.TempPathFactory, base_checkpoint: Path) -> Path:
+    root = tmp_path_factory.mktemp("single")
+    fit("tiny_lora.yaml", "single", root, base_checkpoint)
+    return root
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_nodes_launched_by_torchrun_or_slurm_train_as_one_process(tmp_path: Path, base_checkpoint: Path, single_lora_run: Path, launcher: str) -> None:
+    """Multi-node through Lightning's own cluster environments: the same config, changed only in trainer.*
+    (num_nodes 2, devices 1, fsdp2), started per node by torchrun or by SLURM, trains as one process does."""
+    fit_on_two_nodes(launcher, tmp_path / launcher, base_checkpoint)
+    want, got = metrics(single_lora_run), metrics(tmp_path / launcher)
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=1e-5, atol=0)
+    expected = load_file(single_lora_run / "adapter" / "adapter_model.safetensors")
+    exported = load_file(tmp_path / launcher / "adapter" / "adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(exported[key], expected[key], rtol=1e-4, atol=1e-6)
