@@ -28,6 +28,9 @@ STRATEGIES = {
     "single": [],
     "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
     "fsdp": ["--trainer.strategy", "fsdp2", "--trainer.devices", "2"],
+    # Recomputing each layer in backward changes no number.
+    "fsdp-checkpointing": ["--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--model.activation_checkpointing", "true"],
+    "fsdp-bf16-mixed": ["--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.precision", "bf16-mixed"],
 }
 
 
@@ -113,11 +116,11 @@ def metrics(root: Path) -> dict[str, list[float]]:
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, base_checkpoint: Path, config: str, export: str) -> None:
     """Loss curve, validation loss and exported weights of DDP and FSDP2 (2 processes x batch 4) equal a
     single process's (batch 8) within fp32 tolerance: the ranks saw disjoint halves of each global batch."""
-    strategies = ["single", "ddp", "fsdp"] if config == "tiny_lora.yaml" else ["single", "fsdp"]
+    strategies = ["single", "ddp", "fsdp"] if config == "tiny_lora.yaml" else ["single", "fsdp-checkpointing"]
     runs = {s: tmp_path / s for s in strategies}
     outputs = {s: fit(config, s, root, base_checkpoint) for s, root in runs.items()}
-    if "fsdp" in outputs:  # each rank holds half of every parameter, never the whole model
-        assert "sharded over 2 processes" in outputs["fsdp"].stderr + outputs["fsdp"].stdout
+    for strategy in strategies[1:]:  # under FSDP each rank holds half of every parameter, never the whole model
+        assert ("sharded over 2 processes" in outputs[strategy].stderr + outputs[strategy].stdout) == strategy.startswith("fsdp")
 
     want = metrics(runs["single"])
     assert len(want["train_loss"]) == STEPS and len(want["val_loss"]) == 1
@@ -216,3 +219,13 @@ def test_two_nodes_launched_by_torchrun_or_slurm_train_as_one_process(tmp_path: 
     exported = load_file(tmp_path / launcher / "adapter" / "adapter_model.safetensors")
     for key in expected:
         torch.testing.assert_close(exported[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_bf16_mixed_trains_close_to_fp32(tmp_path: Path, base_checkpoint: Path, single_lora_run: Path) -> None:
+    """bf16-mixed under FSDP2 (bf16 all-gathers and compute, fp32 shards and gradient reduction) stays within
+    bf16 rounding of the fp32 single-process loss curve and exports fp32 adapters."""
+    fit("tiny_lora.yaml", "fsdp-bf16-mixed", tmp_path / "bf16", base_checkpoint)
+    want, got = metrics(single_lora_run), metrics(tmp_path / "bf16")
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=2e-2, atol=0)
+    adapter = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapter.values())

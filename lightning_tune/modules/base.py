@@ -354,13 +354,14 @@ class FinetuneModule(pl.LightningModule):
         self._eval_sums += torch.stack([loss.detach().float(), tokens.float()])
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_loss", self._eval_loss(), prog_bar=True)
+        # Already the same on every rank; sync_dist only tells Lightning so (its mean of equal values).
+        self.log("val_loss", self._eval_loss(), prog_bar=True, sync_dist=True)
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step
 
     def on_test_epoch_end(self) -> None:
-        self.log("test_loss", self._eval_loss())
+        self.log("test_loss", self._eval_loss(), sync_dist=True)
 
     def _eval_loss(self) -> Tensor:
         loss_sum, tokens = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
