@@ -229,3 +229,19 @@ def test_fsdp_bf16_mixed_trains_close_to_fp32(tmp_path: Path, base_checkpoint: P
     torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=2e-2, atol=0)
     adapter = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in adapter.values())
+
+
+def test_fsdp1_with_several_processes_is_refused_with_the_fix() -> None:
+    """Lightning's FSDPStrategy would load the whole model in every process: one line naming fsdp2 instead."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_tune.modules import LoRAFinetune
+
+    module = LoRAFinetune(model="tiny_llama2")
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=8)
+    with pytest.raises(ValueError, match=r"^trainer\.strategy: FSDPStrategy .* use --trainer\.strategy fsdp2") as err:
+        module.configure_model()
+    assert "\n" not in str(err.value)
+    assert module.model is None
