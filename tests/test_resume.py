@@ -14,9 +14,9 @@ from lightning_tune.checkpoint import load_training_checkpoint
 
 KILL_AT = 4  # after the step-4 checkpoint, where validation also ran
 
-# The resumed run's next epoch must shuffle as the uninterrupted one's did. InstructDataModule's sampler draws
-# each epoch's order from one generator chained across epochs, which the restored StatefulDataLoader does not
-# continue exactly; the fix (an epoch-seeded sampler with set_epoch) belongs to data/datamodule.py.
+# The resumed run's next epoch must shuffle as the uninterrupted one's did: InstructDataModule's sampler draws
+# epoch e's order from (seed, e) alone (a DistributedSampler, set_epoch called by Lightning), not from a
+# generator chained across epochs that a restored StatefulDataLoader could not continue exactly.
 CROSSES_EPOCH = 5  # the resumed run crosses into epoch 1: its shuffle must equal the uninterrupted run's
 
 
