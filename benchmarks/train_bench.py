@@ -54,6 +54,7 @@ CONFIGS: dict[str, tuple[str, str, str, bool]] = {
     "plain-full": ("full", "plain", "32-true", False),
     "ours-full": ("full", "ours", "32-true", False),
     "ours-full-grouped": ("full", "ours", "32-true", True),
+    "ours-full-packed": ("full", "ours", "32-true", False),
 }
 # The model; a --size picks a Llama 2 shape instead (with --layers to keep it CPU-sized).
 BENCH_SHAPE = dict(vocab_size=32000, num_layers=8, num_heads=8, num_kv_heads=8, embed_dim=512, intermediate_dim=1376, max_seq_len=4096)
