@@ -29,7 +29,8 @@ def records(alpaca_tiny_path: Path) -> list[dict]:
 
 
 def make(source, tmp_path: Path, tokenizer_path=None, **kwargs) -> InstructDataModule:
-    """A DataModule caching under tmp_path, set up for fitting."""
+    """A DataModule caching under tmp_path, set up for fitting; padded batches (`pack=False`) unless asked."""
+    kwargs.setdefault("pack", False)
     dm = InstructDataModule(source=str(source), tokenizer_path=None if tokenizer_path is None else str(tokenizer_path), cache_dir=str(tmp_path / "cache"), **kwargs)
     dm.setup("fit")
     return dm
@@ -145,9 +146,11 @@ def test_works_directly_from_python(tmp_path) -> None:
     loader = dm.train_dataloader()  # sets itself up when used directly
     assert isinstance(loader, StatefulDataLoader)
     batch = next(iter(loader))
-    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape[0] == 8
+    # By default a batch is packed: its 8 samples in one unpadded row, each starting at position 0 with BOS.
+    assert set(batch) == {"input_ids", "labels", "positions"} and batch["input_ids"].shape[0] == 1
+    starts = batch["positions"][0] == 0
+    assert int(starts.sum()) == 8 and (batch["input_ids"][0][starts] == dm.tokenizer.bos_id).all()
     assert dm.tokenizer.vocab_size == 512
-    assert (batch["input_ids"][:, 0] == dm.tokenizer.bos_id).all()
 
 
 class TinyModel(lightning.LightningModule):

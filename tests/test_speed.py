@@ -153,7 +153,7 @@ def test_length_grouped_sampler_groups_lengths_and_keeps_every_sample():
 
 def test_grouped_datamodule_pads_less_and_resumes_mid_epoch(tmp_path):
     def make(group: bool) -> InstructDataModule:
-        dm = InstructDataModule(source="demo", batch_size=8, seed=5, group_by_length=group, cache_dir=str(tmp_path / "cache"))
+        dm = InstructDataModule(source="demo", batch_size=8, seed=5, group_by_length=group, pack=False, cache_dir=str(tmp_path / "cache"))
         dm.setup("fit")
         return dm
 

@@ -42,7 +42,8 @@ class InstructDataModule(LightningDataModule):
     """Instruction data (instruction / optional input / output records) rendered with a prompt template.
 
     Each record becomes `BOS + prompt + response + EOS` with the prompt masked from the loss (see
-    `encode_sample`); batches are right-padded by `collate`. The tokenised data set is cached by
+    `encode_sample`); each batch is packed into one unpadded row by `collate_packed` (or, with
+    `pack: false`, right-padded by `collate`). The tokenised data set is cached by
     `datasets`, keyed by the data, tokenizer file, template, columns, `max_seq_len` and `train_on_input`,
     so a second run does not re-tokenise. The train loader is a `StatefulDataLoader` with a seeded
     sampler, so Lightning can resume mid-epoch from a checkpoint without replaying batches.
@@ -64,7 +65,7 @@ class InstructDataModule(LightningDataModule):
         val_size: float = 0.0,
         cache_dir: str | None = None,
         group_by_length: bool = False,
-        pack: bool = False,
+        pack: bool = True,
     ) -> None:
         """
         Args:
@@ -82,7 +83,7 @@ class InstructDataModule(LightningDataModule):
             val_size: Held out for validation: a fraction if below 1, a count of records if 1 or more, none if 0.
             cache_dir: Where `datasets` caches loaded and tokenised data (default: its own cache, ~/.cache/huggingface/datasets).
             group_by_length: Batch training samples of similar length (shuffled groups, seeded, resumable) so less compute goes to padding; changes which samples share a batch, not what each contributes.
-            pack: Concatenate each batch's samples into one unpadded row with a block-diagonal causal mask and per-sample positions; each sample's loss is what it is unpacked. Pays off when padding costs more than the larger attention block (short samples, large batches).
+            pack: Concatenate each batch's samples into one unpadded row with per-sample positions; attention runs within each sample, so no compute goes to padding and each sample's loss is what it is padded (false: right-pad each batch to its longest sample).
         """
         super().__init__()
         self.template: PromptTemplate = get_template(template)

@@ -279,7 +279,8 @@ class FinetuneModule(pl.LightningModule):
         `linear_cross_entropy_sum`); an adapted (LoRA) head takes the unchunked path.
         """
         input_ids, labels = batch["input_ids"], batch["labels"]
-        # Packed batches (`collate_packed`) bring per-sample positions and a block-diagonal mask.
+        # Packed batches (`collate_packed`) bring per-sample positions; the model attends within each
+        # sample (its boundaries are where positions restart at 0).
         hidden = self.model.hidden_states(input_ids, batch.get("positions"), batch.get("attn_mask"))[:, :-1]  # [B, T-1, E]: t predicts t+1
         targets = labels[:, 1:]  # [B, T-1]
         keep = targets != IGNORE_INDEX
