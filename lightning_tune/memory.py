@@ -1,14 +1,19 @@
 """Estimate the peak memory per device of a fine-tuning run before launching it, without allocating.
 
 The estimate (bytes per device; P = all parameters, P_t = trainable ones, b = bytes per parameter:
-4 for `32` and `bf16-mixed`, 2 for `bf16-true` / `16-true`; S = shards: `devices` under FSDP, else 1):
+4 for `32` and `bf16-mixed`, 2 for `bf16-true` / `16-true`; a = bytes of the compute dtype; S = shards:
+devices x num_nodes under FSDP, else 1):
 
     weights     = P * b / S
-                + FSDP: the unsharded parameters being computed on (in the compute dtype): two decoder
-                  layers with an `auto_wrap_policy`, the whole model without one (one flat unit)
+                + FSDP: the unsharded parameters being computed on, all-gathered in the compute dtype.
+                  With every decoder layer its own unit (`fsdp2`, or FSDP1 with an `auto_wrap_policy`):
+                  two layers (the one computing and the next one, prefetched) plus the root unit
+                  (embeddings, final norm, lm_head), which is not resharded after forward and so stays
+                  gathered from the embedding in forward to the embedding in backward. Without an
+                  `auto_wrap_policy` (FSDP1): the whole model (one flat unit)
                 + bf16-mixed without FSDP: a bf16 copy of every linear weight (2 bytes each), which
                   autocast caches (trainable) or saves for backward (frozen) during forward/backward
-    gradients   = P_t * b / S    (+ the same again for DDP's gradient buckets when devices > 1)
+    gradients   = P_t * b / S    (+ the same again for DDP's gradient buckets when devices x num_nodes > 1)
     optimizer   = 2 * P_t * b / S   (AdamW's exp_avg and exp_avg_sq, in the parameters' dtype)
     activations = stored + max(head, layer_backward)
         stored         = what autograd keeps for backward from embedding to final norm for one
@@ -19,7 +24,11 @@ The estimate (bytes per device; P = all parameters, P_t = trainable ones, b = by
                          `head_activations` (chunked: O(N * E + chunk * vocab); else O(N * vocab))
         layer_backward = the gradients alive while one layer runs backward: the widest are three
                          [N, intermediate] (SwiGLU) and two [N, E], N = B * T; with activation
-                         checkpointing plus that layer's recomputed activations
+                         checkpointing plus that layer's recomputed activations; under FSDP plus the
+                         unsharded parameter gradients before reduce-scatter: the root's trainable ones
+                         (a bytes, held until the root's backward ends) and one layer's (a bytes, and
+                         b bytes more for the reduce-scatter input they are copied into); one flat unit:
+                         all trainable ones (a + b bytes)
     peak = weights + optimizer + max(activations + (gradients if accumulate_grad_batches > 1),
                                      gradients + optimizer-step temporaries)
 
@@ -167,6 +176,7 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     strategy: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
     fsdp_wrapped_layers: bool = False,
     accumulate_grad_batches: int = 1,
     accelerator: str = "cpu",
@@ -175,24 +185,28 @@ def estimate_memory(
     """Estimate the peak memory per device of a training step (see the module docstring for the formula).
 
     `adapt(model)` is the recipe's `adapt_model` (LoRA / freezing); `strategy` is "fsdp", "ddp" or
-    anything else (single device); `fsdp_wrapped_layers` says whether FSDP wraps each decoder layer.
+    anything else (single device); `devices` is per node; `fsdp_wrapped_layers` says whether FSDP
+    wraps each decoder layer (always true for `fsdp2`).
     """
     dtype = compute_dtype(precision)
+    a = dtype.itemsize
     b = param_bytes(precision)
     model = build_meta_model(config, adapt, torch.float32)
     total, trainable = count_parameters(model)
+    layer_params, layer_trainable = count_parameters(model.model.layers[0])
+    root_params, root_trainable = total - config.num_layers * layer_params, trainable - config.num_layers * layer_trainable
+    processes = devices * num_nodes
     fsdp = strategy == "fsdp"
-    shards = devices if fsdp else 1
+    shards = processes if fsdp else 1
 
     weights = total * b // shards
-    layer_params = count_parameters(model.model.layers[0])[0]
     if fsdp:  # parameters gathered for compute, in the compute dtype
-        weights += (2 * layer_params if fsdp_wrapped_layers else total) * dtype.itemsize
+        weights += (root_params + 2 * layer_params if fsdp_wrapped_layers else total) * a
     elif precision in MIXED_PRECISIONS:
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-        weights += linear * dtype.itemsize
+        weights += linear * a
     gradients = trainable * b // shards
-    if strategy == "ddp" and devices > 1:
+    if strategy == "ddp" and processes > 1:
         gradients *= 2  # DDP's gradient buckets
     optimizer = 2 * trainable * b // shards
     step_temp = trainable * b // shards if accelerator not in ("cpu",) else 0
@@ -200,9 +214,11 @@ def estimate_memory(
     base, per_layer = decoder_activations(config, adapt, dtype, batch_size, seq_len, activation_checkpointing)
     stored = base + config.num_layers * per_layer
     n = batch_size * seq_len
-    layer_backward = n * (3 * config.intermediate_dim + 2 * config.embed_dim) * dtype.itemsize  # widest gradients alive
+    layer_backward = n * (3 * config.intermediate_dim + 2 * config.embed_dim) * a  # widest gradients alive
     if activation_checkpointing:  # the layer's activations, recomputed for its backward
         layer_backward += decoder_activations(config, adapt, dtype, batch_size, seq_len, False)[1]
+    if fsdp:  # unsharded parameter gradients awaiting reduce-scatter (and its input buffer)
+        layer_backward += root_trainable * a + layer_trainable * (a + b) if fsdp_wrapped_layers else trainable * (a + b)
     head = head_activations(config, adapt, dtype, batch_size, seq_len, loss_chunk_size)
     activations = stored + max(head, layer_backward)
 

@@ -3,11 +3,12 @@
 Steps: the recipe CLI resolves the config exactly as `fit` would (`--print_config`, no instantiation),
 then instantiates the model and data classes (cheap: weights load only in `configure_model`) with
 the trainer on CPU, because the configured trainer (8 GPUs, FSDP) cannot be built on this machine.
-Missing checkpoint/tokenizer/data paths are reported one line each; the memory estimate
+Missing checkpoint/tokenizer/data paths and strategies the recipes refuse (Lightning's FSDP1 over
+several processes: use `fsdp2`) are reported one line each; the memory estimate
 (`lightning_tune.memory`) is still printed, from the named size when the checkpoint is absent.
 
-Exit codes: 0 valid (and fits a present GPU), 2 bad config or missing paths, 1 estimated not to
-fit the GPU of this machine.
+Exit codes: 0 valid (and fits a present GPU), 2 bad config, missing paths or refused strategy,
+1 estimated not to fit the GPU of this machine.
 """
 
 from __future__ import annotations
@@ -95,20 +96,37 @@ def data_path_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
-def strategy_of(trainer: dict[str, Any]) -> tuple[str, bool]:
-    """('fsdp' | 'ddp' | 'single', FSDP wraps each layer) from the trainer's strategy setting."""
+# `fsdp2` and the classes behind it: FSDP2 with every decoder layer its own unit (lightning_tune.sharding).
+FSDP2_NAMES = ("fsdp2", "fsdp2strategy", "modelparallelstrategy")
+
+
+def strategy_setting(trainer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(lower-case registered name or class name, init_args) of `trainer.strategy`."""
     strategy = trainer.get("strategy") or "auto"
     init_args: dict = {}
     if isinstance(strategy, dict):
         init_args = strategy.get("init_args") or {}
         strategy = strategy.get("class_path", "")
-    name = str(strategy).lower().rsplit(".", 1)[-1]
+    return str(strategy).lower().rsplit(".", 1)[-1], init_args
+
+
+def strategy_of(trainer: dict[str, Any]) -> tuple[str, bool]:
+    """('fsdp' | 'ddp' | 'single', FSDP wraps each decoder layer) from the trainer's strategy setting.
+
+    `fsdp2` always wraps each layer; Lightning's FSDP1 `fsdp` only with an `auto_wrap_policy`.
+    """
+    name, init_args = strategy_setting(trainer)
+    if name in FSDP2_NAMES:
+        return "fsdp", True
     kind = "fsdp" if "fsdp" in name else "ddp" if "ddp" in name else "single"
     return kind, bool(init_args.get("auto_wrap_policy"))
 
 
 def device_count(trainer: dict[str, Any]) -> int:
+    """Devices per node, as Lightning would count them (`auto`: the GPUs here, else 1)."""
     devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
     if isinstance(devices, list):
         return len(devices)
     if isinstance(devices, int) and devices > 0:
@@ -116,6 +134,28 @@ def device_count(trainer: dict[str, Any]) -> int:
     import torch
 
     return max(1, torch.cuda.device_count()) if trainer.get("accelerator") != "cpu" else 1
+
+
+def node_count(trainer: dict[str, Any]) -> int:
+    return int(trainer.get("num_nodes") or 1)
+
+
+def strategy_problems(trainer: dict[str, Any]) -> list[str]:
+    """Strategies the recipes refuse at `fit`, reported now: FSDP1 over several processes (it would
+    load the whole model in every one) and ModelParallelStrategy with tensor parallelism."""
+    name, init_args = strategy_setting(trainer)
+    kind, _ = strategy_of(trainer)
+    devices, nodes = device_count(trainer), node_count(trainer)
+    if kind == "fsdp" and name not in FSDP2_NAMES and devices * nodes > 1:
+        return [f"trainer.strategy: Lightning's FSDPStrategy (FSDP1) on {devices} x {nodes} processes would load the whole model "
+                "in every process; use --trainer.strategy fsdp2"]
+    if name == "modelparallelstrategy":
+        tensor_parallel = init_args.get("tensor_parallel_size", "auto")
+        tensor_parallel = devices if tensor_parallel == "auto" else int(tensor_parallel)  # Lightning's "auto": the devices of a node
+        if tensor_parallel != 1:
+            return [f"trainer.strategy: ModelParallelStrategy with tensor_parallel_size {tensor_parallel}, but lightning_tune shards "
+                    "with FSDP2 only; use --trainer.strategy fsdp2"]
+    return []
 
 
 def model_config(model):
@@ -131,17 +171,19 @@ def model_config(model):
 
 @dataclass
 class Check:
-    """What validate found: the recipe, the run's shape, missing paths and the memory estimate."""
+    """What validate found: the recipe, the run's shape, problems (missing paths, refused strategies)
+    and the memory estimate."""
 
     model: Any
     data: Any
+    trainer: dict[str, Any]  # the resolved `trainer:` section
     settings: dict[str, Any]
-    missing: list[str]
+    problems: list[str]
     estimate: MemoryEstimate | None
 
 
 def check(argv: list[str]) -> Check:
-    """Resolve and instantiate the config, collect missing paths, estimate memory (None without an architecture)."""
+    """Resolve and instantiate the config, collect problems, estimate memory (None without an architecture)."""
     resolved = resolved_config(argv)
     missing: list[str] = []
     with quiet_lightning():
@@ -151,6 +193,7 @@ def check(argv: list[str]) -> Check:
     tokenizer = (resolved.get("data") or {}).get("tokenizer_path")
     missing = [m for m in missing if not (m.startswith("model.tokenizer_path:") and tokenizer and repr(tokenizer) in m)] + data_problems
     trainer = resolved.get("trainer") or {}
+    problems = strategy_problems(trainer) + missing
     config = model_config(model)
     strategy, wrapped = strategy_of(trainer)
     precision = str(trainer.get("precision") or "32")
@@ -161,13 +204,14 @@ def check(argv: list[str]) -> Check:
         activation_checkpointing=bool(model.activation_checkpointing),
         strategy=strategy,
         devices=device_count(trainer),
+        num_nodes=node_count(trainer),
         fsdp_wrapped_layers=wrapped,
         accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
         accelerator=str(trainer.get("accelerator") or "auto"),
         loss_chunk_size=int(getattr(model, "loss_chunk_size", 0) or 0),
     )
     estimate = None if config is None else estimate_memory(config, model.adapt_model, **settings)
-    return Check(model, data, settings, missing, estimate)
+    return Check(model, data, trainer, settings, problems, estimate)
 
 
 def validate(argv: list[str]) -> int:
@@ -175,7 +219,7 @@ def validate(argv: list[str]) -> int:
     import torch
 
     result = check(argv)
-    for line in result.missing:
+    for line in result.problems:
         print(f"error: {line}", file=sys.stderr)
     if result.estimate is None:
         print("error: model: null needs an existing checkpoint_dir to read the architecture from; cannot estimate memory", file=sys.stderr)
@@ -183,17 +227,19 @@ def validate(argv: list[str]) -> int:
     model, s = result.model, result.settings
     print(f"recipe                {type(model).__name__} ({model.model_name or model.checkpoint_dir})")
     print(f"run                   batch_size {s['batch_size']} x max_seq_len {s['seq_len']}, precision {s['precision']}, "
-          f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, strategy {s['strategy']}, {s['devices']} device(s)")
+          f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, strategy {s['strategy']}, "
+          f"{s['devices']} device(s) x {s['num_nodes']} node(s)")
     device_memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     for line in result.estimate.lines(device_memory):
         print(line)
-    if s["strategy"] == "fsdp" and not s["fsdp_wrapped_layers"]:
-        print("note: FSDP without auto_wrap_policy gathers the whole model for compute (counted above); wrap the decoder layers to shard it", file=sys.stderr)
-    if result.missing:
+    if s["strategy"] == "fsdp" and not s["fsdp_wrapped_layers"] and s["devices"] * s["num_nodes"] == 1:
+        print("note: FSDP without auto_wrap_policy gathers the whole model for compute (counted above); "
+              "--trainer.strategy fsdp2 shards each decoder layer", file=sys.stderr)
+    if result.problems:
         return 2
     if device_memory is not None and result.estimate.total > device_memory:
         print(f"error: estimated peak {result.estimate.total / GIB:.1f} GiB exceeds this GPU's {device_memory / GIB:.1f} GiB; "
-              "lower data.batch_size, enable activation_checkpointing, use bf16-true or more devices with fsdp", file=sys.stderr)
+              "lower data.batch_size, enable activation_checkpointing, use bf16-true, or use more devices with --trainer.strategy fsdp2", file=sys.stderr)
         return 1
     print("config OK")
     return 0

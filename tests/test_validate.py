@@ -13,7 +13,7 @@ import pytest
 from lightning_tune.cli import bundled_configs
 from lightning_tune.memory import estimate_memory
 from lightning_tune.model import llama2_config
-from lightning_tune.validate import check, validate_command
+from lightning_tune.validate import check, strategy_of, strategy_problems, validate_command
 
 # Runs a config for 3 optimiser steps on full-length, fully labelled batches (the worst case the
 # estimate assumes) and prints the estimate and the peak RSS increase over the pre-fit baseline.
@@ -80,6 +80,7 @@ def test_validate_every_bundled_config_on_meta(config, capsys, tmp_path, monkeyp
         assert code == 0 and "config OK" in out and "error" not in err
     else:
         assert code == 2
+        assert "trainer.strategy" not in err  # the 8-GPU configs use fsdp2, which validate accepts
         assert "model.checkpoint_dir: checkpoint directory 'checkpoints/meta-llama/" in err
         assert "data.tokenizer_path: tokenizer file" in err and "model.tokenizer_path" not in err
 
@@ -126,3 +127,72 @@ def test_validate_exit_codes(tmp_path, capsys, monkeypatch):
     assert "lora_rnak" in capsys.readouterr().err
     assert validate_command(["--config", "no_such_config.yaml"]) == 2
     assert "no bundled config" in capsys.readouterr().err
+
+
+def test_fsdp2_estimate_counts_sharded_states_plus_the_gathered_units():
+    """Sharded weights, plus in bf16 the root unit (embeddings, norm, lm_head: gathered all step)
+    and two decoder layers (the one computing and the prefetched one); states shard over
+    devices x num_nodes processes."""
+    config = llama2_config("llama2_7b")
+    full = lambda model: None  # noqa: E731 (everything trains)
+    base = dict(batch_size=2, seq_len=512, precision="bf16-true", strategy="fsdp", fsdp_wrapped_layers=True, loss_chunk_size=1024)
+    eight = estimate_memory(config, full, devices=8, **base)
+    layer, root = 202_383_360, 2 * 32000 * 4096 + 4096  # q,k,v,o + gate,up,down + 2 norms; embed + lm_head + norm
+    assert 32 * layer + root == eight.parameters == 6_738_415_616
+    assert eight.weights == 6_738_415_616 * 2 // 8 + (root + 2 * layer) * 2
+    assert eight.gradients == 6_738_415_616 * 2 // 8
+    assert estimate_memory(config, full, devices=4, num_nodes=2, **base) == eight
+    sixteen = estimate_memory(config, full, devices=8, num_nodes=2, **base)
+    assert sixteen.optimizer == eight.optimizer // 2 and sixteen.weights < eight.weights
+    unwrapped = estimate_memory(config, full, devices=8, **{**base, "fsdp_wrapped_layers": False})
+    assert unwrapped.weights == 6_738_415_616 * 2 // 8 + 6_738_415_616 * 2  # one flat unit: the whole model gathered
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["fsdp2", {"class_path": "lightning_tune.sharding.FSDP2Strategy"}, {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}],
+)
+def test_fsdp2_strategies_wrap_every_layer(strategy):
+    assert strategy_of({"strategy": strategy}) == ("fsdp", True)
+    assert strategy_of({"strategy": "fsdp"}) == ("fsdp", False)  # FSDP1 wraps only with an auto_wrap_policy
+    assert strategy_of({"strategy": "ddp"}) == ("ddp", False)
+    assert strategy_of({"strategy": "auto"}) == ("single", False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "devices", "nodes"),
+    [
+        (["--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.num_nodes=2"], 2, 2),
+        (["--trainer.strategy=lightning_tune.sharding.FSDP2Strategy", "--trainer.devices=4"], 4, 1),
+    ],
+)
+def test_validate_shards_fsdp2_over_devices_times_nodes(overrides, devices, nodes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = check(["--config", "tiny_lora.yaml", *overrides])
+    s, e = result.settings, result.estimate
+    assert (s["strategy"], s["fsdp_wrapped_layers"], s["devices"], s["num_nodes"]) == ("fsdp", True, devices, nodes)
+    assert e.optimizer == 2 * e.trainable * 4 // (devices * nodes)
+    assert result.problems == []
+    assert validate_command(["--config", "tiny_lora.yaml", *overrides]) == 0
+
+
+def test_fsdp1_over_several_processes_is_reported(tmp_path, capsys, monkeypatch):
+    """The recipes refuse Lightning's FSDPStrategy with more than one process; validate says so first."""
+    monkeypatch.chdir(tmp_path)
+    assert validate_command(["--config", "tiny_lora.yaml", "--trainer.strategy=fsdp", "--trainer.devices=2"]) == 2
+    out, err = capsys.readouterr()
+    assert "error: trainer.strategy: Lightning's FSDPStrategy (FSDP1) on 2 x 1 processes" in err and "use --trainer.strategy fsdp2" in err
+    assert "peak (estimate)" in out  # the estimate is still printed
+    assert validate_command(["--config", "tiny_lora.yaml", "--trainer.strategy=fsdp", "--trainer.devices=1", "--trainer.num_nodes=2"]) == 2
+    assert "on 1 x 2 processes" in capsys.readouterr().err
+    assert validate_command(["--config", "tiny_lora.yaml", "--trainer.strategy=fsdp", "--trainer.devices=1"]) == 0  # one process: allowed
+
+
+def test_model_parallel_strategy_with_tensor_parallelism_is_reported():
+    model_parallel = "lightning.pytorch.strategies.ModelParallelStrategy"
+    tp_auto = {"strategy": {"class_path": model_parallel}, "devices": 8}  # Lightning's "auto": tensor parallel over a node's devices
+    assert "tensor_parallel_size 8" in strategy_problems(tp_auto)[0]
+    dp_only = {"strategy": {"class_path": model_parallel, "init_args": {"data_parallel_size": 16, "tensor_parallel_size": 1}}, "devices": 8, "num_nodes": 2}
+    assert strategy_problems(dp_only) == []
+    assert strategy_problems({"strategy": "fsdp2", "devices": 8, "num_nodes": 4}) == []
+    assert strategy_problems({"strategy": "ddp", "devices": 8}) == []
