@@ -1,5 +1,5 @@
-"""The docs and the example stay true: the configuration reference equals what the code generates,
-and the notebook-style example runs end to end (a few steps)."""
+"""The docs and the example stay true: the configuration reference and the memory table equal what
+the code generates, and the notebook-style example runs end to end (a few steps)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "scripts" / "gen_config_docs.py")
+def load_generator(name: str = "gen_config_docs"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -33,6 +33,19 @@ def test_configuration_reference_is_generated_from_the_code():
         for name in list(inspect.signature(cls.__init__).parameters)[1:]:
             rows = [line for line in text.splitlines() if line.startswith(f"| `{prefix}{name}` |")]
             assert rows and not rows[0].endswith("|  |"), f"{cls.__name__}.{name} lacks a documented row"
+
+
+def test_memory_table_is_generated_from_the_code():
+    gen = load_generator("gen_memory_table")
+    document = (ROOT / "docs" / "distributed.md").read_text()
+    table = gen.render_table()
+    assert gen.splice(document, table) == document, "the memory table in docs/distributed.md is stale: run python scripts/gen_memory_table.py"
+    # A row for every bundled config, and the marker section is the only generated part.
+    from lightning_tune.cli import bundled_configs
+
+    for path in bundled_configs():
+        assert f"| `{path.name}` |" in table
+    assert document.count(gen.START) == document.count(gen.END) == 1
 
 
 def test_notebook_example_runs(tmp_path):
