@@ -11,6 +11,7 @@ K key/value heads, D head dim, E embed dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -314,16 +315,21 @@ class Llama(nn.Module):
             layer.self_attn.kv_cache = None
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02, apply: Callable[[Tensor, Callable[[Tensor], object]], None] | None = None) -> None:
         """Random init as Hugging Face's `LlamaPreTrainedModel`: normal(0, std) weights, unit norms.
 
         Used for `checkpoint_dir: null` demos, and after building on the meta device + `to_empty`.
+        `apply(weight, init)` runs each initialiser, in module order; the default calls `init(weight)`.
+        FSDP2 passes one that draws each weight whole and keeps this rank's shard
+        (`sharding.init_like_unsharded_`), so a sharded model starts as an unsharded one does.
         """
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+        apply = apply or (lambda weight, init: init(weight))
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    apply(module.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
+                elif isinstance(module, RMSNorm):
+                    apply(module.weight, nn.init.ones_)
 
 
 # Builders. Sizes from Meta's `params.json` files (https://github.com/meta-llama/llama, MODEL_CARD.md)

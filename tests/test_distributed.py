@@ -245,3 +245,17 @@ def test_fsdp1_with_several_processes_is_refused_with_the_fix() -> None:
         module.configure_model()
     assert "\n" not in str(err.value)
     assert module.model is None
+
+
+def test_fsdp_random_init_equals_one_process(tmp_path: Path) -> None:
+    """Without a checkpoint (the demos), FSDP2 draws each weight whole and keeps its shard: the same
+    model, and so the same loss curve, as one process with the same seed."""
+    runs = {}
+    for strategy in ("single", "fsdp"):
+        root = tmp_path / strategy
+        args = [arg for arg in fit_args("tiny_full.yaml", root, tmp_path, 1 if strategy == "single" else 2)]
+        args = args[: args.index("--model.checkpoint_dir")] + args[args.index("--model.model_args") + 2 :]  # random init, vocab 512
+        result = subprocess.run([sys.executable, "-m", "lightning_tune", *args, *STRATEGIES[strategy]], capture_output=True, text=True, timeout=300, env=ENV)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[strategy] = metrics(root)
+    torch.testing.assert_close(torch.tensor(runs["fsdp"]["train_loss"]), torch.tensor(runs["single"]["train_loss"]), rtol=1e-5, atol=0)

@@ -208,13 +208,20 @@ class FinetuneModule(pl.LightningModule):
         if mesh is None:  # one process, or DDP (a whole replica per process)
             self.materialize(model, device, dtype)
             self.adapt_model(model)
-        else:  # FSDP2: adapt and shard on meta, then each rank allocates and loads only its shards
-            from lightning_tune.sharding import mixed_precision_policy, shard_model
+        else:  # FSDP2: adapt and shard on meta, then each rank allocates and fills only its shards
+            from lightning_tune.sharding import init_like_unsharded_, mixed_precision_policy, shard_model
 
+            base_names = {name for name, _ in model.named_parameters()}
             self.adapt_model(model)
             shard_model(model, mesh, mixed_precision_policy(self.trainer.precision))
             model.to_empty(device=device)
-            self.materialize(model, device, dtype)
+            adapters = {id(p) for name, p in model.named_parameters() if name not in base_names}
+
+            def init_base(weight: Tensor, init) -> None:  # drawn whole, as unsharded; adapters are reset_adapters' job
+                if id(weight) not in adapters:
+                    init_like_unsharded_(weight, init)
+
+            self.materialize(model, device, dtype, init_base)
             self.reset_adapters(model)
             local = sum(p.to_local().numel() for p in model.parameters())
             total = sum(p.numel() for p in model.parameters())
@@ -246,8 +253,9 @@ class FinetuneModule(pl.LightningModule):
             )
         return mesh["data_parallel"]
 
-    def materialize(self, model: Llama, device: torch.device, dtype: torch.dtype) -> None:
-        """Fill the base weights: from `checkpoint_dir` one tensor at a time, else a random init."""
+    def materialize(self, model: Llama, device: torch.device, dtype: torch.dtype, init_apply=None) -> None:
+        """Fill the base weights: from `checkpoint_dir` one tensor at a time, else a random init
+        (`init_apply`: see `Llama.init_weights`)."""
         if self.checkpoint_dir is not None:
             from lightning_tune.checkpoint import load_weights
 
@@ -256,7 +264,7 @@ class FinetuneModule(pl.LightningModule):
             if any(p.is_meta for p in model.parameters()):
                 model.to_empty(device=device)
                 model.to(dtype)
-            model.init_weights()
+            model.init_weights(apply=init_apply)
 
     def reset_adapters(self, model: Llama) -> None:
         """Hook for the recipes: initialise what `adapt_model` added, once it has real storage."""
