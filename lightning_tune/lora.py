@@ -8,7 +8,7 @@ the adapter keys are PEFT's (`...q_proj.lora_A.weight`) once prefixed with `base
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,12 @@ class LoRALinear(nn.Linear):
         self.reset_lora_parameters()
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+    def reset_lora_parameters(self, apply: Callable[[Tensor, Callable[[Tensor], object]], None] | None = None) -> None:
+        """`apply(weight, init)` runs each initialiser (default: `init(weight)`); FSDP2 passes
+        `sharding.init_like_unsharded_` so sharded adapters get one process's values."""
+        apply = apply or (lambda weight, init: init(weight))
+        apply(self.lora_A.weight, lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)))
+        apply(self.lora_B.weight, nn.init.zeros_)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -142,21 +145,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def merged_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The base model's state dict with every adapter folded in, leaving `model` untouched.
 
     Only the wrapped weights are new tensors (W + (alpha/r) B A, computed in fp32 then cast back);
     every other entry is the model's own tensor, so exporting a 7B LoRA model costs memory only for
-    the few adapted matrices, not a second copy of the model.
+    the few adapted matrices, not a second copy of the model. `state_dict` supplies the tensors
+    when the model's own are sharded (gathered by `sharding.gather_state_dict`); the model still
+    gives each layer's scaling.
     """
-    loras = lora_modules(model)
+    unmerged = {name: lora.scaling for name, lora in lora_modules(model).items() if not lora.merged}
+    state = model.state_dict() if state_dict is None else state_dict
     merged = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if is_lora_key(key):
             continue
         module_name, _, param_name = key.rpartition(".")
-        lora = loras.get(module_name)
-        if lora is not None and param_name == "weight" and not lora.merged:
-            value = (value.float() + lora.delta_weight().float()).to(value.dtype)
+        if module_name in unmerged and param_name == "weight":
+            delta = state[f"{module_name}.lora_B.weight"].float() @ state[f"{module_name}.lora_A.weight"].float()
+            value = (value.float() + delta * unmerged[module_name]).to(value.dtype)
         merged[key] = value
     return merged

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_tune.lora import apply_lora, is_lora_key, lora_modules, mark_only_lora_trainable, merged_state_dict, resolve_targets
+from lightning_tune.lora import apply_lora, mark_only_lora_trainable, merged_state_dict, resolve_targets
 from lightning_tune.model import Llama
 from lightning_tune.modules.base import FinetuneModule
 
@@ -106,14 +105,12 @@ class LoRAFinetune(FinetuneModule):
             raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]}): it was saved with other LoRA settings")
 
     def reset_adapters(self, model: Llama) -> None:
-        """LoRALinear's init (A Kaiming-uniform, B zeros) on sharded adapters, with one process's values
-        (same draws in the same order as `apply_lora` on an unsharded model)."""
+        """Initialise sharded adapters with one process's values (the same draws in the same order
+        as `apply_lora` on an unsharded model)."""
         from lightning_tune.sharding import init_like_unsharded_
 
         for name in self.lora_layers:
-            layer = model.get_submodule(name)
-            init_like_unsharded_(layer.lora_A.weight, lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)))
-            init_like_unsharded_(layer.lora_B.weight, nn.init.zeros_)
+            model.get_submodule(name).reset_lora_parameters(apply=init_like_unsharded_)
 
     def export_to(self, output_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """Write `adapter/` (PEFT format) and `merged/` (Hugging Face, adapters folded in)."""
@@ -124,21 +121,4 @@ class LoRAFinetune(FinetuneModule):
 
     def export_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The base weights with every adapter folded in: W + (alpha / r) B A."""
-        if state_dict is None:
-            return merged_state_dict(self.model)
-        return fold_adapters(state_dict, {name: layer.scaling for name, layer in lora_modules(self.model).items()})
-
-
-def fold_adapters(state_dict: dict[str, Tensor], scalings: dict[str, float]) -> dict[str, Tensor]:
-    """`merged_state_dict` for a state dict (e.g. gathered from FSDP shards) instead of a model:
-    each adapted `NAME.weight` becomes W + scaling * B A (in fp32, cast back), adapter keys dropped."""
-    merged = {}
-    for key, value in state_dict.items():
-        if is_lora_key(key):
-            continue
-        name, _, param = key.rpartition(".")
-        if name in scalings and param == "weight":
-            delta = state_dict[f"{name}.lora_B.weight"].float() @ state_dict[f"{name}.lora_A.weight"].float()
-            value = (value.float() + delta * scalings[name]).to(value.dtype)
-        merged[key] = value
-    return merged
+        return merged_state_dict(self.model, state_dict)
