@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks, for a session that is lent a GPU machine: bf16 precisions, FSDP on one GPU, 7B-shape
+# GPU checks, for a session that is lent a GPU machine: bf16 precisions, FSDP2 on one GPU, 7B-shape
 # LoRA throughput. Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh OUT_DIR
 # Wheels the image lacks can be put in .gpu_wheels/ (pip download --no-deps ... on a networked machine).
 set -uo pipefail
@@ -36,12 +36,12 @@ fit() { [[ -z "$ONLY" || "$1" =~ $ONLY ]] && _fit "$@"; return 0; }
 fit tiny_lora_fp32 --trainer.precision=32 --trainer.max_steps=$STEPS
 fit tiny_lora_bf16_mixed --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 fit tiny_lora_bf16_true --trainer.precision=bf16-true --trainer.max_steps=$STEPS
-fit tiny_lora_fsdp1 --trainer.strategy=fsdp --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
-fit tiny_full_fsdp1 --config tiny_full.yaml --trainer.accelerator=gpu --trainer.strategy=fsdp --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
+fit tiny_lora_fsdp2 --trainer.strategy=fsdp2 --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
+fit tiny_full_fsdp2 --config tiny_full.yaml --trainer.accelerator=gpu --trainer.strategy=fsdp2 --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 # Llama 2 7B shape (random init, real vocab 32000 >= the demo tokenizer's 512), LoRA q/v rank 8
 LORA7B=(--model.model=llama2_7b --model.model_args=null --model.lora_rank=8 --model.lora_alpha=16 "--model.lora_attn_modules=[q_proj,v_proj]"
   --model.apply_lora_to_mlp=false --model.apply_lora_to_output=false --model.export=false --data.batch_size=8 --data.max_seq_len=256
   --trainer.max_steps=${STEPS_7B:-30} --trainer.val_check_interval=null --trainer.check_val_every_n_epoch=1 --trainer.limit_val_batches=0 --trainer.log_every_n_steps=1)
 fit llama2_7b_lora_bf16_true "${LORA7B[@]}" --trainer.precision=bf16-true
 fit llama2_7b_lora_bf16_true_ckpt "${LORA7B[@]}" --trainer.precision=bf16-true --model.activation_checkpointing=true
-fit llama2_7b_lora_fsdp1_bf16 "${LORA7B[@]}" --trainer.strategy=fsdp --trainer.precision=bf16-true
+fit llama2_7b_lora_fsdp2_bf16 "${LORA7B[@]}" --trainer.strategy=fsdp2 --trainer.precision=bf16-true
