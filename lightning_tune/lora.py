@@ -163,6 +163,9 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = N
         module_name, _, param_name = key.rpartition(".")
         if module_name in unmerged and param_name == "weight":
             delta = state[f"{module_name}.lora_B.weight"].float() @ state[f"{module_name}.lora_A.weight"].float()
-            value = (value.float() + delta * unmerged[module_name]).to(value.dtype)
+            # In the wider of the base's and the adapter's dtypes: a base stored in bf16 under
+            # bf16-mixed (see FinetuneModule) still gets an fp32 merge of its fp32 adapter.
+            dtype = torch.promote_types(value.dtype, state[f"{module_name}.lora_A.weight"].dtype)
+            value = (value.float() + delta * unmerged[module_name]).to(dtype)
         merged[key] = value
     return merged

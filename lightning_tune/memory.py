@@ -4,15 +4,16 @@ The estimate (bytes per device; P = all parameters, P_t = trainable ones, b = by
 4 for `32` and `bf16-mixed`, 2 for `bf16-true` / `16-true`; a = bytes of the compute dtype; S = shards:
 devices x num_nodes under FSDP, else 1):
 
-    weights     = P * b / S
+    weights     = P * b / S   (bf16-mixed: frozen linear weights, e.g. LoRA's base, are stored in bf16,
+                               2 bytes: autocast computes them in bf16 anyway and nothing updates them)
                 + FSDP: the unsharded parameters being computed on, all-gathered in the compute dtype.
                   With every decoder layer its own unit (`fsdp2`, or FSDP1 with an `auto_wrap_policy`):
                   two layers (the one computing and the next one, prefetched) plus the root unit
                   (embeddings, final norm, lm_head), which is not resharded after forward and so stays
                   gathered from the embedding in forward to the embedding in backward. Without an
                   `auto_wrap_policy` (FSDP1): the whole model (one flat unit)
-                + bf16-mixed without FSDP: a bf16 copy of every linear weight (2 bytes each), which
-                  autocast caches (trainable) or saves for backward (frozen) during forward/backward
+                + bf16-mixed without FSDP: a bf16 copy of every trainable linear weight (2 bytes
+                  each), which autocast caches during forward/backward
     gradients   = P_t * b / S    (+ the same again for DDP's gradient buckets when devices x num_nodes > 1)
     optimizer   = 2 * P_t * b / S   (AdamW's exp_avg and exp_avg_sq, in the parameters' dtype)
     activations = stored + max(head, layer_backward)
@@ -199,12 +200,14 @@ def estimate_memory(
     fsdp = strategy == "fsdp"
     shards = processes if fsdp else 1
 
-    weights = total * b // shards
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    frozen_linear = sum(w.numel() for w in linears if not w.requires_grad)
+    stored_bytes = total * b - (frozen_linear * (b - a) if precision in MIXED_PRECISIONS else 0)
+    weights = stored_bytes // shards
     if fsdp:  # parameters gathered for compute, in the compute dtype
         weights += (root_params + 2 * layer_params if fsdp_wrapped_layers else total) * a
-    elif precision in MIXED_PRECISIONS:
-        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-        weights += linear * a
+    elif precision in MIXED_PRECISIONS:  # autocast's cached copies of the trainable linear weights
+        weights += sum(w.numel() for w in linears if w.requires_grad) * a
     gradients = trainable * b // shards
     if strategy == "ddp" and processes > 1:
         gradients *= 2  # DDP's gradient buckets

@@ -196,8 +196,42 @@ def test_bf16_precisions_train_on_cpu(tmp_path, precision):
     assert trainer.global_step == 3
     loss = trainer.callback_metrics["train_loss"]
     assert torch.isfinite(loss)
-    expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    assert module.model.lm_head.weight.dtype == expected_dtype
+    # bf16-true: everything bf16. bf16-mixed: frozen linear weights stored in bf16 (autocast computes in it
+    # anyway), the trained adapters and the norms in float32.
+    dtypes = {name: p.dtype for name, p in module.model.named_parameters()}
+    assert dtypes["lm_head.weight"] == dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    trained = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert dtypes["model.layers.0.self_attn.q_proj.lora_A.weight"] == dtypes["model.norm.weight"] == trained
+
+
+def test_bf16_mixed_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients():
+    """Storing LoRA's frozen linear weights in bf16 under bf16-mixed changes no bit of the loss or the
+    adapters' gradients: autocast casts them to bf16 for every matmul anyway."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    modules = []
+    for _ in range(2):
+        module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False, lora_dropout=0.0)
+        module.configure_model()
+        modules.append(module)
+    modules[1].model.load_state_dict(modules[0].model.state_dict())
+    modules[1]._trainer = SimpleNamespace(precision="bf16-mixed")
+    modules[1].store_frozen_linears_in_compute_dtype(modules[1].model)
+    assert modules[1].model.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(1, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": torch.where(torch.arange(24) < 8, -100, ids)}
+    losses, grads = [], []
+    for module in modules:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = module.loss_sum(batch)
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in module.model.named_parameters() if p.requires_grad})
+    assert torch.equal(losses[0], losses[1])
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
 
 
 # ---- sample packing ----------------------------------------------------------------------------

@@ -208,11 +208,13 @@ class FinetuneModule(pl.LightningModule):
         if mesh is None:  # one process, or DDP (a whole replica per process)
             self.materialize(model, device, dtype)
             self.adapt_model(model)
+            self.store_frozen_linears_in_compute_dtype(model)
         else:  # FSDP2: adapt and shard on meta, then each rank allocates and fills only its shards
             from lightning_tune.sharding import init_like_unsharded_, mixed_precision_policy, shard_model
 
             base_names = {name for name, _ in model.named_parameters()}
             self.adapt_model(model)
+            self.store_frozen_linears_in_compute_dtype(model)
             shard_model(model, mesh, mixed_precision_policy(self.trainer.precision))
             model.to_empty(device=device)
             adapters = {id(p) for name, p in model.named_parameters() if name not in base_names}
@@ -252,6 +254,22 @@ class FinetuneModule(pl.LightningModule):
                 f"use --trainer.strategy fsdp2 (or tensor_parallel_size: 1 and data_parallel_size: {mesh.size()})"
             )
         return mesh["data_parallel"]
+
+    def store_frozen_linears_in_compute_dtype(self, model: Llama) -> None:
+        """Under `bf16-mixed` / `16-mixed`, keep frozen linear weights (LoRA's base) in the half dtype.
+
+        Autocast runs every linear layer in that dtype anyway, so the products are the same bits;
+        a frozen weight needs no fp32 master copy (no optimiser updates it), so storing it in half
+        precision halves its memory and saves autocast a cast per layer per step. Trainable
+        weights, norms and embeddings stay float32.
+        """
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if precision not in ("bf16-mixed", "16-mixed"):
+            return
+        half = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+                module.weight = torch.nn.Parameter(module.weight.detach().to(half), requires_grad=False)
 
     def materialize(self, model: Llama, device: torch.device, dtype: torch.dtype, init_apply=None) -> None:
         """Fill the base weights: from `checkpoint_dir` one tensor at a time, else a random init
