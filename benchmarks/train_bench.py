@@ -43,18 +43,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 ASSETS = ROOT.parent / "shared" / "assets"
 
-# name -> (recipe, implementation, precision, group_by_length); "-packed" rows also set pack: true
-CONFIGS: dict[str, tuple[str, str, str, bool]] = {
-    "plain-lora": ("lora", "plain", "32-true", False),
-    "ours-lora": ("lora", "ours", "32-true", False),
-    "ours-lora-grouped": ("lora", "ours", "32-true", True),
-    "ours-lora-packed": ("lora", "ours", "32-true", False),
-    "ours-lora-bf16-mixed": ("lora", "ours", "bf16-mixed", False),
-    "ours-lora-bf16-true": ("lora", "ours", "bf16-true", False),
-    "plain-full": ("full", "plain", "32-true", False),
-    "ours-full": ("full", "ours", "32-true", False),
-    "ours-full-grouped": ("full", "ours", "32-true", True),
-    "ours-full-packed": ("full", "ours", "32-true", False),
+# name -> (recipe, implementation, precision, group_by_length, pack). "ours-*" rows use the recipe's
+# defaults (packed batches) unless named "-padded" (right-padded, as the plain loop) or "-grouped"
+# (right-padded, length-grouped).
+CONFIGS: dict[str, tuple[str, str, str, bool, bool]] = {
+    "plain-lora": ("lora", "plain", "32-true", False, False),
+    "ours-lora": ("lora", "ours", "32-true", False, True),
+    "ours-lora-padded": ("lora", "ours", "32-true", False, False),
+    "ours-lora-grouped": ("lora", "ours", "32-true", True, False),
+    "ours-lora-bf16-mixed": ("lora", "ours", "bf16-mixed", False, True),
+    "ours-lora-bf16-true": ("lora", "ours", "bf16-true", False, True),
+    "plain-full": ("full", "plain", "32-true", False, False),
+    "ours-full": ("full", "ours", "32-true", False, True),
+    "ours-full-padded": ("full", "ours", "32-true", False, False),
+    "ours-full-grouped": ("full", "ours", "32-true", True, False),
 }
 # The model; a --size picks a Llama 2 shape instead (with --layers to keep it CPU-sized).
 BENCH_SHAPE = dict(vocab_size=32000, num_layers=8, num_heads=8, num_kv_heads=8, embed_dim=512, intermediate_dim=1376, max_seq_len=4096)
@@ -188,10 +190,10 @@ def run_plain(args: argparse.Namespace, recipe: str) -> tuple[list[float], list[
 
 
 def worker(args: argparse.Namespace) -> None:
-    recipe, impl, precision, grouped = CONFIGS[args.worker]
+    recipe, impl, precision, grouped, pack = CONFIGS[args.worker]
     if args.threads:
         torch.set_num_threads(args.threads)
-    times, tokens = run_ours(args, recipe, precision, grouped, args.worker.endswith("-packed")) if impl == "ours" else run_plain(args, recipe)
+    times, tokens = run_ours(args, recipe, precision, grouped, pack) if impl == "ours" else run_plain(args, recipe)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print("RESULT " + json.dumps({"times": times, "tokens": tokens, "rss_gib": rss_gib}))
 
@@ -293,7 +295,7 @@ def main() -> None:
     rows = {}
     flops_per_token = {recipe: model_flops(cfg, recipe, per_sample) / sum(n for n, _ in per_sample) for recipe in ("lora", "full")}
     for name in names:
-        recipe, impl, precision, grouped = CONFIGS[name]
+        recipe, impl, precision, grouped, _ = CONFIGS[name]
         # Every repeat of a configuration trains on the same batches, so step s of each repeat is the
         # same work: the fastest repeat of each step is its least-disturbed measurement.
         best = [min(run["times"][s] for run in runs[name]) for s in range(3, len(runs[name][0]["times"]))]  # steps 4..N
