@@ -15,6 +15,9 @@ from pathlib import Path
 
 from docstring_parser import parse
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path (tests)
+from docgen import write_or_check  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "configuration.md"
 
@@ -64,18 +67,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if not OUTPUT.is_file() or OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is stale: run python scripts/gen_config_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUTPUT.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(OUTPUT)  # atomic: never a half-written reference
-    print(f"wrote {OUTPUT}")
-    return 0
+    return write_or_check(OUTPUT, render(), argv, "python scripts/gen_config_docs.py")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path (tests)
+from docgen import write_or_check  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "distributed.md"
 START, END = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
@@ -106,18 +109,7 @@ def splice(document: str, table: str) -> str:
 
 def main(argv: list[str]) -> int:
     document = OUTPUT.read_text() if OUTPUT.is_file() else TITLE
-    text = splice(document, render_table())
-    if "--check" in argv:
-        if text != document:
-            print(f"the memory table in {OUTPUT} is stale: run python scripts/gen_memory_table.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUTPUT.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(OUTPUT)  # atomic: never a half-written document
-    print(f"wrote the memory table in {OUTPUT}")
-    return 0
+    return write_or_check(OUTPUT, splice(document, render_table()), argv, "python scripts/gen_memory_table.py")
 
 
 if __name__ == "__main__":
