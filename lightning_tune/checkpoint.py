@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -792,6 +793,8 @@ def _load_sharded_training_checkpoint(path: Path) -> dict:
         for key, meta in reader.read_metadata().state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load({"state_dict": weights}, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # one process on purpose: not worth a warning to the user
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"state_dict": weights}, storage_reader=reader, no_dist=True)
     checkpoint["state_dict"] = weights
     return checkpoint

@@ -93,7 +93,7 @@ def test_download_fetches_only_needed_files(monkeypatch, tmp_path, capsys):
     assert calls["token"] == "hf_abc" and calls["local_dir"] == str(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(select_files(HF_7B_FILES))
     stdout = capsys.readouterr().out
-    assert f"downloaded 6 files" in stdout and f"--model.init_args.checkpoint_dir {out}" in stdout
+    assert "downloaded 6 files" in stdout and f"--model.init_args.checkpoint_dir {out}" in stdout
 
 
 def test_token_from_environment(monkeypatch, tmp_path):

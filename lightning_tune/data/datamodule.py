@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 
 import datasets
-import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_tune.model import LLAMA2_SIZES, Llama, LlamaConfig, llama2_config
