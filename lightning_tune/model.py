@@ -324,12 +324,11 @@ class Llama(nn.Module):
         (`sharding.init_like_unsharded_`), so a sharded model starts as an unsharded one does.
         """
         apply = apply or (lambda weight, init: init(weight))
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    apply(module.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
-                elif isinstance(module, RMSNorm):
-                    apply(module.weight, nn.init.ones_)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                apply(module.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
+            elif isinstance(module, RMSNorm):
+                apply(module.weight, nn.init.ones_)
 
 
 # Builders. Sizes from Meta's `params.json` files (https://github.com/meta-llama/llama, MODEL_CARD.md)
