@@ -280,3 +280,36 @@ def test_packing_datamodule_trains(tmp_path):
     )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
+
+
+# ---- every default speed option at once, against transformers ----------------------------------
+
+
+@pytest.mark.parametrize("recipe", [FullFinetune, LoRAFinetune])
+def test_default_speed_options_give_transformers_loss(tmp_path, recipe):
+    """Packed batch (attention per sample), head only on labelled positions, chunked cross-entropy (tiny
+    chunks), frozen-base LoRA: the per-token loss equals transformers' on the right-padded batch, with its
+    attention mask and its own cross-entropy (rel 1e-5)."""
+    from hf_helpers import tiny_hf_llama
+
+    from lightning_tune.data import collate, collate_packed
+
+    hf = tiny_hf_llama(num_kv_heads=2)
+    hf.save_pretrained(tmp_path / "base")
+    module = recipe(checkpoint_dir=str(tmp_path / "base"), loss_chunk_size=5, export=False)
+    module.configure_model()
+    generator = torch.Generator().manual_seed(3)
+    samples = []
+    for length, prompt in ((11, 4), (23, 9), (6, 2), (17, 5)):
+        ids = [1] + torch.randint(3, 96, (length - 1,), generator=generator).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    loss_sum, tokens = module.loss_sum(collate_packed(samples))
+
+    padded = collate(samples, pad_id=0)
+    attention = torch.tensor([[1] * len(s["input_ids"]) + [0] * (padded["input_ids"].shape[1] - len(s["input_ids"])) for s in samples])
+    with torch.no_grad():
+        logits = hf(input_ids=padded["input_ids"], attention_mask=attention).logits
+    targets = padded["labels"][:, 1:]
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    assert int(tokens) == int((targets != -100).sum())
+    torch.testing.assert_close(loss_sum.detach() / tokens, expected / tokens, rtol=1e-5, atol=0)
