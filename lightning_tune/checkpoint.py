@@ -424,7 +424,9 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
     skip = set()
     if tied:  # transformers ties lm_head to embed_tokens and ignores any saved lm_head
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in model.parameters()):
             raise CheckpointError(f"{path}: tie_word_embeddings is true, which sharded (FSDP2) loading does not support; untie the checkpoint or train without sharding")
         expected.pop("lm_head.weight", None)
         skip.add("lm_head.weight")

@@ -10,22 +10,24 @@ from lightning_tune.tokenizer import Tokenizer
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
-@pytest.fixture
-def llama2_tokenizer_path() -> Path:
-    """The real Llama 2 SentencePiece model; tests that need it skip where ../shared is absent."""
-    path = ASSETS / "llama2_tokenizer.model"
+def asset(name: str) -> Path:
+    """A file of ../shared/assets; the test skips where ../shared is absent."""
+    path = ASSETS / name
     if not path.exists():
         pytest.skip(f"{path} not present (needs ../shared/assets beside the checkout)")
     return path
+
+
+@pytest.fixture
+def llama2_tokenizer_path() -> Path:
+    """The real Llama 2 SentencePiece model."""
+    return asset("llama2_tokenizer.model")
 
 
 @pytest.fixture
 def alpaca_tiny_path() -> Path:
     """100 real Alpaca records (JSON list of instruction / input / output / text)."""
-    path = ASSETS / "alpaca_tiny.json"
-    if not path.exists():
-        pytest.skip(f"{path} not present (needs ../shared/assets beside the checkout)")
-    return path
+    return asset("alpaca_tiny.json")
 
 
 @pytest.fixture

@@ -142,14 +142,19 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, b
 
 
 def test_ranks_split_each_global_batch(tmp_path: Path) -> None:
-    """Rank r of 2 with batch b gets indices that, batch by batch, together form the 1-process batch of 2b."""
-    data = InstructDataModule(source="demo", cache_dir=str(tmp_path), batch_size=8, max_seq_len=64)
-    data.setup("fit")
-    one = list(data.train_dataloader().sampler)
-    ranks = [
-        list(torch.utils.data.DistributedSampler(data.train_dataset, num_replicas=2, rank=r, shuffle=True, seed=data.seed))
-        for r in range(2)
-    ]  # what train_dataloader builds under a 2-process Trainer (data_parallel_rank)
+    """The data module under a 2-process Trainer: rank r with batch b gets indices that, batch by batch,
+    together form the 1-process batch of 2b (no Trainer: one process)."""
+    from types import SimpleNamespace
+
+    def sampler_order(batch_size: int, rank: int | None) -> list[int]:
+        data = InstructDataModule(source="demo", cache_dir=str(tmp_path), batch_size=batch_size, max_seq_len=64)
+        if rank is not None:  # what Lightning's DDP/FSDP strategies report to the data module
+            data.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank}))
+        return list(data.train_dataloader().sampler)
+
+    one = sampler_order(8, None)
+    ranks = [sampler_order(4, r) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == (len(one) + 1) // 2
     assert set(ranks[0]).isdisjoint(ranks[1])
     for step in range(len(one) // 8):
         assert sorted(ranks[0][step * 4 : step * 4 + 4] + ranks[1][step * 4 : step * 4 + 4]) == sorted(one[step * 8 : step * 8 + 8])

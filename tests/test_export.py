@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
+from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
 from lightning_tune.callbacks import AtomicCheckpointIO
@@ -16,19 +17,6 @@ from lightning_tune.checkpoint import PEFT_PREFIX, CheckpointError, save_hf_chec
 from lightning_tune.export import export_command, load_recipe_from_checkpoint
 from lightning_tune.model import Llama, llama2_config
 from lightning_tune.modules import FullFinetune, LoRAFinetune
-
-TINY = {"vocab_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 32, "intermediate_dim": 48, "max_seq_len": 64}
-
-
-def batches(n: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 64, (2, 12), generator=g)
-        labels = ids.clone()
-        labels[:, :4] = -100
-        out.append({"input_ids": ids, "labels": labels})
-    return out
 
 
 class RecordTrainable(pl.Callback):
@@ -47,7 +35,7 @@ def train(module: pl.LightningModule, root: Path, steps: int = 3) -> RecordTrain
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=root, callbacks=[record, checkpoints], plugins=[AtomicCheckpointIO()])
-    trainer.fit(module, DataLoader(batches(steps), batch_size=None))
+    trainer.fit(module, DataLoader(batches(steps, masked_prompt=4), batch_size=None))
     return record
 
 

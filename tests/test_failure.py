@@ -13,6 +13,7 @@ import pytest
 import torch
 from kill_helpers import fit_args, run_fit
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
 from lightning_tune.callbacks import AtomicCheckpointIO, DivergenceError, DivergenceGuard
@@ -20,17 +21,6 @@ from lightning_tune.checkpoint import CheckpointError, atomic_torch_save, load_p
 from lightning_tune.export import export_command
 from lightning_tune.model import Llama, llama2_config
 from lightning_tune.modules import LoRAFinetune
-
-TINY = {"vocab_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 32, "intermediate_dim": 48, "max_seq_len": 64}
-
-
-def batches(n: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 64, (2, 12), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
 
 
 def fit(module: pl.LightningModule, root: Path, steps: int, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
