@@ -18,6 +18,8 @@ _EXPORTS = {
     "llama2_13b": "lightning_tune.model",
     "llama2_70b": "lightning_tune.model",
     "Tokenizer": "lightning_tune.tokenizer",
+    "HFTokenizer": "lightning_tune.tokenizer",
+    "load_tokenizer": "lightning_tune.tokenizer",
     "from_pretrained": "lightning_tune.checkpoint",
     "FullFinetune": "lightning_tune.modules",
     "LoRAFinetune": "lightning_tune.modules",
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from lightning_tune.data import InstructDataModule
     from lightning_tune.model import Llama, LlamaConfig, llama2, llama2_7b, llama2_13b, llama2_70b
     from lightning_tune.modules import FullFinetune, LoRAFinetune
-    from lightning_tune.tokenizer import Tokenizer
+    from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 
 def __getattr__(name: str) -> Any:
