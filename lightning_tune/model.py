@@ -96,35 +96,40 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def packed_segments(positions: Tensor) -> list[list[int]] | None:
-    """Sample lengths per row of a packed batch, read off the rotary positions [T] or [B, T].
-
-    A sample starts at index 0 and wherever the positions restart at 0 (Hugging Face's
-    padding-free convention: `collate_packed` builds such rows). Returns None when no row restarts,
-    i.e. every row is one sequence and plain causal attention applies. Reads the positions on the
-    host (one device sync per forward on a GPU).
-    """
-    rows = positions.reshape(-1, positions.shape[-1]) if positions.dim() > 1 else positions[None]
-    starts = (rows[:, 1:] == 0).nonzero().tolist()  # [(row, index - 1)] of every restart
-    if not starts:
-        return None
-    T = rows.shape[1]
-    bounds: list[list[int]] = [[0] for _ in range(rows.shape[0])]
-    for row, index in starts:
-        bounds[row].append(index + 1)
-    return [[end - start for start, end in zip(b, b[1:] + [T])] for b in bounds]
-
-
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: list[list[int]], enable_gqa: bool) -> Tensor:
     """Causal attention within each packed sample: q [B, H, T, D], k/v [B, K, T, D] -> [B, H, T, D].
 
     Equal to SDPA with the block-diagonal causal mask, but each sample is its own causal SDPA
     call: the cost is sum(n_i^2) instead of T^2, no [T, T] mask exists, and every call takes the
-    fused kernel that `is_causal` allows. One list of lengths in `segments` applies to every row.
+    fused kernel that `is_causal` allows. `segments` holds one list of sample lengths per row
+    (`collate_packed`'s `seq_lens`), or a single list that applies to every row.
     """
     if len(segments) == 1:
         return _split_causal_attention(q, k, v, segments[0], enable_gqa)
     return torch.cat([_split_causal_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths, enable_gqa) for b, lengths in enumerate(segments)])
+
+
+def check_seq_lens(seq_lens: list[list[int]] | None, shape: tuple[int, ...] | torch.Size, attn_mask: Tensor | None, cache_pos: Tensor | None) -> list[list[int]] | None:
+    """Validate packed sample lengths against tokens of `shape` [B, T]; None means plain causal rows.
+
+    The lengths are host-side Python ints (the collate function knows them), so checking them and
+    splitting attention by them needs no device sync. A wrong sum would silently attend across
+    samples, hence the check.
+    """
+    if seq_lens is None:
+        return None
+    if attn_mask is not None or cache_pos is not None:
+        raise ValueError("seq_lens (packed samples) cannot be combined with attn_mask or a KV cache")
+    B, T = shape[0], shape[1]
+    if len(seq_lens) not in (1, B) or any(sum(row) != T or min(row, default=0) <= 0 for row in seq_lens):
+        raise ValueError(f"seq_lens must hold 1 or {B} lists of positive sample lengths summing to {T} each, got {seq_lens}")
+    return seq_lens
+
+
+def packed_positions(seq_lens: list[list[int]]) -> Tensor:
+    """Rotary positions of packed rows, 0..n-1 for each sample: [T] for one list, else [B, T]."""
+    rows = [torch.cat([torch.arange(n) for n in row]) for row in seq_lens]
+    return rows[0] if len(rows) == 1 else torch.stack(rows)
 
 
 def _split_causal_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], enable_gqa: bool) -> Tensor:
@@ -175,7 +180,8 @@ class Attention(nn.Module):
 
         Without a cache and without `attn_mask`, attention is causal over x itself (training with
         right padding: real tokens precede the padding, so they never see it), or with `segments`
-        (packed samples, see `packed_segments`) causal within each sample. With a cache, the
+        (packed samples: the lengths of each row's samples, `collate_packed`'s `seq_lens`) causal
+        within each sample. With a cache, the
         caller passes `cache_pos` [T], `kv_len` and a boolean `attn_mask` [B or 1, 1, T, kv_len].
         `enable_gqa` lets SDPA share each K/V head across its query heads without copying.
         """
@@ -237,7 +243,7 @@ class Decoder(nn.Module):
         # Recompute each layer's activations in backward instead of storing them: memory for time.
         self.activation_checkpointing = False
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, seq_lens: list[list[int]] | None = None) -> Tensor:
         """tokens [B, T] -> hidden states [B, T, E]; see `Llama.forward` for the arguments."""
         T = tokens.shape[1]
         kv_len = 0
@@ -249,11 +255,12 @@ class Decoder(nn.Module):
             else:
                 kv_len = int(cache_pos[-1]) + 1
                 attn_mask = (torch.arange(kv_len, device=tokens.device) <= cache_pos[:, None])[None, None]
-        segments = None
+        segments = check_seq_lens(seq_lens, tokens.shape, attn_mask, cache_pos)
         if positions is None:
-            positions = cache_pos if cache_pos is not None else torch.arange(T, device=tokens.device)
-        elif cache_pos is None and attn_mask is None:
-            segments = packed_segments(positions)  # packed samples: attention within each
+            if segments is not None:  # each packed sample counts its positions from 0
+                positions = packed_positions(segments).to(tokens.device)
+            else:
+                positions = cache_pos if cache_pos is not None else torch.arange(T, device=tokens.device)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype)
         for layer in self.layers:
@@ -278,27 +285,29 @@ class Llama(nn.Module):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, seq_lens: list[list[int]] | None = None) -> Tensor:
         """tokens [B, T] -> logits [B, T, vocab].
 
         Args:
             tokens: token ids [B, T].
-            positions: rotary positions [T] or [B, T]; default 0..T-1 (or `cache_pos` with a cache).
-                Without `attn_mask` and cache, a row whose positions restart at 0 holds packed
-                samples (`collate_packed`): each attends only to itself, as if alone.
+            positions: rotary positions [T] or [B, T]; default 0..T-1 (or `cache_pos` with a cache,
+                or 0..n-1 per sample with `seq_lens`).
             attn_mask: boolean [B or 1, 1, T, S], True where attention is allowed; default causal.
             cache_pos: with a KV cache (`setup_kv_cache`), the cache slots [T] of these tokens.
+            seq_lens: packed samples (`collate_packed`): per row, the lengths of the samples laid
+                end to end (or one list for every row); each sample attends only to itself, as if
+                alone. Positions alone never switch this on.
         """
-        return self.lm_head(self.model(tokens, positions, attn_mask, cache_pos))
+        return self.lm_head(self.model(tokens, positions, attn_mask, cache_pos, seq_lens))
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, seq_lens: list[list[int]] | None = None) -> Tensor:
         """tokens [B, T] -> the final norm's output [B, T, E], before the output head.
 
         Training computes the head only where there is a label (see `FinetuneModule.loss_sum`).
         Under FSDP2 this is registered as a forward method (`sharding.shard_model`), so the root
         unit's parameters (embeddings, norm, head) are gathered as for `forward`.
         """
-        return self.model(tokens, positions, attn_mask)
+        return self.model(tokens, positions, attn_mask, seq_lens=seq_lens)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         """Give every attention layer a preallocated cache for `batch_size` rows of `max_seq_len` tokens."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, packed_segments, rope_cos_sin
+from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, rope_cos_sin
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama import modeling_llama as hf_llama  # noqa: E402
@@ -64,30 +64,40 @@ def test_packed_row_equals_each_sample_alone_and_the_block_diagonal_mask(num_kv_
     ours = ours_from(hf_model(num_kv_heads))
     lengths = [5, 1, 9, 7]
     tokens = torch.randint(0, 96, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]  # restarts at 0: packed samples
-    assert packed_segments(positions) == [lengths]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():
-        packed = ours(tokens, positions)
+        packed = ours(tokens, positions, seq_lens=[lengths])
+        derived = ours(tokens, seq_lens=[lengths])  # positions default to 0..n-1 per sample
         alone = torch.cat([ours(t) for t in tokens.split(lengths, dim=1)], dim=1)
         masked = ours(tokens, positions, block_diagonal_causal_mask(lengths)[None, None])
     assert rel_error(packed, alone) <= 1e-6
     assert rel_error(packed, masked) <= 1e-6
+    assert torch.equal(packed, derived)
 
 
-def test_packed_rows_may_differ_and_unpacked_positions_stay_causal() -> None:
+def test_packed_rows_may_differ_and_restarting_positions_alone_stay_causal() -> None:
     ours = ours_from(hf_model(2))
     tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7], list(range(12))])  # row 1 is one sample
-    assert packed_segments(positions) == [[4, 8], [12]]
-    assert packed_segments(torch.arange(3, 15)) is None  # no restart: one causal sequence per row
     with torch.no_grad():
-        got = ours(tokens, positions)
+        got = ours(tokens, positions, seq_lens=[[4, 8], [12]])
         row0 = torch.cat([ours(tokens[:1, :4]), ours(tokens[:1, 4:])], dim=1)
         row1 = ours(tokens[1:])
-        shared = ours(tokens, positions[0])  # [T] positions: the same samples in every row
+        shared = ours(tokens, positions[0], seq_lens=[[4, 8]])  # one list: the same samples in every row
         expected_shared = torch.cat([ours(tokens[:, :4]), ours(tokens[:, 4:])], dim=1)
+        # Not told: positions that restart at 0 are just positions; attention stays causal over the row.
+        untold = ours(tokens[:1], positions[:1])
+        causal = ours(tokens[:1], positions[:1], torch.ones(12, 12, dtype=torch.bool).tril()[None, None])
     assert rel_error(got[:1], row0) <= 1e-6 and rel_error(got[1:], row1) <= 1e-6
     assert rel_error(shared, expected_shared) <= 1e-6
+    assert rel_error(untold, causal) <= 1e-6 and rel_error(untold, row0) > 1e-3
+
+
+@pytest.mark.parametrize("seq_lens", [[[4, 4]], [[6, 6], [11]], [[0, 12], [12]], [[12]] * 3])
+def test_packed_lengths_that_do_not_cover_the_row_are_refused(seq_lens) -> None:
+    ours = ours_from(hf_model(2))
+    with pytest.raises(ValueError, match="seq_lens"):
+        ours(torch.zeros(2, 12, dtype=torch.long), seq_lens=seq_lens)
 
 
 @pytest.mark.parametrize(

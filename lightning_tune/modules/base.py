@@ -110,7 +110,31 @@ def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, ch
 
 
 class FinetuneModule(pl.LightningModule):
-    """Base of the fine-tuning recipes; see `FullFinetune` and `LoRAFinetune` for the parameters."""
+    """Base of the fine-tuning recipes (`FullFinetune`, `LoRAFinetune`): the parameters they share.
+
+    A recipe declares only its own parameters and changed defaults and passes the rest on with
+    `**kwargs`; jsonargparse follows `super().__init__(**kwargs)` to these parameters and their
+    docstrings, and `save_hyperparameters` here records them all (the recipe's own included).
+
+    Args:
+        model: Model size (llama2_7b, llama2_13b, llama2_70b, tiny_llama2); null to take the
+            architecture from checkpoint_dir.
+        model_args: Overrides of the size's fields (vocab_size, num_layers, embed_dim, ...); only
+            without a checkpoint (random init, for demos and tests).
+        checkpoint_dir: Hugging Face or Meta checkpoint directory to start from; null = random init.
+        tokenizer_path: SentencePiece tokenizer, copied into the exports (linked from data).
+        max_seq_len: Longest training sequence (linked from data); checked against the model.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norm weights and biases).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        activation_checkpointing: Recompute each layer in backward to save activation memory.
+        export: Write the exports into the trainer's default_root_dir when fit ends.
+        loss_chunk_size: Run the output head and cross-entropy this many labelled positions at a
+            time, so the [tokens, vocab] logits never exist at once; 0 = in one piece. Same loss
+            and gradients either way.
+        compile: torch.compile each decoder layer; the first steps are slow (compilation).
+    """
 
     def __init__(
         self,
@@ -163,6 +187,9 @@ class FinetuneModule(pl.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.compile = compile
         self.model: Llama | None = None
+        # Here, not in the recipes: Lightning collects the arguments of every __init__ frame up the
+        # call chain from this one, so the recipe's own parameters and these (defaults included) are saved.
+        self.save_hyperparameters()
         self._step_loss_sum = torch.zeros(())
         self._step_tokens = torch.zeros((), dtype=torch.long)
         self._step_started = 0.0
@@ -305,9 +332,9 @@ class FinetuneModule(pl.LightningModule):
         `linear_cross_entropy_sum`); an adapted (LoRA) head takes the unchunked path.
         """
         input_ids, labels = batch["input_ids"], batch["labels"]
-        # Packed batches (`collate_packed`) bring per-sample positions; the model attends within each
-        # sample (its boundaries are where positions restart at 0).
-        hidden = self.model.hidden_states(input_ids, batch.get("positions"), batch.get("attn_mask"))[:, :-1]  # [B, T-1, E]: t predicts t+1
+        # Packed batches (`collate_packed`) bring per-sample positions and lengths (`seq_lens`); the
+        # model attends within each sample because it is told where each one ends.
+        hidden = self.model.hidden_states(input_ids, batch.get("positions"), batch.get("attn_mask"), seq_lens=batch.get("seq_lens"))[:, :-1]  # [B, T-1, E]: t predicts t+1
         targets = labels[:, 1:]  # [B, T-1]
         keep = targets != IGNORE_INDEX
         head = self.model.lm_head
