@@ -222,9 +222,9 @@ class FinetuneModule(pl.LightningModule):
         if self.max_seq_len is not None and self.max_seq_len > config.max_seq_len:
             raise ValueError(f"max_seq_len: {self.max_seq_len} exceeds the model's context length {config.max_seq_len}")
         if self.tokenizer_path is not None:
-            from lightning_tune.tokenizer import Tokenizer
+            from lightning_tune.tokenizer import load_tokenizer
 
-            vocab = Tokenizer(self.tokenizer_path).vocab_size
+            vocab = load_tokenizer(self.tokenizer_path).vocab_size
             if vocab > config.vocab_size:
                 raise ValueError(f"tokenizer_path: {self.tokenizer_path} has {vocab} pieces but the model's vocab_size is {config.vocab_size}")
         device, dtype = torch.get_default_device(), torch.get_default_dtype()
