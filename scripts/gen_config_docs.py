@@ -41,12 +41,15 @@ def describe(cls: type, prefix: str, doc_source) -> str:
     params = {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
     summary = parse(inspect.getdoc(cls) or "").short_description or ""
     rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name == "self":
-            continue
+    # jsonargparse's own resolver (what --help reads): it follows a recipe's **kwargs through
+    # super().__init__ to the base's parameters and their docstrings.
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    for param in get_signature_parameters(cls, "__init__"):
+        name = param.name
         annotation = param.annotation if isinstance(param.annotation, str) else inspect.formatannotation(param.annotation)
         default = "required" if param.default is inspect.Parameter.empty else f"`{param.default!r}`"
-        text = params.get(name, "").replace("|", "\\|")
+        text = (params.get(name) or " ".join((param.doc or "").split())).replace("|", "\\|")
         rows.append(f"| `{prefix}{name}` | `{annotation.replace('|', chr(92) + '|')}` | {default} | {text} |")
     return f"## {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}\n\n{summary}\n\n" + "\n".join(rows) + "\n"
 

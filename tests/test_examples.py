@@ -27,10 +27,11 @@ def test_configuration_reference_is_generated_from_the_code():
     from lightning_tune.data import InstructDataModule
     from lightning_tune.modules import FullFinetune, LoRAFinetune
 
-    for cls, prefix in ((LoRAFinetune, "model.init_args."), (FullFinetune, "model.init_args."), (InstructDataModule, "data.")):
-        import inspect
+    # Parameters as jsonargparse resolves them: a recipe's **kwargs stand for the base's parameters.
+    from jsonargparse._parameter_resolvers import get_signature_parameters
 
-        for name in list(inspect.signature(cls.__init__).parameters)[1:]:
+    for cls, prefix in ((LoRAFinetune, "model.init_args."), (FullFinetune, "model.init_args."), (InstructDataModule, "data.")):
+        for name in [p.name for p in get_signature_parameters(cls, "__init__")]:
             rows = [line for line in text.splitlines() if line.startswith(f"| `{prefix}{name}` |")]
             assert rows and not rows[0].endswith("|  |"), f"{cls.__name__}.{name} lacks a documented row"
 

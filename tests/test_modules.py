@@ -106,6 +106,24 @@ def test_validation_errors(kwargs, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("recipe_cls", [LoRAFinetune, FullFinetune])
+def test_saved_hyperparameters_hold_every_parameter(recipe_cls):
+    """The recipes pass the base's parameters on with **kwargs: saved hyper-parameters still hold all of
+    them, defaults included, exactly as jsonargparse (--help, --print_config) resolves the signature."""
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    resolved = {p.name: p.default for p in get_signature_parameters(recipe_cls, "__init__")}
+    assert {"model", "lr", "betas", "compile"} <= resolved.keys()
+    module = recipe_cls(model="tiny_llama2", weight_decay=0.5)
+    assert dict(module.hparams) == {**resolved, "model": "tiny_llama2", "weight_decay": 0.5}
+
+
+def test_full_finetune_keeps_its_own_defaults():
+    module = FullFinetune(model="tiny_llama2")
+    assert (module.lr, module.betas) == (2e-5, (0.9, 0.95))
+    assert (module.hparams["lr"], module.hparams["betas"]) == (2e-5, (0.9, 0.95))
+
+
 def test_model_or_checkpoint_required():
     with pytest.raises(ValueError, match="model: give a model name"):
         FullFinetune()

@@ -18,55 +18,29 @@ class LoRAFinetune(FinetuneModule):
     Checkpoints hold only the adapters and their optimiser state: the frozen base is reloaded from
     checkpoint_dir on resume, never stored a second time.
 
+    Every parameter of `FinetuneModule` applies; these are LoRA's own.
+
     Args:
-        model: Model size (llama2_7b, llama2_13b, llama2_70b, tiny_llama2); null to take the
-            architecture from checkpoint_dir.
-        model_args: Overrides of the size's fields (vocab_size, num_layers, embed_dim, ...); only
-            without a checkpoint (random init, for demos and tests).
-        checkpoint_dir: Hugging Face or Meta checkpoint directory to start from; null = random init.
-        tokenizer_path: SentencePiece tokenizer, copied into the exports (linked from data).
-        max_seq_len: Longest training sequence (linked from data); checked against the model.
-        lr: Peak learning rate of AdamW.
-        weight_decay: AdamW weight decay (applied to the adapter matrices).
-        betas: AdamW betas.
-        warmup_steps: Linear warm-up steps before the cosine decay.
-        activation_checkpointing: Recompute each layer in backward to save activation memory.
-        export: Write the exports into the trainer's default_root_dir when fit ends.
-        loss_chunk_size: Run the output head and cross-entropy this many labelled positions at a
-            time, so the [tokens, vocab] logits never exist at once; 0 = in one piece. Same loss
-            and gradients either way.
-        compile: torch.compile each decoder layer; the first steps are slow (compilation).
         lora_rank: Rank r of the adapters.
         lora_alpha: Scale numerator: the adapter's output is multiplied by lora_alpha / lora_rank.
         lora_dropout: Dropout on the adapter's input.
         lora_attn_modules: Attention projections to adapt: q_proj, k_proj, v_proj, o_proj.
         apply_lora_to_mlp: Also adapt the MLP (gate_proj, up_proj, down_proj).
         apply_lora_to_output: Also adapt the output head (lm_head).
+        **kwargs: The parameters of `FinetuneModule` (model, checkpoint_dir, lr, ...).
     """
 
     def __init__(
         self,
-        model: str | None = None,
-        model_args: dict[str, int | float] | None = None,
-        checkpoint_dir: str | None = None,
-        tokenizer_path: str | None = None,
-        max_seq_len: int | None = None,
-        lr: float = 3e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 100,
-        activation_checkpointing: bool = False,
-        export: bool = True,
-        loss_chunk_size: int = 1024,
-        compile: bool = False,
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.05,
         lora_attn_modules: list[str] = ["q_proj", "v_proj"],  # noqa: B006 (read only; a list reads best in --help)
         apply_lora_to_mlp: bool = False,
         apply_lora_to_output: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, model_args, checkpoint_dir, tokenizer_path, max_seq_len, lr, weight_decay, betas, warmup_steps, activation_checkpointing, export, loss_chunk_size, compile)
+        super().__init__(**kwargs)
         if lora_rank <= 0:
             raise ValueError(f"lora_rank: must be a positive integer, got {lora_rank}")
         if lora_alpha <= 0:
@@ -80,7 +54,6 @@ class LoRAFinetune(FinetuneModule):
         # LoRA checkpoints lack the frozen base weights on purpose: load them non-strictly and
         # check in on_load_checkpoint that every adapter tensor is there.
         self.strict_loading = False
-        self.save_hyperparameters()
 
     def adapt_model(self, model: Llama) -> None:
         self.lora_layers = apply_lora(model, self.lora_targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
