@@ -11,6 +11,8 @@ from lightning_tune.data import IGNORE_INDEX, DataError, collate, encode_sample,
 from lightning_tune.data import make_demo
 from lightning_tune.data.templates import ALPACA, TEMPLATES
 
+from conftest import asset
+
 
 @pytest.fixture
 def records(alpaca_tiny_path: Path) -> list[dict]:
@@ -80,36 +82,70 @@ def test_every_record_has_one_bos_one_eos_and_aligned_labels(records, llama) -> 
         assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, ids))  # not shifted
 
 
-def test_truncation_cuts_the_prompt_start_first(records, llama, reference) -> None:
+def test_truncation_prompt_start_cuts_the_prompt_start_first(records, llama, reference) -> None:
     record = next(r for r in records if r["input"])
     prompt = ALPACA.format(record["instruction"], record["input"])
     prompt_ids, response_ids = reference_sample(reference, prompt, record["output"])
     keep = 6
     max_seq_len = 2 + keep + len(response_ids)
-    sample = encode_sample(llama, prompt, record["output"], max_seq_len=max_seq_len)
+    sample = encode_sample(llama, prompt, record["output"], max_seq_len=max_seq_len, truncation="prompt_start")
     assert sample["truncated"] is True
     assert sample["input_ids"] == [1, *prompt_ids[-keep:], *response_ids, 2]
     assert sample["labels"] == [IGNORE_INDEX] * (1 + keep) + response_ids + [2]
     assert len(sample["input_ids"]) == max_seq_len
     assert llama.decode(prompt_ids[-keep:]).endswith("### Response:\n")  # the header survives
     # Exactly at the limit nothing is cut.
-    exact = encode_sample(llama, prompt, record["output"], max_seq_len=2 + len(prompt_ids) + len(response_ids))
+    exact = encode_sample(llama, prompt, record["output"], max_seq_len=2 + len(prompt_ids) + len(response_ids), truncation="prompt_start")
     assert exact["truncated"] is False and exact["input_ids"] == [1, *prompt_ids, *response_ids, 2]
 
 
-def test_truncation_cuts_the_response_end_only_when_it_alone_does_not_fit(records, llama, reference) -> None:
+def test_truncation_prompt_start_cuts_the_response_end_only_when_it_alone_does_not_fit(records, llama, reference) -> None:
     record = records[0]  # a three-sentence response
     prompt = ALPACA.format(record["instruction"], record["input"])
     _, response_ids = reference_sample(reference, prompt, record["output"])
     max_seq_len = 10
     for train_on_input in (False, True):
-        sample = encode_sample(llama, prompt, record["output"], max_seq_len=max_seq_len, train_on_input=train_on_input)
+        sample = encode_sample(llama, prompt, record["output"], max_seq_len=max_seq_len, train_on_input=train_on_input, truncation="prompt_start")
         assert sample["truncated"] is True
         assert sample["input_ids"] == [1, *response_ids[: max_seq_len - 2], 2]  # EOS kept, prompt gone
         expected_labels = sample["input_ids"] if train_on_input else [IGNORE_INDEX, *response_ids[: max_seq_len - 2], 2]
         assert sample["labels"] == expected_labels
     with pytest.raises(ValueError, match="max_seq_len must be at least 2"):
         encode_sample(llama, prompt, record["output"], max_seq_len=1)
+
+
+def test_truncation_keeps_the_start_by_default(records, llama, reference) -> None:
+    record = next(r for r in records if r["input"])
+    prompt = ALPACA.format(record["instruction"], record["input"])
+    prompt_ids, response_ids = reference_sample(reference, prompt, record["output"])
+    full = [1, *prompt_ids, *response_ids, 2]
+    for max_seq_len in (5, len(prompt_ids) + 1, len(prompt_ids) + 4, len(full) - 1):
+        sample = encode_sample(llama, prompt, record["output"], max_seq_len=max_seq_len)
+        assert sample["truncated"] is True
+        assert sample["input_ids"] == full[:max_seq_len]  # the instruction survives; no EOS after a cut reply
+        expected = [IGNORE_INDEX] * (1 + len(prompt_ids)) + response_ids + [2]
+        assert sample["labels"] == expected[:max_seq_len]
+    exact = encode_sample(llama, prompt, record["output"], max_seq_len=len(full))
+    assert exact["truncated"] is False and exact["input_ids"] == full
+
+
+def test_alpaca_on_llama3_ids_equal_tokenizing_the_whole_text(records) -> None:
+    # Byte-level BPE: encoding prompt and response separately would differ where a merge crosses the
+    # boundary; one encoding of the whole text, split by offsets, gives exactly transformers' ids.
+    transformers = pytest.importorskip("transformers")
+    from lightning_tune.tokenizer import load_tokenizer
+
+    folder = asset("llama3_1_tokenizer")
+    ours, reference = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    for record in records:
+        prompt = ALPACA.format(record["instruction"], record["input"])
+        sample = encode_sample(ours, prompt, record["output"], max_seq_len=4096)
+        whole = reference(prompt + record["output"])["input_ids"]  # BOS + ids of the whole text
+        assert sample["input_ids"] == [*whole, reference.eos_token_id], record["instruction"]
+        trained = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
+        assert ours.decode(trained) == record["output"] + "<|eot_id|>"
+        first = sample["labels"].index(trained[0])
+        assert ours.decode(sample["input_ids"][1:first]) == prompt  # the masked part is exactly the prompt
 
 
 # --- collate -------------------------------------------------------------------------------------------

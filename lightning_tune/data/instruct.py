@@ -3,46 +3,66 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lightning_tune.tokenizer import Tokenizer
+from lightning_tune.loss import IGNORE_INDEX  # noqa: F401 (also re-exported: lightning_tune.data.IGNORE_INDEX)
+from lightning_tune.tokenizer import TokenizerProtocol
 
-# Label of positions the loss ignores (torch.nn.functional.cross_entropy's default ignore_index).
-IGNORE_INDEX = -100
+# How a sample longer than max_seq_len is cut: "keep_start" keeps its first max_seq_len tokens (as
+# torchtune, litgpt and axolotl do: the instruction always survives); "prompt_start" is the older
+# behaviour, which cuts the prompt from its start first (keeping the "### Response:" header and the
+# whole response, but possibly dropping the instruction itself).
+InstructTruncation = Literal["keep_start", "prompt_start"]
 
 
-def encode_sample(tokenizer: Tokenizer, prompt: str, response: str, max_seq_len: int, train_on_input: bool = False) -> dict:
-    """`BOS + tokens(prompt) + tokens(response) + EOS` with labels aligned to `input_ids` (not shifted).
+def encode_sample(
+    tokenizer: TokenizerProtocol,
+    prompt: str,
+    response: str,
+    max_seq_len: int,
+    train_on_input: bool = False,
+    truncation: InstructTruncation = "keep_start",
+) -> dict:
+    """`BOS + tokens(prompt + response) + EOS` with labels aligned to `input_ids` (not shifted).
 
-    Prompt and response are encoded separately (the response as a continuation, `prefix_space=False`)
-    so the boundary between masked and trained tokens is exact; for a prompt ending in a newline the
-    ids equal those of encoding the whole text at once. With `train_on_input=False` BOS and prompt
-    labels are -100, so only the response and EOS are trained.
+    The whole text is encoded ONCE, so the ids are exactly those of tokenizing it (byte-level BPE
+    merges across the prompt/response boundary are kept), and the boundary comes from the tokens'
+    character offsets: the first token that ends past the prompt is the first trained one (a token
+    straddling the boundary is trained: the model has to produce it). BOS only where the tokenizer has
+    one. With `train_on_input=False` BOS and prompt labels are -100, so only the response and EOS are trained.
 
-    Longer than `max_seq_len`: the prompt is cut from its START (keeping BOS, the prompt's end, i.e. the
-    `### Response:` header, and the whole response); only if BOS + response + EOS alone do not fit is the
-    prompt dropped and the response cut at its END, keeping EOS. `truncated` says whether either happened.
+    Longer than `max_seq_len` (see `InstructTruncation`): "keep_start" keeps the first `max_seq_len`
+    tokens (no EOS is added after a cut response: the model should not learn to stop mid-sentence);
+    "prompt_start" cuts the prompt from its START (keeping BOS, the prompt's end and the whole
+    response), and only if BOS + response + EOS alone do not fit drops the prompt and cuts the
+    response at its END, keeping EOS. `truncated` says whether anything was cut.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2 (BOS and EOS), got {max_seq_len}")
-    prompt_ids = tokenizer.encode(prompt, add_bos=False)
-    response_ids = tokenizer.encode(response, add_bos=False, prefix_space=False)
-    room = max_seq_len - 2  # everything but BOS and EOS
+    ids, offsets = tokenizer.encode_with_offsets(prompt + response)
+    boundary = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+    prompt_ids, response_ids = ids[:boundary], ids[boundary:]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    room = max_seq_len - len(bos) - 1  # everything but BOS and EOS
     truncated = len(prompt_ids) + len(response_ids) > room
-    if truncated:
+    input_ids = [*bos, *prompt_ids, *response_ids, tokenizer.eos_id]
+    labels = [IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + [*response_ids, tokenizer.eos_id]
+    if truncated and truncation == "keep_start":
+        input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
+    elif truncated:
         if len(response_ids) <= room:
             keep = room - len(response_ids)
             prompt_ids = prompt_ids[len(prompt_ids) - keep :]
         else:
             prompt_ids = []
             response_ids = response_ids[:room]
-    input_ids = [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
+        input_ids = [*bos, *prompt_ids, *response_ids, tokenizer.eos_id]
+        labels = [IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + [*response_ids, tokenizer.eos_id]
     if train_on_input:
         labels = list(input_ids)
-    else:
-        labels = [IGNORE_INDEX] * (1 + len(prompt_ids)) + [*response_ids, tokenizer.eos_id]
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
 
 
