@@ -4,13 +4,12 @@ Weights (safetensors preferred, else PyTorch .bin, else Meta's consolidated.*.pt
 and the SentencePiece tokenizer; not the duplicate weight formats, tokenizer.json, PDFs and so on.
 `huggingface_hub.snapshot_download` does the transfer: its progress bar, resumable `.incomplete`
 files (nothing half-written under the final names) and token handling. Hub failures become one
-line saying what to do (exit 1); usage mistakes exit 2.
+line saying what to do (exit 1); usage mistakes exit 2. The verb's arguments: `lightning_tune.cli.download`.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -25,7 +24,9 @@ WEIGHT_FORMATS = (
 
 
 class DownloadError(Exception):
-    """A Hub or network failure, printed as one line; exit code 1."""
+    """A Hub or network failure, printed as one line; exit code 1 (not the user's typing: retrying may work)."""
+
+    exit_code = 1
 
 
 def select_files(repo_files: list[str]) -> list[str]:
@@ -96,37 +97,3 @@ def download(repo_id: str, output_dir: str | Path, hf_token: str | None = None, 
     except (HfHubHTTPError, OSError, *network_errors()) as err:
         raise DownloadError(explain(err, repo_id, has_token=token is not None)) from err
     return [Path(output_dir) / f for f in files]
-
-
-def download_command(argv: list[str]) -> int:
-    """`download REPO_ID [--output_dir DIR] [--hf_token T] [--revision R]`; returns the exit code."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(
-        prog="python -m lightning_tune download",
-        description="Download a Llama 2 checkpoint from the Hugging Face Hub: weights (safetensors, else .bin, else Meta .pth), config and tokenizer.model only.",
-    )
-    parser.add_argument("repo_id", type=str, help="Hub repository, e.g. meta-llama/Llama-2-7b-hf.")
-    parser.add_argument("--output_dir", type=str | None, default=None, help="Where to put the files (default: checkpoints/REPO_ID, the path the bundled configs use).")
-    parser.add_argument("--hf_token", type=str | None, default=None, help="Hugging Face access token (default: HF_TOKEN or the stored `hf auth login`).")
-    parser.add_argument("--revision", type=str | None, default=None, help="Branch, tag or commit (default: main).")
-    cfg = parser.parse_args(argv)  # usage errors exit 2 through argparse
-    if cfg.repo_id.count("/") != 1 or not all(cfg.repo_id.split("/")):
-        print(f"error: repo_id: expected OWNER/NAME, e.g. meta-llama/Llama-2-7b-hf, got {cfg.repo_id!r}", file=sys.stderr)
-        return 2
-    output_dir = Path(cfg.output_dir or Path("checkpoints") / cfg.repo_id)
-    if output_dir.exists() and not output_dir.is_dir():
-        print(f"error: --output_dir: {output_dir} exists and is not a directory", file=sys.stderr)
-        return 2
-    try:
-        files = download(cfg.repo_id, output_dir, cfg.hf_token, cfg.revision)
-    except DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    size = sum(f.stat().st_size for f in files if f.is_file())
-    print(f"downloaded {len(files)} files ({size / 2**30:.2f} GiB) to {output_dir}")
-    tokenizer = output_dir / "tokenizer.model"
-    if not tokenizer.is_file():
-        print(f"warning: {cfg.repo_id} has no tokenizer.model; set data.tokenizer_path to a Llama 2 SentencePiece tokenizer", file=sys.stderr)
-    print(f"use it with: --model.init_args.checkpoint_dir {output_dir} --data.tokenizer_path {tokenizer}")
-    return 0

@@ -1,4 +1,5 @@
-"""`python -m lightning_tune validate --config X [overrides]`: check a config and estimate its memory, without training.
+"""Check a config and estimate its memory, without training: what the `validate` verb
+(`lightning_tune.cli.validate`) and the docs' memory table print.
 
 Steps: the recipe CLI resolves the config exactly as `fit` would (`--print_config`, no instantiation),
 then instantiates the model and data classes (cheap: weights load only in `configure_model`) with
@@ -6,37 +7,17 @@ the trainer on CPU, because the configured trainer (8 GPUs, FSDP) cannot be buil
 Missing checkpoint/tokenizer/data paths and strategies the recipes refuse (Lightning's FSDP1 over
 several processes: use `fsdp2`) are reported one line each; the memory estimate
 (`lightning_tune.memory`) is still printed, from the named size when the checkpoint is absent.
-
-Exit codes: 0 valid (and fits a present GPU), 2 bad config, missing paths or refused strategy,
-1 estimated not to fit the GPU of this machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lightning_tune.memory import GIB, MemoryEstimate, estimate_memory
-
-def resolved_config(argv: list[str]) -> dict[str, Any]:
-    """The config `fit` would run, as a dict: LightningCLI's own `--print_config`, captured."""
-    from lightning_tune.cli import make_cli
-
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            make_cli([*argv, "--print_config"], run=False)
-    except SystemExit as exit:
-        if exit.code not in (0, None):
-            raise
-    return yaml.safe_load(out.getvalue())
+from lightning_tune.memory import MemoryEstimate, estimate_memory
 
 
 @contextlib.contextmanager
@@ -74,7 +55,7 @@ def record_missing_paths(missing: list[str]):
 
 def instantiate(argv: list[str], missing: list[str]):
     """(model, datamodule) built by the recipe CLI, with a CPU trainer standing in for the real one."""
-    from lightning_tune.cli import make_cli
+    from lightning_tune.cli.parser import make_cli
 
     cpu = ["--trainer.accelerator=cpu", "--trainer.strategy=auto", "--trainer.devices=1", "--trainer.precision=32", "--trainer.logger=false"]
     with record_missing_paths(missing):
@@ -184,6 +165,8 @@ class Check:
 
 def check(argv: list[str]) -> Check:
     """Resolve and instantiate the config, collect problems, estimate memory (None without an architecture)."""
+    from lightning_tune.cli.parser import resolved_config
+
     resolved = resolved_config(argv)
     missing: list[str] = []
     with quiet_lightning():
@@ -212,53 +195,3 @@ def check(argv: list[str]) -> Check:
     )
     estimate = None if config is None else estimate_memory(config, model.adapt_model, **settings)
     return Check(model, data, trainer, settings, problems, estimate)
-
-
-def validate(argv: list[str]) -> int:
-    """Print the checks and the estimate; return the exit code (see the module docstring)."""
-    import torch
-
-    result = check(argv)
-    for line in result.problems:
-        print(f"error: {line}", file=sys.stderr)
-    if result.estimate is None:
-        print("error: model: null needs an existing checkpoint_dir to read the architecture from; cannot estimate memory", file=sys.stderr)
-        return 2
-    model, s = result.model, result.settings
-    print(f"recipe                {type(model).__name__} ({model.model_name or model.checkpoint_dir})")
-    print(f"run                   batch_size {s['batch_size']} x max_seq_len {s['seq_len']}, precision {s['precision']}, "
-          f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, strategy {s['strategy']}, "
-          f"{s['devices']} device(s) x {s['num_nodes']} node(s)")
-    device_memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    for line in result.estimate.lines(device_memory):
-        print(line)
-    if s["strategy"] == "fsdp" and not s["fsdp_wrapped_layers"] and s["devices"] * s["num_nodes"] == 1:
-        print("note: FSDP without auto_wrap_policy gathers the whole model for compute (counted above); "
-              "--trainer.strategy fsdp2 shards each decoder layer", file=sys.stderr)
-    if result.problems:
-        return 2
-    if device_memory is not None and result.estimate.total > device_memory:
-        print(f"error: estimated peak {result.estimate.total / GIB:.1f} GiB exceeds this GPU's {device_memory / GIB:.1f} GiB; "
-              "lower data.batch_size, enable activation_checkpointing, use bf16-true, or use more devices with --trainer.strategy fsdp2", file=sys.stderr)
-        return 1
-    print("config OK")
-    return 0
-
-
-def validate_command(argv: list[str]) -> int:
-    """`validate --config X [overrides]`: one-line errors with exit code 2 for config mistakes."""
-    import os
-    from argparse import ArgumentError
-
-    from lightning_tune.cli import UsageError, condense_parse_error
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lightning_tune validate --config FILE_OR_BUNDLED_NAME [--KEY VALUE ...]\n\n" + __doc__)
-        return 0
-    try:
-        return validate(argv)
-    except (UsageError, ArgumentError, ValueError, FileNotFoundError) as err:  # ours, jsonargparse's, Lightning's
-        if os.environ.get("LIGHTNING_TUNE_DEBUG"):
-            raise
-        print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
-        return 2

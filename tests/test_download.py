@@ -16,7 +16,13 @@ import pytest
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import hf_raise_for_status
 
-from lightning_tune.download import download_command, select_files
+from lightning_tune.cli import main
+from lightning_tune.download import select_files
+
+
+def download_command(argv: list[str]) -> int:
+    """The `download` verb through the CLI's entry point (its error policy included)."""
+    return main(["download", *argv])
 
 HF_7B_FILES = [
     ".gitattributes", "LICENSE.txt", "README.md", "Responsible-Use-Guide.pdf", "USE_POLICY.md",
@@ -161,7 +167,7 @@ def test_usage_errors_exit_2(argv, capsys):
 def test_real_offline_mode_in_a_subprocess(tmp_path):
     """The hub itself, with HF_HUB_OFFLINE=1 (read at import), refuses the network: one line, exit 1."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": ""}
-    code = "import sys; from lightning_tune.download import download_command; sys.exit(download_command(sys.argv[1:]))"
+    code = "import sys; from lightning_tune.cli import main; sys.exit(main(['download', *sys.argv[1:]]))"
     proc = subprocess.run([sys.executable, "-c", code, "meta-llama/Llama-2-7b-hf", "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -1,0 +1,148 @@
+"""`generate --checkpoint_dir DIR --prompt TEXT ...`: text from a fine-tuned (or base) checkpoint.
+
+The arguments are `generate_command`'s signature (jsonargparse); a bad value is one `error:` line,
+like `fit`'s. Checked before anything loads: the prompts, the checkpoint directory, the tokenizer,
+and that the device exists.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from lightning_tune.cli.errors import UsageError
+
+
+def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[dict[str, str]]:
+    """Prompts from the command line and/or a file: JSON lines with `instruction` (and optional
+    `input`), or plain text lines; returned as records with `instruction` and `input`."""
+    import json
+
+    records = [{"instruction": p, "input": ""} for p in prompt or []]
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts_file: {prompts_file} does not exist")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"--prompts_file: {prompts_file} line {number} is not valid JSON ({err.msg})") from None
+                if not isinstance(record.get("instruction"), str) or not isinstance(record.get("input", ""), str):
+                    raise UsageError(f"--prompts_file: {prompts_file} line {number}: expected a string 'instruction' and optional string 'input'")
+                records.append({"instruction": record["instruction"], "input": record.get("input", "")})
+            else:
+                records.append({"instruction": line, "input": ""})
+    if not records:
+        raise UsageError("generate: give --prompt TEXT (repeatable) or --prompts_file FILE")
+    for i, record in enumerate(records):
+        if not record["instruction"].strip():
+            raise UsageError(f"generate: prompt {i} is empty")
+    return records
+
+
+def generate_command(
+    checkpoint_dir: str,
+    prompt: list[str] | None = None,
+    prompts_file: str | None = None,
+    adapter_dir: str | None = None,
+    tokenizer_path: str | None = None,
+    template: str = "alpaca",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+) -> None:
+    """Generate text from a fine-tuned (or base) Llama 2 checkpoint.
+
+    Args:
+        checkpoint_dir: Hugging Face or Meta checkpoint directory, e.g. a fit's merged/.
+        prompt: Prompt text (an instruction when template is alpaca); repeat for a batch.
+        prompts_file: File of prompts: JSON lines with instruction (and optional input), or plain text lines.
+        adapter_dir: PEFT LoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
+        tokenizer_path: SentencePiece tokenizer; default checkpoint_dir/tokenizer.model.
+        template: Prompt template: alpaca (the fine-tuning format) or none (raw text).
+        max_new_tokens: Most tokens to generate per prompt.
+        temperature: Sampling temperature; 0 = greedy.
+        top_k: Sample only among the k most likely tokens.
+        top_p: Sample only from the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1).
+        seed: Random seed for sampling (reproducible output).
+        device: cpu, cuda, cuda:N or auto (a GPU when there is one).
+        dtype: Weights' dtype; default: the checkpoint's.
+    """
+    import torch
+
+    from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
+    from lightning_tune.data.templates import get_template
+    from lightning_tune.generate import TextStreamer, generate
+    from lightning_tune.tokenizer import Tokenizer
+
+    records = read_prompts(prompt, prompts_file)
+    fmt = get_template(template)
+    if not Path(checkpoint_dir).is_dir():
+        raise UsageError(f"--checkpoint_dir: {checkpoint_dir} is not a directory (give a Hugging Face or Meta checkpoint directory, e.g. a fit's merged/)")
+    device = resolve_device(device)
+    if tokenizer_path is None:
+        tokenizer_path = str(Path(checkpoint_dir) / "tokenizer.model")
+        if not Path(tokenizer_path).is_file():
+            raise UsageError(f"--tokenizer_path: {checkpoint_dir} has no tokenizer.model; pass --tokenizer_path")
+    tokenizer = Tokenizer(tokenizer_path)
+    texts = [fmt.format(r["instruction"], r["input"]) for r in records]
+    prompt_ids = [tokenizer.encode(t) for t in texts]
+    model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    if adapter_dir is not None:
+        load_peft_adapter(model, adapter_dir)
+        model.to(device).eval()
+    if len(prompt_ids) == 1:  # stream one completion as it is produced
+        streamer = TextStreamer(tokenizer, prompt_ids[0])
+        generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, on_tokens=streamer)
+        streamer.finish()
+        stats = streamer.stats()
+    else:  # one batched pass; print each completion after its prompt
+        from lightning_tune.generate import GenerationTimer
+
+        timer = GenerationTimer()
+        outputs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, on_tokens=timer)
+        for record, ids in zip(records, outputs):
+            print(f"### {record['instruction']}\n{tokenizer.decode([i for i in ids if i != tokenizer.eos_id])}\n")
+        stats = timer.stats()
+    rate = f"{stats.decode_tokens_per_s:.1f} tokens/s" if stats.new_tokens > 1 else "n/a (one token)"
+    print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {rate}", file=sys.stderr)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when there is a GPU, else cpu; refuse a GPU that is not there, in one line."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.partition(":")[2]
+        if count == 0:
+            raise UsageError(f"--device: {device} asked for, but this machine has no GPU PyTorch can use; use --device cpu (or auto)")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise UsageError(f"--device: {device} does not exist; this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+        return device
+    if device != "cpu":
+        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {device!r}")
+    return device
+
+
+def main(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    # `--prompt A --prompt B` builds a list: jsonargparse spells appending `--prompt+`.
+    argv = ["--prompt+" if a == "--prompt" else "--prompt+=" + a[9:] if a.startswith("--prompt=") else a for a in argv]
+    parser = ArgumentParser(prog="python -m lightning_tune generate", description=generate_command.__doc__, exit_on_error=False, default_env=False)
+    parser.add_function_arguments(generate_command, as_positional=False)
+    cfg = parser.parse_args(argv)
+    generate_command(**cfg.as_dict())
+    return 0

@@ -1,0 +1,228 @@
+"""The recipes' LightningCLI parser and where `--config NAME` is found; imports no verb.
+
+Every verb that reads a recipe config (`fit`, `test`, `validate`, `data`, `check-config`) goes
+through `make_cli`, so they agree on what a config means. A config name is found, in order, as a
+path, in the folders of `LIGHTNING_TUNE_CONFIG_PATH` (os.pathsep-separated), in the folders that
+installed packages register under the `lightning_tune.configs` entry-point group, and among the
+bundled configs. Only the standard library and PyYAML are imported at module level, so `ls`, `cp`
+and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from lightning_tune.cli.errors import UsageError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_PATH_ENV = "LIGHTNING_TUNE_CONFIG_PATH"
+# Installed packages register config folders here: `name = "my_pkg.configs"` names a package whose folder holds *.yaml.
+CONFIG_ENTRY_POINTS = "lightning_tune.configs"
+# Lightning's checkpoint names that are not files: resolved by the Trainer.
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def entry_point_config_dirs() -> list[Path]:
+    """Folders registered by installed packages (`lightning_tune.configs` entry points).
+
+    The folder of the named package is located without running the package itself (its parent is
+    imported by `find_spec`, so keep that light)."""
+    import importlib.util
+
+    dirs = []
+    for ep in entry_points(group=CONFIG_ENTRY_POINTS):
+        try:
+            spec = importlib.util.find_spec(ep.value)
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            raise UsageError(f"entry point {CONFIG_ENTRY_POINTS}:{ep.name} = {ep.value!r} is not an importable package folder of configs")
+        dirs.extend(Path(location) for location in locations)
+    return dirs
+
+
+def env_config_dirs() -> list[Path]:
+    """The folders of LIGHTNING_TUNE_CONFIG_PATH, in order; empty entries are skipped."""
+    return [Path(p).expanduser() for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
+
+
+def config_dirs() -> list[Path]:
+    """Where `--config NAME` looks after the path itself, first match wins: the user's folders, the
+    installed packages' folders, the bundled configs."""
+    return [*env_config_dirs(), *entry_point_config_dirs(), CONFIG_DIR]
+
+
+def bundled_configs() -> list[Path]:
+    return sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name: str) -> Path:
+    """An existing path wins; otherwise NAME (with or without .yaml) in `config_dirs()`."""
+    if Path(name).exists():
+        return Path(name)
+    for folder in config_dirs():
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise UsageError(f"--config: no file {name!r} and no bundled config of that name (python -m lightning_tune ls lists them; {CONFIG_PATH_ENV} adds folders)")
+
+
+def check_config_file(path: Path) -> None:
+    """A config must be a YAML mapping; say which file and which line when it is not (jsonargparse
+    would report a YAML error or a list without naming the file)."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--config: cannot read {path} ({type(err).__name__}: {err})") from None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"--config: {path}{where}: invalid YAML ({problem})") from None
+    if content is None:
+        raise UsageError(f"--config: {path} is empty; expected a mapping with trainer:, model: and data: sections")
+    if not isinstance(content, dict):
+        raise UsageError(f"--config: {path} holds a {type(content).__name__}, expected a mapping with trainer:, model: and data: sections")
+
+
+def resolve_config(name: str) -> str:
+    """The path `--config NAME` means, checked to be a YAML mapping."""
+    path = find_config(name)
+    if path.is_file():
+        check_config_file(path)
+    return str(path)
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Rewrite every `--config X` / `--config=X` so config names work after a plain pip install."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            out += [arg, resolve_config(argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + resolve_config(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def check_ckpt_file(path: str) -> None:
+    """Refuse, in one line, a `--ckpt_path` file that is not a weights-only torch checkpoint, before
+    anything is written. The read is memory-mapped, so a 100 GB checkpoint costs nothing here; a
+    pickle that would run code is refused by `weights_only=True` and never executed."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if not zipfile.is_zipfile(path):  # torch.save (and so Lightning) writes a zip archive
+        raise UsageError(f"--ckpt_path: {path} is not a torch checkpoint (not the zip archive torch.save writes)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"--ckpt_path: {path}: refused: it holds Python objects other than tensors and plain containers, which could run code when loaded") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--ckpt_path: {path} cannot be read as a torch checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UsageError(f"--ckpt_path: {path} is not a Lightning checkpoint (no state_dict)")
+
+
+def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
+    """The LightningCLI of the recipes. With `run=False`, argv holds no verb and the CLI only parses
+    and instantiates (model, data, trainer): what `validate` and notebooks-from-configs need. With
+    `instantiate=False` too it only parses: `cli.config` is the resolved config."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_tune.callbacks import DivergenceGuard, StepSeed
+    from lightning_tune.data import InstructDataModule
+    from lightning_tune.modules import FinetuneModule
+
+    class TuneCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # One value, one place: the model learns the tokenizer (the data module's, with its own
+            # default for the demo data) and the length from the data.
+            parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer_path", apply_on="instantiate")
+            parser.link_arguments("data.max_seq_len", "model.init_args.max_seq_len")
+            # Always on, whatever callbacks a config lists: exact resume and a clear stop on NaN/inf.
+            parser.add_lightning_class_args(StepSeed, "step_seed")
+            parser.add_lightning_class_args(DivergenceGuard, "divergence_guard")
+
+        def _parse_ckpt_path(self) -> None:
+            """The command line wins over the checkpoint: Lightning would load the checkpoint's
+            hyper-parameters over the parsed ones (a `--model.lora_rank 8` silently trained at the
+            checkpoint's rank). The recipe's `on_load_checkpoint` refuses a checkpoint that does not
+            fit. Only check here that the file is a weights-only checkpoint, in one line."""
+            if not self.config.get("subcommand"):
+                return
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
+                return
+            path = Path(ckpt_path).expanduser()
+            if path.is_file():
+                check_ckpt_file(str(path))
+            elif not path.is_dir():  # a directory is a sharded (FSDP2) checkpoint: its reader checks it
+                raise UsageError(f"--ckpt_path: {ckpt_path} does not exist (give a .ckpt file, a sharded checkpoint directory, or last)")
+
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
+
+        def instantiate_trainer(self, **kwargs: Any):
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except MisconfigurationException as err:  # e.g. accelerator cuda on a machine without a GPU
+                message = " ".join(str(err).split())
+                key = "trainer.accelerator" if "accelerator" in message.lower() else "trainer"
+                raise UsageError(f"{key}: {message}") from None
+
+    # We pass argv explicitly (to resolve config names); Lightning warns about that.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    return TuneCLI(
+        FinetuneModule,
+        InstructDataModule,
+        subclass_mode_model=True,
+        args=resolve_config_args(argv),
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        # Checkpoints are written to a temporary file and renamed into place, after a disk-space check.
+        trainer_defaults={"plugins": {"class_path": "lightning_tune.callbacks.AtomicCheckpointIO"}},
+        auto_configure_optimizers=False,
+        parser_kwargs={"default_env": False, "prog": "python -m lightning_tune", "exit_on_error": False},
+    )
+
+
+def print_config(argv: list[str]) -> str:
+    """The config `fit` would run, as YAML text: LightningCLI's own `--print_config`, captured.
+    `argv` holds no verb."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            make_cli([*argv, "--print_config"], run=False, instantiate=False)
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            raise
+    return out.getvalue()
+
+
+def resolved_config(argv: list[str]) -> dict[str, Any]:
+    """The config `fit` would run, as a dict."""
+    import yaml
+
+    return yaml.safe_load(print_config(argv))
