@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_tune.data import InstructDataModule, LengthGroupedSampler
-from lightning_tune.modules.base import linear_cross_entropy_sum
+from lightning_tune.loss import linear_cross_entropy_sum
 from lightning_tune.modules.full import FullFinetune
 from lightning_tune.modules.lora import LoRAFinetune
 

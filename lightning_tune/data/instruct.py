@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_tune.loss import IGNORE_INDEX  # noqa: F401 (also re-exported: lightning_tune.data.IGNORE_INDEX)
+from lightning_tune.loss import IGNORE_INDEX
 from lightning_tune.tokenizer import TokenizerProtocol
 
 # How a sample longer than max_seq_len is cut: "keep_start" keeps its first max_seq_len tokens (as

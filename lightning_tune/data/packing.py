@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_tune.data.instruct import IGNORE_INDEX
+from lightning_tune.loss import IGNORE_INDEX
 
 
 def collate_packed(samples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Tensor | list[list[int]]]:

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_tune.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from lightning_tune.model import LLAMA2_SIZES, Llama, LlamaConfig, llama2_config
 
-IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
@@ -49,64 +49,6 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
         return step / max(1, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk_size` rows at a time.
-
-    Each chunk's logits [chunk, V] live only inside `forward`: the gradients with respect to
-    hidden and weight (softmax - onehot, times the inputs) are computed right there, chunk by
-    chunk, and `backward` only scales them by the incoming scalar. So the full [N, V] logits never
-    exist and nothing is recomputed: the same three matmuls as an unchunked head, less memory.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # [n, E], [n]
-            # [n, V] log-probabilities in fp32 like F.cross_entropy(logits.float()); one fused kernel
-            log_probs = (h @ weight.T).float().log_softmax(dim=-1)
-            loss -= log_probs.gather(1, t[:, None]).sum()
-            if need_hidden or need_weight:
-                grad = log_probs.exp_()  # softmax, in place: [n, V]
-                grad[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d logits
-                grad = grad.to(hidden.dtype)
-                if need_hidden:
-                    grad_hidden[start : start + chunk_size] = grad @ weight
-                if need_weight:
-                    grad_weight += grad.T @ h
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
-
-
-def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    """Summed cross-entropy of the logits `hidden @ weight.T` ([N, E] x [V, E]) against `targets` [N].
-
-    Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` in value
-    and gradients, but the logits exist `chunk_size` rows at a time (see `_LinearCrossEntropySum`).
-    Under autocast both operands are cast to the autocast dtype first, as `F.linear` would do.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_size)
 
 
 class FinetuneModule(pl.LightningModule):

@@ -1,0 +1,120 @@
+"""The losses of the recipes: the label that is ignored, the chunked cross-entropy of the output head,
+and per-sequence log-probabilities (what a preference recipe such as DPO compares).
+
+Only torch is imported here, so the data code can take `IGNORE_INDEX` from this module cheaply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Label of positions the loss ignores (torch.nn.functional.cross_entropy's default ignore_index):
+# prompt tokens unless trained on, padding, and each packed sample's first token.
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk_size` rows at a time.
+
+    Each chunk's logits [chunk, V] live only inside `forward`: the gradients with respect to
+    hidden and weight (softmax - onehot, times the inputs) are computed right there, chunk by
+    chunk, and `backward` only scales them by the incoming scalar. So the full [N, V] logits never
+    exist and nothing is recomputed: the same three matmuls as an unchunked head, less memory.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # [n, E], [n]
+            # [n, V] log-probabilities in fp32 like F.cross_entropy(logits.float()); one fused kernel
+            log_probs = (h @ weight.T).float().log_softmax(dim=-1)
+            loss -= log_probs.gather(1, t[:, None]).sum()
+            if need_hidden or need_weight:
+                grad = log_probs.exp_()  # softmax, in place: [n, V]
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d logits
+                grad = grad.to(hidden.dtype)
+                if need_hidden:
+                    grad_hidden[start : start + chunk_size] = grad @ weight
+                if need_weight:
+                    grad_weight += grad.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Summed cross-entropy of the logits `hidden @ weight.T` ([N, E] x [V, E]) against `targets` [N].
+
+    Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` in value
+    and gradients, but the logits exist `chunk_size` rows at a time (see `_LinearCrossEntropySum`).
+    Under autocast both operands are cast to the autocast dtype first, as `F.linear` would do.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_size)
+
+
+def sequence_logprobs(
+    logits_or_hidden: Tensor,
+    labels: Tensor,
+    *,
+    weight: Tensor | None = None,
+    seq_lens: list[list[int]] | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Summed log p(label) over the labelled positions of each sequence: the completion's log-likelihood.
+
+    Args:
+        logits_or_hidden: [B, T, V] logits, or with `weight` the [B, T, E] hidden states before the
+            output head; position t predicts token t + 1, as in the training loss.
+        labels: [B, T] token ids aligned with the inputs, IGNORE_INDEX where not scored (the prompt).
+        weight: The output head's [V, E] weight: logits are then computed only at labelled
+            positions, `chunk_size` of them at a time (all of them coexist only under autograd).
+        seq_lens: Packed rows (`collate_packed`): each row's sample lengths; one value per sample
+            is returned then, rows in order. Each sample's first label must be IGNORE_INDEX (as
+            `collate_packed` sets it), so no sample is scored on its neighbour's tokens.
+        chunk_size: Labelled positions per log-softmax; > 0.
+
+    Returns:
+        float32 [B] (or [number of samples] with `seq_lens`), differentiable.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    targets = labels[:, 1:]  # [B, T-1]: position t predicts t + 1
+    keep = targets != IGNORE_INDEX
+    inputs = logits_or_hidden[:, :-1][keep]  # [N, V] or [N, E]
+    kept = targets[keep]  # [N]
+    pieces = []
+    for start in range(0, inputs.shape[0], chunk_size):
+        chunk = inputs[start : start + chunk_size]
+        logits = chunk if weight is None else chunk @ weight.T  # [n, V]
+        pieces.append(logits.float().log_softmax(dim=-1).gather(1, kept[start : start + chunk_size, None]).squeeze(1))
+    token_logprobs = torch.cat(pieces) if pieces else inputs.new_zeros(0, dtype=torch.float32)  # [N]
+    if seq_lens is None:
+        owner, count = keep.nonzero()[:, 0], labels.shape[0]  # each labelled position's row
+    else:
+        if len(seq_lens) != labels.shape[0] or any(sum(row) != labels.shape[1] for row in seq_lens):
+            raise ValueError(f"seq_lens: {seq_lens} does not fill the {list(labels.shape)} batch (one list of sample lengths per row, summing to its length)")
+        # The sample of every token ([B, T], numbered across rows); a position belongs to its target's sample.
+        lengths = torch.tensor([n for row in seq_lens for n in row], device=labels.device)
+        sample_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=labels.device), lengths).view(labels.shape)
+        owner, count = sample_of_token[:, 1:][keep], len(lengths)
+    return torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, owner, token_logprobs)
