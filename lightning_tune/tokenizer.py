@@ -57,6 +57,8 @@ class TokenizerProtocol(Protocol):
 
     def token_to_id(self, token: str) -> int | None: ...
 
+    def id_to_token(self, index: int) -> str: ...
+
 
 class _ChatMixin:
     """`apply_chat_template` shared by both backends (the rendering lives in lightning_tune.chat_template)."""
@@ -221,6 +223,10 @@ class Tokenizer(_ChatMixin):
         index = self.processor.piece_to_id(token)
         return index if self.processor.id_to_piece(index) == token else None
 
+    def id_to_token(self, index: int) -> str:
+        """The piece of `index` as the model spells it ("▁the", "<0x0A>", "</s>")."""
+        return self.processor.id_to_piece(int(index))
+
 
 class HFTokenizer(_ChatMixin):
     """A Hugging Face `tokenizers.Tokenizer` (a `tokenizer.json`) with its special tokens and chat template.
@@ -354,6 +360,13 @@ class HFTokenizer(_ChatMixin):
         """The id of `token` (a vocabulary or added token), None if there is none."""
         return self.tokenizer.token_to_id(token)
 
+    def id_to_token(self, index: int) -> str:
+        """The token of `index` as the vocabulary spells it (byte-level BPE: "Ġthe"; special: "<|eot_id|>")."""
+        token = self.tokenizer.id_to_token(int(index))
+        if token is None:
+            raise TokenizerError(f"tokenizer {self.path}: id {index} is outside its vocabulary of {self.vocab_size}")
+        return token
+
 
 def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
     """The tokenizer at `path`: a SentencePiece `.model`, a `tokenizer.json`, or a directory holding
@@ -361,9 +374,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
 
     Returns an object with `encode(text, add_bos=, add_eos=)`, `encode_with_offsets`, `decode`,
     `bos_id`, `eos_id`, `eos_ids`, `pad_id`, `vocab_size`, `chat_template`, `special_tokens` and
-    `apply_chat_template` (see `TokenizerProtocol`).
+    `apply_chat_template` (see `TokenizerProtocol`). A llama.cpp `.gguf` file gives the tokenizer its
+    metadata describes (`lightning_tune.gguf`); `pkg://PACKAGE/FILE` names a file inside a package.
     """
-    path = Path(path).expanduser()
+    from lightning_tune.paths import resolve_path
+
+    path = resolve_path(path)
+    if path.suffix.lower() == ".gguf":
+        from lightning_tune.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return HFTokenizer.from_file(path / "tokenizer.json")
