@@ -52,6 +52,7 @@ def generate_command(
     adapter_dir: str | None = None,
     tokenizer_path: str | None = None,
     template: str = "alpaca",
+    system: str | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -67,8 +68,9 @@ def generate_command(
         prompt: Prompt text (an instruction when template is alpaca); repeat for a batch.
         prompts_file: File of prompts: JSON lines with instruction (and optional input), or plain text lines.
         adapter_dir: PEFT LoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
-        tokenizer_path: SentencePiece tokenizer; default checkpoint_dir/tokenizer.model.
-        template: Prompt template: alpaca (the fine-tuning format) or none (raw text).
+        tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; default: checkpoint_dir's.
+        template: Prompt template: alpaca (the fine-tuning format), none (raw text), or chat (the tokenizer's chat template, with the generation prompt).
+        system: System message for template chat.
         max_new_tokens: Most tokens to generate per prompt.
         temperature: Sampling temperature; 0 = greedy.
         top_k: Sample only among the k most likely tokens.
@@ -82,20 +84,28 @@ def generate_command(
     from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
     from lightning_tune.data.templates import get_template
     from lightning_tune.generate import TextStreamer, generate
-    from lightning_tune.tokenizer import Tokenizer
+    from lightning_tune.tokenizer import load_tokenizer
 
     records = read_prompts(prompt, prompts_file)
-    fmt = get_template(template)
+    fmt = None if template == "chat" else get_template(template)
+    if system is not None and fmt is not None:
+        raise UsageError("--system: only with --template chat (the other templates have no system message)")
     if not Path(checkpoint_dir).is_dir():
         raise UsageError(f"--checkpoint_dir: {checkpoint_dir} is not a directory (give a Hugging Face or Meta checkpoint directory, e.g. a fit's merged/)")
     device = resolve_device(device)
     if tokenizer_path is None:
-        tokenizer_path = str(Path(checkpoint_dir) / "tokenizer.model")
-        if not Path(tokenizer_path).is_file():
-            raise UsageError(f"--tokenizer_path: {checkpoint_dir} has no tokenizer.model; pass --tokenizer_path")
-    tokenizer = Tokenizer(tokenizer_path)
-    texts = [fmt.format(r["instruction"], r["input"]) for r in records]
-    prompt_ids = [tokenizer.encode(t) for t in texts]
+        tokenizer_path = checkpoint_dir
+        if not any((Path(checkpoint_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            raise UsageError(f"--tokenizer_path: {checkpoint_dir} has no tokenizer.json or tokenizer.model; pass --tokenizer_path")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if fmt is None:
+        if tokenizer.chat_template is None:
+            raise UsageError(f"--template chat: the tokenizer {tokenizer.path} has no chat template")
+        head = [] if system is None else [{"role": "system", "content": system}]
+        conversations = [[*head, {"role": "user", "content": "\n".join(filter(None, (r["instruction"], r["input"])))}] for r in records]
+        prompt_ids = [tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
+    else:
+        prompt_ids = [tokenizer.encode(fmt.format(r["instruction"], r["input"])) for r in records]
     model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
