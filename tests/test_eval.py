@@ -1,0 +1,212 @@
+"""Evaluation with lm-evaluation-harness: our LM equals lm-eval's HFLM item by item, generate_until
+equals our generate, the in-training callback logs metrics, and bad input is one line.
+
+The model is a tiny random transformers Llama over the bundled demo SentencePiece tokenizer (512
+pieces), saved with a transformers tokenizer built from the same pieces, so nothing is skipped and
+nothing is downloaded: HFLM reads the directory with transformers, we read it with our own loader.
+"""
+
+import csv
+import json
+import shutil
+import sys
+
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+
+pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from lightning_tune.cli import main
+from lightning_tune.data.datamodule import DEMO_TOKENIZER
+from lightning_tune.evaluation import (
+    TASKS_DIR,
+    LightningTuneLM,
+    load_for_eval,
+    run_tasks,
+)
+from lightning_tune.generate import generate
+
+TASKS = ["lightning_tune"]  # the bundled group: multiple choice, generation, rolling log-likelihood
+LIMIT = 4  # items per task compared with HFLM (of 8, 8 and 4): every request type, in a few seconds
+SUBTASKS = ["lightning_tune_choice", "lightning_tune_generate", "lightning_tune_text"]
+
+
+def transformers_tokenizer(model_file) -> transformers.PreTrainedTokenizerBase:
+    """transformers' Llama tokenizer over a SentencePiece BPE model's pieces (no protobuf needed):
+    the vocabulary by id, merges ranked by the merged piece's score, as transformers' converter does."""
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, i in vocab.items():
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            continue
+        pairs = sorted(((piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab), key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges += [(pair, sp.get_score(i)) for pair in pairs]
+    merges = [pair for pair, _ in sorted(merges, key=lambda m: -m[1])]
+    return transformers.LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, legacy=False)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers (fp32), with tokenizer.json and tokenizer.model."""
+    path = tmp_path_factory.mktemp("tiny_hf")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    # A random model emits byte pieces that form invalid UTF-8, which SentencePiece and transformers
+    # render differently (not what is tested here): their logits are 0, below the largest of the ~250
+    # random others, so greedy text is made of whole pieces (and newlines: <0x0A> stays).
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_TOKENIZER))
+    with torch.no_grad():
+        for i in range(sp.get_piece_size()):
+            if sp.is_byte(i) and sp.id_to_piece(i) != "<0x0A>":
+                model.lm_head.weight[i] = 0
+    model.save_pretrained(path)
+    transformers_tokenizer(DEMO_TOKENIZER).save_pretrained(path)
+    shutil.copy(DEMO_TOKENIZER, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_results(hf_dir):
+    """lm-eval's own HFLM on the directory: the reference."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    return model, run_tasks(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu"), TASKS, limit=LIMIT, log_samples=True)
+
+
+def by_doc(results, task):
+    return sorted(results["samples"][task], key=lambda s: s["doc_id"])
+
+
+def test_tokenizers_agree_on_the_bundled_items(hf_dir):
+    """The premise of the comparison: on every bundled text, transformers' ids are SentencePiece's."""
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_TOKENIZER))
+    lines = [json.loads(line) for f in TASKS_DIR.glob("*.jsonl") for line in f.read_text().splitlines()]
+    texts = [str(value) for record in lines for value in record.values() if isinstance(value, str) and value]
+    assert len(texts) > 30
+    assert all(hf.encode(text) == [sp.bos_id(), *sp.encode(text)] for text in texts)
+
+
+@pytest.mark.parametrize("tokenizer_file", ["tokenizer.model", "tokenizer.json"])
+def test_loglikelihoods_generations_and_metrics_equal_hflm(hf_dir, hf_results, tokenizer_file):
+    reference_model, expected = hf_results
+    model, tokenizer = load_for_eval(hf_dir, tokenizer_path=hf_dir / tokenizer_file)
+    ours = run_tasks(LightningTuneLM(model, tokenizer, batch_size=4), TASKS, limit=LIMIT, log_samples=True)
+
+    # Tolerance from the arithmetic: the project's fp32 bound on logits is 1e-5 of their largest
+    # magnitude (different kernels, batch shapes and padding: tests/test_model.py), and a log-softmax
+    # entry moves by at most twice the largest logit change, so a sum over n tokens may differ by
+    # n * 2e-5 * max|logit|. max|logit| is read off the reference model on the bundled texts.
+    texts = [s["arguments"][0][0] + s["arguments"][0][1] for s in by_doc(expected, "lightning_tune_choice")]
+    texts += [s["arguments"][0][0] for s in by_doc(expected, "lightning_tune_text")]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    with torch.no_grad():
+        scale = max(reference_model(torch.tensor([hf_tok.encode(t)])).logits.abs().max().item() for t in texts)
+
+    def tol(n_tokens: int) -> float:
+        return n_tokens * 2e-5 * scale
+
+    for ref, got in zip(by_doc(expected, "lightning_tune_choice"), by_doc(ours, "lightning_tune_choice")):
+        assert ref["arguments"] == got["arguments"]
+        for (context, continuation), (ref_ll, ref_greedy), (got_ll, got_greedy) in zip(ref["arguments"], [r[0] for r in ref["resps"]], [r[0] for r in got["resps"]]):
+            n = len(hf_tok.encode(context + continuation)) - len(hf_tok.encode(context.rstrip()))
+            assert abs(got_ll - ref_ll) <= tol(n), (continuation, got_ll, ref_ll)
+            assert got_greedy == ref_greedy
+    for ref, got in zip(by_doc(expected, "lightning_tune_text"), by_doc(ours, "lightning_tune_text")):
+        n = len(hf_tok.encode(ref["arguments"][0][0])) + 1  # every token plus BOS, as HFLM scores it
+        assert abs(got["resps"][0][0] - ref["resps"][0][0]) <= tol(n)
+    for ref, got in zip(by_doc(expected, "lightning_tune_generate"), by_doc(ours, "lightning_tune_generate")):
+        assert got["resps"] == ref["resps"]  # greedy text, cut at the same stop string
+    for task in SUBTASKS:
+        metrics = [m for m in expected["results"][task] if m.endswith(",none") and "_stderr" not in m]
+        assert metrics
+        for metric in metrics:
+            value = expected["results"][task][metric]
+            if "perplexity" in metric or "bits_per_byte" in metric:  # exp/log of the summed log-likelihoods
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+            else:  # accuracy, exact match: the same choices and texts
+                assert ours["results"][task][metric] == value, (task, metric)
+
+
+def test_generate_until_equals_generate(hf_dir):
+    model, tokenizer = load_for_eval(hf_dir, tokenizer_path=hf_dir / "tokenizer.model")
+    lm = LightningTuneLM(model, tokenizer, batch_size=2)  # 2 per batch: padding and batches both exercised
+    prompts = ["Add the two numbers.\n3 + 4\n", "Count from 2 to 9:", "Reverse the order of the list: cup, pen, box, lamp, and tree"]
+    full = [tokenizer.decode(ids) for ids in generate(model, [tokenizer.encode(p) for p in prompts], 12, eos_id=tokenizer.eos_id)]
+    stops = [text[3:5] for text in full]  # a stop string that really occurs: decoding ends early there
+    assert all(len(s) == 2 for s in stops)
+    requests = [Instance("generate_until", {}, (p, {"until": [s], "max_gen_toks": 12}), 0) for p, s in zip(prompts, stops)]
+    requests.append(Instance("generate_until", {}, (prompts[0], {"until": ["\x00never"], "max_gen_toks": 12}), 0))
+    assert lm.generate_until(requests) == [text.split(stop)[0] for text, stop in zip(full, stops)] + [full[0]]
+
+
+def test_callback_logs_metrics_and_they_are_the_trained_models(tmp_path, capsys):
+    run = tmp_path / "run"
+    extra = tmp_path / "eval.yaml"
+    callback = {"class_path": "lightning_tune.eval_callback.LMEvalCallback", "init_args": {"tasks": TASKS, "every_n_steps": 2, "limit": 2, "batch_size": 4}}
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "logs"}}
+    trainer = {"max_steps": 3, "enable_progress_bar": False, "default_root_dir": str(run), "val_check_interval": None, "limit_val_batches": 0, "logger": logger, "callbacks": [callback]}
+    extra.write_text(json.dumps({"trainer": trainer, "data": {"val_size": 0}}))
+    assert main(["fit", "--config", "tiny_lora.yaml", "--config", str(extra)]) == 0
+    with open(next(run.rglob("metrics.csv"))) as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("eval/lightning_tune_choice/acc")]
+    assert [int(r["step"]) for r in rows] == [2, 3]  # every 2 steps, and at the end of fit
+    for name in ("lightning_tune_choice/acc_norm", "lightning_tune_generate/exact_match", "lightning_tune_text/bits_per_byte"):
+        assert all(r[f"eval/{name}"] != "" for r in rows), name
+    # The last evaluation is of the model the run exported: eval of merged/ gives the same scores.
+    assert main(["eval", "--checkpoint_dir", str(run / "merged"), "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "r.json")]) == 0
+    exported = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert float(rows[-1]["eval/lightning_tune_choice/acc"]) == exported["lightning_tune_choice"]["acc,none"]
+    # merged weights are W + s*BA rounded once in fp32: the log-likelihood sums agree to rounding.
+    assert float(rows[-1]["eval/lightning_tune_text/bits_per_byte"]) == pytest.approx(exported["lightning_tune_text"]["bits_per_byte,none"], rel=1e-4)
+    assert "| - lightning_tune_choice" in capsys.readouterr().out
+
+
+def one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_unknown_task_is_one_line(hf_dir, capsys, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's own ~15,000 task files takes seconds; this test is about our message, so the
+    # full index is built without them (the name is unknown either way).
+    build = TaskManager.__init__
+    monkeypatch.setattr(TaskManager, "__init__", lambda self, *a, include_defaults=True, **k: build(self, *a, include_defaults=False, **k))
+    assert main(["eval", "--checkpoint_dir", str(hf_dir), "--tasks", "lightning_tune,no_such_task"]) == 2
+    assert "unknown task(s) ['no_such_task']" in one_error_line(capsys)
+
+
+def test_missing_lm_eval_is_one_line(hf_dir, capsys, monkeypatch):
+    for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing any of lm_eval now raises ImportError
+    monkeypatch.delitem(sys.modules, "lightning_tune.evaluation")
+    assert main(["eval", "--checkpoint_dir", str(hf_dir)]) == 2
+    assert "lm-eval is not installed: pip install 'lightning_tune[eval]'" in one_error_line(capsys)
+
+
+def test_unreadable_checkpoints_are_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    garbage = tmp_path / "last.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    for args, expected in [
+        (["--checkpoint_dir", str(broken)], "config.json"),
+        (["--ckpt_path", str(garbage)], "last.ckpt"),
+        (["--checkpoint_dir", str(tmp_path / "absent")], "no such checkpoint"),
+        (["--checkpoint_dir", str(broken), "--ckpt_path", str(garbage)], "exactly one of"),
+    ]:
+        assert main(["eval", *args, "--device", "cpu"]) == 2
+        assert expected in one_error_line(capsys), args
