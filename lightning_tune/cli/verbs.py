@@ -25,6 +25,7 @@ VERBS: dict[str, Verb] = {
     "data": Verb("lightning_tune.cli.data:main", "data", "print the first training samples decoded, masked tokens marked"),
     "generate": Verb("lightning_tune.cli.generate:main", "generate", "generate text from a checkpoint (and a PEFT adapter)"),
     "export": Verb("lightning_tune.cli.export:main", "export", "write a PEFT adapter or a Hugging Face directory from a .ckpt"),
+    "eval": Verb("lightning_tune.cli.eval:main", "eval", "lm-evaluation-harness scores of a checkpoint (--tasks lightning_tune: the bundled offline demo)"),
     "download": Verb("lightning_tune.cli.download:main", "download REPO_ID", "fetch a Hugging Face checkpoint (weights, config, tokenizer only)"),
     "ls": Verb("lightning_tune.cli.files:ls", "ls", "list the recipes and the configs (bundled, $LIGHTNING_TUNE_CONFIG_PATH, installed packages)"),
     "cp": Verb("lightning_tune.cli.files:cp", "cp NAME DEST", "copy a config to DEST for editing"),
