@@ -1,0 +1,58 @@
+"""The chat verb: replies reuse the KV cache across turns yet equal generation on the whole rendered
+conversation; the verb reads messages from stdin, /reset and /exit work, errors are one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_tune.chat_template import LLAMA2, render
+from lightning_tune.checkpoint import save_hf_checkpoint
+from lightning_tune.cli.chat import ChatSession, chat_command
+from lightning_tune.cli.errors import UsageError
+from lightning_tune.generate import generate
+from lightning_tune.model import tiny_llama2
+from lightning_tune.tokenizer import load_tokenizer
+
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny_llama2(512).eval()
+
+
+def test_cached_turns_equal_generation_on_the_whole_conversation(model) -> None:
+    tokenizer = load_tokenizer(DEMO_TOKENIZER)
+    session = ChatSession(model, tokenizer, LLAMA2, system="Answer in a few words.", max_new_tokens=6, max_context=128)
+    turns = []
+    try:
+        for user in ["Remember the word frog.", "Which word did I give you?"]:
+            session.respond(user)
+            turns.append((list(session.messages[:-1]), session.reused, session.reply_ids))
+        assert [message["role"] for message in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+        session.reset()
+        assert session.messages == [{"role": "system", "content": "Answer in a few words."}] and session.cached == []
+    finally:
+        session.close()
+    for index, (history, reused, reply) in enumerate(turns):
+        text = render(LLAMA2, history, special_tokens=tokenizer.special_tokens, add_generation_prompt=True).text
+        prompt = tokenizer.encode_with_offsets(text, chat=True)[0]
+        # Llama 2's template is prefix-stable: turn 2 computes only what follows the cached first turn
+        assert reused == 0 if index == 0 else reused > len(prompt) // 2
+        expected = generate(model, [prompt], 6, eos_id=tokenizer.eos_id)[0]  # fresh cache, the whole prompt
+        assert reply == [t for t in expected if t != tokenizer.eos_id]
+
+
+def test_chat_verb_through_stdin(model, tmp_path: Path) -> None:
+    checkpoint = save_hf_checkpoint(model, model.config, tmp_path / "ckpt", tokenizer_path=DEMO_TOKENIZER)
+    command = [sys.executable, "-m", "lightning_tune", "chat", "--checkpoint_dir", str(checkpoint), "--chat_template", "llama2", "--max_new_tokens", "4", "--device", "cpu"]
+    done = subprocess.run(command, input="Add 2 and 5.\n/reset\nhello\n/exit\nnever read\n", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and lines[1] == "(conversation reset)"
+    with pytest.raises(UsageError, match=r"^--chat_template: the tokenizer has no chat template; set it to a built-in"):
+        chat_command(str(checkpoint), device="cpu")  # the demo tokenizer has none: refused before the model loads
