@@ -108,7 +108,9 @@ def meta_intermediate_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float 
 
 
 def _checkpoint_dir(checkpoint_dir: str | Path) -> Path:
-    path = Path(checkpoint_dir).expanduser()
+    from lightning_tune.paths import resolve_path
+
+    path = resolve_path(checkpoint_dir)  # pkg://PACKAGE/PATH: a directory shipped in a package
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     return path
@@ -229,8 +231,19 @@ def _load_meta_config(path: Path) -> LlamaConfig:
     )
 
 
+def _gguf_file(checkpoint_dir: str | Path) -> bool:
+    """A llama.cpp .gguf file in place of a directory (read by lightning_tune.gguf)."""
+    from lightning_tune.gguf import is_gguf
+
+    return is_gguf(checkpoint_dir)
+
+
 def load_config(checkpoint_dir: str | Path) -> LlamaConfig:
-    """The model config of a Hugging Face (config.json) or Meta (params.json) checkpoint directory."""
+    """The model config of a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a .gguf file."""
+    if _gguf_file(checkpoint_dir):
+        from lightning_tune.gguf import gguf_config
+
+        return gguf_config(checkpoint_dir)[0]
     path = _checkpoint_dir(checkpoint_dir)
     if detect_format(path) == "hf":
         return _load_hf_config(path)[0]
@@ -417,9 +430,15 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
     leaves the model untouched. LoRA's lora_A/lora_B are not in a base checkpoint and are left as
     they are. With a tied-embedding Hugging Face config, lm_head shares embed_tokens' weight.
     """
-    path = _checkpoint_dir(checkpoint_dir)
-    fmt = detect_format(path)
-    config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
+    if _gguf_file(checkpoint_dir):
+        from lightning_tune.gguf import gguf_config, gguf_entries, resolve_path
+
+        path, fmt = resolve_path(checkpoint_dir), "gguf"
+        config, tied = gguf_config(path)
+    else:
+        path = _checkpoint_dir(checkpoint_dir)
+        fmt = detect_format(path)
+        config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
     _check_config(path, model, config)
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
     skip = set()
@@ -431,7 +450,7 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
         expected.pop("lm_head.weight", None)
         skip.add("lm_head.weight")
     with ExitStack() as stack:
-        entries = _hf_entries(path, stack) if fmt == "hf" else _meta_entries(path, config)
+        entries = _hf_entries(path, stack) if fmt == "hf" else gguf_entries(path, config) if fmt == "gguf" else _meta_entries(path, config)
         _check_entries(path, entries, expected, skip)
         for entry in entries:
             if entry.key not in skip:
@@ -441,7 +460,7 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
 
 
 def from_pretrained(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Llama:
-    """A `Llama` from a Hugging Face or Meta directory, in eval mode; dtype None keeps the checkpoint's."""
+    """A `Llama` from a Hugging Face or Meta directory or a .gguf file, in eval mode; dtype None keeps the checkpoint's (fp32 for GGUF)."""
     config = load_config(path)
     with torch.device("meta"):  # no memory until each tensor is loaded
         model = Llama(config)

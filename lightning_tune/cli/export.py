@@ -1,5 +1,6 @@
-"""`export --ckpt_path CKPT --format peft|hf --output DIR [--checkpoint_dir BASE]`: a PEFT adapter or
-a Hugging Face directory from any training checkpoint (`lightning_tune.export` does the work).
+"""`export --ckpt_path CKPT --format peft|hf|gguf --output DIR [--checkpoint_dir BASE]`: a PEFT adapter,
+a Hugging Face directory or a GGUF file from any training checkpoint (`lightning_tune.export` and
+`lightning_tune.gguf` do the work); `--format gguf --checkpoint_dir DIR_OR_GGUF` converts a model alone.
 
 A bad value (`--format onnx`) is one `error:` line, like `fit`'s.
 """
@@ -9,16 +10,33 @@ from __future__ import annotations
 from typing import Literal
 
 
-def export(ckpt_path: str, format: Literal["peft", "hf"], output: str, checkpoint_dir: str | None = None, tokenizer_path: str | None = None):
-    """Export a fit checkpoint: a PEFT adapter (LoRA runs) or a Hugging Face directory (adapters merged in).
+def export(
+    format: Literal["peft", "hf", "gguf"],
+    output: str,
+    ckpt_path: str | None = None,
+    checkpoint_dir: str | None = None,
+    tokenizer_path: str | None = None,
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16",
+):
+    """Export a fit checkpoint: a PEFT adapter (LoRA runs), a Hugging Face directory (adapters merged in)
+    or a GGUF file for llama.cpp / Ollama (also from a Hugging Face directory or a .gguf, without a checkpoint).
 
     Args:
-        ckpt_path: Lightning checkpoint (.ckpt) of a fit run, e.g. out/RUN/checkpoints/last.ckpt.
-        format: peft (adapter_config.json + adapter_model.safetensors) or hf (transformers-loadable model).
-        output: Directory to write.
-        checkpoint_dir: Base model directory; default: the one the run was trained from.
-        tokenizer_path: Tokenizer copied into an hf export; default: the run's.
+        format: peft (adapter_config.json + adapter_model.safetensors), hf (transformers-loadable model) or gguf (one llama.cpp file + an Ollama Modelfile).
+        output: Directory to write (a .gguf file for gguf).
+        ckpt_path: Lightning checkpoint (.ckpt) of a fit run, e.g. out/RUN/checkpoints/last.ckpt; gguf can instead convert checkpoint_dir alone.
+        checkpoint_dir: Base model directory (or .gguf); default: the one the run was trained from.
+        tokenizer_path: Tokenizer copied into an hf export (written into a gguf); default: the run's.
+        outtype: gguf only: type of the 2-D weights, f32, f16, bf16 or q8_0.
     """
+    if format == "gguf":
+        from lightning_tune.gguf import export_gguf
+
+        return export_gguf(output, outtype, ckpt_path, checkpoint_dir, tokenizer_path)
+    if ckpt_path is None:
+        from lightning_tune.cli.errors import UsageError
+
+        raise UsageError(f"--ckpt_path is required for --format {format} (only gguf converts a --checkpoint_dir alone)")
     from lightning_tune.export import export_checkpoint
 
     return export_checkpoint(ckpt_path, format, output, checkpoint_dir, tokenizer_path)

