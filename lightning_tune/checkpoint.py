@@ -30,6 +30,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_tune.lora import apply_lora, is_lora_key, lora_modules
+from lightning_tune.families import family_for, hf_mapping
+from lightning_tune.families.base import HFMapping
+from lightning_tune.families.llama2 import META_KEYS
 from lightning_tune.model import Llama, LlamaConfig
 
 
@@ -40,24 +43,7 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Key maps
 
-# Meta name (for `layers.N.<name>`, the part after the layer index) -> (our / Hugging Face name, the dim
-# along which Meta's fairscale layers split the tensor across model-parallel shards; None = replicated).
-# ColumnParallelLinear splits its output rows (dim 0), RowParallelLinear its input columns (dim 1), and
-# ParallelEmbedding the embedding dim (dim 1). Source: meta-llama/llama, llama/model.py.
-META_KEYS: dict[str, tuple[str, int | None]] = {
-    "tok_embeddings.weight": ("model.embed_tokens.weight", 1),
-    "norm.weight": ("model.norm.weight", None),
-    "output.weight": ("lm_head.weight", 0),
-    "attention.wq.weight": ("self_attn.q_proj.weight", 0),
-    "attention.wk.weight": ("self_attn.k_proj.weight", 0),
-    "attention.wv.weight": ("self_attn.v_proj.weight", 0),
-    "attention.wo.weight": ("self_attn.o_proj.weight", 1),
-    "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
-    "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
-    "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
-    "attention_norm.weight": ("input_layernorm.weight", None),
-    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
-}
+# Meta name -> (our / Hugging Face name, model-parallel shard dim): `META_KEYS`, in families/llama2.py.
 META_IGNORED = ("rope.freqs",)  # Meta's precomputed rotary table; we compute it per call
 HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer old transformers versions saved
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (ours)
@@ -72,7 +58,8 @@ PEFT_PLAIN_LORA: dict[str, object] = {
 # init_lora_weights values that leave the base weights untouched (PiSSA, OLoRA, LoftQ, CorDA rewrite them).
 PEFT_PLAIN_INITS = (True, False, None, "gaussian")
 
-CONFIG_KEYS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
+CONFIG_KEYS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias", "qk_norm")
+ROPE_TYPES = ("default", "llama3", "linear")
 
 
 def meta_to_hf_key(meta_key: str) -> tuple[str, int | None]:
@@ -108,9 +95,7 @@ def meta_intermediate_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float 
 
 
 def _checkpoint_dir(checkpoint_dir: str | Path) -> Path:
-    from lightning_tune.paths import resolve_path
-
-    path = resolve_path(checkpoint_dir)  # pkg://PACKAGE/PATH: a directory shipped in a package
+    path = Path(checkpoint_dir).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     return path
@@ -163,50 +148,98 @@ def _make_config(path: Path, **values) -> LlamaConfig:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def _hf_rope_base(cfg: dict, path: Path) -> float:
-    """rope_theta from either transformers 4's `rope_theta`/`rope_scaling` or 5's `rope_parameters`."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported; Llama 2 uses the default rotary embedding")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def _hf_rope(cfg: dict, mapping: HFMapping, max_seq_len: int, file: Path) -> dict:
+    """The rotary fields of a config.json in either form: transformers 4 (`rope_theta` + `rope_scaling`)
+    or 5 (`rope_parameters`, `rope_theta` inside). Unsupported types are refused in one line."""
+    params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{file}: {key} must be an object or null, got {value!r}")
+    rope = {**(scaling or {}), **(params or {})}
+    if any(isinstance(v, dict) for v in rope.values()):  # per-layer-type tables (Gemma 3)
+        raise CheckpointError(f"{file}: per-layer rotary parameters are not supported; supported rotary types: {', '.join(ROPE_TYPES)}")
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"{file}: rotary type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{file}: partial_rotary_factor is not supported (the rotary embedding covers the whole head)")
+    values = {"rope_type": rope_type, "rope_base": float(rope.get("rope_theta", cfg.get("rope_theta", mapping.defaults["rope_theta"])))}
+    if rope_type in ("linear", "llama3"):
+        values["rope_factor"] = float(_require(rope, "factor", file))
+    if rope_type == "llama3":
+        values["rope_low_freq_factor"] = float(_require(rope, "low_freq_factor", file))
+        values["rope_high_freq_factor"] = float(_require(rope, "high_freq_factor", file))
+        values["rope_original_max_seq_len"] = int(rope.get("original_max_position_embeddings") or max_seq_len)
+    return values
 
 
-def _load_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
-    """config.json -> (LlamaConfig, tie_word_embeddings)."""
-    file = path / "config.json"
-    cfg = _read_json(file)
-    if cfg.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{file}: model_type is {cfg['model_type']!r}, expected 'llama'")
+def _hf_sliding_window(cfg: dict, mapping: HFMapping, num_layers: int, file: Path) -> int | None:
+    if mapping.sliding_window == "all":  # Mistral: every layer, unless config.json says null
+        return cfg.get("sliding_window", mapping.defaults.get("sliding_window"))
+    layer_types = cfg.get("layer_types") or []
+    per_layer = mapping.sliding_window == "per_layer" and cfg.get("use_sliding_window", False) and cfg.get("sliding_window") is not None
+    if "sliding_attention" in layer_types or (per_layer and cfg.get("max_window_layers", mapping.defaults.get("max_window_layers", 0)) < num_layers):
+        raise CheckpointError(f"{file}: sliding-window attention on some layers only (use_sliding_window / layer_types) is not supported; set use_sliding_window false")
+    return None
+
+
+def config_from_hf(cfg: dict, file: str | Path = "config.json") -> LlamaConfig:
+    """A Hugging Face config.json (as a dict) -> ModelConfig, for every model_type in `families.HF_MAPPINGS`.
+
+    Keys a config.json leaves out take the value transformers' config class assumes for that
+    model_type (`HFMapping.defaults`), so a terse file reads as transformers reads it.
+    """
+    file = Path(file)
+    try:
+        mapping = hf_mapping(cfg.get("model_type", "llama"), file)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    defaults = mapping.defaults
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{file}: hidden_act is {cfg['hidden_act']!r}, expected 'silu'")
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise CheckpointError(f"{file}: {flag} is true; Llama 2 has no biases")
     heads = _require(cfg, "num_attention_heads", file)
     hidden = _require(cfg, "hidden_size", file)
-    if cfg.get("head_dim") not in (None, hidden // heads):
-        raise CheckpointError(f"{file}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads = {hidden // heads}")
-    config = _make_config(
+    num_layers = _require(cfg, "num_hidden_layers", file)
+    max_seq_len = cfg.get("max_position_embeddings", defaults["max_position_embeddings"])
+    if mapping.attention_bias == "qkv":
+        attention_bias = "qkv"
+    else:
+        attention_bias = "all" if cfg.get("attention_bias", defaults.get("attention_bias", False)) else "none"
+    return _make_config(
         file,
         vocab_size=_require(cfg, "vocab_size", file),
-        num_layers=_require(cfg, "num_hidden_layers", file),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         embed_dim=hidden,
         intermediate_dim=_require(cfg, "intermediate_size", file),
-        max_seq_len=cfg.get("max_position_embeddings", 4096),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),  # transformers' default when absent
-        rope_base=_hf_rope_base(cfg, file),
+        max_seq_len=max_seq_len,
+        norm_eps=cfg.get("rms_norm_eps", defaults["rms_norm_eps"]),
+        head_dim=cfg.get("head_dim") or defaults.get("head_dim") or 0,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
+        attention_bias=attention_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)) if mapping.mlp_bias else False,
+        qk_norm=mapping.qk_norm,
+        sliding_window=_hf_sliding_window(cfg, mapping, num_layers, file),
+        model_type=mapping.model_type,
+        **_hf_rope(cfg, mapping, max_seq_len, file),
     )
-    return config, bool(cfg.get("tie_word_embeddings", False))
+
+
+def _load_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
+    """config.json -> (ModelConfig, tie_word_embeddings)."""
+    config = config_from_hf(_read_json(path / "config.json"), path / "config.json")
+    return config, config.tie_word_embeddings
 
 
 def _load_meta_config(path: Path) -> LlamaConfig:
     """params.json (+ the embedding's shape when vocab_size is -1) -> LlamaConfig."""
     file = path / "params.json"
     params = _read_json(file)
+    if params.get("use_scaled_rope") or params.get("vocab_size") == 128256 or params.get("rope_theta") == 500000.0:
+        from lightning_tune.families import FAMILIES
+
+        raise CheckpointError(f"{file}: {FAMILIES['llama3'].meta_note}")
     dim = _require(params, "dim", file)
     vocab_size = params.get("vocab_size", -1)
     if vocab_size <= 0:  # Meta's files say -1: the tokenizer decides; the embedding's rows tell us
@@ -231,30 +264,51 @@ def _load_meta_config(path: Path) -> LlamaConfig:
     )
 
 
-def _gguf_file(checkpoint_dir: str | Path) -> bool:
-    """A llama.cpp .gguf file in place of a directory (read by lightning_tune.gguf)."""
-    from lightning_tune.gguf import is_gguf
-
-    return is_gguf(checkpoint_dir)
-
-
 def load_config(checkpoint_dir: str | Path) -> LlamaConfig:
-    """The model config of a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a .gguf file."""
-    if _gguf_file(checkpoint_dir):
-        from lightning_tune.gguf import gguf_config
-
-        return gguf_config(checkpoint_dir)[0]
+    """The model config of a Hugging Face (config.json) or Meta (params.json) checkpoint directory."""
     path = _checkpoint_dir(checkpoint_dir)
     if detect_format(path) == "hf":
         return _load_hf_config(path)[0]
     return _load_meta_config(path)
 
 
-def config_to_hf(config: LlamaConfig, torch_dtype: torch.dtype = torch.float32) -> dict:
-    """config.json contents for transformers' LlamaForCausalLM (the 4.x layout, which 5.x also reads)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+def config_to_hf(config: LlamaConfig, torch_dtype: torch.dtype = torch.float32, token_ids: dict[str, int | list[int] | None] | None = None) -> dict:
+    """config.json contents for transformers' `*ForCausalLM` of `config.model_type`.
+
+    Written in transformers 4's form (`rope_theta`, `rope_scaling`), which transformers 5 also reads
+    (it folds them into `rope_parameters`), and llama.cpp's converter too. `token_ids` gives
+    `bos_token_id` / `eos_token_id` (an int or a list) / `pad_token_id`; default: the family's.
+    A switch that the model_type cannot express is refused rather than silently dropped.
+    """
+    try:
+        mapping = hf_mapping(config.model_type, "config")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    problems = []
+    if config.qk_norm != mapping.qk_norm:
+        problems.append(f"qk_norm={config.qk_norm}")
+    if (config.attention_bias == "qkv") != (mapping.attention_bias == "qkv"):
+        problems.append(f"attention_bias={config.attention_bias!r}")
+    if config.mlp_bias and not mapping.mlp_bias:
+        problems.append("mlp_bias=True")
+    if config.sliding_window is not None and mapping.sliding_window != "all":
+        problems.append(f"sliding_window={config.sliding_window}")
+    if problems:
+        raise CheckpointError(f"model_type {config.model_type!r} cannot express {', '.join(problems)}; choose the model_type of a family that has them")
+    rope_scaling = None
+    if config.rope_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": config.rope_factor}
+    elif config.rope_type == "llama3":
+        rope_scaling = {
+            "rope_type": "llama3", "factor": config.rope_factor, "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor, "original_max_position_embeddings": config.rope_original_max_seq_len,
+        }
+    if token_ids is None:
+        family = family_for(config)
+        token_ids = {"bos_token_id": family.token_id("bos"), "eos_token_id": family.token_id("eos"), "pad_token_id": family.token_id("pad")} if family else {}
+    out = {
+        "architectures": [mapping.architecture],
+        "model_type": mapping.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.embed_dim,
         "intermediate_size": config.intermediate_dim,
@@ -265,18 +319,27 @@ def config_to_hf(config: LlamaConfig, torch_dtype: torch.dtype = torch.float32) 
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "initializer_range": 0.02,
-        "pretraining_tp": 1,
         "use_cache": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": token_ids.get("bos_token_id"),
+        "eos_token_id": token_ids.get("eos_token_id"),
         "torch_dtype": str(torch_dtype).removeprefix("torch."),
     }
+    if token_ids.get("pad_token_id") is not None:
+        out["pad_token_id"] = token_ids["pad_token_id"]
+    if mapping.attention_bias == "flag":
+        out["attention_bias"] = config.attention_bias == "all"
+    if mapping.mlp_bias:
+        out["mlp_bias"] = config.mlp_bias
+        out["pretraining_tp"] = 1
+    if mapping.sliding_window == "all":
+        out["sliding_window"] = config.sliding_window  # null written out: Mistral's reader assumes 4096 when absent
+    elif mapping.sliding_window == "per_layer":
+        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.num_layers}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,37 +493,35 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
     leaves the model untouched. LoRA's lora_A/lora_B are not in a base checkpoint and are left as
     they are. With a tied-embedding Hugging Face config, lm_head shares embed_tokens' weight.
     """
-    if _gguf_file(checkpoint_dir):
-        from lightning_tune.gguf import gguf_config, gguf_entries, resolve_path
-
-        path, fmt = resolve_path(checkpoint_dir), "gguf"
-        config, tied = gguf_config(path)
-    else:
-        path = _checkpoint_dir(checkpoint_dir)
-        fmt = detect_format(path)
-        config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
+    path = _checkpoint_dir(checkpoint_dir)
+    fmt = detect_format(path)
+    config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
     _check_config(path, model, config)
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
     skip = set()
     if tied:  # transformers ties lm_head to embed_tokens and ignores any saved lm_head
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in model.parameters()):
-            raise CheckpointError(f"{path}: tie_word_embeddings is true, which sharded (FSDP2) loading does not support; untie the checkpoint or train without sharding")
         expected.pop("lm_head.weight", None)
         skip.add("lm_head.weight")
+        # One tensor before loading too: a sharded (FSDP2) embedding is filled in place, and the
+        # head, which FSDP2 gathers as the same parameter, must be that one (to_empty untied them).
+        _tie(model)
     with ExitStack() as stack:
-        entries = _hf_entries(path, stack) if fmt == "hf" else gguf_entries(path, config) if fmt == "gguf" else _meta_entries(path, config)
+        entries = _hf_entries(path, stack) if fmt == "hf" else _meta_entries(path, config)
         _check_entries(path, entries, expected, skip)
         for entry in entries:
             if entry.key not in skip:
                 _assign(model, entry.key, entry.read(), dtype, device)
     if tied:
-        model.get_submodule("lm_head").weight = model.get_submodule("model.embed_tokens").weight
+        _tie(model)
+
+
+def _tie(model: nn.Module) -> None:
+    """lm_head's weight becomes the embedding's (the parameter object itself, as transformers ties)."""
+    model.get_submodule("lm_head").weight = model.get_submodule("model.embed_tokens").weight
 
 
 def from_pretrained(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Llama:
-    """A `Llama` from a Hugging Face or Meta directory or a .gguf file, in eval mode; dtype None keeps the checkpoint's (fp32 for GGUF)."""
+    """A `Llama` from a Hugging Face or Meta directory, in eval mode; dtype None keeps the checkpoint's."""
     config = load_config(path)
     with torch.device("meta"):  # no memory until each tensor is loaded
         model = Llama(config)
@@ -538,11 +599,15 @@ def save_hf_checkpoint(
     dtype: torch.dtype | None = None,
     tokenizer_path: str | Path | None = None,
 ) -> Path:
-    """Write a transformers-loadable Llama directory atomically; returns its path.
+    """Write a transformers-loadable directory of the config's family atomically; returns its path.
 
     Writes config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n shards
-    plus model.safetensors.index.json above `max_shard_size` bytes) and tokenizer.model if given.
-    A LoRA model must be merged first (`lora.merge_lora`) or saved with `save_peft_adapter`.
+    plus model.safetensors.index.json above `max_shard_size` bytes) and, if given, the tokenizer:
+    a SentencePiece `.model` (copied as tokenizer.model) or a `tokenizer.json` / directory (its
+    files, `tokenizer.tokenizer_files`). Special token ids come from that tokenizer when it is a
+    tokenizer.json (its config and generation_config), else from the family (`families/`).
+    Tied embeddings write no `lm_head.weight`, as transformers does. A LoRA model must be merged
+    first (`lora.merge_lora`) or saved with `save_peft_adapter`.
     """
     output_dir = Path(output_dir).expanduser().absolute()
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
@@ -551,14 +616,15 @@ def save_hf_checkpoint(
         raise CheckpointError(f"{output_dir}: the model has LoRA weights ({lora_keys[0]}, ...): merge them (lora.merge_lora) or use save_peft_adapter")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Llama(config).state_dict().items()}
+    skip = set()
+    if config.tie_word_embeddings:  # the head is the embedding: one tensor in the file
+        expected.pop("lm_head.weight")
+        skip.add("lm_head.weight")
     entries = [_Entry(k, tuple(v.shape), output_dir) for k, v in state.items()]
-    _check_entries(output_dir, entries, expected, skip=set())
-    tokenizer = None
-    if tokenizer_path is not None:
-        tokenizer = Path(tokenizer_path).expanduser()
-        tokenizer = tokenizer / "tokenizer.model" if tokenizer.is_dir() else tokenizer
-        if not tokenizer.is_file():
-            raise CheckpointError(f"{tokenizer}: tokenizer file not found")
+    _check_entries(output_dir, entries, expected, skip=skip)
+    tokenizer_copies, token_ids = _export_tokenizer(tokenizer_path, config)
+    config_json = config_to_hf(config, token_ids=token_ids)  # torch_dtype set below, once known
+    generation = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config_json.get(k) is not None}
 
     tensors = {key: state[key].detach() for key in expected}  # our canonical order: shards hold layers in sequence
     meta = [k for k, t in tensors.items() if t.is_meta]
@@ -568,7 +634,7 @@ def save_hf_checkpoint(
     itemsize = torch.empty((), dtype=out_dtype).element_size()
     sizes = {k: t.numel() * itemsize for k, t in tensors.items()}
     total = sum(sizes.values())
-    extra = (tokenizer.stat().st_size if tokenizer else 0) + 2**20  # tokenizer, JSON files, headers
+    extra = sum(source.stat().st_size for source, _ in tokenizer_copies) + 2**20  # tokenizer, JSON files, headers
     _check_disk_space(_existing_parent(output_dir), total + extra)
 
     shards = _shard(sizes, max_shard_size)
@@ -589,11 +655,36 @@ def save_hf_checkpoint(
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        for source, name in tokenizer_copies:
+            shutil.copyfile(source, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(config_json | {"torch_dtype": str(out_dtype).removeprefix("torch.")}, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")  # after the copies: ours wins
     return output_dir
+
+
+def _export_tokenizer(tokenizer_path: str | Path | None, config: LlamaConfig) -> tuple[list[tuple[Path, str]], dict | None]:
+    """(files to copy as (source, name in the export), special token ids or None for the family's).
+
+    A SentencePiece `.model` is copied unread (its ids are the family's: Llama 2, Mistral); a
+    tokenizer.json, or a directory holding one, is read for its bos / eos (all end tokens) / pad ids.
+    """
+    if tokenizer_path is None:
+        return [], None
+    path = Path(tokenizer_path).expanduser()
+    if path.is_dir() and not (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.model"
+    if not path.exists():
+        raise CheckpointError(f"{path}: tokenizer file not found")
+    if path.is_file() and path.suffix != ".json":
+        return [(path, "tokenizer.model")], None
+    from lightning_tune.tokenizer import load_tokenizer, tokenizer_files
+
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
+    eos = list(tokenizer.eos_ids)
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": tokenizer.pad_id}
+    return [(file, file.name) for file in tokenizer_files(path)], ids
 
 
 # --------------------------------------------------------------------------------------------------

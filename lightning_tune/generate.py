@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Callable, Protocol
 
 import torch
@@ -106,16 +107,16 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Iterable[int] | None = None,
     pad_id: int = 0,
     seed: int | None = None,
     on_tokens: Callable[[Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return only the new tokens per row.
 
-    Each row is cut right after its first `eos_id`, and the EOS token is INCLUDED (as Hugging Face
-    returns it), so a caller can tell "stopped" from "ran out of tokens"; strip it for display.
-    Generation stops once every row has produced EOS, or after `max_new_tokens`.
+    Each row is cut right after its first end token (any of `eos_id`), and that token is INCLUDED
+    (as Hugging Face returns it), so a caller can tell "stopped" from "ran out of tokens"; strip it
+    for display. Generation stops once every row has ended, or after `max_new_tokens`.
 
     Args:
         model: the Llama; any KV cache it has is replaced, and it has none on return (even on error).
@@ -124,13 +125,15 @@ def generate(
         temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature).
         top_k: sample among the k most likely tokens only (None: all).
         top_p: nucleus sampling; keep the smallest set of likely tokens with total probability >= top_p.
-        eos_id: the token that ends a row (None: always generate `max_new_tokens`).
+        eos_id: the token, or tokens (a list or set: Llama 3 ends on <|eot_id|>, <|eom_id|> and
+            <|end_of_text|>), that end a row (None: always generate `max_new_tokens`).
         pad_id: the id used for left padding and, like HF, as the token of rows that already ended.
         seed: seeds a private generator, so sampling is reproducible and leaves the global RNG alone.
         on_tokens: called with each step's new tokens [B] (for streaming; finished rows show `pad_id`).
     """
     _check_sampling(temperature, top_k, top_p)
     _check_prompts(model, prompts, max_new_tokens)
+    stop = end_tokens(eos_id)
     device = model.lm_head.weight.device
     B, T, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -156,6 +159,7 @@ def generate(
 
     out = torch.full((B, N), pad_id, dtype=torch.long, device=device)  # new tokens, filled per step
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     try:
         model.setup_kv_cache(B, T + N, dtype=model.lm_head.weight.dtype, device=device)
         hidden = model.model(tokens, positions, prefill_mask, slots[:T])  # [B, T, E]
@@ -164,14 +168,14 @@ def generate(
         steps = 0
         for i in range(N):
             tok = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
-            if eos_id is not None:
+            if stop:
                 tok = tok.masked_fill(done, pad_id)  # rows that ended keep emitting padding, like HF
-                done |= tok == eos_id
+                done |= torch.isin(tok, stop_ids) & ~done
             out[:, i] = tok
             steps = i + 1
             if on_tokens is not None:
                 on_tokens(tok)
-            if i == N - 1 or (eos_id is not None and bool(done.all())):  # one tiny sync per step, only with EOS
+            if i == N - 1 or (stop and bool(done.all())):  # one tiny sync per step, only with EOS
                 break
             p = T + i  # the cache slot of `tok`
             # Decode mask [B, 1, 1, p + 1]: a view of the padding mask; causality is implicit because
@@ -182,9 +186,25 @@ def generate(
         model.reset_kv_cache()
 
     rows = out[:, :steps].tolist()
-    if eos_id is not None:
-        rows = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    if stop:
+        rows = [_cut_after_end(row, stop) for row in rows]
     return rows
+
+
+def end_tokens(eos_id: int | Iterable[int] | None) -> frozenset[int]:
+    """The set of end-token ids of `eos_id` (one id, several, or None = none)."""
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, int):
+        return frozenset((eos_id,))
+    return frozenset(int(i) for i in eos_id)
+
+
+def _cut_after_end(row: list[int], stop: frozenset[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in stop:
+            return row[: i + 1]
+    return row
 
 
 # Streaming and timing: on_tokens callbacks for one prompt (batch 1).
@@ -258,6 +278,7 @@ class TextStreamer(GenerationTimer):
     def __init__(self, tokenizer: TokenizerLike, prompt_ids: list[int] | None = None, print_fn: Callable[[str], Any] | None = None) -> None:
         super().__init__()
         self.tokenizer = tokenizer
+        self.end_ids = end_tokens(getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id)
         self.ids: list[int] = list(prompt_ids or [])
         self.printed = tokenizer.decode(self.ids) if self.ids else ""
         self.skip = len(self.printed)  # the prompt's text is not printed
@@ -268,7 +289,7 @@ class TextStreamer(GenerationTimer):
         if tokens.numel() != 1:
             raise ValueError(f"TextStreamer streams one prompt; got {tokens.numel()} rows")
         token = int(tokens.item())
-        if token == self.tokenizer.eos_id:
+        if token in self.end_ids:  # any end token (Llama 3 has three) is not text
             return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
@@ -322,7 +343,7 @@ def generate_text(
     streamer = TextStreamer(tokenizer, prompt_ids, print_fn=None if stream else (lambda s: None))
     generate(
         model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0, seed=seed, on_tokens=streamer,
+        eos_id=getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id, pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0, seed=seed, on_tokens=streamer,
     )
     streamer.finish()
     return streamer.text, streamer.stats()

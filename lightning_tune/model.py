@@ -1,6 +1,13 @@
-"""The Llama 2 decoder in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache.
+"""One decoder for the Llama-like families, switched by its config: RMSNorm, rotary embeddings,
+grouped-query attention, SwiGLU, KV cache.
 
-Parameter names follow Hugging Face's `LlamaForCausalLM` exactly (`model.embed_tokens`,
+Llama 2 / 3.x, Qwen 2.5, Qwen 3, Mistral and SmolLM2 differ only in data (`ModelConfig`): head_dim
+decoupled from embed_dim / num_heads, tied input/output embeddings, bias on q/k/v or on every
+projection, per-head RMSNorm on q and k before the rotary embedding (Qwen 3), the rotary type
+(`default`, `llama3`, `linear`) and a sliding attention window (Mistral). Sizes and the Hugging Face
+config mapping of each family live in `lightning_tune/families/`.
+
+Parameter names follow Hugging Face's `*ForCausalLM` exactly (`model.embed_tokens`,
 `model.layers.N.self_attn.q_proj`, ..., `lm_head`), so a Hugging Face state dict loads with no
 renaming and PEFT's `target_modules` are our LoRA targets. The rotary embedding uses Hugging Face's
 "rotate half" layout; Meta's interleaved layout is converted when loading (see `checkpoint.py`).
@@ -11,18 +18,32 @@ K key/value heads, D head dim, E embed dim.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+RopeType = Literal["default", "llama3", "linear"]
+AttentionBias = Literal["none", "qkv", "all"]
+
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    """Hyper-parameters of a Llama 2 model; names follow Meta's paper, values its `params.json`."""
+class ModelConfig:
+    """Hyper-parameters of one decoder; the first nine are Llama 2's (Meta's names), the rest switches.
+
+    Fields after `rope_base` default to Llama 2, so a Llama 2 config reads as before.
+    `head_dim` 0 means embed_dim // num_heads (it is filled in, so `config.head_dim` is always the
+    real value). The `rope_*` scaling fields are read only by their rotary type: `rope_factor` by
+    `linear` and `llama3`; the low/high frequency factors and the original context by `llama3`
+    (transformers' `_compute_llama3_parameters`). `sliding_window` None: full causal attention;
+    else each token attends to itself and the `sliding_window - 1` tokens before it (Mistral).
+    `model_type` is the Hugging Face `model_type` exports write (families/ maps it).
+    """
 
     vocab_size: int = 32000
     num_layers: int = 32
@@ -33,24 +54,49 @@ class LlamaConfig:
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    head_dim: int = 0
+    tie_word_embeddings: bool = False
+    attention_bias: AttentionBias = "none"
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    rope_type: RopeType = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    sliding_window: int | None = None
+    model_type: str = "llama"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"LlamaConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.head_dim < 0:
+            raise ValueError(f"ModelConfig.head_dim must be a positive integer (0 = embed_dim // num_heads), got {self.head_dim}")
+        if not self.head_dim:
+            if self.embed_dim % self.num_heads:
+                raise ValueError(f"ModelConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}), or give head_dim")
+            object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)  # frozen: set once, here
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"LlamaConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        if (self.embed_dim // self.num_heads) % 2:
-            raise ValueError(f"LlamaConfig head dim ({self.embed_dim // self.num_heads}) must be even for rotary embeddings")
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig head dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.attention_bias not in ("none", "qkv", "all"):
+            raise ValueError(f"ModelConfig.attention_bias must be 'none', 'qkv' or 'all', got {self.attention_bias!r}")
+        if self.rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"ModelConfig.rope_type {self.rope_type!r} is not supported; supported: default, llama3, linear")
+        if self.rope_type != "default" and self.rope_factor <= 0:
+            raise ValueError(f"ModelConfig.rope_factor must be > 0, got {self.rope_factor}")
+        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(f"ModelConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed rope_low_freq_factor ({self.rope_low_freq_factor})")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be a positive integer or None, got {self.sliding_window}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+LlamaConfig = ModelConfig  # the name before the families work; kept so existing code and configs run
 
 
 class RMSNorm(nn.Module):
@@ -70,15 +116,42 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
+    """The rotary inverse frequencies [D/2] of `config.rope_type`, as transformers computes them.
+
+    `default`: 1 / base^(2i/D). `linear`: those divided by `rope_factor` (positions stretched).
+    `llama3`: Llama 3.1's per-frequency rule, step for step as transformers'
+    `_compute_llama3_parameters` (long wavelengths divided by the factor, short ones kept, the band
+    between interpolated), so the fp32 results are the same bits. No type rescales cos/sin.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    if config.rope_type == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_type == "llama3":
+        factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_context_len = config.rope_original_max_seq_len
+        low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low) / (high - low)
+        smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+    return inv_freq
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype, inv_freq: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rotary cos/sin tables for `positions` ([T] or [B, T]) -> two tensors [..., T, D].
 
     Computed per call from the positions rather than cached in a buffer: it costs O(T * D), keeps
     meta-device construction free of buffers to re-materialise, and lets every row of a batch use
     its own positions (left-padded generation, packed samples). The arithmetic mirrors Hugging
-    Face's `LlamaRotaryEmbedding` in fp32 so logits agree to the last bit that fp32 allows.
+    Face's rotary embedding in fp32 so logits agree to the last bit that fp32 allows. `inv_freq`
+    (from `rope_inv_freq`, for a scaled rotary type) replaces the default frequencies of `base`.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    if inv_freq is None:
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
     freqs = positions[..., None].float() * inv_freq  # [..., T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [..., T, D]: "rotate half" layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -161,18 +234,44 @@ class KVCache(nn.Module):
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
-class Attention(nn.Module):
-    """Causal self-attention with grouped-query attention (K key/value heads shared by H query heads)."""
+def packed_causal_mask(segments: list[list[int]], T: int, device: torch.device | str | None = None) -> Tensor:
+    """Boolean [B or 1, 1, T, T]: token i sees token j iff both are in the same packed sample and j <= i."""
+    rows = []
+    for lengths in segments:
+        sample = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+        index = torch.arange(T, device=device)
+        rows.append((sample[:, None] == sample[None, :]) & (index[None, :] <= index[:, None]))
+    return torch.stack(rows)[:, None]
 
-    def __init__(self, config: LlamaConfig) -> None:
+
+def sliding_window_band(query_slots: Tensor, kv_len: int, window: int) -> Tensor:
+    """Boolean [T, kv_len]: query at slot q may see key slot k iff q - k < window (transformers'
+    `sliding_window_overlay`: itself and the window - 1 slots before it; causality is the mask's job)."""
+    return (query_slots[:, None] - torch.arange(kv_len, device=query_slots.device)[None, :]) < window
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query attention (K key/value heads shared by H query heads).
+
+    Switches (`ModelConfig`): bias on q/k/v (`attention_bias` "qkv", Qwen 2.5) or on o too ("all");
+    `qk_norm`: an RMSNorm over each head's D features of q and of k, before the rotary embedding
+    (Qwen 3; the order matters: rotating first would give other numbers).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.embed_dim, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.embed_dim, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.embed_dim, config.num_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.embed_dim, bias=False)
+        qkv_bias, o_bias = config.attention_bias in ("qkv", "all"), config.attention_bias == "all"
+        self.q_proj = nn.Linear(config.embed_dim, config.num_heads * config.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.embed_dim, config.num_kv_heads * config.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.embed_dim, config.num_kv_heads * config.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.embed_dim, bias=o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, segments: list[list[int]] | None = None) -> Tensor:
@@ -181,15 +280,17 @@ class Attention(nn.Module):
         Without a cache and without `attn_mask`, attention is causal over x itself (training with
         right padding: real tokens precede the padding, so they never see it), or with `segments`
         (packed samples: the lengths of each row's samples, `collate_packed`'s `seq_lens`) causal
-        within each sample. With a cache, the
-        caller passes `cache_pos` [T], `kv_len` and a boolean `attn_mask` [B or 1, 1, T, kv_len].
-        `enable_gqa` lets SDPA share each K/V head across its query heads without copying.
+        within each sample. With a cache, the caller passes `cache_pos` [T], `kv_len` and a boolean
+        `attn_mask` [B or 1, 1, T, kv_len]. `enable_gqa` lets SDPA share each K/V head across its
+        query heads without copying.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:  # per head, over D; before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [B, H or K, T, D]
         if self.kv_cache is not None:
             if cache_pos is None:
                 raise ValueError("Attention has a KV cache: pass cache_pos (the cache slots of the new tokens)")
@@ -206,11 +307,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x)). Meta calls these w1 (gate), w3 (up), w2 (down)."""
 
-    def __init__(self, embed_dim: int, intermediate_dim: int) -> None:
+    def __init__(self, embed_dim: int, intermediate_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(embed_dim, intermediate_dim, bias=False)
-        self.up_proj = nn.Linear(embed_dim, intermediate_dim, bias=False)
-        self.down_proj = nn.Linear(intermediate_dim, embed_dim, bias=False)
+        self.gate_proj = nn.Linear(embed_dim, intermediate_dim, bias=bias)
+        self.up_proj = nn.Linear(embed_dim, intermediate_dim, bias=bias)
+        self.down_proj = nn.Linear(intermediate_dim, embed_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -219,12 +320,12 @@ class FeedForward(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
-        self.mlp = FeedForward(config.embed_dim, config.intermediate_dim)
+        self.mlp = FeedForward(config.embed_dim, config.intermediate_dim, config.mlp_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, segments: list[list[int]] | None = None) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_pos, kv_len, segments)
@@ -234,7 +335,7 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Token embedding, the stack of decoder layers and the final norm: tokens -> hidden states."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
@@ -244,9 +345,16 @@ class Decoder(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, seq_lens: list[list[int]] | None = None) -> Tensor:
-        """tokens [B, T] -> hidden states [B, T, E]; see `Llama.forward` for the arguments."""
+        """tokens [B, T] -> hidden states [B, T, E]; see `CausalLM.forward` for the arguments.
+
+        The attention inputs (rotary tables, mask or packed lengths, window) are built once here
+        and shared by every layer.
+        """
         T = tokens.shape[1]
+        device = tokens.device
+        segments = check_seq_lens(seq_lens, tokens.shape, attn_mask, cache_pos)
         kv_len = 0
+        window = self.config.sliding_window
         if cache_pos is not None:
             # The new tokens occupy slots cache_pos; attention looks at every slot up to the last.
             # A given mask says how many (no GPU sync); else read it off cache_pos, causal.
@@ -254,15 +362,23 @@ class Decoder(nn.Module):
                 kv_len = attn_mask.shape[-1]
             else:
                 kv_len = int(cache_pos[-1]) + 1
-                attn_mask = (torch.arange(kv_len, device=tokens.device) <= cache_pos[:, None])[None, None]
-        segments = check_seq_lens(seq_lens, tokens.shape, attn_mask, cache_pos)
+                attn_mask = (torch.arange(kv_len, device=device) <= cache_pos[:, None])[None, None]
+            if window is not None and kv_len > window:  # slots differ as positions do, padding or not
+                attn_mask = attn_mask & sliding_window_band(cache_pos, kv_len, window)
+        elif window is not None and (T if segments is None else max(max(row) for row in segments)) > window:
+            # Some sequence is longer than the window: an explicit mask (rare; the window is 4096+).
+            if segments is not None:
+                attn_mask, segments = packed_causal_mask(segments, T, device), None
+            elif attn_mask is None:
+                attn_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+            attn_mask = attn_mask & sliding_window_band(torch.arange(T, device=device), T, window)
         if positions is None:
             if segments is not None:  # each packed sample counts its positions from 0
-                positions = packed_positions(segments).to(tokens.device)
+                positions = packed_positions(segments).to(device)
             else:
-                positions = cache_pos if cache_pos is not None else torch.arange(T, device=tokens.device)
+                positions = cache_pos if cache_pos is not None else torch.arange(T, device=device)
         x = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype, rope_inv_freq(self.config, device))
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, attn_mask, cache_pos, kv_len, segments, use_reentrant=False)
@@ -271,19 +387,32 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
-class Llama(nn.Module):
-    """Llama 2 causal language model with Hugging Face's module tree (`model.*`, `lm_head`).
+class CausalLM(nn.Module):
+    """A causal language model of any family in `families/`, with Hugging Face's module tree (`model.*`, `lm_head`).
+
+    With `tie_word_embeddings` the output head *is* the input embedding (one tensor; checkpoints
+    hold only `model.embed_tokens.weight`), as in Llama 3.2, small Qwen and SmolLM2 models.
 
     Example (two lines from a notebook):
-        model = lightning_tune.from_pretrained("meta-llama/Llama-2-7b-hf directory")
+        model = lightning_tune.from_pretrained("Qwen/Qwen3-0.6B directory")
         logits = model(tokens)  # tokens LongTensor [B, T] -> logits [B, T, vocab]
     """
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make `lm_head.weight` the embedding's tensor again (tied configs only).
+
+        Needed after anything that replaces parameters one module at a time (`to_empty`, `.to`
+        across devices, loading into a meta model), which would silently untie them.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, seq_lens: list[list[int]] | None = None) -> Tensor:
         """tokens [B, T] -> logits [B, T, vocab].
@@ -325,43 +454,52 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, apply: Callable[[Tensor, Callable[[Tensor], object]], None] | None = None) -> None:
-        """Random init as Hugging Face's `LlamaPreTrainedModel`: normal(0, std) weights, unit norms.
+        """Random init as Hugging Face's `PreTrainedModel`: normal(0, std) weights, zero biases, unit norms.
 
-        Used for `checkpoint_dir: null` demos, and after building on the meta device + `to_empty`.
+        Used for `checkpoint_dir: null` demos, and after building on the meta device + `to_empty`
+        (which unties tied embeddings: they are tied again first, so the one tensor is drawn once).
         `apply(weight, init)` runs each initialiser, in module order; the default calls `init(weight)`.
         FSDP2 passes one that draws each weight whole and keeps this rank's shard
         (`sharding.init_like_unsharded_`), so a sharded model starts as an unsharded one does.
         """
+        self.tie_weights()
         apply = apply or (lambda weight, init: init(weight))
+        seen: set[int] = set()
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                apply(module.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
+                if id(module.weight) not in seen:  # a tied head is the embedding: drawn once
+                    seen.add(id(module.weight))
+                    apply(module.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
+                if getattr(module, "bias", None) is not None:
+                    apply(module.bias, nn.init.zeros_)
             elif isinstance(module, RMSNorm):
                 apply(module.weight, nn.init.ones_)
 
 
-# Builders. Sizes from Meta's `params.json` files (https://github.com/meta-llama/llama, MODEL_CARD.md)
-# and Hugging Face's `config.json` of meta-llama/Llama-2-{7b,13b,70b}-hf.
-LLAMA2_SIZES: dict[str, dict] = {
-    # 32 layers, 32 heads, dim 4096, MLP 11008: 6,738,415,616 parameters
-    "llama2_7b": dict(num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008),
-    # 40 layers, 40 heads, dim 5120, MLP 13824: 13,015,864,320 parameters
-    "llama2_13b": dict(num_layers=40, num_heads=40, num_kv_heads=40, embed_dim=5120, intermediate_dim=13824),
-    # 80 layers, 64 query heads sharing 8 KV heads (GQA), dim 8192, MLP 28672: 68,976,648,192 parameters
-    "llama2_70b": dict(num_layers=80, num_heads=64, num_kv_heads=8, embed_dim=8192, intermediate_dim=28672),
-    # Not a Meta size: a few-MB model with GQA for CPU demos and tests.
-    "tiny_llama2": dict(num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, intermediate_dim=352, max_seq_len=1024),
-}
+Llama = CausalLM  # the name before the families work; kept so existing code runs
 
 
-def llama2_config(name: str, **overrides) -> LlamaConfig:
-    """The `LlamaConfig` of a named size, with any field overridden (e.g. `vocab_size=1000`)."""
-    if name not in LLAMA2_SIZES:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(LLAMA2_SIZES)}")
-    unknown = set(overrides) - set(LlamaConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown model argument(s) {sorted(unknown)}; expected some of {list(LlamaConfig.__dataclass_fields__)}")
-    return LlamaConfig(**{**LLAMA2_SIZES[name], **overrides})
+# Builders. The named sizes of every family, with their sources, live in `lightning_tune.families`.
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The `ModelConfig` of a named size of any family (e.g. "llama3_1_8b"), with fields overridden."""
+    from lightning_tune.families import model_config as registry_config
+
+    return registry_config(name, **overrides)
+
+
+llama2_config = model_config  # the name before the families work
+
+
+def __getattr__(name: str):
+    # LLAMA2_SIZES: every named size's ModelConfig fields (all families, not only Llama 2, despite the
+    # old name), read lazily from the registry so that families/ can import this module.
+    if name == "LLAMA2_SIZES":
+        from lightning_tune.families import SIZES
+
+        return {size: dict(entry.config) for size, entry in SIZES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def llama2(
@@ -374,26 +512,26 @@ def llama2(
     max_seq_len: int = 4096,
     norm_eps: float = 1e-5,
     rope_base: float = 10000.0,
-) -> Llama:
+) -> CausalLM:
     """Any Llama 2 shaped model; `num_kv_heads=None` means multi-head attention (= num_heads)."""
-    return Llama(LlamaConfig(vocab_size, num_layers, num_heads, num_kv_heads or num_heads, embed_dim, intermediate_dim, max_seq_len, norm_eps, rope_base))
+    return CausalLM(ModelConfig(vocab_size, num_layers, num_heads, num_kv_heads or num_heads, embed_dim, intermediate_dim, max_seq_len, norm_eps, rope_base))
 
 
-def llama2_7b() -> Llama:
+def llama2_7b() -> CausalLM:
     """Llama 2 7B (6,738,415,616 parameters)."""
-    return Llama(llama2_config("llama2_7b"))
+    return CausalLM(model_config("llama2_7b"))
 
 
-def llama2_13b() -> Llama:
+def llama2_13b() -> CausalLM:
     """Llama 2 13B (13,015,864,320 parameters)."""
-    return Llama(llama2_config("llama2_13b"))
+    return CausalLM(model_config("llama2_13b"))
 
 
-def llama2_70b() -> Llama:
+def llama2_70b() -> CausalLM:
     """Llama 2 70B (68,976,648,192 parameters)."""
-    return Llama(llama2_config("llama2_70b"))
+    return CausalLM(model_config("llama2_70b"))
 
 
-def tiny_llama2(vocab_size: int = 32000) -> Llama:
+def tiny_llama2(vocab_size: int = 32000) -> CausalLM:
     """A tiny Llama 2 shaped model for CPU demos and tests: 4 layers, dim 128, GQA 4/2 heads."""
-    return Llama(llama2_config("tiny_llama2", vocab_size=vocab_size))
+    return CausalLM(model_config("tiny_llama2", vocab_size=vocab_size))

@@ -109,9 +109,12 @@ def test_tied_embeddings_follow_transformers(tmp_path: Path) -> None:
     model = from_pretrained(tmp_path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert rel_error(our_logits(model), hf_logits(tied)) <= 1e-5
-    out = save_hf_checkpoint(model, model.config, tmp_path / "export")  # exports untied: both tensors written
+    out = save_hf_checkpoint(model, model.config, tmp_path / "export")  # tied: one tensor, as transformers writes
     written = load_file(out / "model.safetensors")
-    assert torch.equal(written["lm_head.weight"], written["model.embed_tokens.weight"])
+    assert "lm_head.weight" not in written and written.keys() == load_file(tmp_path / "model.safetensors").keys()
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert rel_error(hf_logits(reloaded), hf_logits(tied)) <= 1e-5
 
 
 def test_meta_built_model_stays_off_memory_until_loaded(hf, hf_dir: Path) -> None:

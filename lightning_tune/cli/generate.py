@@ -112,16 +112,16 @@ def generate_command(
         model.to(device).eval()
     if len(prompt_ids) == 1:  # stream one completion as it is produced
         streamer = TextStreamer(tokenizer, prompt_ids[0])
-        generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, on_tokens=streamer)
+        generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=streamer)
         streamer.finish()
         stats = streamer.stats()
     else:  # one batched pass; print each completion after its prompt
         from lightning_tune.generate import GenerationTimer
 
         timer = GenerationTimer()
-        outputs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, on_tokens=timer)
+        outputs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=timer)
         for record, ids in zip(records, outputs):
-            print(f"### {record['instruction']}\n{tokenizer.decode([i for i in ids if i != tokenizer.eos_id])}\n")
+            print(f"### {record['instruction']}\n{tokenizer.decode([i for i in ids if i not in tokenizer.eos_ids])}\n")
         stats = timer.stats()
     rate = f"{stats.decode_tokens_per_s:.1f} tokens/s" if stats.new_tokens > 1 else "n/a (one token)"
     print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {rate}", file=sys.stderr)

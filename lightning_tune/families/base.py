@@ -1,0 +1,89 @@
+"""What describes a model family: its named sizes, its Hugging Face config mapping, its tokens.
+
+Plain data, no torch: `lightning_tune.families` (the registry) builds `ModelConfig`s from it, and
+`checkpoint.py` reads and writes `config.json` with the `HFMapping` of its `model_type`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Size:
+    """One named size: its `ModelConfig` fields, exact parameter count, and where the numbers come from.
+
+    `params` is checked on the meta device against our model and transformers' (tests/test_families.py).
+    `repo` is the Hugging Face repository `download` fetches; `url` its config.json.
+    """
+
+    config: dict
+    params: int
+    repo: str | None
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is None and self.repo is not None:
+            object.__setattr__(self, "url", f"https://huggingface.co/{self.repo}/blob/main/config.json")
+
+
+@dataclass(frozen=True)
+class HFMapping:
+    """How one Hugging Face `model_type` maps onto `ModelConfig`.
+
+    Args:
+        model_type: config.json's `model_type`.
+        architecture: the `architectures` entry exports write (its `*ForCausalLM` class).
+        defaults: what transformers' config class assumes for a key config.json leaves out (a test
+            compares them with `transformers.AutoConfig.for_model(model_type)`).
+        attention_bias: "flag": config.json's `attention_bias: true` puts a bias on q, k, v and o
+            (Llama, Qwen 3); "qkv": q, k and v always have one, o never (Qwen 2).
+        qk_norm: per-head RMSNorm on q and k before the rotary embedding (Qwen 3).
+        sliding_window: "none": no window; "all": `sliding_window` (when not null) applies to every
+            layer (Mistral); "per_layer": only under `use_sliding_window`, above `max_window_layers`
+            (Qwen; refused when any layer would use it).
+        mlp_bias: whether config.json's `mlp_bias` is read (Llama); else the MLP has no bias.
+    """
+
+    model_type: str
+    architecture: str
+    defaults: dict
+    attention_bias: Literal["flag", "qkv"] = "flag"
+    qk_norm: bool = False
+    sliding_window: Literal["none", "all", "per_layer"] = "none"
+    mlp_bias: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family in one place.
+
+    Args:
+        name: registry name (e.g. "llama3").
+        hf: its Hugging Face config mapping (several families share `model_type` "llama").
+        sizes: named sizes (registry-wide unique names, e.g. "llama3_1_8b").
+        special_tokens: role (bos, eos, pad, end_of_turn, ...) -> (token string, id in the family's
+            released tokenizer); exports fall back on these when no tokenizer config is at hand.
+        stop_tokens: the roles whose tokens end a generation (transformers' list-valued
+            `generation_config.eos_token_id`).
+        chat_template: name of the default chat template (see the tokenizer's chat templates).
+        meta_keys: Meta `consolidated.*.pth` name map, when Meta's original format loads.
+        meta_note: why Meta's original checkpoints of this family do not load, and what to use.
+    """
+
+    name: str
+    hf: HFMapping
+    sizes: dict[str, Size]
+    special_tokens: dict[str, tuple[str, int]]
+    stop_tokens: tuple[str, ...]
+    chat_template: str | None
+    meta_keys: dict[str, tuple[str, int | None]] | None = None
+    meta_note: str | None = None
+
+    def token_id(self, role: str) -> int | None:
+        return self.special_tokens[role][1] if role in self.special_tokens else None
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.special_tokens[role][1] for role in self.stop_tokens]
