@@ -350,6 +350,10 @@ def load_for_eval(
         from lightning_tune.export import load_recipe_from_checkpoint
 
         module = load_recipe_from_checkpoint(path)
+        if module.checkpoint_dir is None and not module.strict_loading:
+            # LoRA checkpoints hold the adapters only; a random-init base is not stored, so rebuilding
+            # it here would draw other weights than the run trained on.
+            raise EvalError(f"{path}: the run trained adapters on a random-init base, which its checkpoints do not store; evaluate the run's merged/ instead")
         model = module.model
         if dtype is not None:
             model.to(dtype)

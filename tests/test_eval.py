@@ -9,6 +9,7 @@ nothing is downloaded: HFLM reads the directory with transformers, we read it wi
 import csv
 import json
 import shutil
+import socket
 import sys
 
 import pytest
@@ -149,26 +150,50 @@ def test_generate_until_equals_generate(hf_dir):
     assert lm.generate_until(requests) == [text.split(stop)[0] for text, stop in zip(full, stops)] + [full[0]]
 
 
-def test_callback_logs_metrics_and_they_are_the_trained_models(tmp_path, capsys):
+@pytest.fixture
+def network_attempts(monkeypatch):
+    """Every internet connection attempted (each also fails): evaluation must make none."""
+    attempts = []
+    connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"test: no network ({address})")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempts
+
+
+def test_callback_logs_metrics_and_they_are_the_trained_models(tmp_path, capsys, network_attempts):
     run = tmp_path / "run"
     extra = tmp_path / "eval.yaml"
     callback = {"class_path": "lightning_tune.eval_callback.LMEvalCallback", "init_args": {"tasks": TASKS, "every_n_steps": 2, "limit": 2, "batch_size": 4}}
+    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True}}
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "logs"}}
-    trainer = {"max_steps": 3, "enable_progress_bar": False, "default_root_dir": str(run), "val_check_interval": None, "limit_val_batches": 0, "logger": logger, "callbacks": [callback]}
+    trainer = {"max_steps": 3, "enable_progress_bar": False, "default_root_dir": str(run), "val_check_interval": None, "limit_val_batches": 0, "logger": logger, "callbacks": [checkpoints, callback]}
     extra.write_text(json.dumps({"trainer": trainer, "data": {"val_size": 0}}))
-    assert main(["fit", "--config", "tiny_lora.yaml", "--config", str(extra)]) == 0
+    assert main(["fit", "--config", "tiny_full.yaml", "--config", str(extra)]) == 0  # full: the .ckpt holds every weight
     with open(next(run.rglob("metrics.csv"))) as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("eval/lightning_tune_choice/acc")]
     assert [int(r["step"]) for r in rows] == [2, 3]  # every 2 steps, and at the end of fit
     for name in ("lightning_tune_choice/acc_norm", "lightning_tune_generate/exact_match", "lightning_tune_text/bits_per_byte"):
         assert all(r[f"eval/{name}"] != "" for r in rows), name
-    # The last evaluation is of the model the run exported: eval of merged/ gives the same scores.
-    assert main(["eval", "--checkpoint_dir", str(run / "merged"), "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "r.json")]) == 0
-    exported = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert float(rows[-1]["eval/lightning_tune_choice/acc"]) == exported["lightning_tune_choice"]["acc,none"]
-    # merged weights are W + s*BA rounded once in fp32: the log-likelihood sums agree to rounding.
-    assert float(rows[-1]["eval/lightning_tune_text/bits_per_byte"]) == pytest.approx(exported["lightning_tune_text"]["bits_per_byte,none"], rel=1e-4)
+    last = {k: float(v) for k, v in rows[-1].items() if k.startswith("eval/")}
+
+    # The last evaluation is of the model the run saved and exported: `eval --ckpt_path last.ckpt`
+    # (the recipe rebuilt from the checkpoint) and eval of merged/ give the same scores.
+    capsys.readouterr()
+    assert main(["eval", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "r.json")]) == 0
     assert "| - lightning_tune_choice" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r.json").read_text())["results"]
+    for task, metric in [("lightning_tune_choice", "acc"), ("lightning_tune_choice", "acc_norm"), ("lightning_tune_generate", "exact_match"), ("lightning_tune_text", "bits_per_byte")]:
+        assert last[f"eval/{task}/{metric}"] == pytest.approx(saved[task][f"{metric},none"], rel=1e-6), (task, metric)
+    model, tokenizer = load_for_eval(run / "merged")
+    merged = run_tasks(LightningTuneLM(model, tokenizer), ["lightning_tune_text"], limit=2)["results"]["lightning_tune_text"]
+    assert last["eval/lightning_tune_text/bits_per_byte"] == pytest.approx(merged["bits_per_byte,none"], rel=1e-6)
+    assert network_attempts == []
 
 
 def one_error_line(capsys) -> str:
