@@ -238,3 +238,21 @@ def test_truncation_choices(llama) -> None:
     assert not encode_conversation(llama, conversation, LLAMA2, n, truncation="drop")["keep"]
     assert not encode_conversation(llama, conversation, LLAMA2, 8)["keep"]  # nothing trained left after the cut
     assert full["truncated"] is False and full["keep"] is True
+
+
+def test_chat_demo_is_reproducible_and_every_conversation_trains_its_replies() -> None:
+    from lightning_tune.data import make_chat_demo
+
+    records = make_chat_demo.chat_demo_records()
+    shipped = make_chat_demo.ASSETS / "chat_demo.jsonl"
+    assert make_chat_demo.chat_demo_jsonl(records) == shipped.read_text(encoding="utf-8")
+    assert len(records) == 800 and all(2 <= sum(m["role"] == "assistant" for m in r["messages"]) <= 3 for r in records)
+    demo = load_tokenizer(make_chat_demo.ASSETS / "demo_tokenizer.model")
+    for index, record in enumerate(records):
+        messages = normalize_messages(record["messages"], DEFAULT_ROLE_MAP, OPENAI_COLUMNS, f"record {index}")
+        sample = encode_conversation(demo, messages, LLAMA2, 256, where=f"record {index}")
+        assert not sample["truncated"]
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        text = demo.decode(trained(sample))  # replies, each with its " " and </s> (which decodes as nothing)
+        assert text.split() == " ".join(replies).split(), index
+        assert trained(sample).count(demo.eos_id) == len(replies)
