@@ -201,8 +201,8 @@ def config_from_hf(cfg: dict, file: str | Path = "config.json") -> LlamaConfig:
     hidden = _require(cfg, "hidden_size", file)
     num_layers = _require(cfg, "num_hidden_layers", file)
     max_seq_len = cfg.get("max_position_embeddings", defaults["max_position_embeddings"])
-    if mapping.attention_bias == "qkv":
-        attention_bias = "qkv"
+    if mapping.attention_bias != "flag":
+        attention_bias = "qkv" if mapping.attention_bias == "qkv" else "none"
     else:
         attention_bias = "all" if cfg.get("attention_bias", defaults.get("attention_bias", False)) else "none"
     return _make_config(
@@ -287,7 +287,7 @@ def config_to_hf(config: LlamaConfig, torch_dtype: torch.dtype = torch.float32, 
     problems = []
     if config.qk_norm != mapping.qk_norm:
         problems.append(f"qk_norm={config.qk_norm}")
-    if (config.attention_bias == "qkv") != (mapping.attention_bias == "qkv"):
+    if (config.attention_bias == "qkv") != (mapping.attention_bias == "qkv") or (config.attention_bias == "all" and mapping.attention_bias == "never"):
         problems.append(f"attention_bias={config.attention_bias!r}")
     if config.mlp_bias and not mapping.mlp_bias:
         problems.append("mlp_bias=True")
@@ -303,9 +303,11 @@ def config_to_hf(config: LlamaConfig, torch_dtype: torch.dtype = torch.float32, 
             "rope_type": "llama3", "factor": config.rope_factor, "low_freq_factor": config.rope_low_freq_factor,
             "high_freq_factor": config.rope_high_freq_factor, "original_max_position_embeddings": config.rope_original_max_seq_len,
         }
-    if token_ids is None:
+    if token_ids is None:  # the family's released ids, where they fit the vocabulary (not a toy's)
         family = family_for(config)
-        token_ids = {"bos_token_id": family.token_id("bos"), "eos_token_id": family.token_id("eos"), "pad_token_id": family.token_id("pad")} if family else {}
+        defaults = {"bos_token_id": "bos", "eos_token_id": "eos", "pad_token_id": "pad"}
+        token_ids = {key: family.token_id(role) for key, role in defaults.items()} if family else {}
+        token_ids = {key: i for key, i in token_ids.items() if i is not None and i < config.vocab_size}
     out = {
         "architectures": [mapping.architecture],
         "model_type": mapping.model_type,

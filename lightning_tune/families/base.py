@@ -38,7 +38,8 @@ class HFMapping:
         defaults: what transformers' config class assumes for a key config.json leaves out (a test
             compares them with `transformers.AutoConfig.for_model(model_type)`).
         attention_bias: "flag": config.json's `attention_bias: true` puts a bias on q, k, v and o
-            (Llama, Qwen 3); "qkv": q, k and v always have one, o never (Qwen 2).
+            (Llama, Qwen 3); "qkv": q, k and v always have one, o never (Qwen 2); "never": no
+            attention bias and no key for it (Mistral).
         qk_norm: per-head RMSNorm on q and k before the rotary embedding (Qwen 3).
         sliding_window: "none": no window; "all": `sliding_window` (when not null) applies to every
             layer (Mistral); "per_layer": only under `use_sliding_window`, above `max_window_layers`
@@ -49,7 +50,7 @@ class HFMapping:
     model_type: str
     architecture: str
     defaults: dict
-    attention_bias: Literal["flag", "qkv"] = "flag"
+    attention_bias: Literal["flag", "qkv", "never"] = "flag"
     qk_norm: bool = False
     sliding_window: Literal["none", "all", "per_layer"] = "none"
     mlp_bias: bool = False

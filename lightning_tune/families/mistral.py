@@ -13,6 +13,7 @@ MISTRAL_HF = HFMapping(
     model_type="mistral",
     architecture="MistralForCausalLM",
     defaults={"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "head_dim": None, "sliding_window": 4096},
+    attention_bias="never",
     sliding_window="all",
 )
 
