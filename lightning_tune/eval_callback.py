@@ -41,6 +41,7 @@ class LMEvalCallback(pl.Callback):
         tokenizer_path: Tokenizer; default the recipe's tokenizer_path.
         prefix: Prefix of the logged metric names.
         offline: Forbid Hugging Face Hub access (tasks must have local data, as the bundled ones do).
+        apply_chat_template: Render prompts with the tokenizer's chat template (few-shot examples as turns).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class LMEvalCallback(pl.Callback):
         tokenizer_path: str | None = None,
         prefix: str = "eval/",
         offline: bool = True,
+        apply_chat_template: bool = False,
     ) -> None:
         super().__init__()
         if every_n_steps is not None and every_n_steps < 1:
@@ -75,6 +77,7 @@ class LMEvalCallback(pl.Callback):
         self.tokenizer_path = tokenizer_path
         self.prefix = prefix
         self.offline = offline
+        self.apply_chat_template = apply_chat_template
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every evaluation on rank 0
         self._manager: Any = None
         self._tokenizer: Any = None
@@ -141,7 +144,10 @@ class LMEvalCallback(pl.Callback):
         model.eval()
         try:
             lm = LightningTuneLM(model, self._tokenizer, batch_size=self.batch_size, max_gen_toks=self.max_gen_toks, autocast=trainer.precision_plugin.forward_context)
-            results = run_tasks(lm, self.tasks, num_fewshot=self.num_fewshot, limit=self.limit, manager=self._manager, offline=self.offline, bootstrap_iters=0)
+            results = run_tasks(
+                lm, self.tasks, num_fewshot=self.num_fewshot, limit=self.limit, manager=self._manager, offline=self.offline,
+                bootstrap_iters=0, apply_chat_template=self.apply_chat_template,
+            )
         finally:
             for module, training in modes:
                 module.training = training

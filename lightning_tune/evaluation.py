@@ -141,6 +141,8 @@ class LightningTuneLM(TemplateLM):
         max_gen_toks: new tokens per generation when a task does not say (HFLM's default, 256).
         max_length: context length; default the model's `max_seq_len` (HFLM: max_position_embeddings).
         autocast: a context manager factory entered around every forward (e.g. the Trainer's precision).
+        chat: prompts are chat-template renderings (`apply_chat_template`): the special-token strings
+            in them are those tokens, as the chat recipes and `generate`'s chat path tokenise them.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class LightningTuneLM(TemplateLM):
         max_gen_toks: int = 256,
         max_length: int | None = None,
         autocast: Any = None,
+        chat: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -163,6 +166,7 @@ class LightningTuneLM(TemplateLM):
         self._max_gen_toks = max_gen_toks
         self._max_length = max_length or model.config.max_seq_len
         self._autocast = autocast or contextlib.nullcontext
+        self.chat = chat
         self._bos_text = _bos_text(tokenizer)
         self._skip_ids = _special_ids(tokenizer)
         self._end_ids = {tokenizer.eos_id, *getattr(tokenizer, "eos_ids", ())}  # any of them ends a generation
@@ -200,14 +204,51 @@ class LightningTuneLM(TemplateLM):
         one BOS, as HFLM does.
         """
         add_bos = True if add_special_tokens is None else bool(add_special_tokens)
-        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
-            string, add_bos = string[len(self._bos_text) :], True
-        ids = self.tokenizer_ours.encode(string, add_bos=add_bos, add_eos=False)
+        tokenizer = self.tokenizer_ours
+        if self.chat and hasattr(tokenizer, "encode_with_offsets"):
+            ids = tokenizer.encode_with_offsets(string, chat=True)[0]  # no BOS beyond what the template wrote
+            if add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+                ids = [tokenizer.bos_id, *ids]
+        else:
+            if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
+                string, add_bos = string[len(self._bos_text) :], True
+            ids = tokenizer.encode(string, add_bos=add_bos, add_eos=False)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
         """Text of `tokens` without special tokens (HFLM decodes with skip_special_tokens=True)."""
         return self.tokenizer_ours.decode([t for t in tokens if t not in self._skip_ids])
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Names the tokenizer in lm-eval's request caches."""
+        return str(getattr(self.tokenizer_ours, "path", type(self.tokenizer_ours).__name__)).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The tokenizer's chat template (recorded by lm-eval's tracker), None when not applying one."""
+        if not chat_template:
+            return None
+        return getattr(self.tokenizer_ours, "chat_template", None)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The few-shot conversation rendered with the tokenizer's chat template, as HFLM renders it:
+        a generation prompt after it, or else the last (assistant) message left open to continue.
+        A template that refuses a system message is retried without it (as HFLM does)."""
+        from lightning_tune.chat_template import ChatTemplateError
+
+        try:
+            text = self.tokenizer_ours.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except ChatTemplateError:
+            if not any(m["role"] == "system" for m in chat_history):
+                raise
+            chat_history = [m for m in chat_history if m["role"] != "system"]
+            text = self.tokenizer_ours.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt, tokenize=False)
+        if not add_generation_prompt:  # transformers' continue_final_message: cut after the last content
+            final = chat_history[-1]["content"].strip()
+            if final not in text:
+                raise EvalError("the chat template does not render the last message's text verbatim; cannot continue it")
+            text = text[: text.rindex(final) + len(final)]
+        return text
 
     def get_model_info(self) -> dict[str, Any]:
         """What lm-eval records about the model in its results JSON."""
@@ -342,8 +383,9 @@ def load_for_eval(
     a `.gguf` file, or a fit's `.ckpt` (the run's recipe rebuilt, LoRA adapters included), optionally
     with a PEFT adapter on top. The tokenizer: `tokenizer_path`, else the checkpoint's (the run's, for a .ckpt)."""
     from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
+    from lightning_tune.paths import resolve_path
 
-    path = Path(checkpoint).expanduser()
+    path = resolve_path(checkpoint)  # pkg://PACKAGE/FILE names a file inside an installed package
     if not path.exists():
         raise EvalError(f"{path}: no such checkpoint (expected a model directory, a .gguf file or a fit's .ckpt)")
     if path.is_file() and path.suffix == ".ckpt":
@@ -437,6 +479,7 @@ def run_tasks(
     bootstrap_iters: int = 100000,
     offline: bool = True,
     manager: Any = None,
+    apply_chat_template: bool = False,
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` of `lm` on `tasks`; returns the harness's results dict.
 
@@ -450,6 +493,7 @@ def run_tasks(
         bootstrap_iters: resamples for the standard errors of non-mean metrics (0: none).
         offline: forbid Hugging Face Hub access (see `hub_offline`).
         manager: a TaskManager from `task_manager` to reuse (default: built here).
+        apply_chat_template: render prompts (few-shot examples as turns) with the tokenizer's chat template.
     """
     import lm_eval
 
@@ -457,11 +501,15 @@ def run_tasks(
         raise EvalError(f"num_fewshot: must be >= 0, got {num_fewshot}")
     if limit is not None and limit <= 0:
         raise EvalError(f"limit: must be > 0, got {limit}")
+    if apply_chat_template and not getattr(getattr(lm, "tokenizer_ours", None), "chat_template", True):
+        raise EvalError("apply_chat_template: the tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
+    if isinstance(lm, LightningTuneLM):
+        lm.chat = apply_chat_template
     with hub_offline(offline):
         manager = manager or task_manager(tasks, include_path)
         return lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            log_samples=log_samples, bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples, bootstrap_iters=bootstrap_iters, apply_chat_template=apply_chat_template,
         )
 
 

@@ -150,6 +150,27 @@ def test_generate_until_equals_generate(hf_dir):
     assert lm.generate_until(requests) == [text.split(stop)[0] for text, stop in zip(full, stops)] + [full[0]]
 
 
+def test_chat_template_prompts_are_the_tokenizers_rendering_and_ids(hf_dir, tmp_path):
+    """--apply_chat_template: each prompt is the tokenizer's own chat rendering of the bundled Alpaca
+    prompt, tokenised as the chat recipes tokenise it (template's special-token strings are tokens)."""
+    from lightning_tune.data.templates import ALPACA
+
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(hf_dir, chat_dir)
+    template = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    (chat_dir / "chat_template.jinja").write_text(template)
+    model, tokenizer = load_for_eval(chat_dir, tokenizer_path=chat_dir / "tokenizer.model")
+    lm = LightningTuneLM(model, tokenizer)
+    samples = run_tasks(lm, ["lightning_tune_choice"], limit=2, log_samples=True, apply_chat_template=True)["samples"]["lightning_tune_choice"]
+    for sample in samples:
+        doc = sample["doc"]
+        messages = [{"role": "user", "content": ALPACA.format(doc["instruction"], doc["input"])}]
+        context = sample["arguments"][0][0]
+        assert context == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        assert lm.tok_encode(context) == ids and ids.count(tokenizer.bos_id) == 1 and tokenizer.eos_id in ids
+
+
 @pytest.fixture
 def network_attempts(monkeypatch):
     """Every internet connection attempted (each also fails): evaluation must make none."""

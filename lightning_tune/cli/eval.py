@@ -34,6 +34,7 @@ def eval_command(
     device: str = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     offline: bool = True,
+    apply_chat_template: bool = False,
 ) -> dict:
     """Evaluate a checkpoint with lm-evaluation-harness; print the results table.
 
@@ -53,6 +54,7 @@ def eval_command(
         device: cpu, cuda, cuda:N or auto (a GPU when there is one).
         dtype: Weights' dtype; default the checkpoint's.
         offline: No Hugging Face Hub access: tasks need local data (the bundled ones have it).
+        apply_chat_template: Render prompts with the tokenizer's chat template (few-shot examples as turns).
     """
     if (checkpoint_dir is None) == (ckpt_path is None):
         raise UsageError("eval: give exactly one of --checkpoint_dir DIR (or a .gguf file) and --ckpt_path CKPT")
@@ -86,7 +88,7 @@ def eval_command(
         checkpoint_dir or ckpt_path, adapter_dir=adapter_dir, tokenizer_path=tokenizer_path, device=device, dtype=getattr(torch, dtype) if dtype else None
     )
     lm = LightningTuneLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
-    results = run_tasks(lm, names, num_fewshot=num_fewshot, limit=limit, manager=manager, log_samples=log_samples, offline=offline)
+    results = run_tasks(lm, names, num_fewshot=num_fewshot, limit=limit, manager=manager, log_samples=log_samples, offline=offline, apply_chat_template=apply_chat_template)
     results["config"]["model"] = str(checkpoint_dir or ckpt_path)
     print(results_table(results))
     if output_path is not None:
