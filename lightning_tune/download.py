@@ -1,7 +1,9 @@
 """`python -m lightning_tune download REPO_ID`: fetch only what the recipes load from the Hugging Face Hub.
 
 Weights (safetensors preferred, else PyTorch .bin, else Meta's consolidated.*.pth), the model config
-and the SentencePiece tokenizer; not the duplicate weight formats, tokenizer.json, PDFs and so on.
+and one tokenizer: the SentencePiece `tokenizer.model` where the repository has one (Llama 2,
+Mistral), else `tokenizer.json` with its `tokenizer_config.json` / `chat_template.jinja` (Llama 3.x,
+Qwen, SmolLM2); not the duplicate weight formats, the other tokenizer format, PDFs and so on.
 `huggingface_hub.snapshot_download` does the transfer: its progress bar, resumable `.incomplete`
 files (nothing half-written under the final names) and token handling. Hub failures become one
 line saying what to do (exit 1); usage mistakes exit 2. The verb's arguments: `lightning_tune.cli.download`.
@@ -13,8 +15,11 @@ import importlib
 from fnmatch import fnmatch
 from pathlib import Path
 
-# Files besides the weights: configs (HF or Meta) and the SentencePiece tokenizer our Tokenizer reads.
-EXTRA_FILES = ("config.json", "generation_config.json", "params.json", "tokenizer.model")
+# Files besides the weights: configs (HF or Meta); then the tokenizer (`tokenizer_files`).
+EXTRA_FILES = ("config.json", "generation_config.json", "params.json")
+# The tokenizer: SentencePiece where there is one, else tokenizer.json and the files read beside it.
+SENTENCEPIECE_FILES = ("tokenizer.model",)
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # Weight formats in order of preference: (weight files' pattern, their index file).
 WEIGHT_FORMATS = (
     ("*.safetensors", "model.safetensors.index.json"),
@@ -36,14 +41,16 @@ def select_files(repo_files: list[str]) -> list[str]:
     """
     top = [f for f in repo_files if "/" not in f]
     for pattern, index in WEIGHT_FORMATS:
-        weights = sorted(f for f in top if fnmatch(f, pattern) and not f.startswith("training_args"))
+        # consolidated.safetensors: Mistral's own format, beside the Hugging Face shards (a second copy)
+        weights = sorted(f for f in top if fnmatch(f, pattern) and not f.startswith("training_args") and f != "consolidated.safetensors")
         if weights:
             break
     else:
         raise DownloadError("has no *.safetensors, *.bin or consolidated.*.pth weights at its top level; lightning_tune loads only those formats")
     if "config.json" not in top and "params.json" not in top:
-        raise DownloadError("has no config.json or params.json, so the architecture is unknown; is it a Llama 2 model repository?")
-    extras = [f for f in (index, *EXTRA_FILES) if f is not None and f in top]
+        raise DownloadError("has no config.json or params.json, so the architecture is unknown; is it a model repository of a supported family (see lightning_tune.families)?")
+    tokenizer = SENTENCEPIECE_FILES if "tokenizer.model" in top else TOKENIZER_JSON_FILES
+    extras = [f for f in (index, *EXTRA_FILES, *tokenizer) if f is not None and f in top]
     return weights + extras
 
 

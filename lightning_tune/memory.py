@@ -124,6 +124,7 @@ def build_meta_model(config: LlamaConfig, adapt, dtype: torch.dtype, activation_
     with torch.device("meta"):
         model = Llama(config)
     model.to(dtype)
+    model.tie_weights()  # .to() unties a tied head: it would be counted twice
     model.model.activation_checkpointing = activation_checkpointing
     adapt(model)
     return model.train()

@@ -231,3 +231,16 @@ def test_full_fit_exports_load_in_transformers(family: str, tmp_path: Path) -> N
     with torch.no_grad():
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged", attn_implementation="eager").eval()
         assert rel_error(reloaded(x).logits, ours(x)) <= 1e-5
+
+
+def test_download_selects_what_each_family_loads() -> None:
+    from lightning_tune.download import select_files
+
+    shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    llama3 = [".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json", *shards, "model.safetensors.index.json",
+              "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert select_files(llama3) == [*shards, "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    qwen = ["LICENSE", "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert select_files(qwen) == ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    mistral = ["config.json", "generation_config.json", "consolidated.safetensors", "model.safetensors", "params.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json"]
+    assert select_files(mistral) == ["model.safetensors", "config.json", "generation_config.json", "params.json", "tokenizer.model"]  # not Mistral's own copy

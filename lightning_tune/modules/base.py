@@ -237,6 +237,8 @@ class FinetuneModule(pl.LightningModule):
             return
         half = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         for module in model.modules():
+            if module is model.lm_head and model.config.tie_word_embeddings:
+                continue  # the head is the embedding: a half copy would untie them (and FSDP2 would gather it unloaded)
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
                 module.weight = torch.nn.Parameter(module.weight.detach().to(half), requires_grad=False)
 
