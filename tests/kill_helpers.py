@@ -68,7 +68,10 @@ def fit_args(root: Path, version: str, *, max_steps: int = 8, plugin: str | None
         "--trainer.logger.version", version, "--trainer.logger.flush_logs_every_n_steps", "1",
         "--data.batch_size", "4", "--data.max_seq_len", "64", "--data.val_size", "16",
         "--model.model_args", TINY_MODEL, "--model.lora_rank", "4", "--model.lora_dropout", "0.1",
-        "--trainer.callbacks+", "ModelCheckpoint", "--trainer.callbacks.dirpath", str(root / "checkpoints"),
+        # `callbacks` (not `callbacks+`) replaces the config's ModelCheckpoint, whose relative dirpath would put
+        # last*.ckpt files in the working directory, where `--ckpt_path last` (the newest last*.ckpt of any
+        # ModelCheckpoint) could pick another run's.
+        "--trainer.callbacks", "ModelCheckpoint", "--trainer.callbacks.dirpath", str(root / "checkpoints"),
         "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_last", "true",
     ]
     if plugin is not None:
@@ -76,10 +79,13 @@ def fit_args(root: Path, version: str, *, max_steps: int = 8, plugin: str | None
     return args + list(extra)
 
 
-def run_fit(args: list[str], *, killed: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m lightning_tune ARGS` single-threaded (CPU float sums are then reproducible) and check how it ended."""
+def run_fit(args: list[str], *, killed: bool = False, timeout: float = 1800, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m lightning_tune ARGS` single-threaded (CPU float sums are then reproducible), in `cwd`, and check how it ended.
+
+    `timeout` only catches a hang: a fit here takes ~10 s alone, but under a load of 8 on 2 cores minutes.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "lightning_tune", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "lightning_tune", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     expected = -signal.SIGKILL if killed else 0
     assert proc.returncode == expected, f"exit {proc.returncode}, expected {expected}\n{proc.stderr[-3000:]}"
     return proc

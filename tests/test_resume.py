@@ -9,15 +9,24 @@ import pytest
 import torch
 from kill_helpers import fit_args, run_fit
 from safetensors.torch import load_file
+from torch.utils.data import DistributedSampler
 
 from lightning_tune.checkpoint import load_training_checkpoint
+from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
 
-KILL_AT = 4  # after the step-4 checkpoint, where validation also ran
-
-# The resumed run's next epoch must shuffle as the uninterrupted one's did: InstructDataModule's sampler draws
-# epoch e's order from (seed, e) alone (a DistributedSampler, set_epoch called by Lightning), not from a
-# generator chained across epochs that a restored StatefulDataLoader could not continue exactly.
-CROSSES_EPOCH = 5  # the resumed run crosses into epoch 1: its shuffle must equal the uninterrupted run's
+# (batches per epoch, validate every n steps, kill points): each kill is a SIGKILL before the batch after that step's
+# checkpoint, each resume is `--ckpt_path last`. The later-epoch case is issue 14's: with 5 batches an epoch
+# (`limit_train_batches`, which ends the epoch before its DataLoader is exhausted) and validation at step 5, between
+# the epochs, the first resume crosses into epoch 1, the second starts at the boundary (step 5's checkpoint) and the
+# third inside epoch 1. At the boundary Lightning starts epoch 1 on the restored epoch-0 iterator (no new `iter`), which
+# the sampler's iterator notices from `set_epoch`. Resuming inside epoch e >= 1 is the
+# case that once broke: Lightning rebuilds the restored DataLoader iterator before it calls the sampler's set_epoch, so a
+# sampler that read its epoch at iteration time replayed epoch 0's shuffle; InstructDataModule's sampler iterator now
+# carries its epoch in the checkpointed state.
+CASES = {
+    "kill in epoch 0 after validation": (10, 4, [4]),
+    "kill in epochs 0 and 1, validation between epochs": (5, 5, [3, 5, 7]),
+}
 
 
 def train_losses(root: Path, version: str) -> dict[int, str]:
@@ -26,25 +35,31 @@ def train_losses(root: Path, version: str) -> dict[int, str]:
         return {int(row["step"]): row["train_loss"] for row in csv.DictReader(file) if row.get("train_loss")}
 
 
-@pytest.mark.parametrize("epoch_batches", [10, CROSSES_EPOCH])
-def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path, epoch_batches: int) -> None:
-    """8 steps; killed after step 4 (SIGKILL, no teardown), resumed with --ckpt_path last. With 10 batches an
-    epoch the resumed run stays in epoch 0; with 5 it crosses into epoch 1."""
+@pytest.mark.parametrize("epoch_batches, val_every, kills", list(CASES.values()), ids=list(CASES))
+def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path, epoch_batches: int, val_every: int, kills: list[int]) -> None:
+    """8 steps, killed (SIGKILL, no teardown) at each of `kills` and resumed with --ckpt_path last: the same losses, adapter,
+    optimiser and scheduler state as the uninterrupted run."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    epoch = ["--trainer.limit_train_batches", str(epoch_batches)]
-    run_fit(fit_args(straight, "run", extra=epoch))
-    run_fit(fit_args(broken, "run", extra=epoch + ["--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", str(KILL_AT)]), killed=True)
-
+    shape = ["--trainer.limit_train_batches", str(epoch_batches), "--trainer.val_check_interval", str(val_every)]
+    run_fit(fit_args(straight, "run", extra=shape), cwd=tmp_path)
     last = broken / "checkpoints" / "last.ckpt"
-    assert load_training_checkpoint(last)["global_step"] == KILL_AT
-    assert not (broken / "adapter").exists()  # killed: fit never reached its export
-    run_fit(fit_args(broken, "resumed", extra=epoch + ["--ckpt_path", "last"]))
+    losses: dict[int, str] = {}
+    for i, step in enumerate(kills):
+        resume = ["--ckpt_path", "last"] if i else []
+        run_fit(fit_args(broken, f"run{i}", extra=shape + resume + ["--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", str(step)]), killed=True, cwd=tmp_path)
+        assert load_training_checkpoint(last)["global_step"] == step
+        assert not (broken / "adapter").exists()  # killed: fit never reached its export
+        got = train_losses(broken, f"run{i}")
+        assert sorted(got) == list(range(kills[i - 1] if i else 0, step)), got  # resumed after the last step, no replay
+        losses |= got
+    run_fit(fit_args(broken, "resumed", extra=shape + ["--ckpt_path", "last"]), cwd=tmp_path)
+    assert sorted(tmp_path.iterdir()) == [broken, straight]  # nothing in the working directory: `last` had one candidate
 
     expected = train_losses(straight, "run")
     assert len(expected) == 8
-    before, after = train_losses(broken, "run"), train_losses(broken, "resumed")
-    assert len(after) == 8 - KILL_AT  # resumed at step KILL_AT + 1, not from scratch and not replaying
-    assert {**before, **after} == expected
+    after = train_losses(broken, "resumed")
+    assert sorted(after) == list(range(kills[-1], 8))  # resumed at step kills[-1] + 1, not from scratch and not replaying
+    assert {**losses, **after} == expected
 
     want = load_file(straight / "adapter" / "adapter_model.safetensors")
     got = load_file(broken / "adapter" / "adapter_model.safetensors")
@@ -57,3 +72,39 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path,
     assert a["lr_schedulers"] == b["lr_schedulers"]
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_restored_sampler_iterator_continues_its_own_epoch(grouped: bool) -> None:
+    """What Lightning does on resume, without a Trainer: a new sampler (epoch 0) gets a restored iterator before
+    `set_epoch`; it continues the checkpointed epoch. Restored at an epoch's end (the DataLoader not exhausted), it
+    starts the epoch `set_epoch` then names. The plain sampler's order is torch's `DistributedSampler`'s."""
+    n, seen = 50, 12
+
+    def make() -> DistributedSampler:
+        if grouped:
+            return LengthGroupedSampler([i % 7 for i in range(n)], batch_size=4, seed=3, group_batches=2)
+        return ResumableDistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=3)
+
+    def epoch_order(epoch: int) -> list[int]:
+        reference = make() if grouped else DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=3)
+        reference.set_epoch(epoch)
+        return list(reference)
+
+    assert epoch_order(1) != epoch_order(0)
+    sampler = make()
+    sampler.set_epoch(1)
+    running = iter(sampler)
+    assert [next(running) for _ in range(seen)] == epoch_order(1)[:seen]
+
+    restored_sampler = make()
+    restored = iter(restored_sampler)  # built while the new sampler is still at epoch 0
+    restored.load_state_dict(running.state_dict())
+    restored_sampler.set_epoch(1)
+    assert list(restored) == epoch_order(1)[seen:]
+
+    restored_sampler = make()
+    restored = iter(restored_sampler)
+    restored.load_state_dict(running.state_dict())
+    restored_sampler.set_epoch(2)  # the checkpoint was the last batch of epoch 1 (limit_train_batches)
+    assert list(restored) == epoch_order(2)

@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import collate, encode_sample
 from lightning_tune.data.packing import collate_packed
-from lightning_tune.data.sampler import LengthGroupedSampler
+from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
 from lightning_tune.data.templates import PromptTemplate, get_template
 from lightning_tune.tokenizer import Tokenizer
 
@@ -173,7 +173,9 @@ class InstructDataModule(LightningDataModule):
         The samplers are `DistributedSampler`s built here with our `seed`, so Lightning keeps them
         (rather than substituting its own, seeded by the global seed): epoch e's order is a function
         of (seed, e) only, and rank r of n takes every n-th index from r, so n processes with
-        `batch_size` b see the same global batches as one process with batch size n * b.
+        `batch_size` b see the same global batches as one process with batch size n * b. Their
+        iterators checkpoint their epoch (see `ResumableDistributedSampler`), so a run resumed in a
+        later epoch continues that epoch's order, not epoch 0's.
         """
         if self.train_dataset is None:
             self.setup("fit")
@@ -183,7 +185,7 @@ class InstructDataModule(LightningDataModule):
             lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
             sampler: DistributedSampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, num_replicas=replicas, rank=rank)
         else:
-            sampler = DistributedSampler(self.train_dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
+            sampler = ResumableDistributedSampler(self.train_dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
         return StatefulDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,

@@ -1,4 +1,11 @@
-"""Length-grouped sampling: batches of samples of similar length, so right padding wastes little compute."""
+"""Resumable epoch-seeded samplers: a shuffled `DistributedSampler` and length-grouped batching.
+
+Both iterate through a `Stateful` iterator that records (epoch, samples yielded). Lightning restores a
+checkpointed DataLoader, and so builds its sampler iterator, *before* it calls `set_epoch` for the
+resumed epoch; a sampler that read `self.epoch` when iterated (torch's `DistributedSampler`, whose
+position torchdata's `StatefulDataLoader` restores by skipping samples) would then replay epoch 0's
+order in a run resumed in epoch 1 or later. The epoch in the iterator's own state cannot go stale.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,27 @@ import torch
 from torch.utils.data import DistributedSampler
 
 
-class LengthGroupedSampler(DistributedSampler):
+class ResumableDistributedSampler(DistributedSampler):
+    """`DistributedSampler` (same order for the same seed, epoch, replicas and rank) whose iterator is
+    `Stateful`: its state holds the epoch it is in, so a restored iterator shuffles as that epoch did.
+
+    Subclasses change the order by overriding `order(epoch)`.
+    """
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's index order for the epoch: `DistributedSampler`'s, computed for `epoch`."""
+        current = self.epoch
+        self.epoch = epoch
+        try:
+            return list(super().__iter__())
+        finally:
+            self.epoch = current
+
+    def __iter__(self) -> Iterator[int]:
+        return _EpochIterator(self, self.epoch)
+
+
+class LengthGroupedSampler(ResumableDistributedSampler):
     """Sample indices so that each run of `batch_size` consecutive indices has similar lengths.
 
     Per epoch (as Hugging Face's `LengthGroupedSampler`): shuffle all indices, cut the permutation
@@ -65,23 +92,30 @@ class LengthGroupedSampler(DistributedSampler):
         indices += indices[: self.total_size - len(indices)]  # pad to a multiple of num_replicas
         return indices[self.rank :: self.num_replicas]
 
-    def __iter__(self) -> Iterator[int]:
-        return _GroupedIterator(self, self.epoch)
 
 
-class _GroupedIterator(Iterator[int]):
-    """One epoch of a `LengthGroupedSampler`; `state_dict` records (epoch, yielded) for resume."""
+class _EpochIterator(Iterator[int]):
+    """One epoch of a `ResumableDistributedSampler`; `state_dict` records (epoch, yielded) for resume."""
 
-    def __init__(self, sampler: LengthGroupedSampler, epoch: int) -> None:
+    def __init__(self, sampler: ResumableDistributedSampler, epoch: int) -> None:
         self.sampler = sampler
+        self._start(epoch, 0)
+
+    def _start(self, epoch: int, yielded: int) -> None:
         self.epoch = epoch
-        self.indices = sampler.order(epoch)
-        self.yielded = 0
+        self.indices = self.sampler.order(epoch)
+        self.yielded = yielded
 
     def __iter__(self) -> Iterator[int]:
         return self
 
     def __next__(self) -> int:
+        if self.sampler.epoch > self.epoch:
+            # `set_epoch` moved on after this iterator was made: Lightning builds the (restored) iterator
+            # before it calls `set_epoch`, and resuming from the checkpoint of an epoch's last batch
+            # whose DataLoader was not exhausted (`limit_train_batches`) it starts the next epoch on
+            # that same iterator. Either way the sampler's epoch begins here, from its first index.
+            self._start(self.sampler.epoch, 0)
         if self.yielded >= len(self.indices):
             raise StopIteration
         self.yielded += 1
@@ -91,6 +125,4 @@ class _GroupedIterator(Iterator[int]):
         return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.indices = self.sampler.order(self.epoch)
-        self.yielded = int(state["yielded"])
+        self._start(int(state["epoch"]), int(state["yielded"]))
