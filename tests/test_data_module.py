@@ -147,7 +147,8 @@ def test_works_directly_from_python(tmp_path) -> None:
     assert isinstance(loader, StatefulDataLoader)
     batch = next(iter(loader))
     # By default a batch is packed: its 8 samples in one unpadded row, each starting at position 0 with BOS.
-    assert set(batch) == {"input_ids", "labels", "positions"} and batch["input_ids"].shape[0] == 1
+    assert set(batch) == {"input_ids", "labels", "positions", "seq_lens"} and batch["input_ids"].shape[0] == 1
+    assert len(batch["seq_lens"][0]) == 8 and sum(batch["seq_lens"][0]) == batch["input_ids"].shape[1]
     starts = batch["positions"][0] == 0
     assert int(starts.sum()) == 8 and (batch["input_ids"][0][starts] == dm.tokenizer.bos_id).all()
     assert dm.tokenizer.vocab_size == 512
@@ -259,14 +260,20 @@ def test_bad_files(llama2_tokenizer_path, tmp_path) -> None:
     cases = {
         "empty.json": ("", "empty file"),
         "blank.jsonl": ("\n\n", "empty file"),
-        "broken.json": ('[{"instruction": "a",', "cannot read as .json"),
+        "broken.json": ('[{"instruction": "a",', "line 1, column 22: not valid JSON"),
         "broken.csv": ('instruction,output\n"a,b\n', "cannot read as .csv"),
         "broken.parquet": ("not parquet", "cannot read as .parquet"),
-        "no_records.json": ("[]", "cannot read as .json (Instruction \"train\" corresponds to no data!)"),
+        "no_records.json": ("[]", "has no records (expected instruction/output records)"),
+        "header_only.csv": ("instruction,output\n", "has no records (expected instruction/output records)"),
+        # `datasets` says "in row 1" here (pyarrow's row within a block); the user needs the file's line.
+        "broken_line.jsonl": ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a" "output": "b"}\n', "line 3, column 21: not valid JSON (Expecting ',' delimiter)"),
+        "not_object.jsonl": ('{"instruction": "a", "output": "b"}\n[1, 2]\n', "line 2: expected a JSON object (one record per line), got an array"),
+        "broken_array.json": ('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a",, "output": "b"}\n]\n', "line 3, column 23: not valid JSON (Expecting property name"),
+        "latin1.jsonl": ('{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"), "line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
     }
     for name, (content, expected) in cases.items():
         path = tmp_path / name
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
         with pytest.raises(DataError) as error:
             make(path, tmp_path, llama2_tokenizer_path)
         assert one_line(error).startswith(f"{path}: {expected}"), name

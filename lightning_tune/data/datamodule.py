@@ -273,7 +273,7 @@ class InstructDataModule(LightningDataModule):
         if not isinstance(records, datasets.Dataset):
             raise DataError(f"{self.source}: expected one split of records, got {type(records).__name__}")
         if len(records) == 0:
-            raise DataError(f"{self.source}: no records (expected instruction/output records)")
+            raise DataError(f"{self.source}: has no records (expected instruction/output records)")
         return records
 
     def _load_file(self, path: Path) -> datasets.Dataset:
@@ -283,8 +283,15 @@ class InstructDataModule(LightningDataModule):
         loader = LOADERS.get(path.suffix.lower())
         if loader is None:
             raise DataError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
-        if not path.read_bytes().strip():
+        data = path.read_bytes()
+        if not data.strip():
             raise DataError(f"{path}: empty file (expected instruction/output records)")
+        if loader != "parquet":
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = data.count(b"\n", 0, error.start) + 1
+                raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8") from None
         options: dict = {}
         if loader == "csv":
             # CSV has no types: read every cell as text (pandas would turn an output "12" into a number) and
@@ -295,7 +302,14 @@ class InstructDataModule(LightningDataModule):
         try:
             return datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=self.cache_dir, **options)
         except Exception as error:
+            # `datasets`' own messages name no line (pyarrow counts "rows" within a block) or say
+            # 'Instruction "train" corresponds to no data!' for a file without records: look ourselves.
+            problem = _json_problem(data.decode("utf-8"), jsonl=path.suffix.lower() == ".jsonl") if loader == "json" else None
+            if problem is not None:
+                raise DataError(f"{path}: {problem}") from error
             reason = error.__cause__ if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ else error
+            if "corresponds to no data" in str(reason):
+                raise DataError(f"{path}: has no records (expected instruction/output records)") from error
             raise DataError(f"{path}: cannot read as {path.suffix} ({_first_line(reason)})") from error
 
     def _columns(self, records: datasets.Dataset) -> dict[str, str | None]:
@@ -340,6 +354,41 @@ def _encode_record(
         values[field] = value
     prompt = template.format(values["instruction"], values["input"])
     return encode_sample(tokenizer, prompt, values["output"], max_seq_len, train_on_input)
+
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}
+
+
+def _json_problem(text: str, *, jsonl: bool) -> str | None:
+    """Where a .json/.jsonl file stops being records: "line N, column C: ..." (None: no syntax or shape problem).
+
+    A .json file may hold one array of records or JSON lines, as `datasets` accepts both.
+    """
+    if not jsonl:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):
+                return f"line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+        else:
+            if isinstance(document, dict):
+                return None  # one object: `datasets` reads its fields as columns
+            if not isinstance(document, list):
+                return f"expected an array of records (or one record per line), got {JSON_TYPES.get(type(document), 'a value')}"
+            bad = next((i for i, record in enumerate(document) if not isinstance(record, dict)), None)
+            if bad is not None:
+                return f"record {bad} (counting from 0): expected a JSON object, got {JSON_TYPES.get(type(document[bad]), 'a value')}"
+            return None
+    for number, line in enumerate(text.split("\n"), 1):  # JSON lines end at "\n" only
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}, column {error.colno}: not valid JSON ({error.msg})"
+        if not isinstance(record, dict):
+            return f"line {number}: expected a JSON object (one record per line), got {JSON_TYPES.get(type(record), 'a value')}"
+    return None
 
 
 def _first_line(error: BaseException) -> str:
