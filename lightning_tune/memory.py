@@ -15,7 +15,9 @@ devices x num_nodes under FSDP, else 1):
                 + bf16-mixed without FSDP: a bf16 copy of every trainable linear weight (2 bytes
                   each), which autocast caches during forward/backward
     gradients   = P_t * b / S    (+ the same again for DDP's gradient buckets when devices x num_nodes > 1)
-    optimizer   = 2 * P_t * b / S   (AdamW's exp_avg and exp_avg_sq, in the parameters' dtype)
+    optimizer   = s * P_t / S   (s: the chosen optimiser's state bytes per parameter, measured by
+                                 `optim.state_bytes_per_parameter`: AdamW 2 * b (exp_avg, exp_avg_sq),
+                                 SGD with momentum b, 8-bit AdamW about 2, a quarter of AdamW's in fp32)
     activations = stored + max(head, layer_backward)
         stored         = what autograd keeps for backward from embedding to final norm for one
                          micro-batch [batch_size, max_seq_len], i.e. the worst case of full-length
@@ -183,6 +185,8 @@ def estimate_memory(
     accumulate_grad_batches: int = 1,
     accelerator: str = "cpu",
     loss_chunk_size: int = 0,
+    optimizer: str = "torch.optim.AdamW",
+    optimizer_args: dict | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of a training step (see the module docstring for the formula).
 
@@ -212,7 +216,10 @@ def estimate_memory(
     gradients = trainable * b // shards
     if strategy == "ddp" and processes > 1:
         gradients *= 2  # DDP's gradient buckets
-    optimizer = 2 * trainable * b // shards
+    from lightning_tune.optim import state_bytes_per_parameter
+
+    param_dtype = torch.float32 if b == 4 else dtype  # bf16-true / 16-true: parameters, and so Adam's state, in half precision
+    optimizer_bytes = int(state_bytes_per_parameter(optimizer, optimizer_args, param_dtype) * trainable) // shards
     step_temp = trainable * b // shards if accelerator not in ("cpu",) else 0
 
     base, per_layer = decoder_activations(config, adapt, dtype, batch_size, seq_len, activation_checkpointing)
@@ -227,5 +234,5 @@ def estimate_memory(
     activations = stored + max(head, layer_backward)
 
     held_grads = gradients if accumulate_grad_batches > 1 else 0
-    peak = weights + optimizer + max(activations + held_grads, gradients + step_temp)
-    return MemoryEstimate(total, trainable, weights, gradients, optimizer, activations, peak)
+    peak = weights + optimizer_bytes + max(activations + held_grads, gradients + step_temp)
+    return MemoryEstimate(total, trainable, weights, gradients, optimizer_bytes, activations, peak)

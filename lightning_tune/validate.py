@@ -192,6 +192,8 @@ def check(argv: list[str]) -> Check:
         accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
         accelerator=str(trainer.get("accelerator") or "auto"),
         loss_chunk_size=int(getattr(model, "loss_chunk_size", 0) or 0),
+        optimizer=model.optimizer,  # its state is counted as measured (8-bit AdamW: a quarter of AdamW's)
+        optimizer_args=model.optimizer_args,
     )
     estimate = None if config is None else estimate_memory(config, model.adapt_model, **settings)
     return Check(model, data, trainer, settings, problems, estimate)

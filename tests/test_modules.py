@@ -6,7 +6,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_tune.modules import FullFinetune, LoRAFinetune
-from lightning_tune.modules.base import cosine_with_warmup
 
 TINY = {"vocab_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 32, "intermediate_dim": 48, "max_seq_len": 64}
 
@@ -46,7 +45,7 @@ def captured_grads(recipe_cls, batches, accumulate: int, **recipe_kwargs) -> dic
             self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
 
     torch.manual_seed(0)
-    module = Capture(model="tiny_llama2", model_args=TINY, export=False, **recipe_kwargs)
+    module = Capture(model_name="tiny_llama2", model_args=TINY, export=False, **recipe_kwargs)
     trainer(accumulate_grad_batches=accumulate).fit(module, DataLoader(batches, batch_size=None))
     return module.grads
 
@@ -68,7 +67,7 @@ def test_naive_mean_of_means_would_differ():
 
 def test_lora_checkpoint_holds_only_adapters(tmp_path):
     torch.manual_seed(0)
-    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False)
+    module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, export=False)
     t = trainer(default_root_dir=tmp_path, enable_checkpointing=True, max_steps=2)
     t.fit(module, DataLoader([pad(SAMPLES[:2]), pad(SAMPLES[2:])], batch_size=None))
     path = tmp_path / "saved.ckpt"
@@ -80,7 +79,7 @@ def test_lora_checkpoint_holds_only_adapters(tmp_path):
 
 def test_lora_targets_and_trainable_count():
     torch.manual_seed(0)
-    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, lora_rank=4, lora_attn_modules=["q", "v"], apply_lora_to_mlp=True)
+    module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, lora_rank=4, lora_attn_modules=["q", "v"], apply_lora_to_mlp=True)
     module.configure_model()
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     # per layer: q (32->32) and v (32->16) plus gate/up (32->48) and down (48->32), each r*(in+out)
@@ -95,14 +94,14 @@ def test_lora_targets_and_trainable_count():
         ({"lora_attn_modules": ["query"]}, "unknown module 'query'"),
         ({"lora_dropout": 1.5}, "lora_dropout: must be in [0, 1)"),
         ({"lr": -1.0}, "lr: must be > 0"),
-        ({"model": "llama3"}, "model: unknown model 'llama3'"),
+        ({"model_name": "llama3"}, "model_name: unknown model 'llama3'"),
         ({"checkpoint_dir": "/no/such/dir"}, "checkpoint_dir: checkpoint directory '/no/such/dir' does not exist"),
         ({"tokenizer_path": "/no/such.model"}, "tokenizer_path: tokenizer file '/no/such.model' does not exist"),
     ],
 )
 def test_validation_errors(kwargs, message):
     with pytest.raises(ValueError) as err:
-        LoRAFinetune(**{"model": "tiny_llama2", **kwargs})
+        LoRAFinetune(**{"model_name": "tiny_llama2", **kwargs})
     assert message in str(err.value)
 
 
@@ -113,28 +112,92 @@ def test_saved_hyperparameters_hold_every_parameter(recipe_cls):
     from jsonargparse._parameter_resolvers import get_signature_parameters
 
     resolved = {p.name: p.default for p in get_signature_parameters(recipe_cls, "__init__")}
-    assert {"model", "lr", "betas", "compile"} <= resolved.keys()
-    module = recipe_cls(model="tiny_llama2", weight_decay=0.5)
-    assert dict(module.hparams) == {**resolved, "model": "tiny_llama2", "weight_decay": 0.5}
+    assert {"model_name", "lr", "betas", "optimizer", "lr_schedule", "compile"} <= resolved.keys()
+    del resolved["model"]  # the deprecated spelling of model_name: read, never saved
+    module = recipe_cls(model_name="tiny_llama2", weight_decay=0.5)
+    assert dict(module.hparams) == {**resolved, "model_name": "tiny_llama2", "weight_decay": 0.5}
 
 
 def test_full_finetune_keeps_its_own_defaults():
-    module = FullFinetune(model="tiny_llama2")
+    module = FullFinetune(model_name="tiny_llama2")
     assert (module.lr, module.betas) == (2e-5, (0.9, 0.95))
     assert (module.hparams["lr"], module.hparams["betas"]) == (2e-5, (0.9, 0.95))
 
 
 def test_model_or_checkpoint_required():
-    with pytest.raises(ValueError, match="model: give a model name"):
+    with pytest.raises(ValueError, match="model_name: give a model size"):
         FullFinetune()
 
 
-def test_cosine_schedule_matches_transformers():
-    from transformers import get_cosine_schedule_with_warmup
+def test_old_model_spelling_still_works_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="lightning_tune.modules.base"):
+        module = LoRAFinetune(model="tiny_llama2", model_args=TINY)
+    assert module.model_name == "tiny_llama2" and module.model is None
+    assert module.hparams["model_name"] == "tiny_llama2" and "model" not in module.hparams
+    assert [r.getMessage() for r in caplog.records] == ["model: is deprecated, write model_name: tiny_llama2 (the size's name; the module is self.model)"]
+    with pytest.raises(ValueError, match="model: is the old name of model_name"):
+        LoRAFinetune(model="tiny_llama2", model_name="llama2_7b")
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
-    for step in range(100):
-        assert cosine_with_warmup(step, 10, 100) == pytest.approx(scheduler.get_last_lr()[0], abs=1e-12)
-        optimizer.step()
-        scheduler.step()
+
+def test_max_seq_len_beyond_the_context_is_refused_when_built(tmp_path):
+    """Named size: its config; checkpoint: its config.json. Nothing is built or loaded."""
+    with pytest.raises(ValueError, match=r"max_seq_len: 65 exceeds the model's context length 64 \(tiny_llama2\)"):
+        LoRAFinetune(model_name="tiny_llama2", model_args=TINY, max_seq_len=65)
+    LoRAFinetune(model_name="tiny_llama2", model_args=TINY, max_seq_len=64)
+    from lightning_tune.checkpoint import save_hf_checkpoint
+    from lightning_tune.model import Llama, llama2_config
+
+    model = Llama(llama2_config("tiny_llama2", **TINY))
+    save_hf_checkpoint(model.state_dict(), model.config, tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()  # the check reads config.json only
+    with pytest.raises(ValueError, match="max_seq_len: 100 exceeds the model's context length 64"):
+        FullFinetune(checkpoint_dir=str(tmp_path / "hf"), max_seq_len=100)
+
+
+def test_validate_refuses_a_too_long_max_seq_len_like_fit(tmp_path, capsys):
+    from lightning_tune.cli import main
+
+    for verb in ("validate", "fit"):
+        assert main([verb, "--config", "tiny_lora.yaml", "--data.max_seq_len", "2048", "--trainer.default_root_dir", str(tmp_path / verb)]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert lines == ["error: max_seq_len: 2048 exceeds the model's context length 1024 (tiny_llama2); lower data.max_seq_len"], verb
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def rank4_checkpoint(tmp_path_factory):
+    """A LoRA checkpoint (rank 4, alpha 16, q/v) after one step."""
+    root = tmp_path_factory.mktemp("rank4")
+    torch.manual_seed(0)
+    t = trainer(default_root_dir=root, max_steps=1)
+    t.fit(LoRAFinetune(**LORA4), DataLoader([pad(SAMPLES[:2])], batch_size=None))
+    t.save_checkpoint(root / "rank4.ckpt")
+    return root / "rank4.ckpt"
+
+
+LORA4 = dict(model_name="tiny_llama2", model_args=TINY, export=False, lora_rank=4, lora_dropout=0.0)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"lora_rank": 8}, "lora_rank 4 in the checkpoint, 8 here"),  # was: a size mismatch traceback
+        ({"lora_attn_modules": ["q_proj", "k_proj"]}, "lora_attn_modules ['q_proj', 'v_proj'] in the checkpoint, ['k_proj', 'q_proj'] here"),
+        ({"apply_lora_to_mlp": True, "lora_alpha": 8.0}, "lora_alpha 16.0 in the checkpoint, 8.0 here; apply_lora_to_mlp False in the checkpoint, True here"),
+        ({"model_args": {**TINY, "num_layers": 1}}, "model_args {"),
+    ],
+)
+def test_resume_with_other_lora_settings_is_refused_in_one_line(rank4_checkpoint, tmp_path, change, message):
+    from lightning_tune.modules.base import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError) as err:
+        trainer(default_root_dir=tmp_path, max_steps=2).fit(LoRAFinetune(**{**LORA4, **change}), DataLoader([pad(SAMPLES[2:])], batch_size=None), ckpt_path=rank4_checkpoint)
+    text = str(err.value)
+    assert text.startswith("checkpoint: saved with other settings than this run: ") and message in text and "\n" not in text
+
+
+def test_resume_with_the_same_lora_settings_in_other_words_passes(rank4_checkpoint, tmp_path):
+    same = LoRAFinetune(**{**LORA4, "lora_attn_modules": ["v", "q"]})  # Meta's names, another order: the same targets
+    t = trainer(default_root_dir=tmp_path, max_steps=2)
+    t.fit(same, DataLoader([pad(SAMPLES[2:])], batch_size=None), ckpt_path=rank4_checkpoint)
+    assert t.global_step == 2

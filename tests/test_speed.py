@@ -72,7 +72,7 @@ def test_chunked_head_under_bf16_autocast_matches_autocast_linear():
 
 def build(recipe_cls, **kwargs):
     torch.manual_seed(0)
-    module = recipe_cls(model="tiny_llama2", model_args=TINY, export=False, **kwargs)
+    module = recipe_cls(model_name="tiny_llama2", model_args=TINY, export=False, **kwargs)
     module.configure_model()
     return module
 
@@ -118,7 +118,7 @@ def test_lora_base_is_frozen_and_gets_no_gradient():
 
 def test_bad_chunk_size_fails_in_init():
     with pytest.raises(ValueError, match="loss_chunk_size"):
-        FullFinetune(model="tiny_llama2", loss_chunk_size=-1)
+        FullFinetune(model_name="tiny_llama2", loss_chunk_size=-1)
 
 
 def test_compile_is_opt_in_and_warns(caplog):
@@ -187,7 +187,7 @@ def test_grouped_datamodule_pads_less_and_resumes_mid_epoch(tmp_path):
 def test_bf16_precisions_train_on_cpu(tmp_path, precision):
     dm = InstructDataModule(source="demo", batch_size=4, max_seq_len=64, group_by_length=True, cache_dir=str(tmp_path / "cache"))
     torch.manual_seed(0)
-    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False, warmup_steps=0, lr=1e-2, loss_chunk_size=16)
+    module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, export=False, warmup_steps=0, lr=1e-2, loss_chunk_size=16)
     trainer = lightning.Trainer(
         max_steps=3, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -212,7 +212,7 @@ def test_bf16_mixed_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradien
     torch.manual_seed(0)
     modules = []
     for _ in range(2):
-        module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False, lora_dropout=0.0)
+        module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, export=False, lora_dropout=0.0)
         module.configure_model()
         modules.append(module)
     modules[1].model.load_state_dict(modules[0].model.state_dict())
@@ -273,7 +273,7 @@ def test_packing_datamodule_trains(tmp_path):
     dm.setup("fit")
     first = next(iter(dm.train_dataloader()))
     assert first["input_ids"].shape[0] == 1 and (first["input_ids"] != dm.tokenizer.pad_id).all()
-    module = LoRAFinetune(model="tiny_llama2", model_args=TINY, export=False, warmup_steps=0)
+    module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, export=False, warmup_steps=0)
     trainer = lightning.Trainer(
         max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,

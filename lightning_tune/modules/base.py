@@ -7,12 +7,14 @@ differs: which parameters train and what is exported. Lightning's `Trainer` does
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from lightning_tune.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from lightning_tune.model import LLAMA2_SIZES, Llama, LlamaConfig, llama2_config
+from lightning_tune.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +43,8 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at `total_steps`.
-
-    The same curve as Hugging Face's `get_cosine_schedule_with_warmup`.
-    """
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+class CheckpointMismatchError(ValueError):
+    """A checkpoint saved with other shape-deciding settings than the run resuming it; one line."""
 
 
 class FinetuneModule(pl.LightningModule):
@@ -59,46 +55,69 @@ class FinetuneModule(pl.LightningModule):
     docstrings, and `save_hyperparameters` here records them all (the recipe's own included).
 
     Args:
-        model: Model size (llama2_7b, llama2_13b, llama2_70b, tiny_llama2); null to take the
+        model_name: Model size (llama2_7b, llama2_13b, llama2_70b, tiny_llama2); null to take the
             architecture from checkpoint_dir.
         model_args: Overrides of the size's fields (vocab_size, num_layers, embed_dim, ...); only
             without a checkpoint (random init, for demos and tests).
         checkpoint_dir: Hugging Face or Meta checkpoint directory to start from; null = random init.
-        tokenizer_path: SentencePiece tokenizer, copied into the exports (linked from data).
-        max_seq_len: Longest training sequence (linked from data); checked against the model.
-        lr: Peak learning rate of AdamW.
-        weight_decay: AdamW weight decay (not applied to norm weights and biases).
-        betas: AdamW betas.
-        warmup_steps: Linear warm-up steps before the cosine decay.
+        tokenizer_path: Tokenizer, copied into the exports (linked from data).
+        max_seq_len: Longest training sequence (linked from data); checked against the model's
+            context length when the recipe is built.
+        optimizer: Optimiser class: an import path (torch.optim.AdamW, torch.optim.SGD,
+            bitsandbytes.optim.AdamW8bit, or any torch.optim.Optimizer) or a torch.optim name (SGD).
+        optimizer_args: More keyword arguments of the optimiser, e.g. {fused: true} or
+            {momentum: 0.9}; lr, weight_decay and betas are the parameters below.
+        lr: Peak learning rate.
+        weight_decay: Weight decay of the matrices; norm weights and biases are never decayed.
+        betas: Adam betas, given to optimisers that take betas (the Adam family).
+        lr_schedule: Learning rate after the warm-up: cosine or linear decay to min_lr_ratio x lr at
+            the last step, or constant; stepped once per optimiser step.
+        warmup_steps: Optimiser steps of linear warm-up from 0 to lr.
+        min_lr_ratio: Learning rate at the end of a cosine or linear decay, as a fraction of lr.
         activation_checkpointing: Recompute each layer in backward to save activation memory.
         export: Write the exports into the trainer's default_root_dir when fit ends.
         loss_chunk_size: Run the output head and cross-entropy this many labelled positions at a
             time, so the [tokens, vocab] logits never exist at once; 0 = in one piece. Same loss
             and gradients either way.
         compile: torch.compile each decoder layer; the first steps are slow (compilation).
+        model: Deprecated spelling of model_name (older configs and checkpoints); read with a warning.
     """
+
+    # Hyper-parameters that decide the saved parameters' shapes (or meaning): a checkpoint resumes only
+    # a run with the same values (`on_load_checkpoint`). Recipes add their own.
+    CHECKPOINT_KEYS: tuple[str, ...] = ("model_name", "model_args")
 
     def __init__(
         self,
-        model: str | None = None,
+        model_name: str | None = None,
         model_args: dict[str, int | float] | None = None,
         checkpoint_dir: str | None = None,
         tokenizer_path: str | None = None,
         max_seq_len: int | None = None,
+        optimizer: str = "torch.optim.AdamW",
+        optimizer_args: dict[str, Any] | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
+        lr_schedule: LRSchedule = "cosine",
         warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
         activation_checkpointing: bool = False,
         export: bool = True,
         loss_chunk_size: int = 1024,
         compile: bool = False,
+        model: str | None = None,
     ) -> None:
         super().__init__()
-        if model is None and checkpoint_dir is None:
-            raise ValueError("model: give a model name (one of " + ", ".join(LLAMA2_SIZES) + ") or a checkpoint_dir to read its config from")
-        if model is not None and model not in LLAMA2_SIZES:
-            raise ValueError(f"model: unknown model {model!r}; expected one of {', '.join(LLAMA2_SIZES)}")
+        if model is not None:  # the old spelling: `model` is the module (self.model), the size is model_name
+            if model_name is not None and model_name != model:
+                raise ValueError(f"model: is the old name of model_name; give one of them, not model: {model!r} and model_name: {model_name!r}")
+            log.warning("model: is deprecated, write model_name: %s (the size's name; the module is self.model)", model)
+            model_name = model
+        if model_name is None and checkpoint_dir is None:
+            raise ValueError("model_name: give a model size (one of " + ", ".join(LLAMA2_SIZES) + ") or a checkpoint_dir to read the architecture from")
+        if model_name is not None and model_name not in LLAMA2_SIZES:
+            raise ValueError(f"model_name: unknown model {model_name!r}; expected one of {', '.join(LLAMA2_SIZES)}")
         if model_args and checkpoint_dir is not None:
             raise ValueError("model_args: cannot reshape a model loaded from checkpoint_dir; drop model_args or set checkpoint_dir: null")
         check_path("checkpoint_dir", checkpoint_dir, "checkpoint directory")
@@ -111,46 +130,101 @@ class FinetuneModule(pl.LightningModule):
             raise ValueError(f"betas: each must be in [0, 1), got {list(betas)}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
+        if lr_schedule == "constant" and min_lr_ratio:
+            raise ValueError(f"min_lr_ratio: a constant schedule does not decay; set min_lr_ratio: 0 or lr_schedule: cosine or linear (got {min_lr_ratio})")
         if max_seq_len is not None and max_seq_len <= 0:
             raise ValueError(f"max_seq_len: must be > 0, got {max_seq_len}")
         if loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size: must be >= 0 (0 = no chunking), got {loss_chunk_size}")
-        self.model_name = model
+        self.optimizer_cls = optimizer_class(optimizer)
+        self.optimizer_kwargs = optimizer_kwargs(self.optimizer_cls, lr, weight_decay, tuple(betas), optimizer_args)
+        check_optimizer(self.optimizer_cls, self.optimizer_kwargs)
+        self.model_name = model_name
         self.model_args = dict(model_args or {})
         self.checkpoint_dir = checkpoint_dir
         self.tokenizer_path = tokenizer_path
         self.max_seq_len = max_seq_len
+        self.optimizer = optimizer
+        self.optimizer_args = dict(optimizer_args or {})
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
+        self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
         self.activation_checkpointing = activation_checkpointing
         self.export = export
         self.loss_chunk_size = loss_chunk_size
         self.compile = compile
         self.model: Llama | None = None
+        self.check_context_length()
         # Here, not in the recipes: Lightning collects the arguments of every __init__ frame up the
         # call chain from this one, so the recipe's own parameters and these (defaults included) are saved.
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams.pop("model", None)  # the CLI hands Lightning its parsed config, `model: null` included
+        self.hparams["model_name"] = model_name  # resolved from the old spelling
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers record: the same
         self._step_loss_sum = torch.zeros(())
         self._step_tokens = torch.zeros((), dtype=torch.long)
         self._step_started = 0.0
         self._step_seen_tokens = 0
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_settings(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The CHECKPOINT_KEYS of `hparams` (a checkpoint's, or this recipe's), written so that equal
+        settings compare equal. Keys a checkpoint lacks (written before they existed) are left out."""
+        hparams = dict(hparams)
+        if "model_name" not in hparams and "model" in hparams:  # written before the rename
+            hparams["model_name"] = hparams["model"]
+        settings = {key: hparams[key] for key in self.CHECKPOINT_KEYS if key in hparams}
+        if "model_args" in settings:
+            settings["model_args"] = dict(settings["model_args"] or {})
+        return settings
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line naming each differing key, a checkpoint saved with other settings that
+        shape the parameters (e.g. another lora_rank): loading it would end in a tensor size mismatch
+        or torch's optimizer-group message, which name nothing the user set."""
+        saved = checkpoint.get("hyper_parameters")
+        if not isinstance(saved, Mapping):
+            return
+        theirs, ours = self.checkpoint_settings(saved), self.checkpoint_settings(self.hparams)
+        differ = [f"{key} {theirs[key]!r} in the checkpoint, {ours.get(key)!r} here" for key in theirs if theirs[key] != ours.get(key)]
+        if differ:
+            raise CheckpointMismatchError(f"checkpoint: saved with other settings than this run: {'; '.join(differ)}; resume with the checkpoint's values or start a new run")
 
     # ---- model -------------------------------------------------------------------------------
 
     def model_config(self) -> LlamaConfig:
         """The architecture: from the checkpoint when there is one, else the named size + model_args."""
         if self.checkpoint_dir is None:
-            return llama2_config(self.model_name, **self.model_args)
+            try:
+                return llama2_config(self.model_name, **self.model_args)
+            except TypeError as err:  # an unknown field name in model_args
+                raise ValueError(f"model_args: {err}") from None
         from lightning_tune.checkpoint import load_config
 
         config = load_config(self.checkpoint_dir)
         if self.model_name is not None:
             expected = llama2_config(self.model_name, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
             if expected != config:
-                raise ValueError(f"model: {self.model_name!r} does not match the checkpoint in {self.checkpoint_dir} ({config}); set model: null to take the checkpoint's")
+                raise ValueError(f"model_name: {self.model_name!r} does not match the checkpoint in {self.checkpoint_dir} ({config}); set model_name: null to take the checkpoint's")
         return config
+
+    def check_context_length(self) -> None:
+        """Refuse a max_seq_len beyond the model's context length when the recipe is built, so
+        `validate` and `fit` fail alike before any data is tokenised. Reads only the architecture
+        (the named size, or the checkpoint's config.json / params.json), never weights; a missing
+        checkpoint_dir is reported on its own (validate lists missing paths instead of raising)."""
+        if self.max_seq_len is None or (self.checkpoint_dir is not None and not Path(self.checkpoint_dir).exists()):
+            return
+        context = self.model_config().max_seq_len
+        if self.max_seq_len > context:
+            source = self.checkpoint_dir if self.checkpoint_dir is not None else self.model_name
+            raise ValueError(f"max_seq_len: {self.max_seq_len} exceeds the model's context length {context} ({source}); lower data.max_seq_len")
 
     def configure_model(self) -> None:
         """Build on the meta device (allocating nothing), then load or randomly initialise.
@@ -161,8 +235,7 @@ class FinetuneModule(pl.LightningModule):
         if self.model is not None:  # called again by trainer.validate/test after fit
             return
         config = self.model_config()
-        if self.max_seq_len is not None and self.max_seq_len > config.max_seq_len:
-            raise ValueError(f"max_seq_len: {self.max_seq_len} exceeds the model's context length {config.max_seq_len}")
+        self.check_context_length()  # again: max_seq_len may have been set after construction
         if self.tokenizer_path is not None:
             from lightning_tune.tokenizer import load_tokenizer
 
@@ -368,15 +441,13 @@ class FinetuneModule(pl.LightningModule):
     # ---- optimiser -------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        """AdamW on the trainable parameters (no decay on 1-D norm weights), cosine with warm-up."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        """The configured optimiser on the trainable parameters (norm weights and biases not decayed)
+        and the configured schedule, stepped once per optimiser step over the Trainer's estimated steps."""
+        takes_decay = "weight_decay" in self.optimizer_kwargs
+        optimizer = self.optimizer_cls(param_groups(self.named_parameters(), self.weight_decay, takes_decay), **self.optimizer_kwargs)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, self.warmup_steps, total))
+        schedule, warmup, floor = self.lr_schedule, self.warmup_steps, self.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule, warmup, total, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- exports ---------------------------------------------------------------------------

@@ -8,14 +8,14 @@ from lightning_tune.modules.base import FinetuneModule
 
 
 class FullFinetune(FinetuneModule):
-    """Fine-tune all weights of a Llama 2 model; exports a Hugging Face directory to `merged/`.
+    """Fine-tune all weights of the model; exports a Hugging Face directory to `merged/`.
 
     Every parameter of `FinetuneModule` applies; only two defaults differ, the usual ones for
     updating all weights of a pretrained model.
 
     Args:
-        lr: Peak learning rate of AdamW; small, since every pretrained weight moves.
-        betas: AdamW betas; beta2 0.95 damps the spikes of full fine-tuning.
+        lr: Peak learning rate; small, since every pretrained weight moves.
+        betas: Adam betas; beta2 0.95 damps the loss spikes of full fine-tuning.
         **kwargs: The other parameters of `FinetuneModule`.
     """
 

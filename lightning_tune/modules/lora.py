@@ -13,7 +13,7 @@ from lightning_tune.modules.base import FinetuneModule
 
 
 class LoRAFinetune(FinetuneModule):
-    """Fine-tune low-rank adapters on a frozen Llama 2; exports `adapter/` (PEFT) and `merged/` (HF).
+    """Fine-tune low-rank adapters on a frozen base model; exports `adapter/` (PEFT) and `merged/` (HF).
 
     Checkpoints hold only the adapters and their optimiser state: the frozen base is reloaded from
     checkpoint_dir on resume, never stored a second time.
@@ -27,7 +27,7 @@ class LoRAFinetune(FinetuneModule):
         lora_attn_modules: Attention projections to adapt: q_proj, k_proj, v_proj, o_proj.
         apply_lora_to_mlp: Also adapt the MLP (gate_proj, up_proj, down_proj).
         apply_lora_to_output: Also adapt the output head (lm_head).
-        **kwargs: The parameters of `FinetuneModule` (model, checkpoint_dir, lr, ...).
+        **kwargs: The parameters of `FinetuneModule` (model_name, checkpoint_dir, lr, ...).
     """
 
     def __init__(
@@ -70,7 +70,16 @@ class LoRAFinetune(FinetuneModule):
             del state[key]
         return state
 
+    CHECKPOINT_KEYS = (*FinetuneModule.CHECKPOINT_KEYS, "lora_rank", "lora_alpha", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output")
+
+    def checkpoint_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        settings = super().checkpoint_settings(hparams)
+        if "lora_attn_modules" in settings:  # Meta's names (q) and ours (q_proj) are the same target
+            settings["lora_attn_modules"] = sorted(resolve_targets(settings["lora_attn_modules"]))
+        return settings
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # other LoRA settings: refused in one line naming them
         if "state_dict" not in checkpoint:  # a sharded (FSDP2) checkpoint: the strategy loaded the weights itself
             return
         missing = sorted(set(self.state_dict()) - set(checkpoint["state_dict"]))
