@@ -10,6 +10,7 @@ import csv
 import json
 import shutil
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -87,6 +88,18 @@ def by_doc(results, task):
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 
 
+def logit_scale(model, tokenizer, texts) -> float:
+    """max |logit| of the reference model over `texts`: what fp32 logit errors are relative to."""
+    with torch.no_grad():
+        return max(model(torch.tensor([tokenizer.encode(t)])).logits.abs().max().item() for t in texts)
+
+
+def continuation_tokens(tokenizer, context: str, continuation: str) -> int:
+    """How many tokens a (context, continuation) request scores (lm-eval moves the context's trailing
+    whitespace into the continuation)."""
+    return len(tokenizer.encode(context + continuation)) - len(tokenizer.encode(context.rstrip()))
+
+
 def test_tokenizers_agree_on_the_bundled_items(hf_dir):
     """The premise of the comparison: on every bundled text, transformers' ids are SentencePiece's."""
     hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -110,8 +123,7 @@ def test_loglikelihoods_generations_and_metrics_equal_hflm(hf_dir, hf_results, t
     texts = [s["arguments"][0][0] + s["arguments"][0][1] for s in by_doc(expected, "lightning_tune_choice")]
     texts += [s["arguments"][0][0] for s in by_doc(expected, "lightning_tune_text")]
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    with torch.no_grad():
-        scale = max(reference_model(torch.tensor([hf_tok.encode(t)])).logits.abs().max().item() for t in texts)
+    scale = logit_scale(reference_model, hf_tok, texts)
 
     def tol(n_tokens: int) -> float:
         return n_tokens * 2e-5 * scale
@@ -119,8 +131,7 @@ def test_loglikelihoods_generations_and_metrics_equal_hflm(hf_dir, hf_results, t
     for ref, got in zip(by_doc(expected, "lightning_tune_choice"), by_doc(ours, "lightning_tune_choice")):
         assert ref["arguments"] == got["arguments"]
         for (context, continuation), (ref_ll, ref_greedy), (got_ll, got_greedy) in zip(ref["arguments"], [r[0] for r in ref["resps"]], [r[0] for r in got["resps"]]):
-            n = len(hf_tok.encode(context + continuation)) - len(hf_tok.encode(context.rstrip()))
-            assert abs(got_ll - ref_ll) <= tol(n), (continuation, got_ll, ref_ll)
+            assert abs(got_ll - ref_ll) <= tol(continuation_tokens(hf_tok, context, continuation)), (continuation, got_ll, ref_ll)
             assert got_greedy == ref_greedy
     for ref, got in zip(by_doc(expected, "lightning_tune_text"), by_doc(ours, "lightning_tune_text")):
         n = len(hf_tok.encode(ref["arguments"][0][0])) + 1  # every token plus BOS, as HFLM scores it
@@ -136,6 +147,30 @@ def test_loglikelihoods_generations_and_metrics_equal_hflm(hf_dir, hf_results, t
                 assert ours["results"][task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
             else:  # accuracy, exact match: the same choices and texts
                 assert ours["results"][task][metric] == value, (task, metric)
+
+
+def test_peft_adapter_equals_hflm_over_peft_merged_model(hf_dir, tmp_path):
+    """--adapter_dir: our unmerged LoRA layers score as HFLM does over PEFT's own merge of the adapter."""
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)  # B != 0: it changes the scores
+    peft.get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    merged = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), tmp_path / "adapter").merge_and_unload().eval()
+    tasks = ["lightning_tune_choice"]
+    expected = run_tasks(HFLM(pretrained=merged, tokenizer=transformers.AutoTokenizer.from_pretrained(hf_dir), batch_size=4, device="cpu"), tasks, limit=2, log_samples=True)
+    model, tokenizer = load_for_eval(hf_dir, adapter_dir=tmp_path / "adapter")
+    ours = run_tasks(LightningTuneLM(model, tokenizer), tasks, limit=2, log_samples=True)
+    plain = run_tasks(LightningTuneLM(*load_for_eval(hf_dir)), tasks, limit=2, log_samples=True)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    samples = by_doc(expected, tasks[0])
+    scale = logit_scale(merged, hf_tok, [a + b for s in samples for a, b in s["arguments"]])
+    for ref, got, without in zip(samples, by_doc(ours, tasks[0]), by_doc(plain, tasks[0])):
+        # As in the HFLM comparison: n tokens * 2 * 1e-5 * max|logit| (PEFT's merge rounds W + s*BA once
+        # in fp32, a relative 1e-7 per weight, well inside that bound).
+        for (context, continuation), r, g, p in zip(ref["arguments"], ref["resps"], got["resps"], without["resps"]):
+            assert abs(g[0][0] - r[0][0]) <= continuation_tokens(hf_tok, context, continuation) * 2e-5 * scale
+            assert abs(g[0][0] - p[0][0]) > 1e-2  # the adapter was applied
 
 
 def test_generate_until_equals_generate(hf_dir):
@@ -215,6 +250,14 @@ def test_callback_logs_metrics_and_they_are_the_trained_models(tmp_path, capsys,
     merged = run_tasks(LightningTuneLM(model, tokenizer), ["lightning_tune_text"], limit=2)["results"]["lightning_tune_text"]
     assert last["eval/lightning_tune_text/bits_per_byte"] == pytest.approx(merged["bits_per_byte,none"], rel=1e-6)
     assert network_attempts == []
+
+
+def test_eval_help_lists_the_options_without_importing_torch_or_lm_eval():
+    code = "import sys; from lightning_tune.cli import main\ntry: main(['eval', '--help'])\nexcept SystemExit: pass\nprint([m for m in ('torch', 'lm_eval') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--tasks" in result.stdout and "--include_path" in result.stdout and "--apply_chat_template" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def one_error_line(capsys) -> str:
