@@ -10,9 +10,9 @@ run's loggers as `eval/TASK/METRIC` at the current step (metrics.csv for the CSV
           init_args: {tasks: [lightning_tune], every_n_steps: 100, limit: 50}
 
 Only rank 0 evaluates (the others wait at a barrier); a model sharded with FSDP2 cannot run on one
-rank, so it is refused before training starts. The evaluation leaves training as it found it: modes of
-every module, gradients off only inside, and the random number generators (lm-eval reseeds them)
-restored, so a run with the callback trains exactly as one without.
+rank, so it is refused before training starts. The evaluation leaves training as it found it: every
+module's train/eval mode and the random number generators (lm-eval reseeds them) are restored, and no
+gradient is computed.
 """
 
 from __future__ import annotations
