@@ -244,3 +244,25 @@ def test_download_selects_what_each_family_loads() -> None:
     assert select_files(qwen) == ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
     mistral = ["config.json", "generation_config.json", "consolidated.safetensors", "model.safetensors", "params.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json"]
     assert select_files(mistral) == ["model.safetensors", "config.json", "generation_config.json", "params.json", "tokenizer.model"]  # not Mistral's own copy
+
+
+FAMILY_CONFIGS = ["alpaca_llama3_1_8b_lora.yaml", "alpaca_llama3_1_8b_full.yaml", "alpaca_llama3_1_70b_lora.yaml", "alpaca_qwen3_8b_lora.yaml",
+                  "alpaca_qwen3_8b_full.yaml", "alpaca_qwen2_5_7b_lora.yaml", "alpaca_smollm2_1_7b_lora.yaml"]
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_config_headers_name_a_gpu_that_validate_agrees_with(name: str) -> None:
+    """The header's "N GPUs of G GB" / "one GPU with G GB": validate's estimate per device, plus 1 GiB for the
+    CUDA context and allocator slack, fits in G GB, on the number of devices the config asks for."""
+    import re
+
+    from lightning_tune.cli import CONFIG_DIR
+    from lightning_tune.validate import check
+
+    header = (CONFIG_DIR / name).read_text().splitlines()[0]
+    found = re.search(r"one GPU with (\d+) GB", header) or re.search(r"(\d+) GPUs of (\d+) GB", header)
+    gpus, gb = (1, int(found.group(1))) if found.re.pattern.startswith("one") else (int(found.group(1)), int(found.group(2)))
+    result = check(["--config", name])
+    assert result.settings["devices"] * result.settings["num_nodes"] == gpus
+    assert [p for p in result.problems if "does not exist" not in p] == []  # only the not-yet-downloaded checkpoint
+    assert result.estimate.total + 2**30 <= gb * 10**9, f"{name}: {result.estimate.total / 2**30:.1f} GiB per device"
