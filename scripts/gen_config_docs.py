@@ -32,6 +32,10 @@ Any key can be overridden on the command line, e.g. `--model.init_args.lr 1e-4 -
 `python -m lightning_tune fit --config X --print_config` shows everything that will run, and
 `python -m lightning_tune validate --config X` checks it and estimates its memory.
 `model.init_args.tokenizer_path` and `model.init_args.max_seq_len` are linked from `data:` (set them there).
+The optimiser is `model.init_args.optimizer` (a class path: `torch.optim.AdamW`, `torch.optim.SGD`,
+`bitsandbytes.optim.AdamW8bit`, ...) with `optimizer_args`; its learning rate is always `model.init_args.lr`
+(`--model.lr`), and the schedule is `lr_schedule` with `warmup_steps` and `min_lr_ratio`, e.g.
+`--model.optimizer torch.optim.SGD --model.optimizer_args '{momentum: 0.9}' --model.lr_schedule constant`.
 """
 
 

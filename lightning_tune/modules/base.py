@@ -23,7 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_tune.loss import IGNORE_INDEX, linear_cross_entropy_sum
-from lightning_tune.model import LLAMA2_SIZES, Llama, LlamaConfig, llama2_config
+from lightning_tune.families import SIZES
+from lightning_tune.model import CausalLM, ModelConfig, model_config
 from lightning_tune.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class FinetuneModule(pl.LightningModule):
     docstrings, and `save_hyperparameters` here records them all (the recipe's own included).
 
     Args:
-        model_name: Model size (llama2_7b, llama2_13b, llama2_70b, tiny_llama2); null to take the
+        model_name: A named size of any family in lightning_tune.families (llama2_7b, llama3_1_8b,
+            qwen3_0_6b, mistral_7b_v0_3, smollm2_135m, tiny_llama2, ...); null to take the
             architecture from checkpoint_dir.
         model_args: Overrides of the size's fields (vocab_size, num_layers, embed_dim, ...); only
             without a checkpoint (random init, for demos and tests).
@@ -115,9 +117,9 @@ class FinetuneModule(pl.LightningModule):
             log.warning("model: is deprecated, write model_name: %s (the size's name; the module is self.model)", model)
             model_name = model
         if model_name is None and checkpoint_dir is None:
-            raise ValueError("model_name: give a model size (one of " + ", ".join(LLAMA2_SIZES) + ") or a checkpoint_dir to read the architecture from")
-        if model_name is not None and model_name not in LLAMA2_SIZES:
-            raise ValueError(f"model_name: unknown model {model_name!r}; expected one of {', '.join(LLAMA2_SIZES)}")
+            raise ValueError("model_name: give a model size (one of " + ", ".join(SIZES) + ") or a checkpoint_dir to read the architecture from")
+        if model_name is not None and model_name not in SIZES:
+            raise ValueError(f"model_name: unknown model {model_name!r}; expected one of {', '.join(SIZES)}")
         if model_args and checkpoint_dir is not None:
             raise ValueError("model_args: cannot reshape a model loaded from checkpoint_dir; drop model_args or set checkpoint_dir: null")
         check_path("checkpoint_dir", checkpoint_dir, "checkpoint directory")
@@ -158,7 +160,7 @@ class FinetuneModule(pl.LightningModule):
         self.export = export
         self.loss_chunk_size = loss_chunk_size
         self.compile = compile
-        self.model: Llama | None = None
+        self.model: CausalLM | None = None
         self.check_context_length()
         # Here, not in the recipes: Lightning collects the arguments of every __init__ frame up the
         # call chain from this one, so the recipe's own parameters and these (defaults included) are saved.
@@ -198,27 +200,28 @@ class FinetuneModule(pl.LightningModule):
 
     # ---- model -------------------------------------------------------------------------------
 
-    def model_config(self) -> LlamaConfig:
+    def model_config(self) -> ModelConfig:
         """The architecture: from the checkpoint when there is one, else the named size + model_args."""
         if self.checkpoint_dir is None:
             try:
-                return llama2_config(self.model_name, **self.model_args)
-            except TypeError as err:  # an unknown field name in model_args
+                return model_config(self.model_name, **self.model_args)
+            except (TypeError, ValueError) as err:  # an unknown field in model_args, or a value the config refuses
                 raise ValueError(f"model_args: {err}") from None
         from lightning_tune.checkpoint import load_config
 
         config = load_config(self.checkpoint_dir)
         if self.model_name is not None:
-            expected = llama2_config(self.model_name, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
+            expected = model_config(self.model_name, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
             if expected != config:
                 raise ValueError(f"model_name: {self.model_name!r} does not match the checkpoint in {self.checkpoint_dir} ({config}); set model_name: null to take the checkpoint's")
         return config
 
     def check_context_length(self) -> None:
         """Refuse a max_seq_len beyond the model's context length when the recipe is built, so
-        `validate` and `fit` fail alike before any data is tokenised. Reads only the architecture
-        (the named size, or the checkpoint's config.json / params.json), never weights; a missing
-        checkpoint_dir is reported on its own (validate lists missing paths instead of raising)."""
+        `validate` and `fit` fail alike before any data is tokenised. Reads only the architecture:
+        the named size's config, or the checkpoint's config.json / params.json (and, for a Meta
+        params.json without vocab_size, the embedding's shape); a missing checkpoint_dir is
+        reported on its own (validate lists missing paths instead of raising)."""
         if self.max_seq_len is None or (self.checkpoint_dir is not None and not Path(self.checkpoint_dir).exists()):
             return
         context = self.model_config().max_seq_len
@@ -244,7 +247,7 @@ class FinetuneModule(pl.LightningModule):
                 raise ValueError(f"tokenizer_path: {self.tokenizer_path} has {vocab} pieces but the model's vocab_size is {config.vocab_size}")
         device, dtype = torch.get_default_device(), torch.get_default_dtype()
         with torch.device("meta"):
-            model = Llama(config)
+            model = CausalLM(config)
         model.model.activation_checkpointing = self.activation_checkpointing
         mesh = self.sharding_mesh()
         if mesh is None:  # one process, or DDP (a whole replica per process)
@@ -297,7 +300,7 @@ class FinetuneModule(pl.LightningModule):
             )
         return mesh["data_parallel"]
 
-    def store_frozen_linears_in_compute_dtype(self, model: Llama) -> None:
+    def store_frozen_linears_in_compute_dtype(self, model: CausalLM) -> None:
         """Under `bf16-mixed` / `16-mixed`, keep frozen linear weights (LoRA's base) in the half dtype.
 
         Autocast runs every linear layer in that dtype anyway, so the products are the same bits;
@@ -315,9 +318,9 @@ class FinetuneModule(pl.LightningModule):
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
                 module.weight = torch.nn.Parameter(module.weight.detach().to(half), requires_grad=False)
 
-    def materialize(self, model: Llama, device: torch.device, dtype: torch.dtype, init_apply=None) -> None:
+    def materialize(self, model: CausalLM, device: torch.device, dtype: torch.dtype, init_apply=None) -> None:
         """Fill the base weights: from `checkpoint_dir` one tensor at a time, else a random init
-        (`init_apply`: see `Llama.init_weights`)."""
+        (`init_apply`: see `CausalLM.init_weights`)."""
         if self.checkpoint_dir is not None:
             from lightning_tune.checkpoint import load_weights
 
@@ -328,10 +331,10 @@ class FinetuneModule(pl.LightningModule):
                 model.to(dtype)
             model.init_weights(apply=init_apply)
 
-    def reset_adapters(self, model: Llama) -> None:
+    def reset_adapters(self, model: CausalLM) -> None:
         """Hook for the recipes: initialise what `adapt_model` added, once it has real storage."""
 
-    def adapt_model(self, model: Llama) -> None:
+    def adapt_model(self, model: CausalLM) -> None:
         """Hook for the recipes: choose what trains (full: everything; LoRA: adapters only)."""
 
     def forward(self, tokens: Tensor) -> Tensor:
