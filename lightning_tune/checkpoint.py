@@ -535,21 +535,65 @@ def from_pretrained(path: str | Path, device: torch.device | str | None = None, 
 # Writing
 
 
+# Written into every export directory: its kind and the files the export wrote. An export replaces
+# only an empty directory or a previous export of its kind holding nothing else (`check_export_target`).
+EXPORT_MANIFEST = ".lightning_tune_export.json"
+
+
+def check_export_target(path: str | Path, kind: str) -> Path:
+    """`path` as an absolute path if an export of `kind` ("peft", "hf") may be written there, else one
+    `CheckpointError` line.
+
+    An export replaces its directory whole, so it may replace only what the project wrote: nothing
+    (a new or empty directory) or a previous export of the same kind, whose manifest lists every
+    file in it. Anything else (a file, a directory holding other files, another kind's export, the
+    current directory or one above it) is refused, so no file the user put there is ever deleted.
+    """
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory; name a new directory for the {kind} export")
+    cwd = Path.cwd().resolve()
+    if path.resolve() in (cwd, *cwd.parents):
+        raise CheckpointError(f"{path}: is the current directory (or holds it); an export replaces its output directory whole, so name a new one, e.g. ./{kind}")
+    try:
+        names = sorted(entry.name for entry in path.iterdir())
+        manifest = json.loads((path / EXPORT_MANIFEST).read_text()) if EXPORT_MANIFEST in names else None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read this directory ({err}); name a new directory for the {kind} export") from None
+    if not names:
+        return path
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise CheckpointError(f"{path}: not empty ({listed}) and not a previous export; an export replaces its output directory whole, so name a new or empty one")
+    if manifest.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds a previous {manifest.get('kind')!r} export, not a {kind!r} one; name another directory")
+    others = [name for name in names if name != EXPORT_MANIFEST and name not in manifest["files"]]
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise CheckpointError(f"{path}: holds files the previous export did not write ({listed}); move them out or name another directory")
+    return path
+
+
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, kind: str = "export") -> Iterator[Path]:
     """Yield an empty temporary sibling directory; on success it replaces `path`, on error it is removed.
 
     Readers see the old directory or the complete new one, never a half-written export. The old
-    one is moved aside and deleted only after the new one is in place.
+    one is moved aside and deleted only after the new one is in place, and only if it is empty or a
+    previous export of the same `kind` (`check_export_target`, checked before and again at the end).
+    The new directory gets a manifest (`EXPORT_MANIFEST`) of its kind and files.
     """
-    path = Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: exists and is not a directory")
+    path = check_export_target(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
         yield tmp
+        files = sorted(entry.name for entry in tmp.iterdir())
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=2) + "\n")
+        check_export_target(path, kind)  # the export took a while: is the target still ours to replace?
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
@@ -637,11 +681,12 @@ def save_hf_checkpoint(
     sizes = {k: t.numel() * itemsize for k, t in tensors.items()}
     total = sum(sizes.values())
     extra = sum(source.stat().st_size for source, _ in tokenizer_copies) + 2**20  # tokenizer, JSON files, headers
+    check_export_target(output_dir, "hf")
     _check_disk_space(_existing_parent(output_dir), total + extra)
 
     shards = _shard(sizes, max_shard_size)
     names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, kind="hf") as tmp:
         for name, keys in zip(names, shards):
             # Cast and copy to CPU one shard at a time: at most one shard's worth of extra memory.
             written: dict[str, Tensor] = {}
@@ -735,8 +780,9 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
         "alpha_pattern": {},
         "base_model_name_or_path": base_model_name_or_path,
     }
+    check_export_target(output_dir, "peft")
     _check_disk_space(_existing_parent(output_dir), sum(t.numel() * t.element_size() for t in tensors.values()) + 2**20)
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, kind="peft") as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     return output_dir

@@ -1,4 +1,4 @@
-"""`python -m lightning_tune export`: write a PEFT adapter or a Hugging Face directory from any training checkpoint.
+"""Write a PEFT adapter or a Hugging Face directory from any training checkpoint (`python -m lightning_tune export`, lightning_tune/cli/export.py).
 
 The checkpoint carries the recipe's hyper-parameters (`save_hyperparameters`), so the model is rebuilt
 exactly as in the run: the recipe class, its architecture and LoRA settings, the base checkpoint (from the
@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from lightning_tune.checkpoint import CheckpointError, load_training_checkpoint, save_hf_checkpoint, save_peft_adapter
+from lightning_tune.checkpoint import CheckpointError, check_export_target, load_training_checkpoint, save_hf_checkpoint, save_peft_adapter
 from lightning_tune.modules.base import FinetuneModule
 
 # Hyper-parameters LightningCLI adds beside the recipe's own arguments.
@@ -85,10 +85,11 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
     Args:
         ckpt_path: Lightning checkpoint (.ckpt) of a fit run, e.g. out/RUN/checkpoints/last.ckpt.
         format: peft (adapter_config.json + adapter_model.safetensors) or hf (transformers-loadable Llama).
-        output: Directory to write; replaced atomically if it exists.
+        output: Directory to write: a new or empty one, or a previous export of the same format (replaced whole, atomically); any other existing path is refused.
         checkpoint_dir: Base model directory; default: the one the run was trained from.
         tokenizer_path: Tokenizer copied into an hf export; default: the run's.
     """
+    check_export_target(output, format)  # before the model is built: a refused output costs nothing
     module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path)
     if format == "peft":
         if not hasattr(module, "lora_targets"):
@@ -96,11 +97,3 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
         return save_peft_adapter(module.model, output, base_model_name_or_path=module.checkpoint_dir)
     return save_hf_checkpoint(module.export_state_dict(), module.model.config, output, tokenizer_path=module.tokenizer_path)
 
-
-def export_command(argv: list[str]) -> int:
-    """`export --ckpt_path CKPT --format peft|hf --output DIR [--checkpoint_dir BASE]`."""
-    from jsonargparse import CLI
-
-    path = CLI(export_checkpoint, args=argv, as_positional=False, prog="python -m lightning_tune export")
-    print(f"wrote {path}")
-    return 0

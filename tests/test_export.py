@@ -13,8 +13,9 @@ from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
 from lightning_tune.callbacks import AtomicCheckpointIO
-from lightning_tune.checkpoint import PEFT_PREFIX, CheckpointError, save_hf_checkpoint
-from lightning_tune.export import export_command, load_recipe_from_checkpoint
+from lightning_tune.checkpoint import EXPORT_MANIFEST, PEFT_PREFIX, CheckpointError, save_hf_checkpoint
+from lightning_tune.cli.export import export_command
+from lightning_tune.export import load_recipe_from_checkpoint
 from lightning_tune.model import Llama, llama2_config
 from lightning_tune.modules import FullFinetune, LoRAFinetune
 
@@ -64,7 +65,7 @@ def tokens() -> torch.Tensor:
 def test_peft_export_of_a_mid_run_checkpoint_is_that_step(lora_run, base_dir, tmp_path) -> None:
     root, record = lora_run
     out = tmp_path / "adapter"
-    assert export_command(["--ckpt_path", str(root / "checkpoints" / "step=2.ckpt"), "--format", "peft", "--output", str(out)]) == 0
+    export_command(["--ckpt_path", str(root / "checkpoints" / "step=2.ckpt"), "--format", "peft", "--output", str(out)])
     saved = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(out / "adapter_model.safetensors").items()}
     assert saved.keys() == record.by_step[2].keys() and saved
     for key, value in saved.items():
@@ -78,7 +79,7 @@ def test_peft_export_loads_in_peft_with_equal_logits(lora_run, base_dir, tmp_pat
     root, _ = lora_run
     ckpt = root / "checkpoints" / "step=2.ckpt"
     out = tmp_path / "adapter"
-    assert export_command(["--ckpt_path", str(ckpt), "--format", "peft", "--output", str(out)]) == 0
+    export_command(["--ckpt_path", str(ckpt), "--format", "peft", "--output", str(out)])
     ours = load_recipe_from_checkpoint(ckpt).model
     hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(hf, out).eval()
@@ -94,7 +95,7 @@ def test_hf_export_merges_the_checkpoint(lora_run, tmp_path) -> None:
     root, _ = lora_run
     ckpt = root / "checkpoints" / "step=3.ckpt"
     out = tmp_path / "merged"
-    assert export_command(["--ckpt_path", str(ckpt), "--format", "hf", "--output", str(out)]) == 0
+    export_command(["--ckpt_path", str(ckpt), "--format", "hf", "--output", str(out)])
     ours = load_recipe_from_checkpoint(ckpt).model
     theirs = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     x = tokens()
@@ -106,7 +107,7 @@ def test_full_finetune_exports_hf_and_refuses_peft(base_dir, tmp_path) -> None:
     torch.manual_seed(0)
     record = train(FullFinetune(checkpoint_dir=str(base_dir), lr=1e-3, warmup_steps=0, export=False), tmp_path, steps=2)
     ckpt = tmp_path / "checkpoints" / "step=1.ckpt"
-    assert export_command(["--ckpt_path", str(ckpt), "--format", "hf", "--output", str(tmp_path / "merged")]) == 0
+    export_command(["--ckpt_path", str(ckpt), "--format", "hf", "--output", str(tmp_path / "merged")])
     saved = load_file(tmp_path / "merged" / "model.safetensors")
     assert saved.keys() == record.by_step[1].keys()
     assert all(torch.equal(saved[k], record.by_step[1][k]) for k in saved)
@@ -139,6 +140,65 @@ def test_bad_inputs_are_one_line(tmp_path, lora_run) -> None:
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "os.system"}}, foreign)
     with pytest.raises(CheckpointError, match="not a lightning_tune recipe; refusing to import it"):
         export_command(["--ckpt_path", str(foreign), "--format", "hf", "--output", str(tmp_path / "out")])
-    with pytest.raises(SystemExit):  # jsonargparse: --format must be one of peft, hf
-        export_command(["--ckpt_path", str(foreign), "--format", "gguf", "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_export_never_deletes_what_it_did_not_write(lora_run, tmp_path, monkeypatch) -> None:
+    """Issue 14: `--output .` or a directory holding other files was replaced whole, deleting them. Now only a new or
+    empty directory, or a previous export of the same format (its manifest lists every file in it), is replaced."""
+    root, _ = lora_run
+    ckpt = str(root / "checkpoints" / "step=2.ckpt")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for output in (".", str(work), str(tmp_path)):  # the current directory, or one that holds it
+        with pytest.raises(CheckpointError, match="is the current directory .or holds it.; an export replaces its output directory whole") as err:
+            export_command(["--ckpt_path", ckpt, "--format", "peft", "--output", output])
+        assert "\n" not in str(err.value)
+    assert files(work) == {"notes.txt": b"mine"}
+
+    mine = tmp_path / "my_stuff"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match=r"my_stuff: not empty \(keep.txt\) and not a previous export; .* name a new or empty one"):
+        export_command(["--ckpt_path", ckpt, "--format", "peft", "--output", str(mine)])
+    assert files(mine) == {"keep.txt": b"keep"}
+
+    out = tmp_path / "adapter"
+    out.mkdir()  # empty: fine
+    export_command(["--ckpt_path", ckpt, "--format", "peft", "--output", str(out)])
+    first = files(out)
+    assert set(first) == {"adapter_config.json", "adapter_model.safetensors", EXPORT_MANIFEST}
+    export_command(["--ckpt_path", str(root / "checkpoints" / "step=3.ckpt"), "--format", "peft", "--output", str(out)])  # its own: replaced
+    assert set(files(out)) == set(first) and files(out) != first
+    with pytest.raises(CheckpointError, match="holds a previous 'peft' export, not a 'hf' one"):
+        export_command(["--ckpt_path", ckpt, "--format", "hf", "--output", str(out)])
+    (out / "README.md").write_text("my notes on this adapter")
+    before = files(out)
+    with pytest.raises(CheckpointError, match=r"holds files the previous export did not write \(README.md\)"):
+        export_command(["--ckpt_path", ckpt, "--format", "peft", "--output", str(out)])
+    assert files(out) == before
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(CheckpointError, match="exists and is not a directory"):
+        export_command(["--ckpt_path", ckpt, "--format", "hf", "--output", str(file)])
+    assert file.read_text() == "x"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_fit_end_export_replaces_a_previous_runs_export(base_dir, tmp_path) -> None:
+    """A second run into the same default_root_dir writes adapter/ and merged/ over the first run's."""
+    exported = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        module = LoRAFinetune(checkpoint_dir=str(base_dir), lora_rank=4, lora_dropout=0.0, lr=1e-2, warmup_steps=0, lora_attn_modules=["q_proj"])
+        trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader(batches(1, masked_prompt=4), batch_size=None))
+        exported.append({name: files(tmp_path / name) for name in ("adapter", "merged")})
+    assert exported[0]["adapter"] != exported[1]["adapter"] and exported[0]["merged"].keys() == exported[1]["merged"].keys()
