@@ -358,13 +358,41 @@ class _Entry:
     read: Callable[[], Tensor] | None = None  # None when only the key and shape are being checked
 
 
+def torch_load_weights_only(path: Path, map_location: object = "cpu", *, mmap: bool = False) -> object:
+    """`torch.load(path, weights_only=True)` with every failure one `CheckpointError` line.
+
+    torch's own message for a refused file advises loading it with `weights_only=False`, which runs
+    whatever code the file holds; it is never repeated. A file that is not torch's format at all (a zip
+    archive, or a legacy protocol-2 pickle) is said to be so, not "Python objects".
+    """
+    import pickle
+    import zipfile
+
+    try:
+        with path.open("rb") as file:
+            head = file.read(2)
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not is_zip and head != b"\x80\x02":
+        raise CheckpointError(f"{path}: not a torch checkpoint (torch.save writes a zip archive; this file is not one)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # a class or function the file would import and call
+            raise CheckpointError(
+                f"{path}: refused: the file holds Python objects other than tensors and plain containers, "
+                "which could run code when loaded (only weights-only files are read)"
+            ) from None
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint (corrupt, or not written by torch.save)") from None
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets one line
+        lines = [line for line in str(err).strip().splitlines() if line.strip() and "weights_only" not in line]
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({lines[0] if lines else type(err).__name__})") from None
+
+
 def _torch_load(file: Path) -> dict[str, Tensor]:
     """A .bin/.pth state dict, memory-mapped (tensors are read from disk only when touched)."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{file}: cannot read as a torch zip checkpoint ({reason})") from None
+    state = torch_load_weights_only(file, mmap=True)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: expected a flat state dict of tensors, got {type(state).__name__}")
     return state
@@ -617,10 +645,18 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def format_bytes(n: int) -> str:
+    """A byte count in the unit that shows it: "512 bytes", "3.4 MiB", "12.50 GiB" (never "0.00 GiB")."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def _check_disk_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise CheckpointError(f"{directory}: not enough free disk space: need {needed / 2**30:.2f} GiB, have {free / 2**30:.2f} GiB")
+        raise CheckpointError(f"{directory}: not enough free disk space: need {format_bytes(needed)}, have {format_bytes(free)}")
 
 
 def _shard(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
@@ -920,18 +956,7 @@ def load_training_checkpoint(path: str | Path, map_location: object = "cpu") -> 
 
 
 def _safe_torch_load(path: Path, map_location: object = "cpu") -> dict:
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every unreadable file gets one line
-        import pickle
-
-        if isinstance(err, pickle.UnpicklingError):
-            raise CheckpointError(
-                f"{path}: refused: the file holds Python objects other than tensors and plain containers, "
-                "which could run code when loaded (only weights_only checkpoints are read)"
-            ) from None
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({reason})") from None
+    checkpoint = torch_load_weights_only(path, map_location)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}")
     return checkpoint

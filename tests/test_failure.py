@@ -17,8 +17,8 @@ from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
 from lightning_tune.callbacks import AtomicCheckpointIO, DivergenceError, DivergenceGuard
-from lightning_tune.checkpoint import CheckpointError, atomic_torch_save, load_peft_adapter, load_training_checkpoint
-from lightning_tune.export import export_command
+from lightning_tune.checkpoint import CheckpointError, atomic_torch_save, format_bytes, load_peft_adapter, load_training_checkpoint
+from lightning_tune.cli.export import export_command
 from lightning_tune.model import Llama, llama2_config
 from lightning_tune.modules import LoRAFinetune
 
@@ -48,13 +48,13 @@ def assert_finite_checkpoint(path: Path, step: int) -> None:
 def test_run_killed_mid_save_keeps_the_previous_checkpoint_and_resumes(tmp_path: Path) -> None:
     """SIGKILL while step 3's checkpoint is being written: last.ckpt is still step 2's, loads, and the run resumes to the end."""
     plugin = json.dumps({"class_path": "kill_helpers.KillDuringSave", "init_args": {"step": 3}})
-    run_fit(fit_args(tmp_path, "run", max_steps=5, plugin=plugin), killed=True)
+    run_fit(fit_args(tmp_path, "run", max_steps=5, plugin=plugin), killed=True, cwd=tmp_path)
     checkpoints = tmp_path / "checkpoints"
     finals = sorted(p.name for p in checkpoints.glob("*.ckpt"))
     assert finals == ["epoch=0-step=2.ckpt", "last.ckpt"]  # save_top_k=1; step 3's never appeared under its name
     assert [p.name.split(".tmp-")[0] for p in checkpoints.glob(".*.tmp-*")] == [".epoch=0-step=3.ckpt"]  # the torn write
     assert_finite_checkpoint(checkpoints / "last.ckpt", 2)
-    run_fit(fit_args(tmp_path, "resumed", max_steps=5, extra=["--ckpt_path", "last"]))
+    run_fit(fit_args(tmp_path, "resumed", max_steps=5, extra=["--ckpt_path", "last"]), cwd=tmp_path)
     assert_finite_checkpoint(checkpoints / "last.ckpt", 5)
     assert not list(checkpoints.glob(".*.tmp-*"))  # rewriting step 3's checkpoint removed the torn one
 
@@ -127,10 +127,15 @@ def test_too_little_disk_fails_before_writing(tmp_path: Path, monkeypatch) -> No
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("lightning_tune.checkpoint.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(CheckpointError, match=r"checkpoints: not enough free disk space: need \d+\.\d+ GiB, have 0\.00 GiB") as err:
+    # Issue 14: this once read "need 0.00 GiB, have 0.00 GiB"; sizes are given in the unit that shows them.
+    with pytest.raises(CheckpointError, match=r"checkpoints: not enough free disk space: need \d+\.\d MiB, have 1000 bytes$") as err:
         trainer.save_checkpoint(tmp_path / "checkpoints" / "more.ckpt")
     assert "\n" not in str(err.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing written, not even a temporary file
+
+
+def test_byte_counts_are_shown_in_a_unit_that_fits() -> None:
+    assert [format_bytes(n) for n in (0, 1023, 1536, 5 * 2**20 + 2**19, 3 * 2**30)] == ["0 bytes", "1023 bytes", "1.5 KiB", "5.5 MiB", "3.00 GiB"]
 
 
 # ---- untrusted files ------------------------------------------------------------------------------
@@ -154,15 +159,28 @@ def test_malicious_checkpoint_is_refused_without_running_it(tmp_path: Path) -> N
         with pytest.raises(CheckpointError, match="refused: the file holds Python objects other than tensors") as err:
             load(evil)
         assert "\n" not in str(err.value)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused: the file holds Python objects") as err:
         export_command(["--ckpt_path", str(evil), "--format", "hf", "--output", str(tmp_path / "out")])
+    assert "weights_only=False" not in str(err.value)  # torch's advice would run the payload
     with pytest.raises(CheckpointError, match="refused"):  # resuming from it goes through the same reader
         fit(lora(), tmp_path / "run", steps=1).fit(lora(), DataLoader(batches(1), batch_size=None), ckpt_path=evil)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("writer", ["torch", "pickle"])
-def test_malicious_adapter_bin_is_refused_without_running_it(tmp_path: Path, writer: str) -> None:
+def test_random_bytes_are_not_a_checkpoint_not_python_objects(tmp_path: Path) -> None:
+    """Issue 14: random bytes were called "Python objects other than tensors"; they are not a torch file at all."""
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError) as err:
+        load_training_checkpoint(noise)
+    assert str(err.value) == f"{noise}: not a torch checkpoint (torch.save writes a zip archive; this file is not one)"
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        export_command(["--ckpt_path", str(noise), "--format", "peft", "--output", str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.ckpt"]
+
+
+@pytest.mark.parametrize(("writer", "expected"), [("torch", "refused: the file holds Python objects"), ("pickle", "not a torch checkpoint")])
+def test_malicious_adapter_bin_is_refused_without_running_it(tmp_path: Path, writer: str, expected: str) -> None:
     marker = tmp_path / "pwned"
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -171,7 +189,8 @@ def test_malicious_adapter_bin_is_refused_without_running_it(tmp_path: Path, wri
         (torch.save if writer == "torch" else pickle.dump)({"x": Payload(marker)}, file)
     with torch.device("meta"):
         model = Llama(llama2_config("tiny_llama2", **TINY))
-    with pytest.raises(CheckpointError, match="adapter_model.bin: cannot read as a torch zip checkpoint") as err:
+    with pytest.raises(CheckpointError, match=f"adapter_model.bin: {expected}") as err:
         load_peft_adapter(model, adapter)
     assert "\n" not in str(err.value)
+    assert "weights_only=False" not in str(err.value)  # issue 14: torch's advice (it would run the payload) is not repeated
     assert not marker.exists()
