@@ -299,3 +299,14 @@ def test_unreadable_checkpoints_are_one_line(tmp_path, capsys):
     ]:
         assert main(["eval", *args, "--device", "cpu"]) == 2
         assert expected in one_error_line(capsys), args
+
+
+def test_lora_checkpoint_of_a_random_base_is_refused(tmp_path, capsys):
+    """Its checkpoints hold the adapters only: the base it trained on cannot be rebuilt."""
+    from lightning_tune.modules import LoRAFinetune
+
+    module = LoRAFinetune(model_name="tiny_llama2", model_args={"vocab_size": 512, "num_layers": 1}, tokenizer_path=str(DEMO_TOKENIZER))
+    module.configure_model()
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, tmp_path / "last.ckpt")
+    assert main(["eval", "--ckpt_path", str(tmp_path / "last.ckpt"), "--device", "cpu"]) == 2
+    assert "random-init base, which its checkpoints do not store; evaluate the run's merged/" in one_error_line(capsys)
