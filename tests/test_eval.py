@@ -277,6 +277,17 @@ def test_unknown_task_is_one_line(hf_dir, capsys, monkeypatch):
     assert "unknown task(s) ['no_such_task']" in one_error_line(capsys)
 
 
+def test_task_whose_data_is_on_the_hub_is_one_line_offline(hf_dir, tmp_path, capsys, network_attempts):
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: someone/not_in_the_cache\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{q}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n"
+    )
+    assert main(["eval", "--checkpoint_dir", str(hf_dir), "--tasks", "hub_task", "--include_path", str(tmp_path), "--device", "cpu"]) == 2
+    line = one_error_line(capsys)
+    assert "someone/not_in_the_cache" in line and "--offline false" in line
+    assert network_attempts == []
+
+
 def test_missing_lm_eval_is_one_line(hf_dir, capsys, monkeypatch):
     for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)  # importing any of lm_eval now raises ImportError
