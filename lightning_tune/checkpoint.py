@@ -702,6 +702,9 @@ def save_hf_checkpoint(
     if config.tie_word_embeddings:  # the head is the embedding: one tensor in the file
         expected.pop("lm_head.weight")
         skip.add("lm_head.weight")
+        head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+        if isinstance(head, Tensor) and isinstance(embed, Tensor) and head is not embed and not head.is_meta and not torch.equal(head.to(embed.dtype), embed):
+            raise CheckpointError(f"{output_dir}: tie_word_embeddings is true but lm_head differs from the embedding (LoRA on lm_head?); a tied export would drop it: adapt other layers")
     entries = [_Entry(k, tuple(v.shape), output_dir) for k, v in state.items()]
     _check_entries(output_dir, entries, expected, skip=skip)
     tokenizer_copies, token_ids = _export_tokenizer(tokenizer_path, config)

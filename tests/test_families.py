@@ -266,3 +266,46 @@ def test_config_headers_name_a_gpu_that_validate_agrees_with(name: str) -> None:
     assert result.settings["devices"] * result.settings["num_nodes"] == gpus
     assert [p for p in result.problems if "does not exist" not in p] == []  # only the not-yet-downloaded checkpoint
     assert result.estimate.total + 2**30 <= gb * 10**9, f"{name}: {result.estimate.total / 2**30:.1f} GiB per device"
+
+
+def test_fsdp2_trains_a_tied_model_as_one_process(tmp_path: Path) -> None:
+    """Tied embeddings under FSDP2 (2 processes, gloo): the head stays the embedding (one sharded tensor,
+    loaded once), so the loss curve and the exported weights equal one process's (fp32 tolerances as in
+    test_distributed: the gradient reduction sums in another order)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_distributed import ENV, STEPS, fit_args, metrics
+
+    hf = tiny_hf("llama", tie_word_embeddings=True, vocab_size=512, max_position_embeddings=256)
+    hf.save_pretrained(tmp_path / "base")
+    from lightning_tune.cli import main
+
+    runs = {"single": tmp_path / "single", "fsdp": tmp_path / "fsdp"}
+    single = fit_args("tiny_full.yaml", runs["single"], tmp_path / "base", 1) + ["--model.model_name", "null"]
+    assert main(single) == 0  # in this process: one interpreter start fewer
+    fsdp = fit_args("tiny_full.yaml", runs["fsdp"], tmp_path / "base", 2) + ["--model.model_name", "null", "--trainer.strategy", "fsdp2", "--trainer.devices", "2"]
+    result = subprocess.run([sys.executable, "-m", "lightning_tune", *fsdp], capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got = metrics(runs["single"]), metrics(runs["fsdp"])
+    assert len(want["train_loss"]) == STEPS
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=1e-5, atol=0)
+    expected, weights = load_file(runs["single"] / "merged" / "model.safetensors"), load_file(runs["fsdp"] / "merged" / "model.safetensors")
+    assert weights.keys() == expected.keys() and "lm_head.weight" not in weights
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_tied_export_refuses_a_head_that_differs_from_the_embedding(tmp_path: Path) -> None:
+    from lightning_tune.checkpoint import save_hf_checkpoint
+
+    config = model_config("tiny_llama2", vocab_size=96, tie_word_embeddings=True)
+    model = CausalLM(config)
+    model.init_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    save_hf_checkpoint(model, config, tmp_path / "ok")
+    state = dict(model.state_dict()) | {"lm_head.weight": model.lm_head.weight.detach() + 1}  # e.g. a merged LoRA head
+    with pytest.raises(CheckpointError, match="lm_head differs from the embedding"):
+        save_hf_checkpoint(state, config, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
