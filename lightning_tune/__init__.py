@@ -1,4 +1,4 @@
-"""lightning_tune: Llama 2 fine-tuning recipes on PyTorch Lightning.
+"""lightning_tune: LLM fine-tuning recipes on PyTorch Lightning (Llama 2 / 3.x, Qwen 2.5 / 3, Mistral, SmolLM2).
 
 Exports resolve lazily, so `python -m lightning_tune --help` answers without importing torch.
 """
@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "CausalLM": "lightning_tune.model",
+    "ModelConfig": "lightning_tune.model",
+    "model_config": "lightning_tune.model",
     "Llama": "lightning_tune.model",
     "LlamaConfig": "lightning_tune.model",
     "llama2": "lightning_tune.model",
@@ -31,7 +34,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from lightning_tune.checkpoint import from_pretrained
     from lightning_tune.data import InstructDataModule
-    from lightning_tune.model import Llama, LlamaConfig, llama2, llama2_7b, llama2_13b, llama2_70b
+    from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
     from lightning_tune.modules import FullFinetune, LoRAFinetune
     from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 

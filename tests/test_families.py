@@ -309,3 +309,20 @@ def test_tied_export_refuses_a_head_that_differs_from_the_embedding(tmp_path: Pa
     with pytest.raises(CheckpointError, match="lm_head differs from the embedding"):
         save_hf_checkpoint(state, config, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_writes_the_tokenizers_special_ids_and_files(tmp_path: Path) -> None:
+    from lightning_tune.checkpoint import save_hf_checkpoint
+
+    hf, path = saved(tmp_path, "qwen3", head_dim=32)
+    write_tiny_tokenizer(path, eos_ids=[2, 5])  # several end tokens, as Llama 3's generation_config lists
+    model = from_pretrained(path)
+    out = save_hf_checkpoint(model, model.config, tmp_path / "export", tokenizer_path=path)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, [2, 5], 0)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 5]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    x = tokens(12)
+    with torch.no_grad():
+        assert rel_error(reloaded(x).logits, hf(x).logits) <= 1e-5
