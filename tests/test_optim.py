@@ -125,6 +125,13 @@ def test_8bit_adamw_trains_on_cpu_with_uint8_state():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]  # norms undecayed, whatever the optimiser
 
 
+def test_8bit_adamw_without_bitsandbytes_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+    with pytest.raises(ValueError, match=r"optimizer: bitsandbytes.optim.AdamW8bit needs bitsandbytes: install lightning_tune\[qlora\]"):
+        FullFinetune(model_name="tiny_llama2", optimizer="bitsandbytes.optim.AdamW8bit")
+
+
 def test_optimiser_state_bytes_per_parameter():
     assert state_bytes_per_parameter("torch.optim.AdamW", None) == 8  # exp_avg, exp_avg_sq in fp32
     assert state_bytes_per_parameter("AdamW", {"amsgrad": True}) == 12

@@ -141,8 +141,7 @@ class FinetuneModule(pl.LightningModule):
         if loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size: must be >= 0 (0 = no chunking), got {loss_chunk_size}")
         self.optimizer_cls = optimizer_class(optimizer)
-        self.optimizer_kwargs = optimizer_kwargs(self.optimizer_cls, lr, weight_decay, tuple(betas), optimizer_args)
-        check_optimizer(self.optimizer_cls, self.optimizer_kwargs)
+        check_optimizer(self.optimizer_cls, optimizer_kwargs(self.optimizer_cls, lr, weight_decay, tuple(betas), optimizer_args))
         self.model_name = model_name
         self.model_args = dict(model_args or {})
         self.checkpoint_dir = checkpoint_dir
@@ -446,8 +445,9 @@ class FinetuneModule(pl.LightningModule):
     def configure_optimizers(self):
         """The configured optimiser on the trainable parameters (norm weights and biases not decayed)
         and the configured schedule, stepped once per optimiser step over the Trainer's estimated steps."""
-        takes_decay = "weight_decay" in self.optimizer_kwargs
-        optimizer = self.optimizer_cls(param_groups(self.named_parameters(), self.weight_decay, takes_decay), **self.optimizer_kwargs)
+        # From the attributes, not the values checked in __init__: Lightning's learning-rate finder sets self.lr.
+        kwargs = optimizer_kwargs(self.optimizer_cls, self.lr, self.weight_decay, self.betas, self.optimizer_args)
+        optimizer = self.optimizer_cls(param_groups(self.named_parameters(), self.weight_decay, "weight_decay" in kwargs), **kwargs)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule, warmup, floor = self.lr_schedule, self.warmup_steps, self.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule, warmup, total, floor))
