@@ -49,7 +49,9 @@ def transformers_schedule(name: str, warmup: int, total: int, min_ratio: float):
     return optimizer, make(optimizer, warmup, total) if make else o.get_constant_schedule_with_warmup(optimizer, warmup)
 
 
-@pytest.mark.parametrize("name,warmup,total,min_ratio", [("cosine", 10, 100, 0.0), ("cosine", 7, 50, 0.1), ("cosine", 0, 30, 0.0), ("linear", 10, 100, 0.0), ("linear", 0, 17, 0.0), ("constant", 5, 40, 0.0)])
+@pytest.mark.parametrize(
+    "name,warmup,total,min_ratio", [("cosine", 10, 100, 0.0), ("cosine", 7, 50, 0.1), ("cosine", 0, 30, 0.0), ("linear", 10, 100, 0.0), ("linear", 0, 17, 0.0), ("constant", 5, 40, 0.0)]
+)
 def test_schedules_equal_transformers(name, warmup, total, min_ratio):
     optimizer, scheduler = transformers_schedule(name, warmup, total, min_ratio)
     for step in range(total):
@@ -90,7 +92,9 @@ def test_sgd_two_steps_equal_a_hand_written_loop():
     """SGD with momentum and weight decay, constant lr, the same batch twice; norm weights not decayed."""
     torch.manual_seed(0)
     lr, wd = 0.1, 0.01
-    module = FullFinetune(model_name="tiny_llama2", model_args=TINY, export=False, optimizer="torch.optim.SGD", optimizer_args={"momentum": 0.9}, lr=lr, weight_decay=wd, lr_schedule="constant", warmup_steps=0)
+    module = FullFinetune(
+        model_name="tiny_llama2", model_args=TINY, export=False, optimizer="torch.optim.SGD", optimizer_args={"momentum": 0.9}, lr=lr, weight_decay=wd, lr_schedule="constant", warmup_steps=0
+    )
     module.configure_model()  # fit reuses this model: the reference starts from the same weights
     reference = copy.deepcopy(module.model)
     batch = batches(1, masked_prompt=3)[0]
@@ -161,11 +165,31 @@ def test_memory_estimate_counts_the_chosen_optimiser():
 def test_print_config_shows_the_optimiser_and_schedule(capsys):
     from lightning_tune.cli import make_cli
 
-    args = ["fit", "--config", "tiny_lora.yaml", "--model.optimizer", "torch.optim.SGD", "--model.optimizer_args", "{momentum: 0.9, nesterov: true}", "--model.lr_schedule", "linear", "--model.min_lr_ratio", "0.1", "--print_config"]
+    args = [
+        "fit",
+        "--config",
+        "tiny_lora.yaml",
+        "--model.optimizer",
+        "torch.optim.SGD",
+        "--model.optimizer_args",
+        "{momentum: 0.9, nesterov: true}",
+        "--model.lr_schedule",
+        "linear",
+        "--model.min_lr_ratio",
+        "0.1",
+        "--print_config",
+    ]
     with pytest.raises(SystemExit):
         make_cli(args)
     init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    assert (init["optimizer"], init["optimizer_args"], init["lr_schedule"], init["min_lr_ratio"], init["lr"], init["warmup_steps"]) == ("torch.optim.SGD", {"momentum": 0.9, "nesterov": True}, "linear", 0.1, 0.003, 20)
+    assert (init["optimizer"], init["optimizer_args"], init["lr_schedule"], init["min_lr_ratio"], init["lr"], init["warmup_steps"]) == (
+        "torch.optim.SGD",
+        {"momentum": 0.9, "nesterov": True},
+        "linear",
+        0.1,
+        0.003,
+        20,
+    )
 
 
 BAD = [
@@ -211,8 +235,22 @@ def train_losses(root: Path, version: str) -> dict[int, str]:
 def test_resume_restores_a_non_default_optimiser_and_schedule_exactly(tmp_path):
     """SGD with Nesterov momentum and a linear decay with a floor: killed after step 3, resumed, it equals
     the uninterrupted run bit for bit (losses, learning rates, momentum buffers, scheduler state)."""
-    choice = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer_args", "{momentum: 0.9, nesterov: true}", "--model.lr", "0.05",
-              "--model.lr_schedule", "linear", "--model.warmup_steps", "2", "--model.min_lr_ratio", "0.2", "--model.weight_decay", "0"]
+    choice = [
+        "--model.optimizer",
+        "torch.optim.SGD",
+        "--model.optimizer_args",
+        "{momentum: 0.9, nesterov: true}",
+        "--model.lr",
+        "0.05",
+        "--model.lr_schedule",
+        "linear",
+        "--model.warmup_steps",
+        "2",
+        "--model.min_lr_ratio",
+        "0.2",
+        "--model.weight_decay",
+        "0",
+    ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_fit(fit_args(straight, "run", max_steps=6, extra=choice))
     run_fit(fit_args(broken, "run", max_steps=6, extra=[*choice, "--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", "3"]), killed=True)

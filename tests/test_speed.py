@@ -189,8 +189,14 @@ def test_bf16_precisions_train_on_cpu(tmp_path, precision):
     torch.manual_seed(0)
     module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, export=False, warmup_steps=0, lr=1e-2, loss_chunk_size=16)
     trainer = lightning.Trainer(
-        max_steps=3, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=3,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 3
@@ -275,8 +281,13 @@ def test_packing_datamodule_trains(tmp_path):
     assert first["input_ids"].shape[0] == 1 and (first["input_ids"] != dm.tokenizer.pad_id).all()
     module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, export=False, warmup_steps=0)
     trainer = lightning.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_tune.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from lightning_tune.families import SIZES
+from lightning_tune.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from lightning_tune.model import CausalLM, ModelConfig, model_config
 from lightning_tune.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups
 
@@ -286,8 +286,7 @@ class FinetuneModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             raise ValueError(
-                "trainer.strategy: FSDPStrategy (FSDP1) would load the whole model in every process; "
-                "use --trainer.strategy fsdp2, which loads each process's shards only (see docs/distributed.md)"
+                "trainer.strategy: FSDPStrategy (FSDP1) would load the whole model in every process; use --trainer.strategy fsdp2, which loads each process's shards only (see docs/distributed.md)"
             )
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:
