@@ -161,16 +161,17 @@ def test_peft_adapter_equals_hflm_over_peft_merged_model(hf_dir, tmp_path):
     expected = run_tasks(HFLM(pretrained=merged, tokenizer=transformers.AutoTokenizer.from_pretrained(hf_dir), batch_size=4, device="cpu"), tasks, limit=2, log_samples=True)
     model, tokenizer = load_for_eval(hf_dir, adapter_dir=tmp_path / "adapter")
     ours = run_tasks(LightningTuneLM(model, tokenizer), tasks, limit=2, log_samples=True)
-    plain = run_tasks(LightningTuneLM(*load_for_eval(hf_dir)), tasks, limit=2, log_samples=True)
+    tokens = torch.tensor([tokenizer.encode("Add the two numbers.")])
+    with torch.no_grad():
+        assert (model(tokens) - load_for_eval(hf_dir)[0](tokens)).abs().max() > 1e-2  # the adapter is applied
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     samples = by_doc(expected, tasks[0])
     scale = logit_scale(merged, hf_tok, [a + b for s in samples for a, b in s["arguments"]])
-    for ref, got, without in zip(samples, by_doc(ours, tasks[0]), by_doc(plain, tasks[0])):
+    for ref, got in zip(samples, by_doc(ours, tasks[0])):
         # As in the HFLM comparison: n tokens * 2 * 1e-5 * max|logit| (PEFT's merge rounds W + s*BA once
         # in fp32, a relative 1e-7 per weight, well inside that bound).
-        for (context, continuation), r, g, p in zip(ref["arguments"], ref["resps"], got["resps"], without["resps"]):
+        for (context, continuation), r, g in zip(ref["arguments"], ref["resps"], got["resps"]):
             assert abs(g[0][0] - r[0][0]) <= continuation_tokens(hf_tok, context, continuation) * 2e-5 * scale
-            assert abs(g[0][0] - p[0][0]) > 1e-2  # the adapter was applied
 
 
 def test_generate_until_equals_generate(hf_dir):
