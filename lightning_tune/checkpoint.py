@@ -95,7 +95,9 @@ def meta_intermediate_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float 
 
 
 def _checkpoint_dir(checkpoint_dir: str | Path) -> Path:
-    path = Path(checkpoint_dir).expanduser()
+    from lightning_tune.paths import resolve_path
+
+    path = resolve_path(checkpoint_dir)  # pkg://PACKAGE/PATH: a directory shipped in a package
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     return path
@@ -264,8 +266,19 @@ def _load_meta_config(path: Path) -> LlamaConfig:
     )
 
 
+def _gguf_file(checkpoint_dir: str | Path) -> bool:
+    """A llama.cpp .gguf file in place of a directory (read by lightning_tune.gguf)."""
+    from lightning_tune.gguf import is_gguf
+
+    return is_gguf(checkpoint_dir)
+
+
 def load_config(checkpoint_dir: str | Path) -> LlamaConfig:
-    """The model config of a Hugging Face (config.json) or Meta (params.json) checkpoint directory."""
+    """The model config of a Hugging Face (config.json) or Meta (params.json) checkpoint directory, or a .gguf file."""
+    if _gguf_file(checkpoint_dir):
+        from lightning_tune.gguf import gguf_config
+
+        return gguf_config(checkpoint_dir)[0]
     path = _checkpoint_dir(checkpoint_dir)
     if detect_format(path) == "hf":
         return _load_hf_config(path)[0]
@@ -523,9 +536,15 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
     leaves the model untouched. LoRA's lora_A/lora_B are not in a base checkpoint and are left as
     they are. With a tied-embedding Hugging Face config, lm_head shares embed_tokens' weight.
     """
-    path = _checkpoint_dir(checkpoint_dir)
-    fmt = detect_format(path)
-    config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
+    if _gguf_file(checkpoint_dir):
+        from lightning_tune.gguf import gguf_config, gguf_entries, resolve_path
+
+        path, fmt = resolve_path(checkpoint_dir), "gguf"
+        config, tied = gguf_config(path)
+    else:
+        path = _checkpoint_dir(checkpoint_dir)
+        fmt = detect_format(path)
+        config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
     _check_config(path, model, config)
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
     skip = set()
@@ -536,7 +555,7 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
         # head, which FSDP2 gathers as the same parameter, must be that one (to_empty untied them).
         _tie(model)
     with ExitStack() as stack:
-        entries = _hf_entries(path, stack) if fmt == "hf" else _meta_entries(path, config)
+        entries = _hf_entries(path, stack) if fmt == "hf" else gguf_entries(path, config) if fmt == "gguf" else _meta_entries(path, config)
         _check_entries(path, entries, expected, skip)
         for entry in entries:
             if entry.key not in skip:
@@ -551,7 +570,7 @@ def _tie(model: nn.Module) -> None:
 
 
 def from_pretrained(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Llama:
-    """A `Llama` from a Hugging Face or Meta directory, in eval mode; dtype None keeps the checkpoint's."""
+    """A `Llama` from a Hugging Face or Meta directory or a .gguf file, in eval mode; dtype None keeps the checkpoint's (fp32 for GGUF)."""
     config = load_config(path)
     with torch.device("meta"):  # no memory until each tensor is loaded
         model = Llama(config)
@@ -757,6 +776,10 @@ def _export_tokenizer(tokenizer_path: str | Path | None, config: LlamaConfig) ->
     if tokenizer_path is None:
         return [], None
     path = Path(tokenizer_path).expanduser()
+    if _gguf_file(path):  # a GGUF's tokenizer lives in its metadata: export it as tokenizer.json + tokenizer_config.json
+        from lightning_tune.gguf import hf_tokenizer_dir, resolve_path
+
+        path = hf_tokenizer_dir(resolve_path(path).absolute())
     if path.is_dir() and not (path / "tokenizer.json").is_file():
         path = path / "tokenizer.model"
     if not path.exists():

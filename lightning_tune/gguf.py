@@ -440,6 +440,43 @@ def load_gguf_tokenizer(path: str | Path):
     )
 
 
+def write_hf_tokenizer(path: str | Path, folder: str | Path) -> Path:
+    """`tokenizer.json` + `tokenizer_config.json` for the tokenizer a GGUF file describes, in `folder`.
+
+    What a Hugging Face export of a model that came from a GGUF carries instead of the GGUF itself:
+    the rebuilt tokenizer (as `vocab_from_metadata`), its special tokens, BOS/EOS flags and chat template.
+    """
+    resolved = resolve_path(path)
+    vocab = gguf_vocab(resolved)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab.tokenizer.save(str(folder / "tokenizer.json"))
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": vocab.add_bos,
+        "add_eos_token": vocab.add_eos,
+        "clean_up_tokenization_spaces": False,
+    }
+    for name, token in (("bos_token", vocab.bos_token), ("eos_token", vocab.eos_token), ("unk_token", vocab.unk_token), ("pad_token", vocab.pad_token)):
+        if token is not None:
+            config[name] = token
+    if vocab.chat_template is not None:
+        config["chat_template"] = vocab.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return folder
+
+
+@functools.lru_cache(maxsize=4)
+def hf_tokenizer_dir(path: Path) -> Path:
+    """A temporary directory holding `write_hf_tokenizer(path)` (removed at exit), for exports to copy from."""
+    import atexit
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="lightning_tune_gguf_tokenizer_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_hf_tokenizer(path, folder)
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 

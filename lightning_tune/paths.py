@@ -23,6 +23,8 @@ class PackagePathError(ValueError):
 def resolve_path(spec: str | Path) -> Path:
     """`pkg://package/file` -> that file inside the installed package; anything else -> Path(spec).expanduser()."""
     text = str(spec)
+    if isinstance(spec, Path) and text.startswith("pkg:/") and not text.startswith(PACKAGE_SCHEME):
+        text = PACKAGE_SCHEME + text[len("pkg:/") :]  # Path("pkg://a/b") collapses the double slash
     if not text.startswith(PACKAGE_SCHEME):
         return Path(text).expanduser()
     package, _, relative = text[len(PACKAGE_SCHEME) :].partition("/")

@@ -495,6 +495,28 @@ def test_smollm2_tokenizer_is_copied_into_exports_verbatim(smollm2, tmp_path) ->
     assert load_tokenizer(out).encode(TEXTS[0]) == tokenizer.encode(TEXTS[0])
 
 
+@needs_smollm2
+def test_hf_export_of_a_gguf_model_carries_its_tokenizer(smollm2, tmp_path) -> None:
+    """merged/ of a model that came from a GGUF: transformers loads its tokenizer (tokenizer.json +
+    tokenizer_config.json written from the GGUF's metadata) with the GGUF tokenizer's ids and chat text."""
+    from transformers import AutoTokenizer
+
+    from lightning_tune.checkpoint import save_hf_checkpoint
+
+    _, _, ours, reference = smollm2
+    config = LlamaConfig(vocab_size=49152, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=32, intermediate_dim=64, max_seq_len=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Llama(config)
+    model.init_weights()
+    out = save_hf_checkpoint(model, config, tmp_path / "merged", tokenizer_path=SMOLLM2)
+    exported = AutoTokenizer.from_pretrained(str(out))
+    for text in TEXTS:
+        assert exported(text).input_ids == reference(text).input_ids == ours.encode(text), text
+    text = reference.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert exported.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == text
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
+
+
 def test_package_paths_resolve_or_fail_in_one_line() -> None:
     from lightning_tune.paths import PackagePathError, resolve_path
 
