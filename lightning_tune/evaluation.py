@@ -382,8 +382,9 @@ def load_for_eval(
     """The model and tokenizer to evaluate, from a Hugging Face or Meta directory (e.g. a fit's merged/),
     a `.gguf` file, or a fit's `.ckpt` (the run's recipe rebuilt, LoRA adapters included), optionally
     with a PEFT adapter on top. The tokenizer: `tokenizer_path`, else the checkpoint's (the run's, for a .ckpt)."""
-    from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
+    from lightning_tune.checkpoint import from_pretrained, load_config, load_peft_adapter
     from lightning_tune.paths import resolve_path
+    from lightning_tune.tokenizer import load_tokenizer
 
     path = resolve_path(checkpoint)  # pkg://PACKAGE/FILE names a file inside an installed package
     if not path.exists():
@@ -396,24 +397,27 @@ def load_for_eval(
             # LoRA checkpoints hold the adapters only; a random-init base is not stored, so rebuilding
             # it here would draw other weights than the run trained on.
             raise EvalError(f"{path}: the run trained adapters on a random-init base, which its checkpoints do not store; evaluate the run's merged/ instead")
-        model = module.model
-        if dtype is not None:
-            model.to(dtype)
         tokenizer_path = tokenizer_path or module.tokenizer_path
         if tokenizer_path is None:
             raise EvalError(f"{path}: the run recorded no tokenizer_path; pass --tokenizer_path")
-    else:
-        model = from_pretrained(path, device="cpu", dtype=dtype)
+        tokenizer = load_tokenizer(tokenizer_path)
+        model = module.model if dtype is None else module.model.to(dtype)
+    else:  # config and tokenizer first: a broken or mismatched one is reported before any weight is read
+        vocab_size = load_config(path).vocab_size
         tokenizer_path = tokenizer_path or path
+        tokenizer = load_tokenizer(tokenizer_path)
+        _check_vocab(tokenizer, tokenizer_path, vocab_size)
+        model = from_pretrained(path, device=device, dtype=dtype)
+    _check_vocab(tokenizer, tokenizer_path, model.config.vocab_size)
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
-    from lightning_tune.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if isinstance(vocab, int) and vocab > model.config.vocab_size:
-        raise EvalError(f"{tokenizer_path}: the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}")
     return model.to(device).eval(), tokenizer
+
+
+def _check_vocab(tokenizer: EvalTokenizer, path: str | Path, model_vocab: int) -> None:
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > model_vocab:
+        raise EvalError(f"{path}: the tokenizer has {vocab} tokens but the model only {model_vocab}")
 
 
 @contextlib.contextmanager

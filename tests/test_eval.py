@@ -297,7 +297,10 @@ def test_missing_lm_eval_is_one_line(hf_dir, capsys, monkeypatch):
     assert "lm-eval is not installed: pip install 'lightning_tune[eval]'" in one_error_line(capsys)
 
 
-def test_unreadable_checkpoints_are_one_line(tmp_path, capsys):
+def test_unreadable_checkpoints_are_one_line(hf_dir, tmp_path, capsys):
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    shutil.copy(hf_dir / "config.json", no_tokenizer)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
@@ -307,6 +310,7 @@ def test_unreadable_checkpoints_are_one_line(tmp_path, capsys):
         (["--checkpoint_dir", str(broken)], "config.json"),
         (["--ckpt_path", str(garbage)], "last.ckpt"),
         (["--checkpoint_dir", str(tmp_path / "absent")], "no such checkpoint"),
+        (["--checkpoint_dir", str(no_tokenizer)], "neither tokenizer.json nor tokenizer.model"),  # before any weight is read
         (["--checkpoint_dir", str(broken), "--ckpt_path", str(garbage)], "exactly one of"),
     ]:
         assert main(["eval", *args, "--device", "cpu"]) == 2
