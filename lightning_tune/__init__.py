@@ -24,6 +24,7 @@ _EXPORTS = {
     "HFTokenizer": "lightning_tune.tokenizer",
     "load_tokenizer": "lightning_tune.tokenizer",
     "from_pretrained": "lightning_tune.checkpoint",
+    "check_config": "lightning_tune.cli.check",
     "FullFinetune": "lightning_tune.modules",
     "LoRAFinetune": "lightning_tune.modules",
     "InstructDataModule": "lightning_tune.data",
@@ -33,6 +34,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from lightning_tune.checkpoint import from_pretrained
+    from lightning_tune.cli.check import check_config
     from lightning_tune.data import InstructDataModule
     from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
     from lightning_tune.modules import FullFinetune, LoRAFinetune

@@ -1,10 +1,12 @@
 """The command line: fast verbs without torch, bundled configs, one-line errors with exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from lightning_tune.cli import condense_parse_error, main
 
@@ -119,3 +121,123 @@ def test_generate_argument_errors(tmp_path, capsys):
     assert "prompt 0 is empty" in capsys.readouterr().err
     assert main(["generate", "--checkpoint_dir", str(tmp_path / "missing"), "--prompt", "hi", "--tokenizer_path", str(tmp_path / "t.model")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_ls_and_config_names_reach_user_folders_and_installed_packages(tmp_path):
+    """`ls` derives recipes from the classes (bundled subclasses of FinetuneModule, and entry points of
+    installed packages) and lists every config folder; `--config NAME` (here through `cp`) searches
+    LIGHTNING_TUNE_CONFIG_PATH and the packages' folders; all without importing torch."""
+    site = tmp_path / "site"
+    (site / "my_pkg" / "configs").mkdir(parents=True)
+    (site / "my_pkg" / "__init__.py").write_text("")
+    (site / "my_pkg" / "configs" / "__init__.py").write_text("raise RuntimeError('ls must not run the configs package')\n")
+    (site / "my_pkg" / "configs" / "pkg_run.yaml").write_text("# a packaged config\nmodel: {}\n")
+    dist = site / "my_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[lightning_tune.recipes]\nMyRecipe = my_pkg.recipes:MyRecipe\n\n[lightning_tune.configs]\nmy_pkg = my_pkg.configs\n")
+    user = tmp_path / "user_configs"
+    user.mkdir()
+    (user / "mine.yaml").write_text("# my own config\ntrainer: {}\n")
+    code = (
+        "import sys; from lightning_tune.cli import main\n"
+        f"assert main(['ls']) == 0\n"
+        f"assert main(['cp', 'mine', {str(tmp_path / 'a.yaml')!r}]) == 0\n"
+        f"assert main(['cp', 'pkg_run.yaml', {str(tmp_path / 'b.yaml')!r}]) == 0\n"
+        "heavy = [m for m in ('torch', 'lightning') if m in sys.modules]; assert not heavy, heavy\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "LIGHTNING_TUNE_CONFIG_PATH": os.pathsep.join([str(user), str(tmp_path / "absent")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "LoRAFinetune" in out and "FullFinetune" in out and "FinetuneModule " not in out  # the base is not a recipe
+    assert "MyRecipe" in out and "my_pkg.recipes.MyRecipe" in out and "from my-pkg" in out
+    assert f"LIGHTNING_TUNE_CONFIG_PATH configs ({user}):" in out and "mine.yaml" in out and "my own config" in out
+    assert "pkg_run.yaml" in out and "tiny_lora.yaml" in out
+    assert (tmp_path / "a.yaml").read_text().startswith("# my own config") and (tmp_path / "b.yaml").read_text().startswith("# a packaged config")
+
+
+def run_cases(cases: list[list[str]]) -> list[tuple[int, list[str]]]:
+    """(exit code, non-empty stderr lines) of main(args) for each case, in one interpreter, in order."""
+    result = subprocess.run([sys.executable, "-c", CASES_SCRIPT, json.dumps(cases)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return [(code, [line for line in err.splitlines() if line.strip() and line != "Seed set to 42"]) for code, err in json.loads(result.stdout.splitlines()[-1])]
+
+
+class Payload:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_bad_inputs_are_one_line_exit_2_nothing_written(tmp_path):
+    """Issue 14's command-line cases: each one `error:` line naming the file, key or value; exit 2;
+    no run directory; the malicious checkpoint's payload never runs."""
+    import torch
+
+    random_bytes = tmp_path / "random.ckpt"
+    random_bytes.write_bytes(bytes(range(256)) * 8)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload(marker)}}, evil)
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("trainer:\n  max_steps: 3\n model: [\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- trainer\n- model\n")
+    gpu = torch.cuda.is_available()
+    cases = [
+        ([*TINY_FIT, f"--ckpt_path={random_bytes}"], f"--ckpt_path: {random_bytes} is not a torch checkpoint"),
+        ([*TINY_FIT, f"--ckpt_path={evil}"], f"--ckpt_path: {evil}: refused: it holds Python objects other than tensors"),
+        ([*TINY_FIT, f"--ckpt_path={tmp_path / 'absent.ckpt'}"], f"--ckpt_path: {tmp_path / 'absent.ckpt'} does not exist"),
+        (["fit", "--config", str(syntax)], f"--config: {syntax} line 3, column 2: invalid YAML"),
+        (["fit", "--config", str(empty)], f"--config: {empty} is empty"),
+        (["validate", "--config", str(listed)], f"--config: {listed} holds a list"),
+        (["generate", "--checkpoint_dir", str(tmp_path / "no_such_dir"), "--prompt", "hi"], f"--checkpoint_dir: {tmp_path / 'no_such_dir'} is not a directory"),
+        (["generate", "--checkpoint_dir", str(tmp_path), "--prompt", "hi", "--max_new_tokens", "abc"], "max_new_tokens: Expected a <class 'int'>. Got value: abc"),
+        (["export", "--ckpt_path", str(evil), "--format", "onnx", "--output", str(tmp_path / "out")], "format: Expected a typing.Literal"),
+    ]
+    if not gpu:  # on a machine without a GPU PyTorch can use
+        cases += [
+            ([*TINY_FIT, "--trainer.accelerator=cuda"], "trainer.accelerator: `CUDAAccelerator` can not run on your system"),
+            (["generate", "--checkpoint_dir", str(tmp_path), "--prompt", "hi", "--device", "cuda"], "--device: cuda asked for, but this machine has no GPU"),
+        ]
+    roots = [tmp_path / f"run{i}" for i in range(len(cases))]
+    argvs = [args + ([f"--trainer.default_root_dir={root}"] if args[0] == "fit" and "--config" in args and args[2] == "tiny_lora.yaml" else []) for (args, _), root in zip(cases, roots)]
+    for (args, expected), (code, lines) in zip(cases, run_cases(argvs)):
+        assert code == 2, (args, lines)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
+        assert expected in lines[0], (args, lines[0])
+    assert not marker.exists(), "the pickle's payload ran"
+    assert not any(root.exists() for root in roots) and not (tmp_path / "out").exists(), "a refused command must write nothing"
+
+
+def test_resume_does_not_let_the_checkpoint_override_the_command_line(tmp_path):
+    """Bug 3: `fit --model.lora_rank 8 --ckpt_path <rank-4 checkpoint>` used to train and export rank 4
+    and save rank 4 in config.yaml (Lightning loaded the checkpoint's hyper-parameters over the parsed
+    ones). The command line wins: the saved config says rank 8, and the run never trains rank 4 (the
+    recipe refuses a checkpoint that does not fit)."""
+    tiny = "--model.init_args.model_args={vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}"
+    common = ["fit", "--config", "tiny_lora.yaml", tiny, "--data.max_seq_len=64", "--data.batch_size=2", "--data.val_size=0", "--trainer.limit_val_batches=0",
+              "--trainer.val_check_interval=null", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.callbacks.init_args.every_n_train_steps=1"]
+    first, second = tmp_path / "rank4", tmp_path / "rank8"
+    runs = run_cases([
+        [*common, "--model.init_args.lora_rank=4", "--trainer.max_steps=2", f"--trainer.default_root_dir={first}"],
+        [*common, "--model.init_args.lora_rank=8", "--trainer.max_steps=4", f"--trainer.default_root_dir={second}", f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
+    ])
+    assert runs[0][0] == 0, runs[0]
+    code, lines = runs[1]
+    for saved in second.rglob("config.yaml"):
+        assert yaml.safe_load(saved.read_text())["model"]["init_args"]["lora_rank"] == 8
+    adapter = second / "adapter" / "adapter_config.json"
+    assert not (adapter.exists() and json.loads(adapter.read_text())["r"] == 4), "the run silently trained the checkpoint's rank"
+    if code == 0:  # accepted: then it trained what the command line says
+        assert json.loads(adapter.read_text())["r"] == 8
+    else:  # refused: one error line (after the data module's truncation note) that names the differing key
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "lora_rank" in errors[0] and not any("Traceback" in line for line in lines), lines

@@ -1,37 +1,16 @@
-"""Every bundled config parses, round-trips through --print_config, and trains two steps (shrunk)."""
+"""Every bundled config parses, round-trips through --print_config, and trains two steps (shrunk):
+the public `lightning_tune.check_config` users run on their own configs."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
+import lightning_tune
 from lightning_tune.cli import CONFIG_DIR, main, make_cli
+from lightning_tune.cli.check import SHRINK, ConfigCheckError  # SHRINK: a 7B/70B config shrunk to a few-MB random model on the CPU, demo data
 
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
-# A 7B/70B config shrunk to a few-MB random model on the CPU with the bundled demo data.
-SHRINK = [
-    "--model.init_args.checkpoint_dir=null",
-    "--model.init_args.model_args={vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}",
-    "--data.source=demo",
-    "--data.tokenizer_path=null",
-    "--data.max_seq_len=96",
-    "--data.batch_size=2",
-    "--data.val_size=0",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.strategy=auto",
-    "--trainer.precision=32",
-    "--trainer.max_steps=2",
-    "--trainer.max_epochs=1",
-    "--trainer.accumulate_grad_batches=1",
-    "--trainer.val_check_interval=null",
-    "--trainer.check_val_every_n_epoch=1",
-    "--trainer.limit_val_batches=0",
-    "--trainer.logger=false",
-    "--trainer.enable_checkpointing=false",
-    "--trainer.callbacks=[]",
-    "--trainer.enable_progress_bar=false",
-]
 
 
 def test_configs_are_bundled():
@@ -62,13 +41,22 @@ def test_print_config_round_trips(name, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_runs_two_steps_shrunk(name, tmp_path):
-    cli = make_cli(["--config", name, *SHRINK, f"--trainer.default_root_dir={tmp_path}"], run=False)
-    model = cli.model
-    assert model.model is None, "construction must not build the model"
-    cli.trainer.fit(model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 2
-    assert model.model.config.num_layers == 1
+    """check_config: parses, round-trips --print_config, refuses a model built at construction, trains 2 steps."""
+    result = lightning_tune.check_config(name, root=tmp_path)
+    assert result.resolved["model"]["class_path"].startswith("lightning_tune.modules.")
+    assert result.trainer.global_step == 2
+    assert result.model.model.config.num_layers == 1
     assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_check_config_names_the_file_and_the_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIG_DIR / "tiny_lora.yaml").read_text().replace("lora_rank: 16", "lora_rnk: 16"))
+    with pytest.raises(ConfigCheckError, match=r"bad.yaml: .*lora_rnk"):
+        lightning_tune.check_config(bad)
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "bad.yaml" in err and "lora_rnk" in err
 
 
 def test_precedence_default_config_second_config_cli(tmp_path):
@@ -93,3 +81,24 @@ def test_bundled_name_resolves_from_anywhere(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", "tiny_lora", "--print_config"])
     assert "lightning_tune.modules.LoRAFinetune" in capsys.readouterr().out
+
+
+def test_default_root_dir_moves_logs_checkpoints_and_exports(tmp_path, monkeypatch):
+    """One value, one place: tiny_lora.yaml names its run directory once; --trainer.default_root_dir
+    moves the logs, the checkpoints and the exports (the README's out/<run>/ layout) together."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = tmp_path / "elsewhere"
+    tiny = "--model.init_args.model_args={vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}"
+    code = main(["fit", "--config", "tiny_lora.yaml", tiny, "--data.max_seq_len=64", "--data.batch_size=2", "--data.val_size=0", "--trainer.limit_val_batches=0",
+                 "--trainer.val_check_interval=null", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+                 "--trainer.callbacks.init_args.every_n_train_steps=1"])
+    assert code == 0
+    assert (root / "logs" / "version_0" / "metrics.csv").is_file()
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert (root / "adapter" / "adapter_config.json").is_file() and (root / "merged" / "model.safetensors").is_file()
+    assert not any(cwd.iterdir()), "nothing may land in the working directory (the config's out/tiny_lora)"
+    saved = yaml.safe_load((root / "logs" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == str(root)  # the saved config says where things went
+    assert saved["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(root / "checkpoints")

@@ -24,11 +24,11 @@ def test_configuration_reference_is_generated_from_the_code():
     text = gen.render()
     assert (ROOT / "docs" / "configuration.md").read_text() == text, "docs/configuration.md is stale: run python scripts/gen_config_docs.py"
     # Every argument of every documented class has a row with a description.
-    from lightning_tune.data import InstructDataModule
-    from lightning_tune.modules import FullFinetune, LoRAFinetune
-
     # Parameters as jsonargparse resolves them: a recipe's **kwargs stand for the base's parameters.
     from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    from lightning_tune.data import InstructDataModule
+    from lightning_tune.modules import FullFinetune, LoRAFinetune
 
     for cls, prefix in ((LoRAFinetune, "model.init_args."), (FullFinetune, "model.init_args."), (InstructDataModule, "data.")):
         for name in [p.name for p in get_signature_parameters(cls, "__init__")]:
@@ -57,3 +57,33 @@ def test_notebook_example_runs(tmp_path):
     assert "Add 3 and 4. -> " in proc.stdout
     assert (tmp_path / "run" / "merged" / "config.json").is_file()
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+CUSTOM = ROOT / "examples" / "custom_recipe"
+
+
+def test_custom_recipe_example_checks_and_freezes_what_it_says(tmp_path, monkeypatch, capsys):
+    """The README's custom recipe, run as it says: `check-config` from its folder (my_recipes importable),
+    then the recipe's own parameter does its job: the frozen modules are not in the optimiser."""
+    import pytest
+
+    import lightning_tune
+    from lightning_tune.cli import main
+
+    monkeypatch.syspath_prepend(str(CUSTOM))
+    assert main(["check-config", str(CUSTOM / "partial_freeze.yaml")]) == 0
+    assert "parses (PartialFreezeFinetune), --print_config round-trips, trains 2 shrunk steps: OK" in capsys.readouterr().out
+    # The shrunk model has one layer, frozen (with the embedding): the optimiser holds exactly the other parameters.
+    result = lightning_tune.check_config(CUSTOM / "partial_freeze.yaml", root=tmp_path)
+    model, decoder = result.model.model, result.model.model.model
+    assert len(decoder.layers) == 1 and result.model.freeze_layers == 1
+    optimised = {id(p) for group in result.trainer.optimizers[0].param_groups for p in group["params"]}
+    frozen = [*decoder.embed_tokens.parameters(), *decoder.layers[0].parameters()]
+    assert frozen and not any(id(p) in optimised for p in frozen) and not any(p.requires_grad for p in frozen)
+    trained = [p for name, p in model.named_parameters() if not name.startswith(("model.embed_tokens.", "model.layers.0."))]
+    assert trained and all(id(p) in optimised for p in trained)
+    # Its validation runs at construction, like the bundled recipes': one line, exit 2.
+    assert main(["check-config", str(CUSTOM / "partial_freeze.yaml"), "--model.init_args.freeze_layers=-1"]) == 2
+    assert "freeze_layers: must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="freeze_layers: 2 exceeds the model's 1 decoder layers"):
+        lightning_tune.check_config(CUSTOM / "partial_freeze.yaml", "--model.init_args.freeze_layers=2", root=tmp_path / "again")

@@ -142,6 +142,41 @@ def check_ckpt_file(path: str) -> None:
         raise UsageError(f"--ckpt_path: {path} is not a Lightning checkpoint (no state_dict)")
 
 
+def _class_of(spec: Any) -> type | None:
+    """The class a parsed `class_path:` entry names, or None."""
+    import importlib
+
+    class_path = getattr(spec, "class_path", None) if spec is not None and not isinstance(spec, (bool, str)) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def derive_run_dirs(trainer: Any) -> None:
+    """One value, one place: a run's logs go to `default_root_dir/logs/` (a logger's `save_dir`) and
+    its checkpoints to `default_root_dir/checkpoints/` (ModelCheckpoint's `dirpath`) unless the
+    config sets them; the exports already go to `default_root_dir`. So `--trainer.default_root_dir X`
+    moves everything a run writes. Fills the parsed config in place (before it is validated), so the
+    saved config.yaml says where they went."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import Logger
+
+    root = trainer.get("default_root_dir") or os.getcwd()
+    loggers = trainer.get("logger")
+    for spec in loggers if isinstance(loggers, list) else [loggers]:
+        cls, init_args = _class_of(spec), getattr(spec, "init_args", None)
+        if cls is not None and issubclass(cls, Logger) and init_args is not None and "save_dir" in init_args and init_args.save_dir is None:
+            init_args.save_dir = str(root)
+    for spec in trainer.get("callbacks") or []:
+        cls, init_args = _class_of(spec), getattr(spec, "init_args", None)
+        if cls is not None and issubclass(cls, ModelCheckpoint) and init_args is not None and init_args.get("dirpath") is None:
+            init_args.dirpath = str(Path(root) / "checkpoints")
+
+
 def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
     """The LightningCLI of the recipes. With `run=False`, argv holds no verb and the CLI only parses
     and instantiates (model, data, trainer): what `validate` and notebooks-from-configs need. With
@@ -177,6 +212,14 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
                 check_ckpt_file(str(path))
             elif not path.is_dir():  # a directory is a sharded (FSDP2) checkpoint: its reader checks it
                 raise UsageError(f"--ckpt_path: {ckpt_path} does not exist (give a .ckpt file, a sharded checkpoint directory, or last)")
+
+        def parse_arguments(self, parser, args) -> None:
+            """Parse, fill in the run directories derived from default_root_dir, then validate (a
+            logger's save_dir is required, so it is filled before the check)."""
+            config = parser.parse_args(args, _skip_validation=True)
+            derive_run_dirs((config[config.subcommand] if config.get("subcommand") else config).trainer)
+            parser.validate(config)
+            self.config = config
 
         def instantiate_classes(self) -> None:
             if instantiate:
