@@ -145,8 +145,14 @@ class LMEvalCallback(pl.Callback):
         try:
             lm = LightningTuneLM(model, self._tokenizer, batch_size=self.batch_size, max_gen_toks=self.max_gen_toks, autocast=trainer.precision_plugin.forward_context)
             results = run_tasks(
-                lm, self.tasks, num_fewshot=self.num_fewshot, limit=self.limit, manager=self._manager, offline=self.offline,
-                bootstrap_iters=0, apply_chat_template=self.apply_chat_template,
+                lm,
+                self.tasks,
+                num_fewshot=self.num_fewshot,
+                limit=self.limit,
+                manager=self._manager,
+                offline=self.offline,
+                bootstrap_iters=0,
+                apply_chat_template=self.apply_chat_template,
             )
         finally:
             for module, training in modes:

@@ -513,8 +513,14 @@ def run_tasks(
         manager = manager or task_manager(tasks, include_path)
         try:
             return lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                log_samples=log_samples, bootstrap_iters=bootstrap_iters, apply_chat_template=apply_chat_template,
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=log_samples,
+                bootstrap_iters=bootstrap_iters,
+                apply_chat_template=apply_chat_template,
             )
         except ConnectionError as err:  # datasets: a task's data is neither local nor reachable
             hint = "; it is not in the local datasets cache: pass --offline false (offline=False) to download it" if offline else ""

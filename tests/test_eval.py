@@ -58,8 +58,18 @@ def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_hf")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     model = transformers.LlamaForCausalLM(config)
     # A random model emits byte pieces that form invalid UTF-8, which SentencePiece and transformers
@@ -280,8 +290,7 @@ def test_unknown_task_is_one_line(hf_dir, capsys, monkeypatch):
 
 def test_task_whose_data_is_on_the_hub_is_one_line_offline(hf_dir, tmp_path, capsys, network_attempts):
     (tmp_path / "hub_task.yaml").write_text(
-        "task: hub_task\ndataset_path: someone/not_in_the_cache\noutput_type: multiple_choice\ntest_split: test\n"
-        "doc_to_text: '{{q}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n"
+        "task: hub_task\ndataset_path: someone/not_in_the_cache\noutput_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n"
     )
     assert main(["eval", "--checkpoint_dir", str(hf_dir), "--tasks", "hub_task", "--include_path", str(tmp_path), "--device", "cpu"]) == 2
     line = one_error_line(capsys)

@@ -84,9 +84,7 @@ def eval_command(
     device = resolve_device(device)
     with hub_offline(offline):
         manager = task_manager(names, include_path)
-    model, tokenizer = load_for_eval(
-        checkpoint_dir or ckpt_path, adapter_dir=adapter_dir, tokenizer_path=tokenizer_path, device=device, dtype=getattr(torch, dtype) if dtype else None
-    )
+    model, tokenizer = load_for_eval(checkpoint_dir or ckpt_path, adapter_dir=adapter_dir, tokenizer_path=tokenizer_path, device=device, dtype=getattr(torch, dtype) if dtype else None)
     lm = LightningTuneLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
     results = run_tasks(lm, names, num_fewshot=num_fewshot, limit=limit, manager=manager, log_samples=log_samples, offline=offline, apply_chat_template=apply_chat_template)
     results["config"]["model"] = str(checkpoint_dir or ckpt_path)
