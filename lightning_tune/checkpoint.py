@@ -29,7 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_tune.lora import apply_lora, is_lora_key, lora_modules
+from lightning_tune.lora import (
+    QLinear,
+    apply_lora,
+    is_lora_key,
+    lora_modules,
+    quantized_base_shapes,
+)
 from lightning_tune.families import family_for, hf_mapping
 from lightning_tune.families.base import HFMapping
 from lightning_tune.families.llama2 import META_KEYS
@@ -506,6 +512,10 @@ def _assign(model: nn.Module, key: str, tensor: Tensor, dtype: torch.dtype | Non
 
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
+    if attr == "weight" and isinstance(module, QLinear) and module.quantized:
+        # QLoRA: quantised to NF4 as it arrives, so only one layer's high-precision weight ever exists
+        module.quantize_base_(tensor.to(device if device is not None else tensor.device, dtype or tensor.dtype))
+        return
     old = module._parameters[attr]
     if isinstance(old, DTensor):
         from lightning_tune.sharding import load_shard_
@@ -547,6 +557,7 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
         config, tied = _load_hf_config(path) if fmt == "hf" else (_load_meta_config(path), False)
     _check_config(path, model, config)
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
+    expected |= quantized_base_shapes(model)  # NF4 bases: the checkpoint's [out, in] tensors, quantised on assignment
     skip = set()
     if tied:  # transformers ties lm_head to embed_tokens and ignores any saved lm_head
         expected.pop("lm_head.weight", None)
@@ -567,6 +578,28 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
 def _tie(model: nn.Module) -> None:
     """lm_head's weight becomes the embedding's (the parameter object itself, as transformers ties)."""
     model.get_submodule("lm_head").weight = model.get_submodule("model.embed_tokens").weight
+
+
+def weight_reader(checkpoint_dir: str | Path) -> Callable[[str], Tensor]:
+    """`read(key)`: one tensor of a Hugging Face or Meta checkpoint by our key, read when asked.
+
+    For merging adapters into the original high-precision base of a QLoRA run, one layer at a time,
+    without loading the base whole. The files are opened at the first read and stay open while the
+    reader lives.
+    """
+    path = _checkpoint_dir(checkpoint_dir)
+    stack = ExitStack()  # closed with the reader (the safetensors handles close when collected)
+    entries: dict[str, _Entry] = {}
+
+    def read(key: str) -> Tensor:
+        if not entries:
+            found = _hf_entries(path, stack) if detect_format(path) == "hf" else _meta_entries(path, _load_meta_config(path))
+            entries.update({e.key: e for e in found})
+        if key not in entries:
+            raise CheckpointError(f"{path}: missing key {key} (needed to merge the adapters into the original weights)")
+        return entries[key].read()
+
+    return read
 
 
 def from_pretrained(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Llama:
@@ -810,10 +843,10 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
     loras = lora_modules(model)
     if not loras:
         raise CheckpointError(f"{output_dir}: the model has no LoRA layers to save")
-    settings = {(m.rank, m.alpha, m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0) for m in loras.values()}
+    settings = {(m.rank, m.alpha, m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0, m.use_dora) for m in loras.values()}
     if len(settings) > 1:
-        raise CheckpointError(f"{output_dir}: PEFT needs one rank/alpha/dropout for all LoRA layers, found (rank, alpha, dropout) {sorted(settings)}")
-    rank, alpha, dropout = settings.pop()
+        raise CheckpointError(f"{output_dir}: PEFT needs one rank/alpha/dropout/use_dora for all LoRA layers, found (rank, alpha, dropout, use_dora) {sorted(settings)}")
+    rank, alpha, dropout, use_dora = settings.pop()
     targets = sorted({name.rpartition(".")[2] for name in loras})
     # PEFT wraps every linear named like a target; an adapter on only some of them would not round-trip.
     same_named = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
@@ -836,7 +869,7 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": use_dora,  # then the tensors include PEFT's `<layer>.lora_magnitude_vector`
         "modules_to_save": None,
         "rank_pattern": {},
         "alpha_pattern": {},

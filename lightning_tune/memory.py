@@ -14,6 +14,8 @@ devices x num_nodes under FSDP, else 1):
                   `auto_wrap_policy` (FSDP1): the whole model (one flat unit)
                 + bf16-mixed without FSDP: a bf16 copy of every trainable linear weight (2 bytes
                   each), which autocast caches during forward/backward
+                  QLoRA (NF4 bases): those weights cost 0.5 byte per element + 1/64 (absmax codes)
+                  + 4/16384 (their scales) instead of b (`nf4_and_dora_bytes`)
     gradients   = P_t * b / S    (+ the same again for DDP's gradient buckets when devices x num_nodes > 1)
     optimizer   = s * P_t / S   (s: the chosen optimiser's state bytes per parameter, measured by
                                  `optim.state_bytes_per_parameter`: AdamW 2 * b (exp_avg, exp_avg_sq),
@@ -31,7 +33,9 @@ devices x num_nodes under FSDP, else 1):
                          unsharded parameter gradients before reduce-scatter: the root's trainable ones
                          (a bytes, held until the root's backward ends) and one layer's (a bytes, and
                          b bytes more for the reduce-scatter input they are copied into); one flat unit:
-                         all trainable ones (a + b bytes)
+                         all trainable ones (a + b bytes); plus the largest per-layer temporary:
+                         QLoRA's dequantised [out, in] weight (a bytes), DoRA's three [out, in] for
+                         the weight norm
     peak = weights + optimizer + max(activations + (gradients if accumulate_grad_batches > 1),
                                      gradients + optimizer-step temporaries)
 
@@ -53,6 +57,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from lightning_tune.lora import LoRALinear, QLinear
 from lightning_tune.model import Llama, LlamaConfig
 
 GIB = 2**30
@@ -208,6 +213,8 @@ def estimate_memory(
     linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     frozen_linear = sum(w.numel() for w in linears if not w.requires_grad)
     stored_bytes = total * b - (frozen_linear * (b - a) if precision in MIXED_PRECISIONS else 0)
+    nf4, transient = nf4_and_dora_bytes(model, a)
+    stored_bytes += nf4
     weights = stored_bytes // shards
     if fsdp:  # parameters gathered for compute, in the compute dtype
         weights += (root_params + 2 * layer_params if fsdp_wrapped_layers else total) * a
@@ -225,7 +232,7 @@ def estimate_memory(
     base, per_layer = decoder_activations(config, adapt, dtype, batch_size, seq_len, activation_checkpointing)
     stored = base + config.num_layers * per_layer
     n = batch_size * seq_len
-    layer_backward = n * (3 * config.intermediate_dim + 2 * config.embed_dim) * a  # widest gradients alive
+    layer_backward = n * (3 * config.intermediate_dim + 2 * config.embed_dim) * a + transient  # widest gradients alive
     if activation_checkpointing:  # the layer's activations, recomputed for its backward
         layer_backward += decoder_activations(config, adapt, dtype, batch_size, seq_len, False)[1]
     if fsdp:  # unsharded parameter gradients awaiting reduce-scatter (and its input buffer)
@@ -235,4 +242,26 @@ def estimate_memory(
 
     held_grads = gradients if accumulate_grad_batches > 1 else 0
     peak = weights + optimizer_bytes + max(activations + held_grads, gradients + step_temp)
-    return MemoryEstimate(total, trainable, weights, gradients, optimizer_bytes, activations, peak)
+    parameters = total + sum(m.base_nf4.shape.numel() for m in model.modules() if isinstance(m, QLinear) and m.quantized)
+    return MemoryEstimate(parameters, trainable, weights, gradients, optimizer_bytes, activations, peak)
+
+
+def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:
+    """(bytes of the NF4 bases, the largest per-layer temporary of QLoRA / DoRA), on a meta model.
+
+    NF4 (`quantize.NF4Weight`): 0.5 byte per element + 1/64 (absmax codes) + 4/16384 (their scales)
+    + the code tables, the exact sizes of its buffers. Temporaries while one layer computes (forward,
+    or backward, which dequantises again): the dequantised [out, in] weight in the compute dtype (a
+    bytes); DoRA: B A, W and W + s B A, three [out, in] in the adapters' dtype, for the weight norm.
+    """
+    nf4 = temporary = 0
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            numel = m.out_features * m.in_features
+            layer = numel * a if m.quantized else 0
+            if m.quantized:
+                nf4 += sum(buf.numel() * buf.element_size() for buf in m.base_nf4.buffers())
+            if isinstance(m, LoRALinear) and m.use_dora:
+                layer += 3 * numel * m.lora_A.weight.element_size()
+            temporary = max(temporary, layer)
+    return nf4, temporary
