@@ -40,7 +40,7 @@ def select_files(repo_files: list[str]) -> list[str]:
     Only top-level files count: sub-folders (e.g. `original/`) hold other copies of the weights.
     """
     top = [f for f in repo_files if "/" not in f]
-    for pattern, index in WEIGHT_FORMATS:
+    for pattern, index in WEIGHT_FORMATS:  # noqa: B007 - `index` of the format found is used after the loop
         # consolidated.safetensors: Mistral's own format, beside the Hugging Face shards (a second copy)
         weights = sorted(f for f in top if fnmatch(f, pattern) and not f.startswith("training_args") and f != "consolidated.safetensors")
         if weights:

@@ -241,3 +241,14 @@ def test_resume_does_not_let_the_checkpoint_override_the_command_line(tmp_path):
     else:  # refused: one error line (after the data module's truncation note) that names the differing key
         errors = [line for line in lines if line.startswith("error: ")]
         assert code == 2 and len(errors) == 1 and "lora_rank" in errors[0] and not any("Traceback" in line for line in lines), lines
+
+
+def test_debug_environment_variable_shows_the_traceback(monkeypatch, capsys):
+    """LIGHTNING_TUNE_DEBUG=1: the same mistake raises (a traceback) instead of one line and exit 2."""
+    from lightning_tune.cli import UsageError
+
+    assert main(["cp", "no_such_config", "."]) == 2
+    assert capsys.readouterr().err.startswith("error: --config: no file 'no_such_config'")
+    monkeypatch.setenv("LIGHTNING_TUNE_DEBUG", "1")
+    with pytest.raises(UsageError, match="no bundled config of that name"):
+        main(["cp", "no_such_config", "."])
