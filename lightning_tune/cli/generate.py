@@ -90,12 +90,15 @@ def generate_command(
     fmt = None if template == "chat" else get_template(template)
     if system is not None and fmt is not None:
         raise UsageError("--system: only with --template chat (the other templates have no system message)")
-    if not Path(checkpoint_dir).is_dir():
-        raise UsageError(f"--checkpoint_dir: {checkpoint_dir} is not a directory (give a Hugging Face or Meta checkpoint directory, e.g. a fit's merged/)")
+    from lightning_tune.gguf import is_gguf
+
+    gguf_file = is_gguf(checkpoint_dir)  # a llama.cpp .gguf holds its own tokenizer (lightning_tune.gguf)
+    if not gguf_file and not Path(checkpoint_dir).is_dir():
+        raise UsageError(f"--checkpoint_dir: {checkpoint_dir} is not a directory (give a Hugging Face or Meta checkpoint directory, e.g. a fit's merged/, or a .gguf file)")
     device = resolve_device(device)
     if tokenizer_path is None:
         tokenizer_path = checkpoint_dir
-        if not any((Path(checkpoint_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        if not gguf_file and not any((Path(checkpoint_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
             raise UsageError(f"--tokenizer_path: {checkpoint_dir} has no tokenizer.json or tokenizer.model; pass --tokenizer_path")
     tokenizer = load_tokenizer(tokenizer_path)
     if fmt is None:
