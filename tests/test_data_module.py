@@ -321,7 +321,7 @@ def test_unreachable_hub_fails_fast_with_advice(tmp_path, llama2_tokenizer_path,
 
     thread = threading.Thread(target=attempt, daemon=True)  # a hang fails the test instead of blocking the suite
     thread.start()
-    thread.join(timeout=30)
+    thread.join(timeout=600)  # only a hang guard: offline it fails in about a second, still seconds under a load of 8
     assert not thread.is_alive(), "loading an unreachable hub data set hung"
     assert len(outcome) == 1 and isinstance(outcome[0], DataError)
     message = str(outcome[0])
