@@ -315,3 +315,25 @@ def test_unsupported_dtype_is_one_line(base_dir):
     finally:
         torch.set_default_dtype(previous)
     assert "\n" not in str(info.value)
+
+
+QLORA_CONFIGS = ["alpaca_llama2_7b_qlora.yaml", "alpaca_llama2_70b_qlora.yaml", "alpaca_llama3_1_8b_qlora.yaml"]
+
+
+@pytest.mark.parametrize("name", QLORA_CONFIGS)
+def test_qlora_config_fits_the_gpu_its_header_names(name, tmp_path, monkeypatch):
+    """"one GPU with G GB": validate's estimate plus 1 GiB (CUDA context, allocator slack) fits G GB
+    on one device, with the base in NF4 (a bf16 base alone would not: 7B 13.5 GB, 70B 138 GB)."""
+    import re
+
+    from lightning_tune.cli import CONFIG_DIR
+    from lightning_tune.validate import check
+
+    monkeypatch.chdir(tmp_path)
+    gb = int(re.search(r"one GPU with (\d+) GB", (CONFIG_DIR / name).read_text().splitlines()[0]).group(1))
+    result = check(["--config", name])
+    assert result.settings["devices"] * result.settings["num_nodes"] == 1 and result.model.quantize_base == "nf4"
+    assert [p for p in result.problems if "does not exist" not in p] == []  # only the not-yet-downloaded checkpoint
+    assert result.estimate.total + 2**30 <= gb * 10**9, f"{name}: {result.estimate.total / 2**30:.1f} GiB"
+    plain = check(["--config", name, "--model.init_args.quantize_base=null"]).estimate
+    assert plain.total + 2**30 > gb * 10**9  # the same run with a bf16 base would not fit: NF4 is what makes it
