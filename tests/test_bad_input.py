@@ -1,0 +1,133 @@
+"""Bad input through the command line: one `error:` line that names the file, line or directory and what was
+expected, exit code 2, and nothing written (issue 14). One row per case; the CLI front end's own rows (YAML, devices,
+argument types) are in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tiny_helpers import TINY, batches
+from torch.utils.data import DataLoader
+
+from lightning_tune.callbacks import AtomicCheckpointIO
+from lightning_tune.checkpoint import EXPORT_MANIFEST
+from lightning_tune.cli import main
+from lightning_tune.data.datamodule import DEMO_TOKENIZER
+from lightning_tune.modules import LoRAFinetune
+
+TINY_DEMO_MODEL = json.dumps({**TINY, "vocab_size": 512})  # the demo tokenizer's vocabulary
+
+
+class Payload:
+    """Unpickling this runs code: it creates the directory `marker`."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real one-step LoRA checkpoint (outside the test's directory, so it is not among what a row may write)."""
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, lora_rank=2, lora_dropout=0.0, warmup_steps=0, export=False)
+    checkpoints = ModelCheckpoint(dirpath=root, filename="last")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=root, callbacks=[checkpoints], plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, DataLoader(batches(1), batch_size=None))
+    return root / "last.ckpt"
+
+
+# ---- inputs a row can ask for, written into the test's working directory ----------------------------------------
+
+
+def write_inputs(work: Path) -> None:
+    (work / "noise.ckpt").write_bytes(bytes(range(256)) * 16)
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": Payload(str(work / "pwned"))}}, work / "evil.ckpt")
+    (work / "notes.txt").write_text("the user's own file")
+    (work / "my_stuff").mkdir()
+    (work / "my_stuff" / "keep.txt").write_text("keep")
+    (work / "hf_export").mkdir()
+    (work / "hf_export" / "config.json").write_text("{}")
+    (work / "hf_export" / EXPORT_MANIFEST).write_text(json.dumps({"kind": "hf", "files": ["config.json"]}))
+    (work / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a" "output": "b"}\n')
+    (work / "array.jsonl").write_text('{"instruction": "a", "output": "b"}\n["a", "b"]\n')
+    (work / "latin1.jsonl").write_bytes('{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"))
+    (work / "empty.json").write_text("[]")
+    (work / "header.csv").write_text("instruction,input,output\n")
+
+
+def fit(source: str) -> list[str]:
+    """`fit` of the tiny demo recipe on `source`; it must stop at the data, before anything trains or is written."""
+    return [
+        "fit", "--config", "tiny_lora.yaml", "--data.source", source, "--data.tokenizer_path", str(DEMO_TOKENIZER),
+        "--model.model_args", TINY_DEMO_MODEL, "--trainer.max_steps", "1", "--trainer.default_root_dir", "run",
+        "--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false",
+        "--data.max_seq_len", "64", "--data.cache_dir", "../datasets",  # `datasets`' cache, beside the working directory
+    ]  # fmt: skip
+
+
+CKPT = "{ckpt}"  # replaced by the real LoRA checkpoint's path
+
+FULL_DISK = 1000  # free bytes the disk reports in a row that says so
+
+# (id, argv, expected substring of the one error line[, free disk bytes])
+ROWS = [
+    ("export random bytes", ["export", "--ckpt_path", "noise.ckpt", "--format", "peft", "--output", "out"],
+     "noise.ckpt: not a torch checkpoint (torch.save writes a zip archive; this file is not one)"),
+    ("export a pickle that runs code", ["export", "--ckpt_path", "evil.ckpt", "--format", "hf", "--output", "out"],
+     "evil.ckpt: refused: the file holds Python objects other than tensors and plain containers, which could run code"),
+    ("export into the current directory", ["export", "--ckpt_path", CKPT, "--format", "peft", "--output", "."],
+     "is the current directory (or holds it); an export replaces its output directory whole, so name a new one"),
+    ("export over the user's files", ["export", "--ckpt_path", CKPT, "--format", "peft", "--output", "my_stuff"],
+     "my_stuff: not empty (keep.txt) and not a previous export"),
+    ("export over another format's export", ["export", "--ckpt_path", CKPT, "--format", "peft", "--output", "hf_export"],
+     "hf_export: holds a previous 'hf' export, not a 'peft' one"),
+    ("export over a file", ["export", "--ckpt_path", CKPT, "--format", "hf", "--output", "notes.txt"],
+     "notes.txt: exists and is not a directory"),
+    ("export to a full disk", ["export", "--ckpt_path", CKPT, "--format", "peft", "--output", "out"],
+     "not enough free disk space: need 1.0 MiB, have 1000 bytes", FULL_DISK),
+    ("fit on a malformed JSONL line", fit("bad.jsonl"), "bad.jsonl: line 2, column 21: not valid JSON (Expecting ',' delimiter)"),
+    ("fit on a JSONL line that is not a record", fit("array.jsonl"), "array.jsonl: line 2: expected a JSON object (one record per line), got an array"),
+    ("fit on non-UTF-8 text", fit("latin1.jsonl"), "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
+    ("fit on an empty JSON array", fit("empty.json"), "empty.json: has no records (expected instruction/output records)"),
+    ("fit on a CSV with only a header", fit("header.csv"), "header.csv: has no records (expected instruction/output records)"),
+]  # fmt: skip
+
+
+def snapshot(directory: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in sorted(directory.rglob("*"))}
+
+
+@pytest.mark.parametrize(("argv", "expected", "free"), [(*row[1:], None)[:3] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], expected: str, free: int | None, lora_ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    write_inputs(work)
+    monkeypatch.chdir(work)
+    if free is not None:
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr("lightning_tune.checkpoint.shutil.disk_usage", lambda path: usage(10**9, 10**9 - free, free))
+    before = snapshot(work)
+    capsys.readouterr()
+
+    code = main([str(lora_ckpt) if arg == CKPT else arg for arg in argv])
+
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err[-2000:]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert expected in errors[0], errors[0]
+    assert "weights_only=False" not in errors[0]  # torch's advice would run the payload
+    assert snapshot(work) == before  # nothing written, nothing deleted, no payload run
