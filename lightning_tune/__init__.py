@@ -28,6 +28,7 @@ _EXPORTS = {
     "FullFinetune": "lightning_tune.modules",
     "LoRAFinetune": "lightning_tune.modules",
     "InstructDataModule": "lightning_tune.data",
+    "ChatDataModule": "lightning_tune.data",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -35,7 +36,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from lightning_tune.checkpoint import from_pretrained
     from lightning_tune.cli.check import check_config
-    from lightning_tune.data import InstructDataModule
+    from lightning_tune.data import ChatDataModule, InstructDataModule
     from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
     from lightning_tune.modules import FullFinetune, LoRAFinetune
     from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer

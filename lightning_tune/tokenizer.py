@@ -398,11 +398,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
 
 
 def tokenizer_files(path: str | Path) -> list[Path]:
-    """The files that make up the tokenizer at `path` (for copying it into an export): the model file and
-    the config files beside a tokenizer.json that exist."""
-    path = Path(path).expanduser()
-    tokenizer = load_tokenizer(path)
-    main = Path(tokenizer.path)
+    """The files that make up the tokenizer at `path` (for copying it into an export, or hashing it for a
+    cache key), found as `load_tokenizer` finds them, without reading them: the model file and the
+    config files beside it that exist."""
+    from lightning_tune.paths import resolve_path
+
+    path = resolve_path(path)
+    main = next((path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()), path) if path.is_dir() else path
+    if not main.is_file():
+        raise TokenizerError(f"tokenizer {path}: no such file (expected a SentencePiece .model, a tokenizer.json or a directory holding either)")
     extra = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
     return [main, *(main.parent / name for name in extra if (main.parent / name).is_file())]
 

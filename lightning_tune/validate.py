@@ -63,13 +63,22 @@ def instantiate(argv: list[str], missing: list[str]):
     return cli.model, cli.datamodule
 
 
+def _tokenizer_exists(spec: str) -> bool:
+    from lightning_tune.paths import resolve_path
+
+    try:
+        return resolve_path(spec).exists()
+    except ValueError:  # a pkg:// path whose package is not installed
+        return False
+
+
 def data_path_problems(data: dict[str, Any]) -> list[str]:
     """Missing data files: the tokenizer, and a local source (hub names cannot be checked offline)."""
     from lightning_tune.data.datamodule import DEMO, LOADERS
 
     problems = []
     tokenizer = data.get("tokenizer_path")
-    if tokenizer is not None and not Path(tokenizer).is_file():
+    if tokenizer is not None and not _tokenizer_exists(tokenizer):  # a .model, a tokenizer.json, a checkpoint directory, a .gguf or pkg://
         problems.append(f"data.tokenizer_path: tokenizer file {tokenizer!r} does not exist")
     source = data.get("source")
     if source != DEMO and Path(source).suffix.lower() in LOADERS and not Path(source).is_file():
@@ -171,9 +180,11 @@ def check(argv: list[str]) -> Check:
     missing: list[str] = []
     with quiet_lightning():
         model, data = instantiate(argv, missing)
-    data_problems = data_path_problems(resolved.get("data") or {})
+    data_section = resolved.get("data") or {}
+    data_section = data_section.get("init_args") or data_section  # `data: {class_path, init_args}` (ChatDataModule)
+    data_problems = data_path_problems(data_section)
     # The model's tokenizer_path is linked from data's: report each missing file once, under data.
-    tokenizer = (resolved.get("data") or {}).get("tokenizer_path")
+    tokenizer = data_section.get("tokenizer_path")
     missing = [m for m in missing if not (m.startswith("model.tokenizer_path:") and tokenizer and repr(tokenizer) in m)] + data_problems
     trainer = resolved.get("trainer") or {}
     problems = strategy_problems(trainer) + missing

@@ -40,6 +40,13 @@ def main(argv: list[str]) -> int:
     cli = make_cli(rest, run=False, instantiate=False)
     config = cli.config.clone()
     group = cli.parser.groups["data"]
-    group.instantiate_class(group, config)  # the same instantiation LightningCLI does for `data`
-    print(describe_samples(config.data, n))
+    if hasattr(group, "instantiate_class"):
+        group.instantiate_class(group, config)  # the same instantiation LightningCLI does for `data`
+        datamodule = config.data
+    else:  # `data: {class_path: ..., init_args: ...}` (e.g. ChatDataModule): build the named class
+        import importlib
+
+        module, _, name = config.data.class_path.rpartition(".")
+        datamodule = getattr(importlib.import_module(module), name)(**config.data.init_args.as_dict())
+    print(describe_samples(datamodule, n))
     return 0

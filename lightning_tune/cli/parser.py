@@ -120,6 +120,27 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
+def names_data_class(argv: list[str]) -> bool:
+    """Whether the arguments or config files give `data` a `class_path` (a data module other than
+    InstructDataModule, e.g. `lightning_tune.ChatDataModule`). Only then is `data:` parsed in
+    subclass mode (class_path + init_args), so every flat `data:` config reads exactly as before."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--data.class_path") or (arg.startswith("--data=") and "class_path" in arg) or (arg == "--data" and "class_path" in "".join(argv[i + 1 : i + 2])):
+            return True
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path is None:
+            continue
+        try:
+            data = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("data")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+            continue  # the CLI itself reports a config it cannot read
+        if isinstance(data, dict) and "class_path" in data:
+            return True
+    return False
+
+
 def check_ckpt_file(path: str) -> None:
     """Refuse, in one line, a `--ckpt_path` file that is not a weights-only torch checkpoint, before
     anything is written. The read is memory-mapped, so a 100 GB checkpoint costs nothing here; a
@@ -184,7 +205,7 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_tune.callbacks import DivergenceGuard, StepSeed
-    from lightning_tune.data import InstructDataModule
+    from lightning_tune.data import InstructDataModule, TokenizedDataModule
     from lightning_tune.modules import FinetuneModule
 
     class TuneCLI(LightningCLI):
@@ -192,7 +213,7 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
             # One value, one place: the model learns the tokenizer (the data module's, with its own
             # default for the demo data) and the length from the data.
             parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer_path", apply_on="instantiate")
-            parser.link_arguments("data.max_seq_len", "model.init_args.max_seq_len")
+            parser.link_arguments(f"{data_prefix}max_seq_len", "model.init_args.max_seq_len")
             # Always on, whatever callbacks a config lists: exact resume and a clear stop on NaN/inf.
             parser.add_lightning_class_args(StepSeed, "step_seed")
             parser.add_lightning_class_args(DivergenceGuard, "divergence_guard")
@@ -235,13 +256,19 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
                 key = "trainer.accelerator" if "accelerator" in message.lower() else "trainer"
                 raise UsageError(f"{key}: {message}") from None
 
+    # `data:` is InstructDataModule's arguments, or any of our data modules when a config names one
+    # (`data: {class_path: lightning_tune.ChatDataModule, init_args: ...}`).
+    args = resolve_config_args(argv)
+    data_subclass = names_data_class(args)
+    data_prefix = "data.init_args." if data_subclass else "data."
     # We pass argv explicitly (to resolve config names); Lightning warns about that.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return TuneCLI(
         FinetuneModule,
-        InstructDataModule,
+        TokenizedDataModule if data_subclass else InstructDataModule,
         subclass_mode_model=True,
-        args=resolve_config_args(argv),
+        subclass_mode_data=data_subclass,
+        args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
         # Checkpoints are written to a temporary file and renamed into place, after a disk-space check.

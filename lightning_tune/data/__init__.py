@@ -1,5 +1,7 @@
-"""Instruction data: prompt templates, sample encoding and masking, collate, and the DataModule."""
+"""Fine-tuning data: instruction records and conversations to samples, collate, and the DataModules."""
 
+from lightning_tune.data.base import TokenizedDataModule
+from lightning_tune.data.chat import ChatDataModule, encode_conversation
 from lightning_tune.data.datamodule import InstructDataModule
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import IGNORE_INDEX, collate, encode_sample
@@ -7,4 +9,17 @@ from lightning_tune.data.packing import collate_packed
 from lightning_tune.data.sampler import LengthGroupedSampler
 from lightning_tune.data.templates import PromptTemplate, get_template
 
-__all__ = ["DataError", "IGNORE_INDEX", "InstructDataModule", "LengthGroupedSampler", "PromptTemplate", "collate", "collate_packed", "encode_sample", "get_template"]
+__all__ = [
+    "ChatDataModule",
+    "DataError",
+    "IGNORE_INDEX",
+    "InstructDataModule",
+    "LengthGroupedSampler",
+    "PromptTemplate",
+    "TokenizedDataModule",
+    "collate",
+    "collate_packed",
+    "encode_conversation",
+    "encode_sample",
+    "get_template",
+]

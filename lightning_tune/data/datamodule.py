@@ -1,52 +1,51 @@
-"""`InstructDataModule`: instruction records (hub, local file or the bundled demo) to padded training batches."""
+"""`InstructDataModule`: instruction records (hub, local file or the bundled demo) to packed or padded training batches."""
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import logging
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
+from typing import Any
 
 import datasets
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler
-from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_tune.data.base import (  # noqa: F401 - re-exported: callers import these names from here
+    ASSETS,
+    DEMO,
+    DEMO_TOKENIZER,
+    JSON_TYPES,
+    LOADERS,
+    OTHER_FILE_SUFFIXES,
+    TokenizedDataModule,
+    _first_line,
+    _json_problem,
+)
 from lightning_tune.data.errors import DataError
-from lightning_tune.data.instruct import collate, encode_sample
-from lightning_tune.data.packing import collate_packed
-from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
+from lightning_tune.data.instruct import InstructTruncation, encode_sample
+from lightning_tune.loss import IGNORE_INDEX
 from lightning_tune.data.templates import PromptTemplate, get_template
-from lightning_tune.tokenizer import Tokenizer
+from lightning_tune.tokenizer import TokenizerProtocol
 
-log = logging.getLogger(__name__)
-
-DEMO = "demo"
-ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_DATA = ASSETS / "demo.jsonl"
-DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
-# File extension -> `datasets` packaged loader.
-LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-# Extensions that are clearly files, so a missing "data.txt" is not mistaken for a hub dataset name.
-OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz", ".yaml", ".yml", ".md"}
 FIELDS = ("instruction", "input", "output")
 # Bump when `encode_sample` changes meaning, so caches written by older code are not reused.
-ENCODING_VERSION = 1
+# 2: one encoding of the whole text split by offsets; truncation keeps the start by default.
+ENCODING_VERSION = 2
 
 
-class InstructDataModule(LightningDataModule):
+class InstructDataModule(TokenizedDataModule):
     """Instruction data (instruction / optional input / output records) rendered with a prompt template.
 
     Each record becomes `BOS + prompt + response + EOS` with the prompt masked from the loss (see
     `encode_sample`); each batch is packed into one unpadded row by `collate_packed` (or, with
-    `pack: false`, right-padded by `collate`). The tokenised data set is cached by
-    `datasets`, keyed by the data, tokenizer file, template, columns, `max_seq_len` and `train_on_input`,
-    so a second run does not re-tokenise. The train loader is a `StatefulDataLoader` with a seeded
-    sampler, so Lightning can resume mid-epoch from a checkpoint without replaying batches.
+    `pack: false`, right-padded by `collate`). Loading, the `datasets` cache (keyed by the data,
+    tokenizer files, template, columns, `max_seq_len`, `train_on_input` and `truncation`, so a second
+    run does not re-tokenise), the validation split and the resumable seeded sampler are
+    `TokenizedDataModule`'s, shared with `ChatDataModule`.
     """
+
+    record_kind = "instruction/output records"
+    demo_data = DEMO_DATA
+    encoding_version = ENCODING_VERSION
 
     def __init__(
         self,
@@ -57,6 +56,7 @@ class InstructDataModule(LightningDataModule):
         tokenizer_path: str | None = None,
         max_seq_len: int = 512,
         train_on_input: bool = False,
+        truncation: InstructTruncation = "keep_start",
         batch_size: int = 4,
         num_workers: int = 0,
         shuffle: bool = True,
@@ -72,9 +72,10 @@ class InstructDataModule(LightningDataModule):
             split: Split to load from a hub data set (local files have only "train").
             column_map: Our field name -> the data's column name, e.g. {"output": "response"}; fields not named keep their name; "input" is optional.
             template: Prompt template name: "alpaca" (Stanford Alpaca) or "none" (the instruction as raw text).
-            tokenizer_path: SentencePiece tokenizer.model file; may be left out only with source "demo" (uses the bundled demo tokenizer).
-            max_seq_len: Longest sample in tokens; longer ones are truncated, the prompt first (a warning gives the count).
+            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); may be left out only with source "demo" (uses the bundled demo tokenizer).
+            max_seq_len: Longest sample in tokens; longer ones are cut as `truncation` says (a warning gives the count).
             train_on_input: Also train on the prompt tokens, instead of only on the response.
+            truncation: "keep_start" keeps the first max_seq_len tokens (the instruction survives); "prompt_start" cuts the prompt from its start first, keeping the whole response (the behaviour before; it can drop the instruction itself).
             batch_size: Samples per batch.
             num_workers: DataLoader worker processes.
             shuffle: Shuffle the training samples (seeded by `seed`; the order is restored on resume).
@@ -84,7 +85,6 @@ class InstructDataModule(LightningDataModule):
             group_by_length: Batch training samples of similar length (shuffled groups, seeded, resumable) so less compute goes to padding; changes which samples share a batch, not what each contributes.
             pack: Concatenate each batch's samples into one unpadded row with per-sample positions; attention runs within each sample, so no compute goes to padding and each sample's loss is what it is padded (false: right-pad each batch to its longest sample).
         """
-        super().__init__()
         self.template: PromptTemplate = get_template(template)
         if column_map is not None:
             unknown = sorted(set(column_map) - set(FIELDS))
@@ -93,224 +93,35 @@ class InstructDataModule(LightningDataModule):
             bad = [field for field, column in column_map.items() if not isinstance(column, str) or not column]
             if bad:
                 raise DataError(f"column_map: field(s) {bad} must map to a column name (a non-empty string)")
-        if tokenizer_path is None and source != DEMO:
-            raise DataError(f"tokenizer_path is required for source {source!r} (only source 'demo' has a bundled tokenizer)")
-        if max_seq_len < 2:
-            raise DataError(f"max_seq_len must be at least 2 (room for BOS and EOS), got {max_seq_len}")
-        if batch_size < 1:
-            raise DataError(f"batch_size must be at least 1, got {batch_size}")
-        if num_workers < 0:
-            raise DataError(f"num_workers must be 0 or more, got {num_workers}")
-        if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
-            raise DataError(f"val_size must be 0, a fraction below 1, or a whole count of records, got {val_size}")
-        suffix = Path(source).suffix.lower()
-        if source != DEMO and (suffix in OTHER_FILE_SUFFIXES or (Path(source).is_file() and suffix not in LOADERS)):
-            raise DataError(f"{source}: unsupported file type {suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
-        self.source = source
-        self.split = split
+        super().__init__(source, split, tokenizer_path, max_seq_len, batch_size, num_workers, shuffle, seed, val_size, cache_dir, group_by_length, pack)
         self.column_map = dict(column_map or {})
-        self.tokenizer_path = str(DEMO_TOKENIZER) if tokenizer_path is None else tokenizer_path
-        self.max_seq_len = max_seq_len
         self.train_on_input = train_on_input
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.shuffle = shuffle
-        self.seed = seed
-        self.val_size = val_size
-        self.cache_dir = cache_dir
-        self.group_by_length = group_by_length
-        self.pack = pack
-        self._tokenizer: Tokenizer | None = None
-        self.train_dataset: datasets.Dataset | None = None
-        self.val_dataset: datasets.Dataset | None = None
-        self.num_truncated = 0
+        self.truncation = truncation
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.tokenizer_path)
-        return self._tokenizer
+    def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:
+        return {"template": asdict(self.template), "columns": self._columns(records), "train_on_input": self.train_on_input, "truncation": self.truncation}
 
-    def prepare_data(self) -> None:
-        """Download and tokenise once (rank 0 only under DDP); `setup` then reads the cache."""
-        self._tokenized()
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the tokenised data (from the cache after `prepare_data`) and split off validation."""
-        if self.train_dataset is not None:
-            return
-        data = self._tokenized()
-        self.num_truncated = sum(data["truncated"])
-        if self.num_truncated:
-            log.warning(
-                f"{self.source}: {self.num_truncated} of {len(data)} records are longer than max_seq_len={self.max_seq_len}"
-                " and were truncated (prompt start first, then response end)"
-            )
-        if self.val_size == 0:
-            self.train_dataset = data
-            return
-        # A fraction becomes a count here so the split sizes are explicit (and the same on every rank).
-        val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * len(data))
-        if not 1 <= val_count < len(data):
-            raise DataError(f"{self.source}: val_size={self.val_size} leaves no training or no validation records out of {len(data)}")
-        parts = data.train_test_split(test_size=val_count, shuffle=True, seed=self.seed)
-        self.train_dataset, self.val_dataset = parts["train"], parts["test"]
-
-    def data_parallel_rank(self) -> tuple[int, int]:
-        """(number of data-parallel processes, this one's index): from the Trainer's strategy under
-        DDP/FSDP, else (1, 0) (no Trainer, e.g. in a notebook or the `data` command)."""
-        trainer = self.trainer  # None until a Trainer attaches this data module
-        if trainer is None or trainer.world_size == 1:
-            return 1, 0
-        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
-        return kwargs.get("num_replicas", trainer.world_size), kwargs.get("rank", trainer.global_rank)
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        """Shuffled (seeded) training batches, this rank's share under DDP/FSDP; its `state_dict`
-        records the position for mid-epoch resume.
-
-        The samplers are `DistributedSampler`s built here with our `seed`, so Lightning keeps them
-        (rather than substituting its own, seeded by the global seed): epoch e's order is a function
-        of (seed, e) only, and rank r of n takes every n-th index from r, so n processes with
-        `batch_size` b see the same global batches as one process with batch size n * b. Their
-        iterators checkpoint their epoch (see `ResumableDistributedSampler`), so a run resumed in a
-        later epoch continues that epoch's order, not epoch 0's.
-        """
-        if self.train_dataset is None:
-            self.setup("fit")
-        replicas, rank = self.data_parallel_rank()
-        if self.group_by_length:
-            # Buckets of similar length in shuffled order; its iterator is Stateful for mid-epoch resume.
-            lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
-            sampler: DistributedSampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, num_replicas=replicas, rank=rank)
-        else:
-            sampler = ResumableDistributedSampler(self.train_dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
-        return StatefulDataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self._collate(),
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in a fixed order; an empty list (no validation) when `val_size` is 0."""
-        if self.train_dataset is None:
-            self.setup("validate")
-        if self.val_dataset is None:
-            return []
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=self._collate(),
-        )
-
-
-    def test_dataloader(self) -> DataLoader | list:
-        """`test` evaluates on the held-out split (`val_size`): instruction data sets ship no test split."""
-        if self.train_dataset is None:
-            self.setup("test")
-        if self.val_dataset is None:
-            raise DataError("test: no held-out data; set data.val_size (a fraction or a count of records) to hold some out")
-        return self.val_dataloader()
-    def _collate(self):
-        """Right padding to the batch's longest sample, or packing into one row (`pack`)."""
-        return collate_packed if self.pack else partial(collate, pad_id=self.tokenizer.pad_id)
-
-    def _tokenized(self) -> datasets.Dataset:
-        """Records encoded into `input_ids` / `labels` / `truncated`, through the `datasets` cache."""
-        records = self._load_records()
-        columns = self._columns(records)
-        key = {
-            "data": records._fingerprint,
-            "tokenizer_sha256": hashlib.sha256(Path(self.tokenizer_path).read_bytes()).hexdigest(),
-            "template": asdict(self.template),
-            "columns": columns,
-            "max_seq_len": self.max_seq_len,
-            "train_on_input": self.train_on_input,
-            "version": ENCODING_VERSION,
-        }
-        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        encode = partial(
+    def _encoder(self, records: datasets.Dataset):
+        return partial(
             _encode_record,
             source=self.source,
-            columns=columns,
+            columns=self._columns(records),
             template=self.template,
             tokenizer=self.tokenizer,
             max_seq_len=self.max_seq_len,
             train_on_input=self.train_on_input,
-        )
-        # A failing record raises inside `map`; `datasets` then deletes its temporary file, so no partial cache remains.
-        return records.map(
-            encode,
-            with_indices=True,
-            remove_columns=records.column_names,
-            new_fingerprint=fingerprint,
-            desc=f"Tokenizing {self.source}",
+            truncation=self.truncation,
         )
 
-    def _load_records(self) -> datasets.Dataset:
-        """The raw records through `datasets`, any failure turned into one `DataError` line."""
-        if self.source == DEMO:
-            path: Path | None = DEMO_DATA
-        elif Path(self.source).suffix.lower() in LOADERS or Path(self.source).exists():
-            path = Path(self.source)
+    def _report_truncation(self, data: datasets.Dataset) -> str:
+        if self.truncation == "prompt_start":
+            how = "prompt start first, then response end; truncation=prompt_start"
         else:
-            path = None
-        if path is None:
-            try:
-                records = datasets.load_dataset(self.source, split=self.split, cache_dir=self.cache_dir)
-            except Exception as error:
-                raise DataError(
-                    f"{self.source}: cannot load this data set from the Hugging Face Hub ({_first_line(error)});"
-                    " if you are offline, pass a local .json/.jsonl/.csv/.parquet file as source"
-                ) from error
-        else:
-            records = self._load_file(path)
-        if not isinstance(records, datasets.Dataset):
-            raise DataError(f"{self.source}: expected one split of records, got {type(records).__name__}")
-        if len(records) == 0:
-            raise DataError(f"{self.source}: has no records (expected instruction/output records)")
-        return records
-
-    def _load_file(self, path: Path) -> datasets.Dataset:
-        """A local file through the `datasets` loader for its extension."""
-        if not path.is_file():
-            raise DataError(f"{path}: no such file")
-        loader = LOADERS.get(path.suffix.lower())
-        if loader is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
-        data = path.read_bytes()
-        if not data.strip():
-            raise DataError(f"{path}: empty file (expected instruction/output records)")
-        if loader != "parquet":
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError as error:
-                line = data.count(b"\n", 0, error.start) + 1
-                raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8") from None
-        options: dict = {}
-        if loader == "csv":
-            # CSV has no types: read every cell as text (pandas would turn an output "12" into a number) and
-            # empty cells as "" rather than missing.
-            with path.open(newline="", encoding="utf-8") as file:
-                header = next(csv.reader(file), [])
-            options = {"features": datasets.Features({name: datasets.Value("string") for name in header}), "na_filter": False}
-        try:
-            return datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=self.cache_dir, **options)
-        except Exception as error:
-            # `datasets`' own messages name no line (pyarrow counts "rows" within a block) or say
-            # 'Instruction "train" corresponds to no data!' for a file without records: look ourselves.
-            problem = _json_problem(data.decode("utf-8"), jsonl=path.suffix.lower() == ".jsonl") if loader == "json" else None
-            if problem is not None:
-                raise DataError(f"{path}: {problem}") from error
-            reason = error.__cause__ if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ else error
-            if "corresponds to no data" in str(reason):
-                raise DataError(f"{path}: has no records (expected instruction/output records)") from error
-            raise DataError(f"{path}: cannot read as {path.suffix} ({_first_line(reason)})") from error
+            untrained = sum(all(label == IGNORE_INDEX for label in labels) for labels in data["labels"])
+            how = "their first max_seq_len tokens kept; truncation=keep_start" + (
+                f"; in {untrained} of them no response token is left to train: raise max_seq_len, or set truncation: prompt_start" if untrained else ""
+            )
+        return f"{self.source}: {self.num_truncated} of {len(data)} records are longer than max_seq_len={self.max_seq_len} and were truncated ({how})"
 
     def _columns(self, records: datasets.Dataset) -> dict[str, str | None]:
         """Our field -> the data's column (None: an absent optional `input`); a missing column is an error."""
@@ -336,9 +147,10 @@ def _encode_record(
     source: str,
     columns: dict[str, str | None],
     template: PromptTemplate,
-    tokenizer: Tokenizer,
+    tokenizer: TokenizerProtocol,
     max_seq_len: int,
     train_on_input: bool,
+    truncation: InstructTruncation = "keep_start",
 ) -> dict:
     """One raw record -> `encode_sample` output, after checking each field is a string."""
     values: dict[str, str] = {}
@@ -353,45 +165,4 @@ def _encode_record(
             raise DataError(f"{where}: expected a string, got {type(value).__name__} {str(value)[:40]!r}")
         values[field] = value
     prompt = template.format(values["instruction"], values["input"])
-    return encode_sample(tokenizer, prompt, values["output"], max_seq_len, train_on_input)
-
-
-JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}
-
-
-def _json_problem(text: str, *, jsonl: bool) -> str | None:
-    """Where a .json/.jsonl file stops being records: "line N, column C: ..." (None: no syntax or shape problem).
-
-    A .json file may hold one array of records or JSON lines, as `datasets` accepts both.
-    """
-    if not jsonl:
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            if text.lstrip().startswith("["):
-                return f"line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
-        else:
-            if isinstance(document, dict):
-                return None  # one object: `datasets` reads its fields as columns
-            if not isinstance(document, list):
-                return f"expected an array of records (or one record per line), got {JSON_TYPES.get(type(document), 'a value')}"
-            bad = next((i for i, record in enumerate(document) if not isinstance(record, dict)), None)
-            if bad is not None:
-                return f"record {bad} (counting from 0): expected a JSON object, got {JSON_TYPES.get(type(document[bad]), 'a value')}"
-            return None
-    for number, line in enumerate(text.split("\n"), 1):  # JSON lines end at "\n" only
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            return f"line {number}, column {error.colno}: not valid JSON ({error.msg})"
-        if not isinstance(record, dict):
-            return f"line {number}: expected a JSON object (one record per line), got {JSON_TYPES.get(type(record), 'a value')}"
-    return None
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return encode_sample(tokenizer, prompt, values["output"], max_seq_len, train_on_input, truncation)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from lightning_tune.data.datamodule import InstructDataModule
 from lightning_tune.data.instruct import IGNORE_INDEX
-from lightning_tune.tokenizer import Tokenizer
+from lightning_tune.tokenizer import TokenizerProtocol
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"
 
 
-def describe_samples(datamodule: InstructDataModule, n: int = 3) -> str:
+def describe_samples(datamodule: Any, n: int = 3) -> str:
     """Counts of samples, tokens, trained tokens and truncated samples, then the first `n` training samples.
 
-    Tokens whose label is -100 (not trained: the prompt, unless `train_on_input`) are wrapped in
-    `[[...]]`, so a wrong template or mask is visible before any compute is spent. BOS/EOS show as `<s>`/`</s>`.
+    Works for `InstructDataModule` and `ChatDataModule` alike. Tokens whose label is -100 (not
+    trained: the prompt, unless `train_on_input`; a chat's system/user turns and template headers) are
+    wrapped in `[[...]]`, so a wrong template or mask is visible before any compute is spent. BOS and
+    end tokens show as the tokenizer spells them (`<s>`, `</s>`, `<|eot_id|>`).
     """
     if datamodule.train_dataset is None:
         datamodule.setup("fit")
@@ -31,6 +33,8 @@ def describe_samples(datamodule: InstructDataModule, n: int = 3) -> str:
         f" {datamodule.num_truncated} truncated to max_seq_len={datamodule.max_seq_len}",
         f"(spans in {MASK_OPEN}...{MASK_CLOSE} are masked from the loss)",
     ]
+    if getattr(datamodule, "template_name", None) is not None:  # chat data: say which template rendered it
+        lines.insert(1, f"chat template: {datamodule.template_name}; train_on: {datamodule.train_on}")
     for index in range(min(n, len(data))):
         sample = data[index]
         trained_here = sum(label != IGNORE_INDEX for label in sample["labels"])
@@ -39,7 +43,7 @@ def describe_samples(datamodule: InstructDataModule, n: int = 3) -> str:
     return "\n".join(lines)
 
 
-def _render(tokenizer: Tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> str:
+def _render(tokenizer: TokenizerProtocol, input_ids: Sequence[int], labels: Sequence[int]) -> str:
     """The sample's text, masked runs wrapped in [[...]]; each run is decoded in context of what precedes it."""
     out: list[str] = []
     start = 0
@@ -54,13 +58,13 @@ def _render(tokenizer: Tokenizer, input_ids: Sequence[int], labels: Sequence[int
     return "".join(out)
 
 
-def _decode_span(tokenizer: Tokenizer, ids: Sequence[int], start: int, end: int) -> str:
+def _decode_span(tokenizer: TokenizerProtocol, ids: Sequence[int], start: int, end: int) -> str:
     """Text of ids[start:end] as it reads inside the whole sample (keeps the spaces a lone decode would drop).
 
     Each stretch between special tokens is the difference of decoding the sample's prefix with and
     without it; stretches end only at mask or special-token boundaries, never inside a character.
     """
-    specials = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    specials = {i: tokenizer.id_to_token(i) for i in (tokenizer.bos_id, *tokenizer.eos_ids) if i is not None}
     out: list[str] = []
     i = start
     while i < end:

@@ -1,0 +1,374 @@
+"""What every data module of ours shares: loading, the tokenised cache, the validation split, batching
+(packing or padding) and the resumable seeded samplers. Subclasses say only how a record becomes a sample.
+
+`InstructDataModule` (Alpaca-style records) and `ChatDataModule` (conversations) derive from
+`TokenizedDataModule`; a subclass sets `record_kind` / `demo_data` and implements `_encoder` (the
+function `datasets.map` runs on each record) and `_cache_fields` (what its encoding depends on).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lightning_tune.data.errors import DataError
+from lightning_tune.data.instruct import collate
+from lightning_tune.data.packing import collate_packed
+from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
+from lightning_tune.tokenizer import TokenizerProtocol, load_tokenizer, tokenizer_files
+
+log = logging.getLogger(__name__)
+
+DEMO = "demo"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
+# File extension -> `datasets` packaged loader.
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Extensions that are clearly files, so a missing "data.txt" is not mistaken for a hub dataset name.
+OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz", ".yaml", ".yml", ".md"}
+
+
+class TokenizedDataModule(LightningDataModule):
+    """Records (hub, local file or a bundled demo) -> cached tokenised samples -> packed or padded batches.
+
+    The tokenised data set is cached by `datasets`, keyed by the data, the tokenizer's files and
+    whatever the subclass's encoding depends on, so a second run does not re-tokenise; a record that
+    fails raises inside `map`, whose temporary file `datasets` then deletes (nothing half-cached).
+    Samples the encoder marks `keep: False` (cut to nothing trainable, or dropped) are left out and counted. The train
+    loader is a `StatefulDataLoader` with a seeded resumable sampler, so Lightning resumes mid-epoch
+    from a checkpoint without replaying batches.
+    """
+
+    record_kind = "records"  # for messages: "expected <record_kind>"
+    demo_data: Path = ASSETS / "demo.jsonl"
+    encoding_version = 1  # bump in a subclass when its encoding changes meaning (old caches unused)
+
+    def __init__(
+        self,
+        source: str,
+        split: str = "train",
+        tokenizer_path: str | None = None,
+        max_seq_len: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 42,
+        val_size: float = 0.0,
+        cache_dir: str | None = None,
+        group_by_length: bool = False,
+        pack: bool = True,
+    ) -> None:
+        """The shared settings; each subclass documents them in its own `Args:` (jsonargparse reads those)."""
+        super().__init__()
+        if tokenizer_path is None and source != DEMO:
+            raise DataError(f"tokenizer_path is required for source {source!r} (only source 'demo' has a bundled tokenizer)")
+        if max_seq_len < 2:
+            raise DataError(f"max_seq_len must be at least 2 (room for BOS and EOS), got {max_seq_len}")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise DataError(f"num_workers must be 0 or more, got {num_workers}")
+        if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+            raise DataError(f"val_size must be 0, a fraction below 1, or a whole count of records, got {val_size}")
+        suffix = Path(source).suffix.lower()
+        if source != DEMO and (suffix in OTHER_FILE_SUFFIXES or (Path(source).is_file() and suffix not in LOADERS)):
+            raise DataError(f"{source}: unsupported file type {suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
+        self.source = source
+        self.split = split
+        self.tokenizer_path = str(DEMO_TOKENIZER) if tokenizer_path is None else tokenizer_path
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.seed = seed
+        self.val_size = val_size
+        self.cache_dir = cache_dir
+        self.group_by_length = group_by_length
+        self.pack = pack
+        self._tokenizer: TokenizerProtocol | None = None
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self.num_truncated = 0
+        self.num_left_out = 0
+
+    # --- what a subclass provides ---------------------------------------------------------------------
+
+    def _encoder(self, records: datasets.Dataset) -> Callable[..., dict]:
+        """The function `datasets.map(..., with_indices=True)` runs: (record, index) -> a dict with
+        `input_ids`, `labels` and `truncated` (and optionally `keep`: False leaves the sample out)."""
+        raise NotImplementedError
+
+    def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:
+        """JSON-able settings the encoding depends on (beyond the data, tokenizer and max_seq_len)."""
+        raise NotImplementedError
+
+    def _report_truncation(self, data: datasets.Dataset) -> str:
+        """The one warning line about the truncated samples (`self.num_truncated` of `len(data)`)."""
+        return f"{self.source}: {self.num_truncated} of {len(data)} records are longer than max_seq_len={self.max_seq_len} and were truncated"
+
+    def _check(self, data: datasets.Dataset, records: datasets.Dataset) -> None:
+        """Checks on the tokenised data at setup (subclasses may add some); raise `DataError` naming a record."""
+
+    # --- shared -------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> TokenizerProtocol:
+        """The tokenizer (`load_tokenizer`: a .model, a tokenizer.json or a directory), loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        """Download and tokenise once (rank 0 only under DDP); `setup` then reads the cache."""
+        self._tokenized()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenised data (from the cache after `prepare_data`), report truncation once, leave
+        out the samples marked so, and split off validation."""
+        if self.train_dataset is not None:
+            return
+        data = self._tokenized()
+        total = len(data)
+        self.num_truncated = sum(data["truncated"])
+        keep = data["keep"] if "keep" in data.column_names else [True] * total
+        self.num_left_out = total - sum(keep)
+        if self.num_truncated:
+            log.warning(self._report_truncation(data))
+        if self.num_left_out:
+            if self.num_left_out == total:
+                raise DataError(f"{self.source}: no sample has a trained token left within max_seq_len={self.max_seq_len}; raise max_seq_len")
+            log.warning(f"{self.source}: {self.num_left_out} of {total} samples are left out: nothing to train on within max_seq_len={self.max_seq_len}")
+            data = data.select([i for i, k in enumerate(keep) if k])
+        if self.val_size == 0:
+            self.train_dataset = data
+            return
+        # A fraction becomes a count here so the split sizes are explicit (and the same on every rank).
+        val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * len(data))
+        if not 1 <= val_count < len(data):
+            raise DataError(f"{self.source}: val_size={self.val_size} leaves no training or no validation records out of {len(data)}")
+        parts = data.train_test_split(test_size=val_count, shuffle=True, seed=self.seed)
+        self.train_dataset, self.val_dataset = parts["train"], parts["test"]
+
+    def data_parallel_rank(self) -> tuple[int, int]:
+        """(number of data-parallel processes, this one's index): from the Trainer's strategy under
+        DDP/FSDP, else (1, 0) (no Trainer, e.g. in a notebook or the `data` command)."""
+        trainer = self.trainer  # None until a Trainer attaches this data module
+        if trainer is None or trainer.world_size == 1:
+            return 1, 0
+        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        return kwargs.get("num_replicas", trainer.world_size), kwargs.get("rank", trainer.global_rank)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled (seeded) training batches, this rank's share under DDP/FSDP; its `state_dict`
+        records the position for mid-epoch resume.
+
+        The samplers are `DistributedSampler`s built here with our `seed`, so Lightning keeps them
+        (rather than substituting its own, seeded by the global seed): epoch e's order is a function
+        of (seed, e) only, and rank r of n takes every n-th index from r, so n processes with
+        `batch_size` b see the same global batches as one process with batch size n * b. Their
+        iterators checkpoint their epoch (see `ResumableDistributedSampler`), so a run resumed in a
+        later epoch continues that epoch's order, not epoch 0's.
+        """
+        if self.train_dataset is None:
+            self.setup("fit")
+        replicas, rank = self.data_parallel_rank()
+        if self.group_by_length:
+            # Buckets of similar length in shuffled order; its iterator is Stateful for mid-epoch resume.
+            lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
+            sampler: DistributedSampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, num_replicas=replicas, rank=rank)
+        else:
+            sampler = ResumableDistributedSampler(self.train_dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
+        return StatefulDataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in a fixed order; an empty list (no validation) when `val_size` is 0."""
+        if self.train_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(),
+        )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """`test` evaluates on the held-out split (`val_size`): fine-tuning data sets ship no test split."""
+        if self.train_dataset is None:
+            self.setup("test")
+        if self.val_dataset is None:
+            raise DataError("test: no held-out data; set data.val_size (a fraction or a count of records) to hold some out")
+        return self.val_dataloader()
+
+    def _collate(self):
+        """Right padding to the batch's longest sample, or packing into one row (`pack`)."""
+        return collate_packed if self.pack else partial(collate, pad_id=self.tokenizer.pad_id)
+
+    def _tokenized(self) -> datasets.Dataset:
+        """Records encoded into `input_ids` / `labels` / `truncated` (/ `keep`), through the `datasets` cache."""
+        records = self._load_records()
+        tokenizer = self.tokenizer  # a missing or broken tokenizer fails here, in its own words
+        key = {
+            "data": records._fingerprint,
+            "tokenizer_sha256": _files_sha256(tokenizer_files(tokenizer.path)),
+            "max_seq_len": self.max_seq_len,
+            "version": [type(self).__name__, self.encoding_version],
+            **self._cache_fields(records),
+        }
+        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        # A failing record raises inside `map`; `datasets` then deletes its temporary file, so no partial cache remains.
+        data = records.map(
+            self._encoder(records),
+            with_indices=True,
+            remove_columns=records.column_names,
+            new_fingerprint=fingerprint,
+            desc=f"Tokenizing {self.source}",
+        )
+        self._check(data, records)
+        return data
+
+    def _load_records(self) -> datasets.Dataset:
+        """The raw records through `datasets`, any failure turned into one `DataError` line."""
+        if self.source == DEMO:
+            path: Path | None = self.demo_data
+        elif Path(self.source).suffix.lower() in LOADERS or Path(self.source).exists():
+            path = Path(self.source)
+        else:
+            path = None
+        if path is None:
+            try:
+                records = datasets.load_dataset(self.source, split=self.split, cache_dir=self.cache_dir)
+            except Exception as error:
+                raise DataError(
+                    f"{self.source}: cannot load this data set from the Hugging Face Hub ({_first_line(error)});"
+                    " if you are offline, pass a local .json/.jsonl/.csv/.parquet file as source"
+                ) from error
+        else:
+            records = self._load_file(path)
+        if not isinstance(records, datasets.Dataset):
+            raise DataError(f"{self.source}: expected one split of records, got {type(records).__name__}")
+        if len(records) == 0:
+            raise DataError(f"{self.source}: has no records (expected {self.record_kind})")
+        return records
+
+    def _load_file(self, path: Path) -> datasets.Dataset:
+        """A local file through the `datasets` loader for its extension."""
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        loader = LOADERS.get(path.suffix.lower())
+        if loader is None:
+            raise DataError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
+        data = path.read_bytes()
+        if not data.strip():
+            raise DataError(f"{path}: empty file (expected {self.record_kind})")
+        if loader != "parquet":
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = data.count(b"\n", 0, error.start) + 1
+                raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8") from None
+        options: dict = {}
+        if loader == "csv":
+            # CSV has no types: read every cell as text (pandas would turn an output "12" into a number) and
+            # empty cells as "" rather than missing.
+            with path.open(newline="", encoding="utf-8") as file:
+                header = next(csv.reader(file), [])
+            options = {"features": datasets.Features({name: datasets.Value("string") for name in header}), "na_filter": False}
+        try:
+            return datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=self.cache_dir, **options)
+        except Exception as error:
+            # `datasets`' own messages name no line (pyarrow counts "rows" within a block) or say
+            # 'Instruction "train" corresponds to no data!' for a file without records: look ourselves.
+            problem = (_json_problem(data.decode("utf-8"), jsonl=path.suffix.lower() == ".jsonl") or self._record_problem(data.decode("utf-8"))) if loader == "json" else None
+            if problem is not None:
+                raise DataError(f"{path}: {problem}") from error
+            reason = error.__cause__ if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ else error
+            if "corresponds to no data" in str(reason):
+                raise DataError(f"{path}: has no records (expected {self.record_kind})") from error
+            raise DataError(f"{path}: cannot read as {path.suffix} ({_first_line(reason)})") from error
+
+    def _record_problem(self, text: str) -> str | None:
+        """For a JSON file `datasets` cannot type (e.g. a number where other records have text): the
+        first record the subclass finds wrong, as "record N ...: problem"; None if it finds none."""
+        return None
+
+
+def _files_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}
+
+
+def json_records(text: str) -> list | None:
+    """The records of a .json (an array, or JSON lines) or .jsonl text; None if it is neither."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        document = None
+    if isinstance(document, list):
+        return document
+    try:
+        return [json.loads(line) for line in text.split("\n") if line.strip()]
+    except json.JSONDecodeError:
+        return None
+
+
+def _json_problem(text: str, *, jsonl: bool) -> str | None:
+    """Where a .json/.jsonl file stops being records: "line N, column C: ..." (None: no syntax or shape problem).
+
+    A .json file may hold one array of records or JSON lines, as `datasets` accepts both.
+    """
+    if not jsonl:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):
+                return f"line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+        else:
+            if isinstance(document, dict):
+                return None  # one object: `datasets` reads its fields as columns
+            if not isinstance(document, list):
+                return f"expected an array of records (or one record per line), got {JSON_TYPES.get(type(document), 'a value')}"
+            bad = next((i for i, record in enumerate(document) if not isinstance(record, dict)), None)
+            if bad is not None:
+                return f"record {bad} (counting from 0): expected a JSON object, got {JSON_TYPES.get(type(document[bad]), 'a value')}"
+            return None
+    for number, line in enumerate(text.split("\n"), 1):  # JSON lines end at "\n" only
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}, column {error.colno}: not valid JSON ({error.msg})"
+        if not isinstance(record, dict):
+            return f"line {number}: expected a JSON object (one record per line), got {JSON_TYPES.get(type(record), 'a value')}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
