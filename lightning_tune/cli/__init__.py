@@ -30,7 +30,7 @@ def help_text() -> str:
         [
             "usage: python -m lightning_tune VERB [options]",
             "",
-            "Fine-tune Llama 2 (LoRA or full) with PyTorch Lightning.",
+            "Fine-tune language models (Llama, Qwen, Mistral, SmolLM2; LoRA or full) with PyTorch Lightning.",
             "",
             "verbs:",
             *lines,

@@ -26,7 +26,7 @@ VERBS: dict[str, Verb] = {
     "data": Verb("lightning_tune.cli.data:main", "data", "print the first training samples decoded, masked tokens marked"),
     "generate": Verb("lightning_tune.cli.generate:main", "generate", "generate text from a checkpoint (and a PEFT adapter)"),
     "chat": Verb("lightning_tune.cli.chat:main", "chat", "talk to a checkpoint on its chat template: one stdin line per message, streamed replies, /reset, /exit"),
-    "export": Verb("lightning_tune.cli.export:main", "export", "write a PEFT adapter or a Hugging Face directory from a .ckpt"),
+    "export": Verb("lightning_tune.cli.export:main", "export", "write a PEFT adapter, a Hugging Face directory or a GGUF file from a .ckpt"),
     "eval": Verb("lightning_tune.cli.eval:main", "eval", "lm-evaluation-harness scores of a checkpoint (--tasks lightning_tune: the bundled offline demo)"),
     "download": Verb("lightning_tune.cli.download:main", "download REPO_ID", "fetch a Hugging Face checkpoint (weights, config, tokenizer only)"),
     "ls": Verb("lightning_tune.cli.files:ls", "ls", "list the recipes and the configs (bundled, $LIGHTNING_TUNE_CONFIG_PATH, installed packages)"),
