@@ -25,6 +25,17 @@ def test_header_documents_the_run(name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+def test_run_directory_is_named_once(name):
+    """Logs and checkpoints derive from default_root_dir (the CLI fills them in), so a config that
+    repeats the directory in save_dir or dirpath would not move with --trainer.default_root_dir."""
+    trainer = yaml.safe_load((CONFIG_DIR / name).read_text())["trainer"]
+    loggers = trainer.get("logger")
+    for spec in [*(loggers if isinstance(loggers, list) else [loggers]), *(trainer.get("callbacks") or [])]:
+        if isinstance(spec, dict):
+            assert not {"save_dir", "dirpath"} & set(spec.get("init_args") or {}), (name, spec)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_print_config_round_trips(name, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         make_cli(["fit", "--config", name, "--print_config"])
