@@ -56,3 +56,21 @@ def test_chat_verb_through_stdin(model, tmp_path: Path) -> None:
     assert len(lines) == 3 and lines[1] == "(conversation reset)"
     with pytest.raises(UsageError, match=r"^--chat_template: the tokenizer has no chat template; set it to a built-in"):
         chat_command(str(checkpoint), device="cpu")  # the demo tokenizer has none: refused before the model loads
+
+
+def test_generate_template_chat_uses_the_tokenizers_template_and_system(model, tmp_path: Path, capsys) -> None:
+    from lightning_tune.cli.generate import generate_command
+
+    checkpoint = save_hf_checkpoint(model, model.config, tmp_path / "ckpt", tokenizer_path=DEMO_TOKENIZER)
+    (checkpoint / "chat_template.jinja").write_text(LLAMA2)  # read beside tokenizer.model, as transformers does
+    tokenizer = load_tokenizer(checkpoint)
+    assert tokenizer.chat_template == LLAMA2
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 5."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == tokenizer.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nAdd 2 and 5. [/INST]")
+    expected = tokenizer.decode([t for t in generate(model, [prompt], 5, eos_id=tokenizer.eos_id)[0] if t != tokenizer.eos_id])
+    capsys.readouterr()
+    generate_command(str(checkpoint), prompt=["Add 2 and 5."], template="chat", system="Be brief.", max_new_tokens=5, device="cpu")
+    assert capsys.readouterr().out == expected + "\n"
+    with pytest.raises(UsageError, match="--system: only with --template chat"):
+        generate_command(str(checkpoint), prompt=["x"], system="Be brief.", device="cpu")
