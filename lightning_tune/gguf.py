@@ -557,10 +557,6 @@ def _vocab_from_sentencepiece(path: Path, chat_template: str | None) -> VocabMet
     )  # fmt: skip
 
 
-def _token_content(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def _vocab_from_tokenizer_json(path: Path) -> VocabMetadata:
     """A byte-level BPE `tokenizer.json` (+ `tokenizer_config.json` beside it) as llama.cpp's `_set_vocab_gpt2` writes it."""
     data = json.loads(path.read_text())
@@ -588,20 +584,21 @@ def _vocab_from_tokenizer_json(path: Path) -> VocabMetadata:
         tokens[i] = token
         types[i] = (CONTROL if added[token].get("special") else USER_DEFINED) if token in added else NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    config_file = path.parent / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    template = config.get("chat_template")
-    if template is None and (path.parent / "chat_template.jinja").is_file():
-        template = (path.parent / "chat_template.jinja").read_text()
-    ids = {}
-    for name_, key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
-        content = _token_content(config.get(key))
-        if content is not None and content in vocab:
-            ids[name_] = vocab[content]
+    # Special ids, the BOS flag and the chat template as lightning_tune reads this tokenizer (and
+    # transformers: BOS is what the post-processor prepends unless tokenizer_config.json says otherwise).
+    from lightning_tune.tokenizer import HFTokenizer
+
+    reader = HFTokenizer.from_file(path)
+    ids = {"eos": reader.eos_id}
+    for name_, key in (("bos", "bos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        token = reader.special_tokens.get(key)
+        if token is not None and token in vocab:
+            ids[name_] = vocab[token]
+    if reader.bos_id is not None:
+        ids["bos"] = reader.bos_id
     return VocabMetadata(
         model="gpt2", tokens=tokens, token_types=types, pre=name, merges=merges, special_ids=ids,
-        add_bos=bool(config.get("add_bos_token", False)), add_eos=bool(config.get("add_eos_token", False)),
-        chat_template=template if isinstance(template, str) else None,
+        add_bos=reader.bos_id is not None, add_eos=False, chat_template=reader.chat_template,
     )  # fmt: skip
 
 
