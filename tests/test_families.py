@@ -326,3 +326,16 @@ def test_export_writes_the_tokenizers_special_ids_and_files(tmp_path: Path) -> N
     x = tokens(12)
     with torch.no_grad():
         assert rel_error(reloaded(x).logits, hf(x).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+def test_a_terse_config_json_reads_as_transformers_reads_it(model_type: str) -> None:
+    """Keys left out take transformers' defaults for that model_type (`HFMapping.defaults`)."""
+    terse = {"model_type": model_type, "vocab_size": 96, "hidden_size": 128, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 32}
+    ours, theirs = config_from_hf(terse), transformers.AutoConfig.for_model(**terse)
+    assert ours.max_seq_len == theirs.max_position_embeddings and ours.norm_eps == theirs.rms_norm_eps
+    assert ours.rope_base == theirs.rope_parameters["rope_theta"] and ours.rope_type == theirs.rope_parameters["rope_type"]
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings and ours.num_kv_heads == theirs.num_key_value_heads  # Qwen: 32, Mistral: 8, Llama: the heads
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or 4)
+    assert ours.sliding_window == getattr(theirs, "sliding_window", None)
+    assert (ours.attention_bias != "none") == (model_type == "qwen2")

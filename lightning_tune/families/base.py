@@ -36,7 +36,8 @@ class HFMapping:
         model_type: config.json's `model_type`.
         architecture: the `architectures` entry exports write (its `*ForCausalLM` class).
         defaults: what transformers' config class assumes for a key config.json leaves out (a test
-            compares them with `transformers.AutoConfig.for_model(model_type)`).
+            compares them with `transformers.AutoConfig.for_model(model_type)`); head_dim and
+            num_key_value_heads None mean hidden_size // num_attention_heads and num_attention_heads.
         attention_bias: "flag": config.json's `attention_bias: true` puts a bias on q, k, v and o
             (Llama, Qwen 3); "qkv": q, k and v always have one, o never (Qwen 2); "never": no
             attention bias and no key for it (Mistral).

@@ -12,7 +12,7 @@ from lightning_tune.families.base import Family, HFMapping, Size
 MISTRAL_HF = HFMapping(
     model_type="mistral",
     architecture="MistralForCausalLM",
-    defaults={"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "head_dim": None, "sliding_window": 4096},
+    defaults={"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "head_dim": None, "num_key_value_heads": 8, "sliding_window": 4096},
     attention_bias="never",
     sliding_window="all",
 )
