@@ -6,8 +6,8 @@ import torch
 from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, rope_cos_sin
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.llama import modeling_llama as hf_llama  # noqa: E402
 from hf_helpers import tiny_hf_llama  # noqa: E402
+from transformers.models.llama import modeling_llama as hf_llama  # noqa: E402
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
