@@ -159,3 +159,15 @@ def test_a_template_that_fails_to_render_names_the_record(tmp_path) -> None:
         ChatDataModule(str(path), tokenizer_path=str(asset("llama3_1_tokenizer")), role_map={"bot": "robot"})
     with pytest.raises(DataError, match=r"column_map: unknown field\(s\) \['turns'\]"):
         ChatDataModule(str(path), tokenizer_path=str(asset("llama3_1_tokenizer")), column_map={"turns": "x"})
+
+
+def test_data_verb_shows_chat_samples_with_masked_spans(tmp_path, capsys) -> None:
+    from lightning_tune.cli import main
+
+    assert main(["data", "--config", "tiny_chat.yaml", "--n", "1", f"--data.cache_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "demo: 736 training samples (64 held out for validation)" in out and "0 truncated to max_seq_len=160" in out
+    assert "chat template: built-in 'llama2'; train_on: assistant" in out
+    sample = out.split("--- sample 0:", 1)[1]
+    assert sample.count("[[<s>") == sample.count("</s>") >= 2  # every turn's header masked, every reply's </s> trained
+    assert "[/INST]]]" in sample or "[/INST] ]]" in sample
