@@ -185,6 +185,7 @@ LORA4 = dict(model_name="tiny_llama2", model_args=TINY, export=False, lora_rank=
         ({"lora_attn_modules": ["q_proj", "k_proj"]}, "lora_attn_modules ['q_proj', 'v_proj'] in the checkpoint, ['k_proj', 'q_proj'] here"),
         ({"apply_lora_to_mlp": True, "lora_alpha": 8.0}, "lora_alpha 16.0 in the checkpoint, 8.0 here; apply_lora_to_mlp False in the checkpoint, True here"),
         ({"model_args": {**TINY, "num_layers": 1}}, "model_args {"),
+        ({"use_dora": True}, "use_dora False in the checkpoint, True here"),  # DoRA adds magnitude vectors
     ],
 )
 def test_resume_with_other_lora_settings_is_refused_in_one_line(rank4_checkpoint, tmp_path, change, message):

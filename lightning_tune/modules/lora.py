@@ -115,7 +115,7 @@ class LoRAFinetune(FinetuneModule):
             del state[key]
         return state
 
-    CHECKPOINT_KEYS = (*FinetuneModule.CHECKPOINT_KEYS, "lora_rank", "lora_alpha", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output")
+    CHECKPOINT_KEYS = (*FinetuneModule.CHECKPOINT_KEYS, "lora_rank", "lora_alpha", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "use_dora", "quantize_base")
 
     def checkpoint_settings(self, hparams: dict[str, Any]) -> dict[str, Any]:
         settings = super().checkpoint_settings(hparams)
