@@ -10,7 +10,8 @@ So a base checkpoint loads into a LoRA model unchanged, and the adapter keys are
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,18 @@ class LoRALinear(QLinear):
     compute dtype; the adapters keep their own dtype (float32 under bf16-mixed).
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False, device: torch.device | str | None = None, dtype: torch.dtype | None = None, use_dora: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        use_dora: bool = False,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
@@ -112,6 +124,7 @@ class LoRALinear(QLinear):
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         self.merged = False
+        self.adapter_disabled = False  # `disable_adapters`: the base layer alone (a DPO reference)
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -149,7 +162,7 @@ class LoRALinear(QLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         result = self._base_forward(x)
-        if self.merged:
+        if self.merged or self.adapter_disabled:
             return result
         if self.use_dora:
             return (result + self._dora(x, result)).to(result.dtype)
@@ -390,3 +403,18 @@ def _adapter(lora: LoRALinear | None, state: dict[str, Tensor], name: str) -> tu
 
 def _merge(base: Tensor, adapter: tuple[Tensor, Tensor, float, Tensor | None] | None, dtype: torch.dtype) -> Tensor:
     return (base if adapter is None else merge_weight(base, *adapter)).to(dtype)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside, every LoRA layer of `model` computes its base layer only (PEFT's `disable_adapter()`):
+    the base model without a second copy, e.g. DPO's reference. Restores each layer's state on exit."""
+    layers = list(lora_modules(model).values())
+    before = [layer.adapter_disabled for layer in layers]
+    for layer in layers:
+        layer.adapter_disabled = True
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before, strict=True):
+            layer.adapter_disabled = state

@@ -52,7 +52,9 @@ def require_bitsandbytes():
 
 def check_dtype(dtype: torch.dtype) -> None:
     if dtype not in SUPPORTED_DTYPES:
-        raise QuantizationError(f"quantize_base: nf4 quantises float32, bfloat16 or float16 weights, but the compute dtype is {dtype}; use trainer.precision 32, bf16-mixed, bf16-true, 16-mixed or 16-true")
+        raise QuantizationError(
+            f"quantize_base: nf4 quantises float32, bfloat16 or float16 weights, but the compute dtype is {dtype}; use trainer.precision 32, bf16-mixed, bf16-true, 16-mixed or 16-true"
+        )
 
 
 def nf4_nbytes(numel: int) -> int:
@@ -115,8 +117,14 @@ class NF4Weight(nn.Module):
         bnb_functional = require_bitsandbytes()
         state2 = bnb_functional.QuantState(absmax=_as_float(self.absmax_scale), code=_as_float(self.absmax_code), blocksize=ABSMAX_BLOCK_SIZE, dtype=torch.float32)
         return bnb_functional.QuantState(
-            absmax=self.absmax, shape=self.shape, code=_as_float(self.code), blocksize=BLOCK_SIZE, quant_type=QUANT_TYPE,
-            dtype=dtype, offset=_as_float(self.absmax_offset), state2=state2,
+            absmax=self.absmax,
+            shape=self.shape,
+            code=_as_float(self.code),
+            blocksize=BLOCK_SIZE,
+            quant_type=QUANT_TYPE,
+            dtype=dtype,
+            offset=_as_float(self.absmax_offset),
+            state2=state2,
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:

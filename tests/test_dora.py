@@ -21,12 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from hf_helpers import tiny_hf_llama
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from safetensors.torch import load_file
 from torch import nn
 
-from hf_helpers import tiny_hf_llama
 from lightning_tune.checkpoint import from_pretrained, save_hf_checkpoint, save_peft_adapter
 from lightning_tune.lora import LoRALinear, apply_lora, is_lora_key, lora_modules, lora_state_dict, mark_only_lora_trainable, merged_state_dict
 
@@ -98,8 +98,15 @@ def test_merge_equals_peft_merge():
     theirs = peft_dora(nn.Linear(16, 24, bias=True), r=4, alpha=8)
     nn.init.normal_(theirs.lora_B["default"].weight, std=0.3)
     ours = LoRALinear(16, 24, rank=4, alpha=8.0, bias=True, use_dora=True)
-    ours.load_state_dict({"weight": theirs.base_layer.weight, "bias": theirs.base_layer.bias, "lora_A.weight": theirs.lora_A["default"].weight,
-                          "lora_B.weight": theirs.lora_B["default"].weight, "lora_magnitude_vector": theirs.lora_magnitude_vector["default"].weight * 0.9})
+    ours.load_state_dict(
+        {
+            "weight": theirs.base_layer.weight,
+            "bias": theirs.base_layer.bias,
+            "lora_A.weight": theirs.lora_A["default"].weight,
+            "lora_B.weight": theirs.lora_B["default"].weight,
+            "lora_magnitude_vector": theirs.lora_magnitude_vector["default"].weight * 0.9,
+        }
+    )
     theirs.lora_magnitude_vector["default"].weight.data.mul_(0.9)
     x = torch.randn(4, 16)
     unmerged = ours(x)
@@ -120,8 +127,9 @@ def base_dir(tmp_path_factory):
 
 
 def test_steps_equal_peft_and_the_adapter_loads_in_peft(base_dir, tmp_path):
-    reference = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                    LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_dora=True)).train()
+    reference = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_dora=True)
+    ).train()
     model = from_pretrained(base_dir).train()
     fresh = torch.randint(0, 96, (2, 9))
     before = model(fresh).detach()

@@ -23,10 +23,10 @@ import peft
 import pytest
 import torch
 import transformers
+from hf_helpers import tiny_hf_llama
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from hf_helpers import tiny_hf_llama
 from lightning_tune.lora import QLinear, lora_modules
 from lightning_tune.modules import LoRAFinetune
 from lightning_tune.quantize import NF4Weight, QuantizationError, nf4_nbytes
@@ -60,7 +60,9 @@ def peft_qlora(base_dir, use_dora: bool = False) -> peft.PeftModel:
 
 
 def our_qlora(base_dir, use_dora: bool = False) -> LoRAFinetune:
-    module = LoRAFinetune(checkpoint_dir=str(base_dir), lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base="nf4", use_dora=use_dora)
+    module = LoRAFinetune(
+        checkpoint_dir=str(base_dir), lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base="nf4", use_dora=use_dora
+    )
     module.lora_targets = TARGETS  # q, v and down only: the mlp switch would add gate and up too
     module.configure_model()
     return module
@@ -250,8 +252,15 @@ def test_memory_estimate_within_25_percent_of_measured_peak_for_qlora(tmp_path):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    extra = ["--model.init_args.quantize_base=nf4", "--model.init_args.model_name=null", "--model.init_args.model_args=null", f"--model.init_args.checkpoint_dir={tmp_path / 'base'}",
-             "--model.init_args.apply_lora_to_output=false", "--data.batch_size=2", "--data.max_seq_len=64"]
+    extra = [
+        "--model.init_args.quantize_base=nf4",
+        "--model.init_args.model_name=null",
+        "--model.init_args.model_args=null",
+        f"--model.init_args.checkpoint_dir={tmp_path / 'base'}",
+        "--model.init_args.apply_lora_to_output=false",
+        "--data.batch_size=2",
+        "--data.max_seq_len=64",
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", measure, "tiny_lora.yaml", str(tmp_path), *extra], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -322,7 +331,7 @@ QLORA_CONFIGS = ["alpaca_llama2_7b_qlora.yaml", "alpaca_llama2_70b_qlora.yaml", 
 
 @pytest.mark.parametrize("name", QLORA_CONFIGS)
 def test_qlora_config_fits_the_gpu_its_header_names(name, tmp_path, monkeypatch):
-    """"one GPU with G GB": validate's estimate plus 1 GiB (CUDA context, allocator slack) fits G GB
+    """The header's "one GPU with G GB": validate's estimate plus 1 GiB (CUDA context, allocator slack) fits G GB
     on one device, with the base in NF4 (a bf16 base alone would not: 7B 13.5 GB, 70B 138 GB)."""
     import re
 
