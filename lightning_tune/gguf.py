@@ -352,8 +352,7 @@ def vocab_from_metadata(path: Path, metadata: dict[str, Any]) -> GGUFVocab:
     merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in metadata else None
     alphabet = None
     if model == "gpt2":
-        if merges is None:
-            raise GGUFError(f"{path}: a byte-level BPE tokenizer needs tokenizer.ggml.merges")
+        merges = merges or []  # no merges (an empty list is not stored): every byte stays its own token
         spelling = bytes_to_unicode()
         alphabet = set(spelling.values())
         vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}

@@ -432,6 +432,35 @@ def test_sentencepiece_tokenizer_round_trips_through_gguf(tmp_path) -> None:
     assert ours.bos_id == 1 and ours.eos_id == 2
 
 
+def test_a_fit_on_a_gguf_base_exports_its_checkpoint_as_gguf(tmp_path) -> None:
+    """LoRA from a GGUF base, two steps, checkpointed; `export --format gguf --ckpt_path` writes the merged
+    model, whose logits read back from the file are the recipe's (f32: the same numbers, a permutation)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from tiny_helpers import batches
+    from torch.utils.data import DataLoader
+
+    from lightning_tune.cli import main
+    from lightning_tune.export import load_recipe_from_checkpoint
+    from lightning_tune.modules import LoRAFinetune
+
+    base = tmp_path / "base.gguf"
+    write_small_gguf(base)
+    torch.manual_seed(0)
+    recipe = LoRAFinetune(checkpoint_dir=str(base), tokenizer_path=str(base), lora_rank=4, lora_dropout=0.0, lr=1e-2, warmup_steps=0, export=False, lora_attn_modules=["q_proj", "k_proj"])
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)])  # fmt: skip
+    trainer.fit(recipe, DataLoader(batches(2), batch_size=None))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export" / "tuned.gguf"
+    assert main(["export", "--format", "gguf", "--outtype", "f32", "--ckpt_path", str(ckpt), "--output", str(out)]) == 0
+    tuned = load_recipe_from_checkpoint(ckpt).model
+    tokens = torch.tensor([[1, 17, 200, 3, 99]])
+    with torch.no_grad():
+        assert _rel_err(from_pretrained(out)(tokens), tuned(tokens)) <= 1e-5  # merged W + BA in fp32, rounded once
+    assert load_tokenizer(out).encode("hello there") == load_tokenizer(base).encode("hello there")
+
+
 # --------------------------------------------------------------------------------------------------
 # The real model: SmolLM2-135M-Instruct (Q4_1 + Q8_0 + F32 tensors, tied embeddings, byte-level BPE)
 
@@ -556,3 +585,56 @@ def test_copies_of_bad_files_do_not_poison_the_cache(tmp_path, every_type_file) 
     path.write_bytes(b"nope")
     with pytest.raises(GGUFError, match="not a GGUF file"):
         gguf_config(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The notebook (examples/smollm2_gguf_lora.ipynb), run end to end with a small stand-in for SmolLM2
+
+
+def _code_cells(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text())["cells"]
+    return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def test_notebook_outputs_are_stripped() -> None:
+    notebook = json.loads((Path(__file__).parents[1] / "examples" / "smollm2_gguf_lora.ipynb").read_text())
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
+@needs_smollm2
+def test_notebook_runs_end_to_end(tmp_path) -> None:
+    """Every cell, in order: load from a GGUF, look at the data, fit, generate, export PEFT / HF / GGUF.
+
+    The model is a narrow random stand-in with SmolLM2's tokenizer (a GGUF written here), trained two
+    steps, so the notebook's whole path runs in seconds; with nbclient installed it runs as a notebook
+    (a kernel), else its code cells run as one script, which is what a kernel would execute.
+    """
+    import os
+    import subprocess
+    import sys
+
+    config = LlamaConfig(vocab_size=49152, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=32, intermediate_dim=64, max_seq_len=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    stand_in = Llama(config)
+    stand_in.init_weights()
+    model_file = save_gguf(stand_in.state_dict(), config, tmp_path / "model" / "stand_in.gguf", outtype="f32", tokenizer=SMOLLM2)
+    out = tmp_path / "out"
+    env = {**os.environ, "LIGHTNING_TUNE_EXAMPLE_GGUF": str(model_file), "LIGHTNING_TUNE_EXAMPLE_STEPS": "2", "LIGHTNING_TUNE_EXAMPLE_OUT": str(out), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    notebook = Path(__file__).parents[1] / "examples" / "smollm2_gguf_lora.ipynb"
+    if importlib.util.find_spec("nbclient") is not None and importlib.util.find_spec("ipykernel") is not None:
+        import nbformat
+        from nbclient import NotebookClient
+
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("LIGHTNING_TUNE_EXAMPLE", "HF_DATASETS"))})
+        NotebookClient(nbformat.read(notebook, as_version=4), timeout=600, kernel_name="python3").execute()
+    else:
+        script = tmp_path / "notebook.py"
+        script.write_text(_code_cells(notebook))
+        result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "before:" in result.stdout and "after:" in result.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
+    assert (out / "merged" / "tokenizer.json").is_file() and (out / "smollm2-demo.gguf").is_file() and (out / "Modelfile").is_file()
+
