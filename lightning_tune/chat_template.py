@@ -81,9 +81,7 @@ def resolve_template(spec: str | None, own: str | None, where: str = "chat_templ
     built-in name, a path to a Jinja file, or a Jinja string (anything containing "{%" or "{{")."""
     if spec is None:
         if own is None:
-            raise ChatTemplateError(
-                f"{where}: the tokenizer has no chat template; set it to a built-in ({', '.join(sorted(BUILTIN_TEMPLATES))}) or a Jinja file"
-            )
+            raise ChatTemplateError(f"{where}: the tokenizer has no chat template; set it to a built-in ({', '.join(sorted(BUILTIN_TEMPLATES))}) or a Jinja file")
         return own, "the tokenizer's own"
     if spec in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[spec], f"built-in {spec!r}"

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import asset
+
 from lightning_tune.chat_template import ALPACA, CHATML, LLAMA2, ChatTemplateError, render, resolve_template
 from lightning_tune.data.chat import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, SHAREGPT_COLUMNS, encode_conversation, normalize_messages
 from lightning_tune.data.errors import DataError

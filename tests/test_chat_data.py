@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import asset
+
 from lightning_tune.data import ChatDataModule, DataError, TokenizedDataModule
 from lightning_tune.data import chat as chat_module
 from lightning_tune.data.instruct import IGNORE_INDEX
@@ -116,9 +116,7 @@ def test_train_on_and_truncation_through_the_module(tmp_path, caplog) -> None:
 
 def test_another_template_is_reported_against_the_own_one(tmp_path, caplog) -> None:
     folder = str(asset("llama3_1_tokenizer"))
-    other = (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-    )
+    other = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n{{ m['content'] }}<|eot_id|>{% endfor %}"
     with caplog.at_level(logging.WARNING):
         dm = ChatDataModule(str(openai_file(tmp_path)), tokenizer_path=folder, chat_template=other, cache_dir=str(tmp_path))
         dm.setup()

@@ -6,12 +6,10 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-
-from lightning_tune.data import IGNORE_INDEX, DataError, collate, encode_sample, get_template
-from lightning_tune.data import make_demo
-from lightning_tune.data.templates import ALPACA, TEMPLATES
-
 from conftest import asset
+
+from lightning_tune.data import IGNORE_INDEX, DataError, collate, encode_sample, get_template, make_demo
+from lightning_tune.data.templates import ALPACA, TEMPLATES
 
 
 @pytest.fixture

@@ -197,9 +197,7 @@ def test_hf_tokenizer_from_memory_equals_from_file() -> None:
 
     folder = asset("llama3_1_tokenizer")
     from_file = load_tokenizer(folder)
-    in_memory = HFTokenizer(
-        tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")), bos_id=128000, eos_id=128009, eos_ids=[128001], chat_template=from_file.chat_template
-    )
+    in_memory = HFTokenizer(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")), bos_id=128000, eos_id=128009, eos_ids=[128001], chat_template=from_file.chat_template)
     assert in_memory.special_tokens == {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
     assert (in_memory.eos_ids, in_memory.pad_id) == ((128009, 128001), 128009)
     for text in HF_TEXTS:

@@ -259,8 +259,7 @@ class TokenizedDataModule(LightningDataModule):
                 records = datasets.load_dataset(self.source, split=self.split, cache_dir=self.cache_dir)
             except Exception as error:
                 raise DataError(
-                    f"{self.source}: cannot load this data set from the Hugging Face Hub ({_first_line(error)});"
-                    " if you are offline, pass a local .json/.jsonl/.csv/.parquet file as source"
+                    f"{self.source}: cannot load this data set from the Hugging Face Hub ({_first_line(error)}); if you are offline, pass a local .json/.jsonl/.csv/.parquet file as source"
                 ) from error
         else:
             records = self._load_file(path)

@@ -122,8 +122,7 @@ def encode_conversation(
     if not any(label in eot for label in labels if label != IGNORE_INDEX):
         names = ", ".join(repr(tokenizer.id_to_token(i)) for i in eot)
         raise DataError(
-            f"{where}: no end-of-turn token ({names}) is trained, so the model would not learn to stop;"
-            " the template does not end assistant replies with one (choose another chat_template)"
+            f"{where}: no end-of-turn token ({names}) is trained, so the model would not learn to stop; the template does not end assistant replies with one (choose another chat_template)"
         )
     truncated = len(ids) > max_seq_len
     keep = True
@@ -331,10 +330,7 @@ class ChatDataModule(TokenizedDataModule):
         base = SHAREGPT_COLUMNS if "messages" not in names and "conversations" in names else OPENAI_COLUMNS
         columns = {**base, **self.column_map}
         if columns["messages"] not in names:
-            raise DataError(
-                f"{self.source}: no column {columns['messages']!r} of messages (columns: {', '.join(names)});"
-                " set column_map, e.g. {messages: conversations, role: from, content: value}"
-            )
+            raise DataError(f"{self.source}: no column {columns['messages']!r} of messages (columns: {', '.join(names)}); set column_map, e.g. {{messages: conversations, role: from, content: value}}")
         return columns
 
     def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:

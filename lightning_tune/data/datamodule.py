@@ -21,8 +21,8 @@ from lightning_tune.data.base import (  # noqa: F401 - re-exported: callers impo
 )
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import InstructTruncation, encode_sample
-from lightning_tune.loss import IGNORE_INDEX
 from lightning_tune.data.templates import PromptTemplate, get_template
+from lightning_tune.loss import IGNORE_INDEX
 from lightning_tune.tokenizer import TokenizerProtocol
 
 DEMO_DATA = ASSETS / "demo.jsonl"
@@ -133,10 +133,7 @@ class InstructDataModule(TokenizedDataModule):
             elif field == "input" and "input" not in self.column_map:
                 columns[field] = None
             else:
-                raise DataError(
-                    f"{self.source}: no column {column!r} for field {field!r} (columns: {', '.join(records.column_names)});"
-                    " set column_map to name it"
-                )
+                raise DataError(f"{self.source}: no column {column!r} for field {field!r} (columns: {', '.join(records.column_names)}); set column_map to name it")
         return columns
 
 
