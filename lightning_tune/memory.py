@@ -250,7 +250,7 @@ def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:
     """(bytes of the NF4 bases, the largest per-layer temporary of QLoRA / DoRA), on a meta model.
 
     NF4 (`quantize.NF4Weight`): 0.5 byte per element + 1/64 (absmax codes) + 4/16384 (their scales)
-    + the code tables, the exact sizes of its buffers. Temporaries while one layer computes (forward,
+    + the code tables, the exact sizes of its tensors. Temporaries while one layer computes (forward,
     or backward, which dequantises again): the dequantised [out, in] weight in the compute dtype (a
     bytes); DoRA: B A, W and W + s B A, three [out, in] in the adapters' dtype, for the weight norm.
     """
@@ -260,7 +260,7 @@ def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:
             numel = m.out_features * m.in_features
             layer = numel * a if m.quantized else 0
             if m.quantized:
-                nf4 += sum(buf.numel() * buf.element_size() for buf in m.base_nf4.buffers())
+                nf4 += m.base_nf4.nbytes
             if isinstance(m, LoRALinear) and m.use_dora:
                 layer += 3 * numel * m.lora_A.weight.element_size()
             temporary = max(temporary, layer)

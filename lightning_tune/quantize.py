@@ -13,9 +13,10 @@ bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)` gives transformers a
     code, absmax_code                      the 16 NF4 levels and the 256-entry dynamic map
 
 so 0.5 byte per element + 1/64 byte (absmax) + 4/16384 byte (absmax_scale): 0.5159 byte/element. The
-float32 buffers are stored as their int32 bit patterns: `model.to(torch.bfloat16)` (Lightning's
-bf16-true) casts floating buffers and would round them; integer buffers are left alone. All buffers
-are non-persistent: the base is never saved in our checkpoints (it is reloaded from checkpoint_dir)
+float32 tensors are stored as their int32 bit patterns: `model.to(torch.bfloat16)` (Lightning's
+bf16-true) casts floating tensors and would round them; integer tensors are left alone. They are plain
+tensor attributes moved with the module (`_apply`), not buffers: not in state dicts (the base is never
+saved in our checkpoints; it is reloaded from checkpoint_dir), and not broadcast by DDP every step,
 and the exports merge into the original high-precision weights, not these.
 
 The forward is bitsandbytes' own `matmul_4bit` (dequantise, matmul; backward dequantises again for
@@ -35,6 +36,7 @@ BLOCK_SIZE = 64  # bitsandbytes' default for 4-bit, and QLoRA's
 ABSMAX_BLOCK_SIZE = 256  # double quantisation of the absmax values (bitsandbytes' fixed choice)
 QUANT_TYPE = "nf4"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what bitsandbytes quantises
+TENSORS = ("packed", "absmax", "absmax_scale", "absmax_offset", "code", "absmax_code")  # NF4Weight's storage
 
 
 class QuantizationError(ValueError):
@@ -84,12 +86,23 @@ class NF4Weight(nn.Module):
         numel = out_features * in_features
         blocks = math.ceil(numel / BLOCK_SIZE)
         empty = lambda size, dtype: torch.empty(size, dtype=dtype, device=device)
-        self.register_buffer("packed", empty((math.ceil(numel / 2), 1), torch.uint8), persistent=False)
-        self.register_buffer("absmax", empty(blocks, torch.uint8), persistent=False)
-        self.register_buffer("absmax_scale", empty(math.ceil(blocks / ABSMAX_BLOCK_SIZE), torch.int32), persistent=False)
-        self.register_buffer("absmax_offset", empty((), torch.int32), persistent=False)
-        self.register_buffer("code", empty(16, torch.int32), persistent=False)
-        self.register_buffer("absmax_code", empty(256, torch.int32), persistent=False)
+        self.packed = empty((math.ceil(numel / 2), 1), torch.uint8)
+        self.absmax = empty(blocks, torch.uint8)
+        self.absmax_scale = empty(math.ceil(blocks / ABSMAX_BLOCK_SIZE), torch.int32)
+        self.absmax_offset = empty((), torch.int32)
+        self.code = empty(16, torch.int32)
+        self.absmax_code = empty(256, torch.int32)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move the NF4 tensors with the module (`.to`, `.cuda`, `to_empty`); integer tensors, so
+        dtype casts (`.to(torch.bfloat16)`, `.half()`) leave them unchanged."""
+        for name in TENSORS:
+            setattr(self, name, fn(getattr(self, name)))
+        return super()._apply(fn, recurse)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in TENSORS)
 
     @property
     def is_meta(self) -> bool:
@@ -113,7 +126,7 @@ class NF4Weight(nn.Module):
         return self
 
     def quant_state(self, dtype: torch.dtype):
-        """bitsandbytes' QuantState for these buffers, dequantising to `dtype`."""
+        """bitsandbytes' QuantState for these tensors, dequantising to `dtype`."""
         bnb_functional = require_bitsandbytes()
         state2 = bnb_functional.QuantState(absmax=_as_float(self.absmax_scale), code=_as_float(self.absmax_code), blocksize=ABSMAX_BLOCK_SIZE, dtype=torch.float32)
         return bnb_functional.QuantState(
