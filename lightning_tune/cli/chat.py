@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning_tune.cli.errors import UsageError
@@ -155,7 +154,7 @@ def chat_command(
     """Chat with a checkpoint: each stdin line is a user message; /reset starts over, /exit quits.
 
     Args:
-        checkpoint_dir: Hugging Face or Meta checkpoint directory, e.g. a fit's merged/.
+        checkpoint_dir: Hugging Face or Meta checkpoint directory (e.g. a fit's merged/), a .gguf file, or pkg://PACKAGE/FILE.
         adapter_dir: PEFT LoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
         tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; default: checkpoint_dir's.
         chat_template: The tokenizer's own template if not given; else a built-in (llama2, chatml, alpaca) or a Jinja file.
@@ -174,9 +173,10 @@ def chat_command(
     from lightning_tune.chat_template import ChatTemplateError, resolve_template
     from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
     from lightning_tune.cli.generate import resolve_device
+    from lightning_tune.paths import resolve_path
     from lightning_tune.tokenizer import load_tokenizer
 
-    if not Path(checkpoint_dir).exists():
+    if not resolve_path(checkpoint_dir).exists():  # a directory, a .gguf file, or pkg://PACKAGE/FILE
         raise UsageError(f"--checkpoint_dir: {checkpoint_dir} does not exist (give a Hugging Face or Meta checkpoint directory, e.g. a fit's merged/)")
     if max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens: must be at least 1, got {max_new_tokens}")
