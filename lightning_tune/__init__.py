@@ -27,6 +27,8 @@ _EXPORTS = {
     "check_config": "lightning_tune.cli.check",
     "FullFinetune": "lightning_tune.modules",
     "LoRAFinetune": "lightning_tune.modules",
+    "DPOFinetune": "lightning_tune.modules",
+    "PreferenceDataModule": "lightning_tune.data",
     "InstructDataModule": "lightning_tune.data",
     "ChatDataModule": "lightning_tune.data",
 }
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from lightning_tune.cli.check import check_config
     from lightning_tune.data import ChatDataModule, InstructDataModule
     from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
-    from lightning_tune.modules import FullFinetune, LoRAFinetune
+    from lightning_tune.data import PreferenceDataModule
+    from lightning_tune.modules import DPOFinetune, FullFinetune, LoRAFinetune
     from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 

@@ -1,0 +1,190 @@
+"""Preference pairs (prompt, chosen, rejected) to DPO samples, and `PreferenceDataModule`.
+
+A pair becomes two samples, prompt + chosen and prompt + rejected, each encoded as the SFT data
+modules encode a sample, so a DPO run sees the ids an SFT run on the same text would: string pairs
+through the prompt template and `encode_sample` (BOS + prompt + completion + EOS, as TRL appends EOS
+to string completions), conversational pairs (the prompt a list of messages, chosen / rejected one
+assistant reply each) through the chat template and `encode_conversation` (the last reply trained).
+The prompt is masked (labels -100). A batch is [chosen rows; rejected rows], right-padded: one
+forward scores both sides of every pair (`collate_pairs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+from torch import Tensor
+
+from lightning_tune.chat_template import ChatTemplateError, resolve_template
+from lightning_tune.data.base import ASSETS, DEMO, TokenizedDataModule
+from lightning_tune.data.chat import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages
+from lightning_tune.data.errors import DataError
+from lightning_tune.data.instruct import InstructTruncation, collate, encode_sample
+from lightning_tune.data.templates import PromptTemplate, get_template
+from lightning_tune.loss import IGNORE_INDEX
+from lightning_tune.tokenizer import TokenizerProtocol
+
+DEMO_PREFERENCES = ASSETS / "preference_demo.jsonl"
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SIDES = ("chosen", "rejected")
+
+
+def collate_pairs(samples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, Tensor]:
+    """[chosen of every pair; rejected of every pair] as one right-padded batch of 2 x len(samples) rows."""
+    rows = [{"input_ids": s[f"{side}_input_ids"], "labels": s[f"{side}_labels"]} for side in SIDES for s in samples]
+    return collate(rows, pad_id)
+
+
+def _assistant_reply(value: Any, where: str) -> list[dict]:
+    """A conversational completion: one assistant message (a list of one {role: assistant, content}), or a plain string."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], Mapping) and value[0].get("role", "assistant") == "assistant":
+        return [dict(value[0])]
+    raise DataError(f"{where}: expected one assistant reply ([{{role: assistant, content: ...}}] or a string), got {str(value)[:60]!r}")
+
+
+def _encode_pair(
+    record: dict,
+    index: int,
+    *,
+    source: str,
+    columns: dict[str, str],
+    conversational: bool,
+    template: PromptTemplate,
+    chat_template: str | None,
+    tokenizer: TokenizerProtocol,
+    max_seq_len: int,
+    truncation: InstructTruncation,
+) -> dict:
+    """One record -> chosen_/rejected_ `input_ids` and `labels`, `truncated`; bad pairs raise naming the record."""
+    where = f"{source}: record {index} (counting from 0)"
+    values = {field: record[column] for field, column in columns.items()}
+    for field in PAIR_FIELDS:
+        if values[field] is None or (isinstance(values[field], (str, list)) and not values[field]):
+            raise DataError(f"{where}: {field!r} is missing or empty (column {columns[field]!r}); a pair needs a prompt, a chosen and a rejected completion")
+    if values["chosen"] == values["rejected"]:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair needs two different completions")
+    out: dict[str, Any] = {"truncated": False}
+    for side in SIDES:
+        if conversational:
+            if not isinstance(values["prompt"], (list, tuple)):
+                raise DataError(f"{where}: 'prompt' must be a list of messages like the other records' (conversational pairs), got {type(values['prompt']).__name__}")
+            messages = normalize_messages([*values["prompt"], *_assistant_reply(values[side], f"{where}, {side!r}")], DEFAULT_ROLE_MAP, OPENAI_COLUMNS, where)
+            sample = encode_conversation(tokenizer, messages, chat_template, max_seq_len, "last_assistant", "keep_start", where)
+        else:
+            if not all(isinstance(values[field], str) for field in ("prompt", side)):
+                raise DataError(f"{where}: 'prompt' and {side!r} must both be strings, or the prompt a list of messages (conversational pairs)")
+            sample = encode_sample(tokenizer, template.format(values["prompt"]), values[side], max_seq_len, False, truncation)
+        if all(label == IGNORE_INDEX for label in sample["labels"]):
+            raise DataError(f"{where}: the prompt fills all max_seq_len={max_seq_len} tokens, leaving nothing of {side!r}; raise max_seq_len or shorten the prompt")
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = sample["input_ids"], sample["labels"]
+        out["truncated"] = out["truncated"] or sample["truncated"]
+    return out
+
+
+class PreferenceDataModule(TokenizedDataModule):
+    """Preference pairs for `DPOFinetune`: `prompt` / `chosen` / `rejected` records, strings or chat messages.
+
+    String pairs are rendered with the prompt template (alpaca or none) as `InstructDataModule`
+    renders instructions; conversational pairs (TRL's format: `prompt` a list of messages, `chosen`
+    and `rejected` a list of one assistant message each, or a string) with the chat template as
+    `ChatDataModule` does. Loading, the `datasets` cache, the validation split and the resumable
+    seeded sampler are `TokenizedDataModule`'s. Batches are never packed: `collate_pairs` puts every
+    chosen row before every rejected row.
+    """
+
+    record_kind = "prompt/chosen/rejected records"
+    demo_data: Path = DEMO_PREFERENCES
+    encoding_version = 1
+
+    def __init__(
+        self,
+        source: str = "trl-lib/ultrafeedback_binarized",
+        split: str = "train",
+        column_map: dict[str, str] | None = None,
+        template: str = "none",
+        chat_template: str | None = None,
+        tokenizer_path: str | None = None,
+        max_seq_len: int = 1024,
+        truncation: InstructTruncation = "keep_start",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 42,
+        val_size: float = 0.0,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file, or "demo" for the bundled demo pairs.
+            split: Split to load from a hub data set (local files have only "train").
+            column_map: Our field name (prompt, chosen, rejected) -> the data's column name.
+            template: Prompt template of string pairs: "none" (the prompt as raw text) or "alpaca".
+            chat_template: Chat template of conversational pairs: the tokenizer's own if not given, else a built-in ("llama2", "chatml", "alpaca"), a Jinja file or a Jinja string. Source "demo" (strings) does not use it.
+            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; may be left out only with source "demo".
+            max_seq_len: Longest sample (prompt + one completion) in tokens; longer ones keep their first max_seq_len tokens (a warning gives the count); a prompt that fills it all is an error.
+            truncation: String pairs: "keep_start" keeps the first max_seq_len tokens; "prompt_start" cuts the prompt from its start first.
+            batch_size: Pairs per batch (each batch has 2 x batch_size rows).
+            num_workers: DataLoader worker processes.
+            shuffle: Shuffle the training pairs (seeded by `seed`; the order is restored on resume).
+            seed: Seed of the shuffle and of the validation split.
+            val_size: Held out for validation: a fraction if below 1, a count of pairs if 1 or more, none if 0.
+            cache_dir: Where `datasets` caches loaded and tokenised data (default: its own cache).
+        """
+        self.template: PromptTemplate = get_template(template)
+        if column_map is not None:
+            unknown = sorted(set(column_map) - set(PAIR_FIELDS))
+            if unknown:
+                raise DataError(f"column_map: unknown field(s) {unknown}; the fields are {list(PAIR_FIELDS)}")
+        super().__init__(source, split, tokenizer_path, max_seq_len, batch_size, num_workers, shuffle, seed, val_size, cache_dir, group_by_length=False, pack=False)
+        self.column_map = dict(column_map or {})
+        self.chat_template = chat_template
+        self.truncation = truncation
+
+    def _columns(self, records: datasets.Dataset) -> dict[str, str]:
+        columns = {field: self.column_map.get(field, field) for field in PAIR_FIELDS}
+        for field, column in columns.items():
+            if column not in records.column_names:
+                raise DataError(f"{self.source}: no column {column!r} for field {field!r} (columns: {', '.join(records.column_names)}); set column_map to name it")
+        return columns
+
+    def _conversational(self, records: datasets.Dataset) -> bool:
+        """Conversational pairs: the prompt column holds message lists, not strings."""
+        feature = records.features[self._columns(records)["prompt"]]
+        return not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"))
+
+    def _chat_template(self, records: datasets.Dataset) -> str | None:
+        if not self._conversational(records):
+            return None
+        try:
+            return resolve_template(self.chat_template, self.tokenizer.chat_template, where="data.chat_template")[0]
+        except ChatTemplateError as error:
+            raise DataError(str(error)) from None
+
+    def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:
+        return {"template": asdict(self.template), "chat_template": self._chat_template(records), "columns": self._columns(records), "truncation": self.truncation}
+
+    def _encoder(self, records: datasets.Dataset):
+        return partial(
+            _encode_pair,
+            source=self.source,
+            columns=self._columns(records),
+            conversational=self._conversational(records),
+            template=self.template,
+            chat_template=self._chat_template(records),
+            tokenizer=self.tokenizer,
+            max_seq_len=self.max_seq_len,
+            truncation=self.truncation,
+        )
+
+    def _report_truncation(self, data: datasets.Dataset) -> str:
+        return f"{self.source}: {self.num_truncated} of {len(data)} pairs have a side longer than max_seq_len={self.max_seq_len}; its first max_seq_len tokens are kept"
+
+    def _collate(self):
+        return partial(collate_pairs, pad_id=self.tokenizer.pad_id)
