@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_tune.memory import MemoryEstimate, estimate_memory
+from lightning_tune.paths import resolve_path
 
 
 @contextlib.contextmanager
@@ -43,7 +44,7 @@ def record_missing_paths(missing: list[str]):
     original = base.check_path
 
     def check_path(key: str, path: str | None, kind: str) -> None:
-        if path is not None and not Path(path).exists():
+        if path is not None and not resolve_path(path).exists():
             missing.append(f"model.{key}: {kind} {path!r} does not exist")
 
     base.check_path = check_path
@@ -152,7 +153,7 @@ def model_config(model):
     """The architecture without reading weights: the checkpoint's config.json, else the named size."""
     from lightning_tune.model import llama2_config
 
-    if model.checkpoint_dir is not None and Path(model.checkpoint_dir).exists():
+    if model.checkpoint_dir is not None and resolve_path(model.checkpoint_dir).exists():
         return model.model_config()
     if model.model_name is None:
         return None

@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def check_path(key: str, path: str | None, kind: str) -> None:
-    """Fail at construction, not an hour later, when a configured path does not exist."""
-    if path is not None and not Path(path).exists():
+    """Fail at construction, not an hour later, when a configured path does not exist (pkg://PACKAGE/FILE: in an installed package)."""
+    from lightning_tune.paths import resolve_path
+
+    if path is not None and not resolve_path(path).exists():
         raise ValueError(f"{key}: {kind} {path!r} does not exist")
 
 
