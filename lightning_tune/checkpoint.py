@@ -581,19 +581,29 @@ def _tie(model: nn.Module) -> None:
 
 
 def weight_reader(checkpoint_dir: str | Path) -> Callable[[str], Tensor]:
-    """`read(key)`: one tensor of a Hugging Face or Meta checkpoint by our key, read when asked.
+    """`read(key)`: one tensor of a Hugging Face or Meta checkpoint (or a .gguf file, dequantised to
+    fp32) by our key, read when asked.
 
     For merging adapters into the original high-precision base of a QLoRA run, one layer at a time,
     without loading the base whole. The files are opened at the first read and stay open while the
     reader lives.
     """
-    path = _checkpoint_dir(checkpoint_dir)
+    gguf = _gguf_file(checkpoint_dir)
+    if gguf:
+        from lightning_tune.gguf import gguf_config, gguf_entries, resolve_path
+
+        path = resolve_path(checkpoint_dir)
+    else:
+        path = _checkpoint_dir(checkpoint_dir)
     stack = ExitStack()  # closed with the reader (the safetensors handles close when collected)
     entries: dict[str, _Entry] = {}
 
     def read(key: str) -> Tensor:
         if not entries:
-            found = _hf_entries(path, stack) if detect_format(path) == "hf" else _meta_entries(path, _load_meta_config(path))
+            if gguf:
+                found = gguf_entries(path, gguf_config(path)[0])
+            else:
+                found = _hf_entries(path, stack) if detect_format(path) == "hf" else _meta_entries(path, _load_meta_config(path))
             entries.update({e.key: e for e in found})
         if key not in entries:
             raise CheckpointError(f"{path}: missing key {key} (needed to merge the adapters into the original weights)")
