@@ -23,7 +23,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -188,10 +188,12 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
             raise GGUFError(f"{path}: {key} = {metadata[key]}: mixture-of-experts GGUF files are not supported")
     heads = int(_meta(path, metadata, f"{arch}.attention.head_count"))
     embed_dim = int(_meta(path, metadata, f"{arch}.embedding_length"))
-    head_dim = embed_dim // heads if heads else 0
-    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
+    # The head size: key_length where the file gives it, else rope.dimension_count (as transformers reads
+    # it for llama), else embedding_length / head_count. The rotary must span the whole head.
+    head_dim = int(metadata.get(f"{arch}.attention.key_length", metadata.get(f"{arch}.rope.dimension_count", embed_dim // heads if heads else 0)))
+    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
         if key in metadata and int(metadata[key]) != head_dim:
-            raise GGUFError(f"{path}: {key} = {metadata[key]}, but embedding_length / head_count = {head_dim}; only head_dim = embed_dim / heads is supported")
+            raise GGUFError(f"{path}: {key} = {metadata[key]}, but the head size is {head_dim}; only a rotary over the whole head, and values of the keys' size, are supported")
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab_size = metadata.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
     if vocab_size is None:
@@ -207,10 +209,9 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
         "max_seq_len": int(metadata.get(f"{arch}.context_length", 4096)),
         "norm_eps": float(metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_base": float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+        "head_dim": head_dim,
+        "tie_word_embeddings": tied,
     }
-    names = {f.name for f in fields(LlamaConfig)}
-    if "tie_word_embeddings" in names:  # once the model config carries the switch (families work), set it
-        values["tie_word_embeddings"] = tied
     try:
         return LlamaConfig(**values), tied
     except (ValueError, TypeError) as err:
@@ -668,6 +669,21 @@ def _check_outtype(outtype: str) -> None:
 def _tensor_plan(state: dict[str, Tensor], config: LlamaConfig, outtype: str, path: Path) -> list[tuple[str, str, Any]]:
     """(GGUF name, our key, ggml type) in llama.cpp's order; output.weight left out when it equals the embedding (tied)."""
     gguf = _import_gguf()
+    # What llama.cpp's "llama" architecture cannot express (other families have their own GGUF architectures).
+    unsupported = [
+        what
+        for what, present in (
+            (f"model_type {config.model_type!r}", config.model_type not in ("llama", "mistral")),
+            (f"attention_bias {config.attention_bias!r}", config.attention_bias != "none"),
+            ("mlp_bias", config.mlp_bias),
+            ("qk_norm", config.qk_norm),
+            (f"rope_type {config.rope_type!r}", config.rope_type != "default"),
+            (f"sliding_window {config.sliding_window}", config.sliding_window is not None),
+        )
+        if present
+    ]
+    if unsupported:
+        raise GGUFError(f"{path}: GGUF export writes llama.cpp's 'llama' architecture, which has no {', '.join(unsupported)}")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Llama(config).state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -797,6 +813,9 @@ def save_gguf(
         writer.add_head_count(config.num_heads)
         writer.add_head_count_kv(config.num_kv_heads)
         writer.add_rope_dimension_count(config.head_dim)
+        if config.head_dim * config.num_heads != config.embed_dim:  # llama.cpp assumes embed / heads otherwise
+            writer.add_key_length(config.head_dim)
+            writer.add_value_length(config.head_dim)
         writer.add_rope_freq_base(config.rope_base)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_vocab_size(config.vocab_size)

@@ -382,6 +382,32 @@ def test_quantised_exports_hold_the_quantisers_bytes(random_model, byte_tokenize
         assert meta["general.file_type"] == {"q8_0": 7, "bf16": 32, "f16": 1}[outtype]
 
 
+def test_head_dim_other_than_embed_over_heads_round_trips(byte_tokenizer_dir, tmp_path) -> None:
+    config = LlamaConfig(vocab_size=256, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=32, intermediate_dim=128, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Llama(config)
+    model.init_weights()
+    out = save_gguf(model.state_dict(), config, tmp_path / "wide_heads.gguf", outtype="f32", tokenizer=byte_tokenizer_dir)
+    meta = _fields(gguf.GGUFReader(out))
+    assert meta["llama.attention.key_length"] == meta["llama.rope.dimension_count"] == 32
+    assert gguf_config(out)[0].head_dim == 32
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        expected = model.eval()(tokens)
+        assert _rel_err(from_pretrained(out)(tokens), expected) <= 1e-5
+        assert _rel_err(_transformers_model(out)(tokens).logits, expected) <= 1e-5
+
+
+def test_what_the_llama_architecture_cannot_hold_is_refused(random_model, byte_tokenizer_dir, tmp_path) -> None:
+    import dataclasses
+
+    for change, named in (({"qk_norm": True}, "qk_norm"), ({"rope_type": "llama3", "rope_factor": 8.0}, "rope_type 'llama3'"), ({"model_type": "qwen2"}, "model_type 'qwen2'")):
+        config = dataclasses.replace(SHAPE, **change)
+        with pytest.raises(GGUFError, match=f"which has no {named}"):
+            save_gguf(random_model.state_dict(), config, tmp_path / "x.gguf", tokenizer=byte_tokenizer_dir)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failed_export_leaves_nothing(random_model, byte_tokenizer_dir, tmp_path, monkeypatch) -> None:
     import lightning_tune.gguf as module
 
