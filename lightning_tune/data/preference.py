@@ -21,7 +21,7 @@ import datasets
 from torch import Tensor
 
 from lightning_tune.chat_template import ChatTemplateError, resolve_template
-from lightning_tune.data.base import ASSETS, DEMO, TokenizedDataModule
+from lightning_tune.data.base import ASSETS, TokenizedDataModule
 from lightning_tune.data.chat import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import InstructTruncation, collate, encode_sample

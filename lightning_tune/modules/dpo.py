@@ -98,7 +98,7 @@ class DPOFinetune(LoRAFinetune):
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
-        self.strict_loading = method == "lora"  # full checkpoints hold every weight
+        self.strict_loading = method == "full"  # full checkpoints hold every weight; LoRA ones adapters only
         self._reference: list[torch.nn.Module] = []  # full: the frozen copy, in a list so it is no submodule (not saved, not trained)
         self._step_rewards = torch.zeros(4)  # sums over the step's pairs: chosen, rejected, margin, accuracy
 
