@@ -90,9 +90,15 @@ def main() -> None:
     kv_heads = args.kv_heads or args.heads
     max_len = args.prompt_len + args.new_tokens
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=kv_heads, max_position_embeddings=max_len,
-        rms_norm_eps=1e-5, attn_implementation="sdpa",
+        vocab_size=args.vocab,
+        hidden_size=args.dim,
+        intermediate_size=args.mlp,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_len,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
     )
     hf = transformers.LlamaForCausalLM(config).to(dtype).eval()
     # No EOS, no minimum length: both must produce exactly --new-tokens tokens.

@@ -85,8 +85,15 @@ def data_module(args: argparse.Namespace, group_by_length: bool, pack: bool = Fa
 
     # shuffle=False: every ungrouped run sees the same batches in file order.
     return InstructDataModule(
-        source=str(args.data), tokenizer_path=str(args.tokenizer), max_seq_len=2048, batch_size=args.batch,
-        shuffle=group_by_length, group_by_length=group_by_length, pack=pack, seed=0, cache_dir=str(args.cache_dir),
+        source=str(args.data),
+        tokenizer_path=str(args.tokenizer),
+        max_seq_len=2048,
+        batch_size=args.batch,
+        shuffle=group_by_length,
+        group_by_length=group_by_length,
+        pack=pack,
+        seed=0,
+        cache_dir=str(args.cache_dir),
     )
 
 
@@ -125,8 +132,16 @@ def run_ours(args: argparse.Namespace, recipe: str, precision: str, grouped: boo
             starts.append(time.perf_counter())
 
     trainer = lightning.Trainer(
-        max_steps=args.steps, accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer()], default_root_dir=str(args.cache_dir / "runs"),
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StepTimer()],
+        default_root_dir=str(args.cache_dir / "runs"),
     )
     torch.manual_seed(0)
     if prof is not None:
@@ -149,9 +164,16 @@ def run_plain(args: argparse.Namespace, recipe: str) -> tuple[list[float], list[
 
     cfg = shape(args)
     config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["embed_dim"], intermediate_size=cfg["intermediate_dim"], num_hidden_layers=cfg["num_layers"],
-        num_attention_heads=cfg["num_heads"], num_key_value_heads=cfg["num_kv_heads"], max_position_embeddings=cfg["max_seq_len"],
-        rms_norm_eps=1e-5, attn_implementation="sdpa", tie_word_embeddings=False,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["embed_dim"],
+        intermediate_size=cfg["intermediate_dim"],
+        num_hidden_layers=cfg["num_layers"],
+        num_attention_heads=cfg["num_heads"],
+        num_key_value_heads=cfg["num_kv_heads"],
+        max_position_embeddings=cfg["max_seq_len"],
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
@@ -304,8 +326,12 @@ def main() -> None:
         run_rates = [sum(run["tokens"][3:]) / sum(run["times"][3:]) for run in runs[name]]
         peak = peaks["bf16"] if precision.startswith("bf16") else peaks["fp32"]
         rows[name] = dict(
-            recipe=recipe, step=statistics.median(best), rate=rate, run_rate=statistics.median(run_rates),
-            rss=statistics.median(run["rss_gib"] for run in runs[name]), mfu=flops_per_token[recipe] * rate / peak,
+            recipe=recipe,
+            step=statistics.median(best),
+            rate=rate,
+            run_rate=statistics.median(run_rates),
+            rss=statistics.median(run["rss_gib"] for run in runs[name]),
+            mfu=flops_per_token[recipe] * rate / peak,
         )
 
     transformers_version = peft_version = "?"

@@ -38,9 +38,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from lightning_tune.checkpoint import from_pretrained
     from lightning_tune.cli.check import check_config
-    from lightning_tune.data import ChatDataModule, InstructDataModule
+    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule
     from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
-    from lightning_tune.data import PreferenceDataModule
     from lightning_tune.modules import DPOFinetune, FullFinetune, LoRAFinetune
     from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 

@@ -113,4 +113,6 @@ class DivergenceGuard(pl.Callback):
         step = trainer.global_step + 1  # the optimiser step being computed, counting from 1
         value = "NaN" if torch.isnan(loss.detach()).any() else "inf"
         cause = _describe_nonfinite(getattr(self, "_batch", None), pl_module)
-        raise DivergenceError(f"training diverged: loss is {value} at step {step} (batch {trainer.fit_loop.epoch_loop.batch_idx} of epoch {trainer.current_epoch}); {cause}; no checkpoint was written for this step")
+        raise DivergenceError(
+            f"training diverged: loss is {value} at step {step} (batch {trainer.fit_loop.epoch_loop.batch_idx} of epoch {trainer.current_epoch}); {cause}; no checkpoint was written for this step"
+        )

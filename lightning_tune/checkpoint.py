@@ -29,6 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_tune.families import family_for, hf_mapping
+from lightning_tune.families.base import HFMapping
+from lightning_tune.families.llama2 import META_KEYS
 from lightning_tune.lora import (
     QLinear,
     apply_lora,
@@ -36,9 +39,6 @@ from lightning_tune.lora import (
     lora_modules,
     quantized_base_shapes,
 )
-from lightning_tune.families import family_for, hf_mapping
-from lightning_tune.families.base import HFMapping
-from lightning_tune.families.llama2 import META_KEYS
 from lightning_tune.model import Llama, LlamaConfig
 
 
@@ -56,10 +56,23 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 
 # PEFT options that change an adapter's math or layout; each must be absent or at its plain-LoRA value.
 PEFT_PLAIN_LORA: dict[str, object] = {
-    "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False,
-    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
-    "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
-    "alora_invocation_tokens": None, "exclude_modules": None, "use_bdlora": None, "arrow_config": None,
+    "bias": "none",
+    "use_dora": False,
+    "use_rslora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+    "exclude_modules": None,
+    "use_bdlora": None,
+    "arrow_config": None,
 }
 # init_lora_weights values that leave the base weights untouched (PiSSA, OLoRA, LoftQ, CorDA rewrite them).
 PEFT_PLAIN_INITS = (True, False, None, "gaussian")
@@ -319,8 +332,11 @@ def config_to_hf(config: LlamaConfig, torch_dtype: torch.dtype = torch.float32, 
         rope_scaling = {"rope_type": "linear", "factor": config.rope_factor}
     elif config.rope_type == "llama3":
         rope_scaling = {
-            "rope_type": "llama3", "factor": config.rope_factor, "low_freq_factor": config.rope_low_freq_factor,
-            "high_freq_factor": config.rope_high_freq_factor, "original_max_position_embeddings": config.rope_original_max_seq_len,
+            "rope_type": "llama3",
+            "factor": config.rope_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_seq_len,
         }
     if token_ids is None:  # the family's released ids, where they fit the vocabulary (not a toy's)
         family = family_for(config)
@@ -400,8 +416,7 @@ def torch_load_weights_only(path: Path, map_location: object = "cpu", *, mmap: b
     except pickle.UnpicklingError as err:
         if "GLOBAL" in str(err):  # a class or function the file would import and call
             raise CheckpointError(
-                f"{path}: refused: the file holds Python objects other than tensors and plain containers, "
-                "which could run code when loaded (only weights-only files are read)"
+                f"{path}: refused: the file holds Python objects other than tensors and plain containers, which could run code when loaded (only weights-only files are read)"
             ) from None
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint (corrupt, or not written by torch.save)") from None
     except Exception as err:  # noqa: BLE001 - every unreadable file gets one line

@@ -96,4 +96,3 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
             raise CheckpointError(f"{ckpt_path}: a full fine-tuning checkpoint has no adapters; use --format hf")
         return save_peft_adapter(module.model, output, base_model_name_or_path=module.checkpoint_dir)
     return save_hf_checkpoint(module.export_state_dict(), module.model.config, output, tokenizer_path=module.tokenizer_path)
-

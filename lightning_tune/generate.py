@@ -93,8 +93,7 @@ def _check_prompts(model: Llama, prompts: list[list[int]], max_new_tokens: int) 
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.config.max_seq_len:
         raise ValueError(
-            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"max_seq_len ({model.config.max_seq_len}): shorten the prompt or ask for fewer tokens"
+            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's max_seq_len ({model.config.max_seq_len}): shorten the prompt or ask for fewer tokens"
         )
 
 
@@ -342,8 +341,16 @@ def generate_text(
     prompt_ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
     streamer = TextStreamer(tokenizer, prompt_ids, print_fn=None if stream else (lambda s: None))
     generate(
-        model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id, pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0, seed=seed, on_tokens=streamer,
+        model,
+        [prompt_ids],
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id,
+        pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0,
+        seed=seed,
+        on_tokens=streamer,
     )
     streamer.finish()
     return streamer.text, streamer.stats()

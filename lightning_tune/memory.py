@@ -143,7 +143,7 @@ def decoder_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_si
     totals = []
     for layers in (1, 2):
         model = build_meta_model(replace(config, num_layers=layers), adapt, dtype, checkpointing)
-        totals.append(saved_bytes(lambda: model.model(tokens), model))
+        totals.append(saved_bytes(lambda model=model: model.model(tokens), model))
     per_layer = totals[1] - totals[0]
     return totals[0] - per_layer, per_layer
 

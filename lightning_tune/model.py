@@ -443,8 +443,12 @@ class CausalLM(nn.Module):
         ref = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(
-                batch_size, max_seq_len or self.config.max_seq_len, self.config.num_kv_heads, self.config.head_dim,
-                dtype or ref.dtype, device or ref.device,
+                batch_size,
+                max_seq_len or self.config.max_seq_len,
+                self.config.num_kv_heads,
+                self.config.head_dim,
+                dtype or ref.dtype,
+                device or ref.device,
             )
 
     def reset_kv_cache(self) -> None:

@@ -138,14 +138,12 @@ def strategy_problems(trainer: dict[str, Any]) -> list[str]:
     kind, _ = strategy_of(trainer)
     devices, nodes = device_count(trainer), node_count(trainer)
     if kind == "fsdp" and name not in FSDP2_NAMES and devices * nodes > 1:
-        return [f"trainer.strategy: Lightning's FSDPStrategy (FSDP1) on {devices} x {nodes} processes would load the whole model "
-                "in every process; use --trainer.strategy fsdp2"]
+        return [f"trainer.strategy: Lightning's FSDPStrategy (FSDP1) on {devices} x {nodes} processes would load the whole model in every process; use --trainer.strategy fsdp2"]
     if name == "modelparallelstrategy":
         tensor_parallel = init_args.get("tensor_parallel_size", "auto")
         tensor_parallel = devices if tensor_parallel == "auto" else int(tensor_parallel)  # Lightning's "auto": the devices of a node
         if tensor_parallel != 1:
-            return [f"trainer.strategy: ModelParallelStrategy with tensor_parallel_size {tensor_parallel}, but lightning_tune shards "
-                    "with FSDP2 only; use --trainer.strategy fsdp2"]
+            return [f"trainer.strategy: ModelParallelStrategy with tensor_parallel_size {tensor_parallel}, but lightning_tune shards with FSDP2 only; use --trainer.strategy fsdp2"]
     return []
 
 

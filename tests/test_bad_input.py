@@ -43,8 +43,9 @@ def lora_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, lora_rank=2, lora_dropout=0.0, warmup_steps=0, export=False)
     checkpoints = ModelCheckpoint(dirpath=root, filename="last")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=root, callbacks=[checkpoints], plugins=[AtomicCheckpointIO()])
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, callbacks=[checkpoints], plugins=[AtomicCheckpointIO()]
+    )
     trainer.fit(module, DataLoader(batches(1), batch_size=None))
     return root / "last.ckpt"
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from hf_helpers import tiny_hf_llama
+from safetensors.torch import load_file, save_file
 
 from lightning_tune import checkpoint
 from lightning_tune.checkpoint import (

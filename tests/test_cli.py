@@ -223,13 +223,27 @@ def test_resume_does_not_let_the_checkpoint_override_the_command_line(tmp_path):
     ones). The command line wins: the saved config says rank 8, and the run never trains rank 4 (the
     recipe refuses a checkpoint that does not fit)."""
     tiny = "--model.init_args.model_args={vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}"
-    common = ["fit", "--config", "tiny_lora.yaml", tiny, "--data.max_seq_len=64", "--data.batch_size=2", "--data.val_size=0", "--trainer.limit_val_batches=0",
-              "--trainer.val_check_interval=null", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.callbacks.init_args.every_n_train_steps=1"]
+    common = [
+        "fit",
+        "--config",
+        "tiny_lora.yaml",
+        tiny,
+        "--data.max_seq_len=64",
+        "--data.batch_size=2",
+        "--data.val_size=0",
+        "--trainer.limit_val_batches=0",
+        "--trainer.val_check_interval=null",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks.init_args.every_n_train_steps=1",
+    ]
     first, second = tmp_path / "rank4", tmp_path / "rank8"
-    runs = run_cases([
-        [*common, "--model.init_args.lora_rank=4", "--trainer.max_steps=2", f"--trainer.default_root_dir={first}"],
-        [*common, "--model.init_args.lora_rank=8", "--trainer.max_steps=4", f"--trainer.default_root_dir={second}", f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
-    ])
+    runs = run_cases(
+        [
+            [*common, "--model.init_args.lora_rank=4", "--trainer.max_steps=2", f"--trainer.default_root_dir={first}"],
+            [*common, "--model.init_args.lora_rank=8", "--trainer.max_steps=4", f"--trainer.default_root_dir={second}", f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
+        ]
+    )
     assert runs[0][0] == 0, runs[0]
     code, lines = runs[1]
     for saved in second.rglob("config.yaml"):

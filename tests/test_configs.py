@@ -102,9 +102,24 @@ def test_default_root_dir_moves_logs_checkpoints_and_exports(tmp_path, monkeypat
     monkeypatch.chdir(cwd)
     root = tmp_path / "elsewhere"
     tiny = "--model.init_args.model_args={vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}"
-    code = main(["fit", "--config", "tiny_lora.yaml", tiny, "--data.max_seq_len=64", "--data.batch_size=2", "--data.val_size=0", "--trainer.limit_val_batches=0",
-                 "--trainer.val_check_interval=null", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
-                 "--trainer.callbacks.init_args.every_n_train_steps=1"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            "tiny_lora.yaml",
+            tiny,
+            "--data.max_seq_len=64",
+            "--data.batch_size=2",
+            "--data.val_size=0",
+            "--trainer.limit_val_batches=0",
+            "--trainer.val_check_interval=null",
+            "--trainer.max_steps=2",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.callbacks.init_args.every_n_train_steps=1",
+        ]
+    )
     assert code == 0
     assert (root / "logs" / "version_0" / "metrics.csv").is_file()
     assert (root / "checkpoints" / "last.ckpt").is_file()

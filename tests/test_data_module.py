@@ -8,11 +8,11 @@ from pathlib import Path
 import datasets
 import huggingface_hub.constants
 import lightning
-from lightning.pytorch.callbacks import ModelCheckpoint
 import pandas as pd
 import pytest
 import sentencepiece as spm
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import lightning_tune.data.datamodule as datamodule_module
@@ -176,9 +176,7 @@ class TinyModel(lightning.LightningModule):
 def test_plain_lightning_trainer_loop(tmp_path) -> None:
     dm = InstructDataModule(source="demo", batch_size=4, cache_dir=str(tmp_path / "cache"))
     model = TinyModel(vocab_size=512)
-    trainer = lightning.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
-    )
+    trainer = lightning.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2 and len(model.seen) == 2
 

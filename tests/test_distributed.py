@@ -235,6 +235,7 @@ def test_fsdp_run_killed_and_resumed_from_its_sharded_checkpoint_equals_uninterr
     for key, value in load_file(broken / "adapter" / "adapter_model.safetensors").items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
 
+
 def metrics_of(root: Path, version: str) -> dict[int, float]:
     with (root / "logs" / version / "metrics.csv").open() as file:
         return {int(row["step"]): float(row["train_loss"]) for row in csv.DictReader(file) if row.get("train_loss")}

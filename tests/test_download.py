@@ -24,12 +24,25 @@ def download_command(argv: list[str]) -> int:
     """The `download` verb through the CLI's entry point (its error policy included)."""
     return main(["download", *argv])
 
+
 HF_7B_FILES = [
-    ".gitattributes", "LICENSE.txt", "README.md", "Responsible-Use-Guide.pdf", "USE_POLICY.md",
-    "config.json", "generation_config.json",
-    "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-    "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-    "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    ".gitattributes",
+    "LICENSE.txt",
+    "README.md",
+    "Responsible-Use-Guide.pdf",
+    "USE_POLICY.md",
+    "config.json",
+    "generation_config.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model-00001-of-00002.bin",
+    "pytorch_model-00002-of-00002.bin",
+    "pytorch_model.bin.index.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
 ]
 META_7B_FILES = ["LICENSE.txt", "README.md", "checklist.chk", "consolidated.00.pth", "params.json", "tokenizer.model"]
 
@@ -49,16 +62,24 @@ def hub_error(status: int, error_code: str | None = None) -> Exception:
 
 def test_select_files_prefers_safetensors_and_skips_the_rest():
     assert select_files(HF_7B_FILES) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-        "config.json", "generation_config.json", "tokenizer.model",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.model",
     ]
 
 
 def test_select_files_bin_then_meta():
     bin_only = [f for f in HF_7B_FILES if not f.startswith("model")]
     assert select_files(bin_only) == [
-        "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-        "config.json", "generation_config.json", "tokenizer.model",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.model",
     ]
     assert select_files(META_7B_FILES) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
     # Copies in sub-folders (e.g. original/) are not fetched twice.

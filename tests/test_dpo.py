@@ -68,7 +68,9 @@ def our_module(base: Path, **kwargs) -> DPOFinetune:
 
 
 def our_batch(base: Path, tmp_path: Path, pairs: list[dict]) -> dict[str, torch.Tensor]:
-    data = PreferenceDataModule(source=str(write_pairs(tmp_path / "pairs.jsonl", pairs)), tokenizer_path=str(base), template="none", max_seq_len=32, batch_size=len(pairs), shuffle=False, cache_dir=str(tmp_path / "cache"))
+    data = PreferenceDataModule(
+        source=str(write_pairs(tmp_path / "pairs.jsonl", pairs)), tokenizer_path=str(base), template="none", max_seq_len=32, batch_size=len(pairs), shuffle=False, cache_dir=str(tmp_path / "cache")
+    )
     data.setup("fit")
     return next(iter(data.train_dataloader()))
 
@@ -95,8 +97,18 @@ def trl_step(base: Path, tmp_path: Path, lora: dict[str, torch.Tensor], beta: fl
                     grads[name.removeprefix("base_model.model.").replace(".default.weight", "")] = param.grad.detach().clone()
 
     config = DPOConfig(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS), max_steps=1, learning_rate=0.0, beta=beta,
-        logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0, max_grad_norm=0.0, gradient_checkpointing=False,  # 0: no clipping (gradients compared raw)
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=len(PAIRS),
+        max_steps=1,
+        learning_rate=0.0,
+        beta=beta,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        max_grad_norm=0.0,
+        gradient_checkpointing=False,  # 0: no clipping (gradients compared raw)
         bf16=False,  # TRL defaults to bf16 autocast even on a CPU; the comparison is fp32 against fp32
     )
     # A new adapter (peft_config), so TRL's reference is the base with the adapter disabled (given an
@@ -263,7 +275,15 @@ def test_conversational_pairs_mask_the_prompt_and_train_the_reply(tmp_path: Path
     ]
     from lightning_tune.data.base import DEMO_TOKENIZER
 
-    data = PreferenceDataModule(source=str(write_pairs(tmp_path / "chat.jsonl", pairs)), tokenizer_path=str(DEMO_TOKENIZER), chat_template="llama2", max_seq_len=64, batch_size=2, shuffle=False, cache_dir=str(tmp_path / "cache"))
+    data = PreferenceDataModule(
+        source=str(write_pairs(tmp_path / "chat.jsonl", pairs)),
+        tokenizer_path=str(DEMO_TOKENIZER),
+        chat_template="llama2",
+        max_seq_len=64,
+        batch_size=2,
+        shuffle=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4  # [chosen 0, chosen 1, rejected 0, rejected 1]

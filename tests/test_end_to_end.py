@@ -35,7 +35,17 @@ def hf_base(tmp_path_factory):
 
 def fit_lora(hf_base, out_dir, steps: int = 4) -> LoRAFinetune:
     pl.seed_everything(0)
-    module = LoRAFinetune(checkpoint_dir=str(hf_base), tokenizer_path=str(hf_base / "tokenizer.model"), lr=1e-2, warmup_steps=0, lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_attn_modules=["q_proj", "v_proj", "o_proj"], apply_lora_to_mlp=True)
+    module = LoRAFinetune(
+        checkpoint_dir=str(hf_base),
+        tokenizer_path=str(hf_base / "tokenizer.model"),
+        lr=1e-2,
+        warmup_steps=0,
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_attn_modules=["q_proj", "v_proj", "o_proj"],
+        apply_lora_to_mlp=True,
+    )
     data = InstructDataModule(source="demo", tokenizer_path=str(hf_base / "tokenizer.model"), max_seq_len=96, batch_size=4, cache_dir=str(out_dir / "cache"))
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=out_dir, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
@@ -94,7 +104,24 @@ def test_tiny_demo_learns_and_generates_what_it_learned(tmp_path, capsys):
     import csv
 
     run = tmp_path / "demo"
-    assert main(["fit", "--config", "tiny_full.yaml", "--trainer.max_steps=300", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}", f"--trainer.callbacks.init_args.dirpath={run}/checkpoints", "--data.val_size=0", "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                "tiny_full.yaml",
+                "--trainer.max_steps=300",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={run}",
+                f"--trainer.logger.init_args.save_dir={run}",
+                f"--trainer.callbacks.init_args.dirpath={run}/checkpoints",
+                "--data.val_size=0",
+                "--trainer.val_check_interval=null",
+                "--trainer.limit_val_batches=0",
+            ]
+        )
+        == 0
+    )
     rows = [r for r in csv.DictReader(open(next(run.rglob("metrics.csv")))) if r.get("train_loss")]
     first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
     assert last < 0.5 * first, (first, last)

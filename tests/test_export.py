@@ -34,8 +34,9 @@ class RecordTrainable(pl.Callback):
 def train(module: pl.LightningModule, root: Path, steps: int = 3) -> RecordTrainable:
     record = RecordTrainable()
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=root, callbacks=[record, checkpoints], plugins=[AtomicCheckpointIO()])
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, callbacks=[record, checkpoints], plugins=[AtomicCheckpointIO()]
+    )
     trainer.fit(module, DataLoader(batches(steps, masked_prompt=4), batch_size=None))
     return record
 
@@ -53,8 +54,7 @@ def base_dir(tmp_path_factory) -> Path:
 def lora_run(base_dir, tmp_path_factory) -> tuple[Path, RecordTrainable]:
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
-    module = LoRAFinetune(checkpoint_dir=str(base_dir), lora_rank=4, lora_dropout=0.0, lr=1e-2, warmup_steps=0, export=False,
-                          lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True)
+    module = LoRAFinetune(checkpoint_dir=str(base_dir), lora_rank=4, lora_dropout=0.0, lr=1e-2, warmup_steps=0, export=False, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True)
     return root, train(module, root)
 
 
@@ -197,8 +197,7 @@ def test_fit_end_export_replaces_a_previous_runs_export(base_dir, tmp_path) -> N
     for seed in (0, 1):
         torch.manual_seed(seed)
         module = LoRAFinetune(checkpoint_dir=str(base_dir), lora_rank=4, lora_dropout=0.0, lr=1e-2, warmup_steps=0, lora_attn_modules=["q_proj"])
-        trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
         trainer.fit(module, DataLoader(batches(1, masked_prompt=4), batch_size=None))
         exported.append({name: files(tmp_path / name) for name in ("adapter", "merged")})
     assert exported[0]["adapter"] != exported[1]["adapter"] and exported[0]["merged"].keys() == exported[1]["merged"].keys()

@@ -25,8 +25,16 @@ from lightning_tune.modules import LoRAFinetune
 
 def fit(module: pl.LightningModule, root: Path, steps: int, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, save_last=True, filename="{step}")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=root, callbacks=[DivergenceGuard(), *callbacks, checkpoints], plugins=[AtomicCheckpointIO()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[DivergenceGuard(), *callbacks, checkpoints],
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(module, DataLoader(batches(steps), batch_size=None))
     return trainer
 

@@ -192,8 +192,7 @@ def fit(recipe, path: Path, root: Path, **kwargs):
 
     torch.manual_seed(0)
     module = recipe(checkpoint_dir=str(path), lr=1e-2, warmup_steps=0, **kwargs)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=root)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     trainer.fit(module, DataLoader(batches(2, masked_prompt=4), batch_size=None))
     return module.model.eval()
 
@@ -237,17 +236,48 @@ def test_download_selects_what_each_family_loads() -> None:
     from lightning_tune.download import select_files
 
     shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
-    llama3 = [".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json", *shards, "model.safetensors.index.json",
-              "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    llama3 = [
+        ".gitattributes",
+        "LICENSE",
+        "README.md",
+        "USE_POLICY.md",
+        "config.json",
+        "generation_config.json",
+        *shards,
+        "model.safetensors.index.json",
+        "original/consolidated.00.pth",
+        "original/params.json",
+        "original/tokenizer.model",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert select_files(llama3) == [*shards, "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
     qwen = ["LICENSE", "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
     assert select_files(qwen) == ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
-    mistral = ["config.json", "generation_config.json", "consolidated.safetensors", "model.safetensors", "params.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json"]
+    mistral = [
+        "config.json",
+        "generation_config.json",
+        "consolidated.safetensors",
+        "model.safetensors",
+        "params.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer.model.v3",
+        "tokenizer_config.json",
+    ]
     assert select_files(mistral) == ["model.safetensors", "config.json", "generation_config.json", "params.json", "tokenizer.model"]  # not Mistral's own copy
 
 
-FAMILY_CONFIGS = ["alpaca_llama3_1_8b_lora.yaml", "alpaca_llama3_1_8b_full.yaml", "alpaca_llama3_1_70b_lora.yaml", "alpaca_qwen3_8b_lora.yaml",
-                  "alpaca_qwen3_8b_full.yaml", "alpaca_qwen2_5_7b_lora.yaml", "alpaca_smollm2_1_7b_lora.yaml"]
+FAMILY_CONFIGS = [
+    "alpaca_llama3_1_8b_lora.yaml",
+    "alpaca_llama3_1_8b_full.yaml",
+    "alpaca_llama3_1_70b_lora.yaml",
+    "alpaca_qwen3_8b_lora.yaml",
+    "alpaca_qwen3_8b_full.yaml",
+    "alpaca_qwen2_5_7b_lora.yaml",
+    "alpaca_smollm2_1_7b_lora.yaml",
+]
 
 
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)

@@ -16,12 +16,19 @@ PROMPTS = [[1, 17, 93, 200, 45, 8, 130], [1, 77], [1, 3, 250, 61]]  # lengths 7,
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
-def models(request) -> tuple[Llama, "transformers.LlamaForCausalLM"]:
+def models(request) -> tuple[Llama, transformers.LlamaForCausalLM]:
     """A random tiny HF Llama (GQA 4/2 heads) and ours with the very same weights."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, attn_implementation=request.param,  # Llama 2 eps, HF default is 1e-6
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        attn_implementation=request.param,  # Llama 2 eps, HF default is 1e-6
     )
     hf = transformers.LlamaForCausalLM(config).eval()
     ours = llama2(vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=176, max_seq_len=128)

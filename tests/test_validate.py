@@ -20,6 +20,7 @@ def validate_command(argv: list[str]) -> int:
     """The `validate` verb through the CLI's entry point (its error policy included)."""
     return main(["validate", *argv])
 
+
 # Runs a config for 3 optimiser steps on full-length, fully labelled batches (the worst case the
 # estimate assumes) and prints the estimate and the peak RSS increase over the pre-fit baseline.
 # MALLOC_MMAP_THRESHOLD_ makes glibc return large freed blocks at once, so RSS tracks live tensors.

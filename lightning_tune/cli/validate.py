@@ -32,20 +32,24 @@ def main(argv: list[str]) -> int:
         return 2
     model, s = result.model, result.settings
     print(f"recipe                {type(model).__name__} ({model.model_name or model.checkpoint_dir})")
-    print(f"run                   batch_size {s['batch_size']} x max_seq_len {s['seq_len']}, precision {s['precision']}, "
-          f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, strategy {s['strategy']}, "
-          f"{s['devices']} device(s) x {s['num_nodes']} node(s)")
+    print(
+        f"run                   batch_size {s['batch_size']} x max_seq_len {s['seq_len']}, precision {s['precision']}, "
+        f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, strategy {s['strategy']}, "
+        f"{s['devices']} device(s) x {s['num_nodes']} node(s)"
+    )
     device_memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     for line in result.estimate.lines(device_memory):
         print(line)
     if s["strategy"] == "fsdp" and not s["fsdp_wrapped_layers"] and s["devices"] * s["num_nodes"] == 1:
-        print("note: FSDP without auto_wrap_policy gathers the whole model for compute (counted above); "
-              "--trainer.strategy fsdp2 shards each decoder layer", file=sys.stderr)
+        print("note: FSDP without auto_wrap_policy gathers the whole model for compute (counted above); --trainer.strategy fsdp2 shards each decoder layer", file=sys.stderr)
     if result.problems:
         return 2
     if device_memory is not None and result.estimate.total > device_memory:
-        print(f"error: estimated peak {result.estimate.total / GIB:.1f} GiB exceeds this GPU's {device_memory / GIB:.1f} GiB; "
-              "lower data.batch_size, enable activation_checkpointing, use bf16-true, or use more devices with --trainer.strategy fsdp2", file=sys.stderr)
+        print(
+            f"error: estimated peak {result.estimate.total / GIB:.1f} GiB exceeds this GPU's {device_memory / GIB:.1f} GiB; "
+            "lower data.batch_size, enable activation_checkpointing, use bf16-true, or use more devices with --trainer.strategy fsdp2",
+            file=sys.stderr,
+        )
         return 1
     print("config OK")
     return 0

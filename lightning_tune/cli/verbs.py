@@ -19,7 +19,11 @@ class Verb(NamedTuple):
 
 
 VERBS: dict[str, Verb] = {
-    "fit": Verb("lightning_tune.cli.fit:fit", "fit", "run a recipe through LightningCLI: --config FILE_OR_NAME, --print_config, --KEY VALUE overrides (fit --help lists every key); --ckpt_path last resumes a run"),
+    "fit": Verb(
+        "lightning_tune.cli.fit:fit",
+        "fit",
+        "run a recipe through LightningCLI: --config FILE_OR_NAME, --print_config, --KEY VALUE overrides (fit --help lists every key); --ckpt_path last resumes a run",
+    ),
     "test": Verb("lightning_tune.cli.fit:test", "test", "the recipe's loss on the held-out split (LightningCLI, like fit)"),
     "validate": Verb("lightning_tune.cli.validate:main", "validate", "check a config without training: paths, parameters, memory per device"),
     "check-config": Verb("lightning_tune.cli.check:main", "check-config FILE", "parse a config, round-trip --print_config and train two shrunk steps (for your own configs and recipes)"),

@@ -93,7 +93,6 @@ class LengthGroupedSampler(ResumableDistributedSampler):
         return indices[self.rank :: self.num_replicas]
 
 
-
 class _EpochIterator(Iterator[int]):
     """One epoch of a `ResumableDistributedSampler`; `state_dict` records (epoch, yielded) for resume."""
 

@@ -23,8 +23,16 @@ FAMILY = Family(
     sizes={
         "llama3_1_8b": Size({**_BASE, **_ROPE_3_1, "num_layers": 32, "num_heads": 32, "embed_dim": 4096, "intermediate_dim": 14336}, 8_030_261_248, "meta-llama/Llama-3.1-8B"),
         "llama3_1_70b": Size({**_BASE, **_ROPE_3_1, "num_layers": 80, "num_heads": 64, "embed_dim": 8192, "intermediate_dim": 28672}, 70_553_706_496, "meta-llama/Llama-3.1-70B"),
-        "llama3_2_1b": Size({**_BASE, **_ROPE_3_2, "num_layers": 16, "num_heads": 32, "embed_dim": 2048, "intermediate_dim": 8192, "head_dim": 64, "tie_word_embeddings": True}, 1_235_814_400, "meta-llama/Llama-3.2-1B"),
-        "llama3_2_3b": Size({**_BASE, **_ROPE_3_2, "num_layers": 28, "num_heads": 24, "embed_dim": 3072, "intermediate_dim": 8192, "head_dim": 128, "tie_word_embeddings": True}, 3_212_749_824, "meta-llama/Llama-3.2-3B"),
+        "llama3_2_1b": Size(
+            {**_BASE, **_ROPE_3_2, "num_layers": 16, "num_heads": 32, "embed_dim": 2048, "intermediate_dim": 8192, "head_dim": 64, "tie_word_embeddings": True},
+            1_235_814_400,
+            "meta-llama/Llama-3.2-1B",
+        ),
+        "llama3_2_3b": Size(
+            {**_BASE, **_ROPE_3_2, "num_layers": 28, "num_heads": 24, "embed_dim": 3072, "intermediate_dim": 8192, "head_dim": 128, "tie_word_embeddings": True},
+            3_212_749_824,
+            "meta-llama/Llama-3.2-3B",
+        ),
         # Instruction-tuned only (there is no base 3.3 release).
         "llama3_3_70b": Size({**_BASE, **_ROPE_3_1, "num_layers": 80, "num_heads": 64, "embed_dim": 8192, "intermediate_dim": 28672}, 70_553_706_496, "meta-llama/Llama-3.3-70B-Instruct"),
     },

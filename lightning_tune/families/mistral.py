@@ -22,7 +22,19 @@ FAMILY = Family(
     hf=MISTRAL_HF,
     sizes={
         "mistral_7b_v0_3": Size(
-            dict(vocab_size=32768, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096, intermediate_dim=14336, max_seq_len=32768, norm_eps=1e-5, rope_base=1000000.0, sliding_window=None, model_type="mistral"),
+            dict(
+                vocab_size=32768,
+                num_layers=32,
+                num_heads=32,
+                num_kv_heads=8,
+                embed_dim=4096,
+                intermediate_dim=14336,
+                max_seq_len=32768,
+                norm_eps=1e-5,
+                rope_base=1000000.0,
+                sliding_window=None,
+                model_type="mistral",
+            ),
             7_248_023_552,
             "mistralai/Mistral-7B-v0.3",
         ),

@@ -12,7 +12,16 @@ from lightning_tune.families.base import Family, HFMapping, Size
 QWEN2_HF = HFMapping(
     model_type="qwen2",
     architecture="Qwen2ForCausalLM",
-    defaults={"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "head_dim": None, "num_key_value_heads": 32, "use_sliding_window": False, "max_window_layers": 28},
+    defaults={
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "head_dim": None,
+        "num_key_value_heads": 32,
+        "use_sliding_window": False,
+        "max_window_layers": 28,
+    },
     attention_bias="qkv",
     sliding_window="per_layer",
 )

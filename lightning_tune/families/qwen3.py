@@ -14,7 +14,17 @@ from lightning_tune.families.qwen2 import QWEN_TOKENS
 QWEN3_HF = HFMapping(
     model_type="qwen3",
     architecture="Qwen3ForCausalLM",
-    defaults={"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False, "head_dim": 128, "num_key_value_heads": 32, "use_sliding_window": False, "max_window_layers": 28},
+    defaults={
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "head_dim": 128,
+        "num_key_value_heads": 32,
+        "use_sliding_window": False,
+        "max_window_layers": 28,
+    },
     attention_bias="flag",
     qk_norm=True,
     sliding_window="per_layer",

@@ -16,12 +16,25 @@ FAMILY = Family(
     name="smollm2",
     hf=LLAMA_HF,
     sizes={
-        "smollm2_135m": Size({**_BASE, "rope_base": 100000.0, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "embed_dim": 576, "intermediate_dim": 1536}, 134_515_008, "HuggingFaceTB/SmolLM2-135M"),
-        "smollm2_360m": Size({**_BASE, "rope_base": 100000.0, "num_layers": 32, "num_heads": 15, "num_kv_heads": 5, "embed_dim": 960, "intermediate_dim": 2560}, 361_821_120, "HuggingFaceTB/SmolLM2-360M"),
-        "smollm2_1_7b": Size({**_BASE, "rope_base": 130000.0, "num_layers": 24, "num_heads": 32, "num_kv_heads": 32, "embed_dim": 2048, "intermediate_dim": 8192}, 1_711_376_384, "HuggingFaceTB/SmolLM2-1.7B"),
+        "smollm2_135m": Size(
+            {**_BASE, "rope_base": 100000.0, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "embed_dim": 576, "intermediate_dim": 1536}, 134_515_008, "HuggingFaceTB/SmolLM2-135M"
+        ),
+        "smollm2_360m": Size(
+            {**_BASE, "rope_base": 100000.0, "num_layers": 32, "num_heads": 15, "num_kv_heads": 5, "embed_dim": 960, "intermediate_dim": 2560}, 361_821_120, "HuggingFaceTB/SmolLM2-360M"
+        ),
+        "smollm2_1_7b": Size(
+            {**_BASE, "rope_base": 130000.0, "num_layers": 24, "num_heads": 32, "num_kv_heads": 32, "embed_dim": 2048, "intermediate_dim": 8192}, 1_711_376_384, "HuggingFaceTB/SmolLM2-1.7B"
+        ),
     },
     # The Instruct models' ids (<|endoftext|> 0 is also the base models' bos/eos).
-    special_tokens={"bos": ("<|im_start|>", 1), "eos": ("<|im_end|>", 2), "pad": ("<|im_end|>", 2), "end_of_text": ("<|endoftext|>", 0), "start_of_turn": ("<|im_start|>", 1), "end_of_turn": ("<|im_end|>", 2)},
+    special_tokens={
+        "bos": ("<|im_start|>", 1),
+        "eos": ("<|im_end|>", 2),
+        "pad": ("<|im_end|>", 2),
+        "end_of_text": ("<|endoftext|>", 0),
+        "start_of_turn": ("<|im_start|>", 1),
+        "end_of_turn": ("<|im_end|>", 2),
+    },
     stop_tokens=("end_of_turn", "end_of_text"),
     chat_template="chatml",
 )

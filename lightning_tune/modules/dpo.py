@@ -163,9 +163,7 @@ class DPOFinetune(LoRAFinetune):
         reference = self.reference_logprobs(batch)
         pairs = policy.shape[0] // 2
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
-        return dpo_loss(
-            policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta, self.loss_type, self.label_smoothing, tokens[:pairs], tokens[pairs:]
-        )
+        return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta, self.loss_type, self.label_smoothing, tokens[:pairs], tokens[pairs:])
 
     def loss_sum(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed per-pair DPO loss and the number of pairs: the base recipe divides the step's
@@ -185,4 +183,3 @@ class DPOFinetune(LoRAFinetune):
         self.log_dict(dict(zip(names, sums, strict=True)), on_step=True, on_epoch=False, batch_size=1)
         self._step_rewards = torch.zeros_like(self._step_rewards)
         super().on_before_optimizer_step(optimizer)
-
