@@ -3,7 +3,7 @@
 #
 # The same recipe as `python -m lightning_tune fit --config tiny_lora.yaml`, built by hand: a tiny
 # random-init Llama 2 with LoRA adapters learns the bundled demo instructions on a CPU, exports a
-# Hugging Face directory, and generates. For a real Llama 2, set `model=None,
+# Hugging Face directory, and generates. For a real Llama 2, set `model_name=None,
 # checkpoint_dir="checkpoints/meta-llama/Llama-2-7b-hf"` (see `python -m lightning_tune download`),
 # `source="tatsu-lab/alpaca"` and the checkpoint's `tokenizer.model`, and train on a GPU.
 #
@@ -32,7 +32,7 @@ lightning.seed_everything(42)
 # %%
 data = lightning_tune.InstructDataModule(source="demo", max_seq_len=128, batch_size=16, val_size=64)
 recipe = lightning_tune.LoRAFinetune(
-    model="tiny_llama2",
+    model_name="tiny_llama2",
     model_args={"vocab_size": 512},  # the demo tokenizer's vocabulary
     tokenizer_path=data.tokenizer_path,
     max_seq_len=data.max_seq_len,

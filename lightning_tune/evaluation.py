@@ -392,11 +392,7 @@ def load_for_eval(
     if path.is_file() and path.suffix == ".ckpt":
         from lightning_tune.export import load_recipe_from_checkpoint
 
-        module = load_recipe_from_checkpoint(path)
-        if module.checkpoint_dir is None and not module.strict_loading:
-            # LoRA checkpoints hold the adapters only; a random-init base is not stored, so rebuilding
-            # it here would draw other weights than the run trained on.
-            raise EvalError(f"{path}: the run trained adapters on a random-init base, which its checkpoints do not store; evaluate the run's merged/ instead")
+        module = load_recipe_from_checkpoint(path)  # refuses a LoRA run on a random-init base (not stored)
         tokenizer_path = tokenizer_path or module.tokenizer_path
         if tokenizer_path is None:
             raise EvalError(f"{path}: the run recorded no tokenizer_path; pass --tokenizer_path")

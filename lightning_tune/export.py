@@ -40,13 +40,16 @@ def _float_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
     return next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
 
 
-def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | None = None, tokenizer_path: str | None = None) -> FinetuneModule:
+def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | None = None, tokenizer_path: str | None = None, need_base: bool = True) -> FinetuneModule:
     """The run's recipe with the checkpoint's weights, on the CPU, in eval mode.
 
     Args:
         ckpt_path: Lightning checkpoint (.ckpt) of a fit run.
         checkpoint_dir: Base model directory; default: the run's own.
         tokenizer_path: Tokenizer copied into Hugging Face exports; default: the run's own.
+        need_base: The caller uses the base weights (not only the adapters): refuse a LoRA run on a
+            random-init base, whose checkpoints store the adapters only, so a rebuilt base would hold
+            other weights than the run trained on.
     """
     ckpt_path = Path(ckpt_path).expanduser()
     checkpoint = load_training_checkpoint(ckpt_path)
@@ -71,6 +74,8 @@ def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | Non
         module.configure_model()
     finally:
         torch.set_default_dtype(previous)
+    if need_base and module.checkpoint_dir is None and not module.strict_loading:
+        raise CheckpointError(f"{ckpt_path}: the run trained adapters on a random-init base, which its checkpoints do not store; use the run's merged/ (written at fit end), or --format peft for the adapter alone")
     module.on_load_checkpoint(checkpoint)  # the recipe's own checks (LoRA: every adapter present)
     result = module.load_state_dict(state_dict, strict=module.strict_loading)
     unexpected = getattr(result, "unexpected_keys", [])
@@ -90,7 +95,7 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
         tokenizer_path: Tokenizer copied into an hf export; default: the run's.
     """
     check_export_target(output, format)  # before the model is built: a refused output costs nothing
-    module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path)
+    module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path, need_base=format != "peft")
     if format == "peft":
         if not hasattr(module, "lora_targets"):
             raise CheckpointError(f"{ckpt_path}: a full fine-tuning checkpoint has no adapters; use --format hf")

@@ -334,4 +334,4 @@ def test_lora_checkpoint_of_a_random_base_is_refused(tmp_path, capsys):
     module.configure_model()
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, tmp_path / "last.ckpt")
     assert main(["eval", "--ckpt_path", str(tmp_path / "last.ckpt"), "--device", "cpu"]) == 2
-    assert "random-init base, which its checkpoints do not store; evaluate the run's merged/" in one_error_line(capsys)
+    assert "random-init base, which its checkpoints do not store; use the run's merged/" in one_error_line(capsys)

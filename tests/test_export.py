@@ -201,3 +201,16 @@ def test_fit_end_export_replaces_a_previous_runs_export(base_dir, tmp_path) -> N
         trainer.fit(module, DataLoader(batches(1, masked_prompt=4), batch_size=None))
         exported.append({name: files(tmp_path / name) for name in ("adapter", "merged")})
     assert exported[0]["adapter"] != exported[1]["adapter"] and exported[0]["merged"].keys() == exported[1]["merged"].keys()
+
+
+def test_lora_run_on_a_random_base_exports_its_adapter_only(tmp_path) -> None:
+    """A LoRA checkpoint holds the adapters only: a random-init base cannot be rebuilt from it, so an
+    hf export (adapters merged into that base) is refused in one line and the peft export still works."""
+    module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, lora_rank=4, lora_dropout=0.0, lr=1e-2, warmup_steps=0, export=False)
+    train(module, tmp_path, steps=1)
+    ckpt = str(tmp_path / "checkpoints" / "step=1.ckpt")
+    with pytest.raises(CheckpointError, match="random-init base, which its checkpoints do not store"):
+        export_command(["--ckpt_path", ckpt, "--format", "hf", "--output", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+    adapter = export_command(["--ckpt_path", ckpt, "--format", "peft", "--output", str(tmp_path / "adapter")])
+    assert (Path(adapter) / "adapter_config.json").is_file()

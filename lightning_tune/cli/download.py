@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
 
     parser = ArgumentParser(
         prog="python -m lightning_tune download",
-        description="Download a Llama 2 checkpoint from the Hugging Face Hub: weights (safetensors, else .bin, else Meta .pth), config and tokenizer.model only.",
+        description="Download a checkpoint of a supported family from the Hugging Face Hub: weights (safetensors, else .bin, else Meta .pth), config and one tokenizer (tokenizer.model, else tokenizer.json with its config and chat template) only.",
         exit_on_error=False,
         default_env=False,
     )
@@ -34,8 +34,8 @@ def main(argv: list[str]) -> int:
     files = download(cfg.repo_id, output_dir, cfg.hf_token, cfg.revision)
     size = sum(f.stat().st_size for f in files if f.is_file())
     print(f"downloaded {len(files)} files ({size / 2**30:.2f} GiB) to {output_dir}")
-    tokenizer = output_dir / "tokenizer.model"
-    if not tokenizer.is_file():
-        print(f"warning: {cfg.repo_id} has no tokenizer.model; set data.tokenizer_path to a Llama 2 SentencePiece tokenizer", file=sys.stderr)
-    print(f"use it with: --model.init_args.checkpoint_dir {output_dir} --data.tokenizer_path {tokenizer}")
+    # load_tokenizer takes the directory: tokenizer.json where there is one, else tokenizer.model.
+    if not any((output_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        print(f"warning: {cfg.repo_id} has neither tokenizer.json nor tokenizer.model; set data.tokenizer_path to its tokenizer", file=sys.stderr)
+    print(f"use it with: --model.init_args.checkpoint_dir {output_dir} --data.tokenizer_path {output_dir}")
     return 0

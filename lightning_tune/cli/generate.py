@@ -61,7 +61,7 @@ def generate_command(
     device: str = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
 ) -> None:
-    """Generate text from a fine-tuned (or base) Llama 2 checkpoint.
+    """Generate text from a fine-tuned (or base) checkpoint: a Hugging Face or Meta directory, or a .gguf.
 
     Args:
         checkpoint_dir: Hugging Face or Meta checkpoint directory, e.g. a fit's merged/.

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     for line in result.problems:
         print(f"error: {line}", file=sys.stderr)
     if result.estimate is None:
-        print("error: model: null needs an existing checkpoint_dir to read the architecture from; cannot estimate memory", file=sys.stderr)
+        print("error: model_name: null needs an existing checkpoint_dir to read the architecture from; cannot estimate memory", file=sys.stderr)
         return 2
     model, s = result.model, result.settings
     print(f"recipe                {type(model).__name__} ({model.model_name or model.checkpoint_dir})")
