@@ -75,7 +75,9 @@ def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | Non
     finally:
         torch.set_default_dtype(previous)
     if need_base and module.checkpoint_dir is None and not module.strict_loading:
-        raise CheckpointError(f"{ckpt_path}: the run trained adapters on a random-init base, which its checkpoints do not store; use the run's merged/ (written at fit end), or --format peft for the adapter alone")
+        raise CheckpointError(
+            f"{ckpt_path}: the run trained adapters on a random-init base, which its checkpoints do not store; use the run's merged/ (written at fit end), or --format peft for the adapter alone"
+        )
     module.on_load_checkpoint(checkpoint)  # the recipe's own checks (LoRA: every adapter present)
     result = module.load_state_dict(state_dict, strict=module.strict_loading)
     unexpected = getattr(result, "unexpected_keys", [])
