@@ -56,6 +56,7 @@ class TokenizedDataModule(LightningDataModule):
 
     def __init__(
         self,
+        *,  # keywords only: a parameter inserted here can never shift a subclass's values into the wrong one
         source: str,
         split: str = "train",
         tokenizer_path: str | None = None,

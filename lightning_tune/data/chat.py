@@ -284,7 +284,20 @@ class ChatDataModule(TokenizedDataModule):
             pack: Concatenate each batch's samples into one unpadded row, attention within each sample (false: right-pad each batch).
             check_samples: How many conversations to compare at setup with the tokenizer's own template and transformers (0: none).
         """
-        super().__init__(source, split, tokenizer_path, max_seq_len, batch_size, num_workers, shuffle, seed, val_size, cache_dir, group_by_length, pack)
+        super().__init__(
+            source=source,
+            split=split,
+            tokenizer_path=tokenizer_path,
+            max_seq_len=max_seq_len,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            val_size=val_size,
+            cache_dir=cache_dir,
+            group_by_length=group_by_length,
+            pack=pack,
+        )
         if column_map is not None:
             unknown = sorted(set(column_map) - set(CHAT_FIELDS))
             if unknown:

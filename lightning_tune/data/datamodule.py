@@ -93,7 +93,20 @@ class InstructDataModule(TokenizedDataModule):
             bad = [field for field, column in column_map.items() if not isinstance(column, str) or not column]
             if bad:
                 raise DataError(f"column_map: field(s) {bad} must map to a column name (a non-empty string)")
-        super().__init__(source, split, tokenizer_path, max_seq_len, batch_size, num_workers, shuffle, seed, val_size, cache_dir, group_by_length, pack)
+        super().__init__(
+            source=source,
+            split=split,
+            tokenizer_path=tokenizer_path,
+            max_seq_len=max_seq_len,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            val_size=val_size,
+            cache_dir=cache_dir,
+            group_by_length=group_by_length,
+            pack=pack,
+        )
         self.column_map = dict(column_map or {})
         self.train_on_input = train_on_input
         self.truncation = truncation

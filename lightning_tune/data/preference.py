@@ -142,7 +142,20 @@ class PreferenceDataModule(TokenizedDataModule):
             unknown = sorted(set(column_map) - set(PAIR_FIELDS))
             if unknown:
                 raise DataError(f"column_map: unknown field(s) {unknown}; the fields are {list(PAIR_FIELDS)}")
-        super().__init__(source, split, tokenizer_path, max_seq_len, batch_size, num_workers, shuffle, seed, val_size, cache_dir, group_by_length=False, pack=False)
+        super().__init__(
+            source=source,
+            split=split,
+            tokenizer_path=tokenizer_path,
+            max_seq_len=max_seq_len,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            val_size=val_size,
+            cache_dir=cache_dir,
+            group_by_length=False,
+            pack=False,
+        )
         self.column_map = dict(column_map or {})
         self.chat_template = chat_template
         self.truncation = truncation
