@@ -60,15 +60,18 @@ def describe(cls: type, prefix: str, doc_source) -> str:
 
 def render() -> str:
     """The whole reference as markdown."""
-    from lightning_tune.data import InstructDataModule
-    from lightning_tune.modules import FullFinetune, LoRAFinetune
+    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule
+    from lightning_tune.modules import DPOFinetune, FullFinetune, LoRAFinetune
 
     sections = [
         "# `model:` recipes\n\nSet `model.class_path` to one of these; the keys below go under `model.init_args`.\n",
         describe(LoRAFinetune, "model.init_args.", LoRAFinetune),
         describe(FullFinetune, "model.init_args.", FullFinetune),
-        "# `data:`\n",
+        describe(DPOFinetune, "model.init_args.", DPOFinetune),
+        "# `data:`\n\nA flat `data:` section is the instruction data module; the others are named with\n`data: {class_path: lightning_tune.ChatDataModule, init_args: {...}}`.\n",
         describe(InstructDataModule, "data.", InstructDataModule.__init__),
+        describe(ChatDataModule, "data.init_args.", ChatDataModule.__init__),
+        describe(PreferenceDataModule, "data.init_args.", PreferenceDataModule.__init__),
     ]
     return HEADER + "\n" + "\n".join(sections)
 
