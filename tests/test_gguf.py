@@ -628,7 +628,7 @@ def test_notebook_outputs_are_stripped() -> None:
 
 
 @needs_smollm2
-def test_notebook_runs_end_to_end(tmp_path) -> None:
+def test_notebook_runs_end_to_end(tmp_path, monkeypatch) -> None:
     """Every cell, in order: load from a GGUF, look at the data, fit, generate, export PEFT / HF / GGUF.
 
     The model is a narrow random stand-in with SmolLM2's tokenizer (a GGUF written here), trained two
@@ -651,8 +651,14 @@ def test_notebook_runs_end_to_end(tmp_path) -> None:
         import nbformat
         from nbclient import NotebookClient
 
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("LIGHTNING_TUNE_EXAMPLE", "HF_DATASETS"))})
-        NotebookClient(nbformat.read(notebook, as_version=4), timeout=600, kernel_name="python3").execute()
+        # The "python3" kernel spec starts `python` from PATH: make that this interpreter.
+        monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+        for key, value in env.items():  # the kernel inherits this process's environment; restored after the test
+            if key.startswith(("LIGHTNING_TUNE_EXAMPLE", "HF_DATASETS")):
+                monkeypatch.setenv(key, value)
+        executed = NotebookClient(nbformat.read(notebook, as_version=4), timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        printed = "".join(output.get("text", "") for cell in executed.cells if cell.cell_type == "code" for output in cell.get("outputs", []))
+        assert "before:" in printed and "after:" in printed
     else:
         script = tmp_path / "notebook.py"
         script.write_text(_code_cells(notebook))
