@@ -306,3 +306,49 @@ def test_loss_options_are_checked() -> None:
         DPOFinetune(model_name="tiny_llama2", label_smoothing=0.1)
     with pytest.raises(ValueError, match="beta: must be > 0"):
         DPOFinetune(model_name="tiny_llama2", beta=0)
+
+
+def test_full_dpo_step_equals_trl_with_a_reference_copy(base: Path, tmp_path: Path) -> None:
+    """Full DPO: the reference is a frozen copy of the starting model. One step from a policy that has
+    moved away from it (every weight perturbed) gives TRL's loss, rewards and every weight's gradient,
+    TRL given the same policy and `ref_model` the unperturbed base. Tolerances as for LoRA above."""
+    import datasets
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    module = our_module(base, method="full")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # after configure_model: the reference copy keeps the base's weights
+        for param in module.model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    policy_state = {name: p.detach().clone() for name, p in module.model.state_dict().items()}
+    batch = our_batch(base, tmp_path, PAIRS)
+    losses, chosen, rejected = module.pair_losses(batch)
+    loss_sum, pairs = module.loss_sum(batch)
+    (loss_sum / pairs).backward()
+
+    policy = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+    policy.load_state_dict(policy_state, strict=False)  # a tied head is one tensor in both
+    reference = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+    grads: dict[str, torch.Tensor] = {}
+
+    class Grab(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None})
+
+    config = DPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS), max_steps=1, learning_rate=0.0, logging_steps=1, report_to="none",
+        use_cpu=True, save_strategy="no", seed=0, max_grad_norm=0.0, gradient_checkpointing=False, bf16=False,
+    )  # fmt: skip
+    train = datasets.Dataset.from_list([{**pair, "prompt": "<bos> " + pair["prompt"]} for pair in PAIRS])
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train, processing_class=transformers.AutoTokenizer.from_pretrained(base), callbacks=[Grab()])
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "rewards/chosen" in entry)
+
+    assert abs(float(losses.mean()) - 0.6931) > 1e-3  # the policy differs from the reference: a real test
+    for key, value in {"loss": losses.mean(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean()}.items():
+        torch.testing.assert_close(value.double(), torch.tensor(logged[key], dtype=torch.float64), rtol=1e-5, atol=1e-6, msg=key)
+    ours = {name: p.grad for name, p in module.model.named_parameters() if p.grad is not None}
+    assert ours.keys() <= grads.keys() and len(ours) > 10
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
