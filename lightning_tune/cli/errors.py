@@ -76,6 +76,9 @@ def run_with_policy(command: Callable[[], int]) -> int:
     """
     try:
         return command()
+    except BrokenPipeError:  # `... | head` closed the pipe: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except (Exception, KeyboardInterrupt) as err:
         code = exit_code(err)
         if code is None or os.environ.get("LIGHTNING_TUNE_DEBUG"):
