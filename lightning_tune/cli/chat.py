@@ -168,11 +168,9 @@ def chat_command(
         device: cpu, cuda, cuda:N or auto (a GPU when there is one).
         dtype: Weights' dtype; default: the checkpoint's.
     """
-    import torch
 
     from lightning_tune.chat_template import ChatTemplateError, resolve_template
-    from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
-    from lightning_tune.cli.generate import resolve_device
+    from lightning_tune.cli.generate import load_model, resolve_device
     from lightning_tune.paths import resolve_path
     from lightning_tune.tokenizer import load_tokenizer
 
@@ -186,10 +184,7 @@ def chat_command(
         template, _ = resolve_template(chat_template, tokenizer.chat_template, where="--chat_template")
     except ChatTemplateError as error:
         raise UsageError(str(error)) from None
-    model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    if adapter_dir is not None:
-        load_peft_adapter(model, adapter_dir)
-        model.to(device).eval()
+    model = load_model(checkpoint_dir, adapter_dir, device, dtype)
     session = ChatSession(model, tokenizer, template, system, max_new_tokens, temperature, top_k, top_p, seed, max_context)
 
     def out(text: str) -> None:

@@ -79,9 +79,6 @@ def generate_command(
         device: cpu, cuda, cuda:N or auto (a GPU when there is one).
         dtype: Weights' dtype; default: the checkpoint's.
     """
-    import torch
-
-    from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
     from lightning_tune.data.templates import get_template
     from lightning_tune.generate import TextStreamer, generate
     from lightning_tune.tokenizer import load_tokenizer
@@ -109,10 +106,7 @@ def generate_command(
         prompt_ids = [tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
     else:
         prompt_ids = [tokenizer.encode(fmt.format(r["instruction"], r["input"])) for r in records]
-    model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    if adapter_dir is not None:
-        load_peft_adapter(model, adapter_dir)
-        model.to(device).eval()
+    model = load_model(checkpoint_dir, adapter_dir, device, dtype)
     if len(prompt_ids) == 1:  # stream one completion as it is produced
         streamer = TextStreamer(tokenizer, prompt_ids[0])
         generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=streamer)
@@ -128,6 +122,20 @@ def generate_command(
         stats = timer.stats()
     rate = f"{stats.decode_tokens_per_s:.1f} tokens/s" if stats.new_tokens > 1 else "n/a (one token)"
     print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {rate}", file=sys.stderr)
+
+
+def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype: str | None):
+    """The checkpoint's model on `device` in eval mode (weights in `dtype`, default the checkpoint's),
+    with a PEFT adapter applied over it when given: what generate and chat both run."""
+    import torch
+
+    from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
+
+    model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    if adapter_dir is not None:
+        load_peft_adapter(model, adapter_dir)
+        model.to(device).eval()
+    return model
 
 
 def resolve_device(device: str) -> str:
