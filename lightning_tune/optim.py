@@ -64,6 +64,31 @@ def optimizer_kwargs(cls: type[torch.optim.Optimizer], lr: float, weight_decay: 
     return kwargs
 
 
+# torch's own Adam family, whose single fused kernel per step (CPU and CUDA) does in one pass over
+# each tensor what the default `foreach` path does in ~8 elementwise passes: measured 30 ms against
+# 159 ms for the 58 M-parameter benchmark model on 2 CPU cores. That is the optimiser step of full
+# fine-tuning, a fixed cost per step that packing cannot shrink. Results differ from `foreach` only
+# by rounding (one ulp after a few steps), as any other order of the same fp32 operations would.
+FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def with_fused_default(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], params: Iterable[torch.Tensor]) -> dict[str, Any]:
+    """`kwargs` with `fused=True` added for torch's Adam/AdamW on plain CPU or CUDA floating-point tensors,
+    unless the user chose `fused` or `foreach` in `optimizer_args`.
+
+    Sharded parameters (FSDP2's DTensors) keep torch's default path: the fused kernels' DTensor
+    support depends on the device and torch version, and a run must not fail at its first step.
+    """
+    if cls not in FUSABLE or "fused" in kwargs or "foreach" in kwargs:
+        return kwargs
+    params = list(params)
+    plain = all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params)
+    if params and plain and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params):
+        return {**kwargs, "fused": True}
+    return kwargs
+
+
 def check_optimizer(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
     """Let the class validate its arguments now (a negative momentum, a bad eps...), on one dummy
     parameter, so a bad value fails when the recipe is built rather than after the model loads."""

@@ -23,9 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_tune.families import SIZES
+from lightning_tune.hardware import warn_if_bf16_emulated
 from lightning_tune.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from lightning_tune.model import CausalLM, ModelConfig, model_config
-from lightning_tune.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups
+from lightning_tune.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups, with_fused_default
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ class FinetuneModule(pl.LightningModule):
             context length when the recipe is built.
         optimizer: Optimiser class: an import path (torch.optim.AdamW, torch.optim.SGD,
             bitsandbytes.optim.AdamW8bit, or any torch.optim.Optimizer) or a torch.optim name (SGD).
-        optimizer_args: More keyword arguments of the optimiser, e.g. {fused: true} or
-            {momentum: 0.9}; lr, weight_decay and betas are the parameters below.
+        optimizer_args: More keyword arguments of the optimiser, e.g. {momentum: 0.9}; lr,
+            weight_decay and betas are the parameters below. torch's Adam and AdamW run fused
+            (one kernel per step) on unsharded CPU/CUDA parameters unless fused or foreach is given.
         lr: Peak learning rate.
         weight_decay: Weight decay of the matrices; norm weights and biases are never decayed.
         betas: Adam betas, given to optimisers that take betas (the Adam family).
@@ -378,8 +380,12 @@ class FinetuneModule(pl.LightningModule):
         """With `compile`, compile each decoder layer in place (state-dict keys unchanged).
 
         Layers rather than the whole model: one small graph reused by every layer compiles faster,
-        and the chunked loss (a custom autograd function) stays eager.
+        and the chunked loss (a custom autograd function) stays eager. A bf16 precision on a CPU
+        that only emulates bf16 is warned about here, once per fit (it is slower than fp32 there).
         """
+        precision = str(self.trainer.precision)
+        if self.device.type == "cpu" and precision.startswith("bf16"):
+            warn_if_bf16_emulated(f"trainer.precision {precision}")
         if self.compile and not getattr(self.model, "_lightning_tune_compiled", False):
             log.warning("compile: compiling the decoder layers with torch.compile; the first steps (and each new sequence length until shapes go dynamic) are slow")
             for layer in self.model.model.layers:
@@ -448,7 +454,9 @@ class FinetuneModule(pl.LightningModule):
         and the configured schedule, stepped once per optimiser step over the Trainer's estimated steps."""
         # From the attributes, not the values checked in __init__: Lightning's learning-rate finder sets self.lr.
         kwargs = optimizer_kwargs(self.optimizer_cls, self.lr, self.weight_decay, self.betas, self.optimizer_args)
-        optimizer = self.optimizer_cls(param_groups(self.named_parameters(), self.weight_decay, "weight_decay" in kwargs), **kwargs)
+        groups = param_groups(self.named_parameters(), self.weight_decay, "weight_decay" in kwargs)
+        kwargs = with_fused_default(self.optimizer_cls, kwargs, (p for group in groups for p in group["params"]))
+        optimizer = self.optimizer_cls(groups, **kwargs)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule, warmup, floor = self.lr_schedule, self.warmup_steps, self.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule, warmup, total, floor))
