@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from lightning_tune.decode import activation_dtype_device, cache_length, decode_step, install_kv_caches, new_kv_caches
 from lightning_tune.model import Llama
 
 
@@ -110,6 +111,8 @@ def generate(
     pad_id: int = 0,
     seed: int | None = None,
     on_tokens: Callable[[Tensor], None] | None = None,
+    compile: bool = False,
+    compile_backend: str | Callable[..., Any] = "inductor",
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return only the new tokens per row.
 
@@ -129,17 +132,23 @@ def generate(
         pad_id: the id used for left padding and, like HF, as the token of rows that already ended.
         seed: seeds a private generator, so sampling is reproducible and leaves the global RNG alone.
         on_tokens: called with each step's new tokens [B] (for streaming; finished rows show `pad_id`).
+        compile: decode with the static-shape step of `lightning_tune.decode`, compiled by
+            `torch.compile` once per (model, batch, cache length rounded up to 256) and reused by
+            later calls; the same greedy tokens as eager. The prefill stays eager.
+        compile_backend: the `torch.compile` backend for `compile` (tests count compilations with one).
     """
     _check_sampling(temperature, top_k, top_p)
     _check_prompts(model, prompts, max_new_tokens)
     stop = end_tokens(eos_id)
-    device = model.lm_head.weight.device
+    _, device = activation_dtype_device(model)  # not the head's: an int8 head holds codes
     B, T, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+    # The compiled step attends over a fixed, rounded-up cache; eager over the slots in use only.
+    S = cache_length(T + N, model.config.max_seq_len) if compile else T + N
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     # Left padding: row b's prompt fills the last len(prompt) columns of [B, T].
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
-    real = torch.zeros(B, T + N, dtype=torch.bool)  # key padding mask over every cache slot: True = real token
+    real = torch.zeros(B, S, dtype=torch.bool)  # key padding mask over every cache slot: True = real token
     real[:, T:] = True  # generated tokens are always attended to (ended rows' pads too, as HF does)
     for b, prompt in enumerate(prompts):
         tokens[b, T - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
@@ -154,13 +163,17 @@ def generate(
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=device)
     prefill_mask = (causal & real[:, None, None, :T]) | eye  # [B, 1, T, T]
-    slots = torch.arange(T + N, device=device)  # cache slot ids; decode steps take [p : p + 1] views
+    slots = torch.arange(S, device=device)  # cache slot ids; decode steps take [p : p + 1] views
 
     out = torch.full((B, N), pad_id, dtype=torch.long, device=device)  # new tokens, filled per step
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
+    step = decode_step(model, B, S, compile=True, backend=compile_backend) if compile else None
     try:
-        model.setup_kv_cache(B, T + N, dtype=model.lm_head.weight.dtype, device=device)
+        if step is not None:
+            step.install()  # the step's own caches: the same tensors every call, so its graph is reused
+        else:
+            install_kv_caches(model, new_kv_caches(model, B, S))
         hidden = model.model(tokens, positions, prefill_mask, slots[:T])  # [B, T, E]
         logits = model.lm_head(hidden[:, -1])  # [B, V]: the head only where the next token comes from
         pos = positions[:, -1:] + 1  # [B, 1]: rotary position of the next token of each row
@@ -177,9 +190,12 @@ def generate(
             if i == N - 1 or (stop and bool(done.all())):  # one tiny sync per step, only with EOS
                 break
             p = T + i  # the cache slot of `tok`
-            # Decode mask [B, 1, 1, p + 1]: a view of the padding mask; causality is implicit because
-            # the cache holds nothing after slot p yet.
-            logits = model(tok[:, None], pos, real[:, None, None, : p + 1], slots[p : p + 1])[:, -1]  # [B, V]
+            if step is not None:  # fixed shapes: the whole cache, masked to real slots <= p inside the step
+                logits = step.step(tok, pos, slots[p : p + 1], real)
+            else:
+                # Decode mask [B, 1, 1, p + 1]: a view of the padding mask; causality is implicit
+                # because the cache holds nothing after slot p yet.
+                logits = model(tok[:, None], pos, real[:, None, None, : p + 1], slots[p : p + 1])[:, -1]  # [B, V]
             pos += 1
     finally:
         model.reset_kv_cache()

@@ -37,18 +37,28 @@ class ChatSession:
         top_p: float | None = None,
         seed: int | None = None,
         max_context: int | None = None,
+        compile: bool = False,
+        compile_backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         import torch
 
         from lightning_tune.data.chat import end_of_turn_ids
+        from lightning_tune.decode import activation_dtype_device, decode_step, install_kv_caches, new_kv_caches
 
         self.model, self.tokenizer, self.template, self.system = model, tokenizer, template, system
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.stop = set(end_of_turn_ids(tokenizer))
-        self.device = model.lm_head.weight.device
+        self.device = activation_dtype_device(model)[1]  # not the head's: an int8 head holds codes
         self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
-        model.setup_kv_cache(1, self.max_context)
+        # compile: one-token steps run the static-shape step (attention over all max_context slots,
+        # compiled once); prompts still run eagerly, causal over the slots in use.
+        self.step = decode_step(model, 1, self.max_context, compile=True, backend=compile_backend) if compile else None
+        if self.step is not None:
+            self.step.install()
+            self.real = torch.ones(1, self.max_context, dtype=torch.bool, device=self.device)  # no padding in a chat
+        else:
+            install_kv_caches(model, new_kv_caches(model, 1, self.max_context))
         self.cached: list[int] = []  # ids whose keys/values sit in cache slots 0..len-1
         self.reused = 0  # tokens of the last turn's prompt that came from the cache
         self.reply_ids: list[int] = []  # the last reply's tokens (without the end-of-turn token)
@@ -111,6 +121,8 @@ class ChatSession:
         import torch
 
         slots = torch.arange(start, start + len(tokens), device=self.device)
+        if self.step is not None and len(tokens) == 1:
+            return self.step.step(torch.tensor(tokens, device=self.device), slots[None], slots, self.real)
         return self.model(torch.tensor([tokens], device=self.device), cache_pos=slots)[:, -1]
 
 
@@ -150,6 +162,8 @@ def chat_command(
     seed: int | None = None,
     device: str = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+    quantize: Literal["int8"] | None = None,
+    compile: bool = False,
 ) -> int:
     """Chat with a checkpoint: each stdin line is a user message; /reset starts over, /exit quits.
 
@@ -166,7 +180,9 @@ def chat_command(
         top_p: Sample only from the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1).
         seed: Random seed for sampling (reproducible replies).
         device: cpu, cuda, cuda:N or auto (a GPU when there is one).
-        dtype: Weights' dtype; default: the checkpoint's.
+        dtype: Weights' dtype; default: the checkpoint's. bfloat16 is fast only on a CPU with native bf16 (AVX512-BF16, AMX) or a GPU.
+        quantize: int8: per-channel int8 weights for every linear layer and the output head (a quarter of fp32's bytes per token).
+        compile: Decode with a static-shape step compiled once by torch.compile; it attends over all max_context slots, so set max_context to what the chat needs.
     """
 
     from lightning_tune.chat_template import ChatTemplateError, resolve_template
@@ -184,8 +200,8 @@ def chat_command(
         template, _ = resolve_template(chat_template, tokenizer.chat_template, where="--chat_template")
     except ChatTemplateError as error:
         raise UsageError(str(error)) from None
-    model = load_model(checkpoint_dir, adapter_dir, device, dtype)
-    session = ChatSession(model, tokenizer, template, system, max_new_tokens, temperature, top_k, top_p, seed, max_context)
+    model = load_model(checkpoint_dir, adapter_dir, device, dtype, quantize)
+    session = ChatSession(model, tokenizer, template, system, max_new_tokens, temperature, top_k, top_p, seed, max_context, compile)
 
     def out(text: str) -> None:
         sys.stdout.write(text)
@@ -203,6 +219,9 @@ def chat_command(
 def main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
+    from lightning_tune.cli.generate import bare_flags
+
+    argv = bare_flags(argv)  # `--compile` alone means `--compile=true`
     parser = ArgumentParser(prog="python -m lightning_tune chat", description=chat_command.__doc__, exit_on_error=False, default_env=False)
     parser.add_function_arguments(chat_command, as_positional=False)
     cfg = parser.parse_args(argv)

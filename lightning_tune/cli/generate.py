@@ -60,6 +60,8 @@ def generate_command(
     seed: int | None = None,
     device: str = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+    quantize: Literal["int8"] | None = None,
+    compile: bool = False,
 ) -> None:
     """Generate text from a fine-tuned (or base) checkpoint: a Hugging Face or Meta directory, or a .gguf.
 
@@ -77,7 +79,9 @@ def generate_command(
         top_p: Sample only from the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1).
         seed: Random seed for sampling (reproducible output).
         device: cpu, cuda, cuda:N or auto (a GPU when there is one).
-        dtype: Weights' dtype; default: the checkpoint's.
+        dtype: Weights' dtype; default: the checkpoint's. bfloat16 is fast only on a CPU with native bf16 (AVX512-BF16, AMX) or a GPU.
+        quantize: int8: per-channel int8 weights for every linear layer and the output head (a quarter of fp32's bytes per token).
+        compile: Decode with a static-shape step compiled once by torch.compile (the first call compiles: tens of seconds).
     """
     from lightning_tune.data.templates import get_template
     from lightning_tune.generate import TextStreamer, generate
@@ -106,17 +110,21 @@ def generate_command(
         prompt_ids = [tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
     else:
         prompt_ids = [tokenizer.encode(fmt.format(r["instruction"], r["input"])) for r in records]
-    model = load_model(checkpoint_dir, adapter_dir, device, dtype)
+    model = load_model(checkpoint_dir, adapter_dir, device, dtype, quantize)
     if len(prompt_ids) == 1:  # stream one completion as it is produced
         streamer = TextStreamer(tokenizer, prompt_ids[0])
-        generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=streamer)
+        generate(
+            model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=streamer, compile=compile
+        )
         streamer.finish()
         stats = streamer.stats()
     else:  # one batched pass; print each completion after its prompt
         from lightning_tune.generate import GenerationTimer
 
         timer = GenerationTimer()
-        outputs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=timer)
+        outputs = generate(
+            model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=timer, compile=compile
+        )
         for record, ids in zip(records, outputs):
             print(f"### {record['instruction']}\n{tokenizer.decode([i for i in ids if i not in tokenizer.eos_ids])}\n")
         stats = timer.stats()
@@ -124,18 +132,35 @@ def generate_command(
     print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {rate}", file=sys.stderr)
 
 
-def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype: str | None):
+def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype: str | None, quantize: str | None = None):
     """The checkpoint's model on `device` in eval mode (weights in `dtype`, default the checkpoint's),
-    with a PEFT adapter applied over it when given: what generate and chat both run."""
+    with a PEFT adapter applied over it when given, and int8 weights with `quantize="int8"` (the
+    adapter merged first): what generate and chat both run."""
     import torch
 
     from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
 
+    if dtype == "bfloat16":
+        warn_if_bf16_emulated(torch.device(device))
     model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
         model.to(device).eval()
+    if quantize == "int8":
+        from lightning_tune.int8 import quantize_int8_
+
+        quantize_int8_(model)
+    elif quantize is not None:
+        raise UsageError(f"--quantize: expected int8, got {quantize!r}")
     return model
+
+
+def warn_if_bf16_emulated(device) -> None:
+    """One stderr line when bf16 weights would run slower than fp32: a CPU without native bf16."""
+    from lightning_tune.int8 import native_bf16
+
+    if device.type == "cpu" and not native_bf16(device):
+        print("warning: --dtype bfloat16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated and slower than float32", file=sys.stderr)
 
 
 def resolve_device(device: str) -> str:
@@ -157,9 +182,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def bare_flags(argv: list[str], flags: tuple[str, ...] = ("--compile",)) -> list[str]:
+    """`--compile` alone (no value after it) means `--compile=true`; jsonargparse wants a value."""
+    return [f"{a}=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a for i, a in enumerate(argv)]
+
+
 def main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
+    argv = bare_flags(argv)
     # `--prompt A --prompt B` builds a list: jsonargparse spells appending `--prompt+`.
     argv = ["--prompt+" if a == "--prompt" else "--prompt+=" + a[9:] if a.startswith("--prompt=") else a for a in argv]
     parser = ArgumentParser(prog="python -m lightning_tune generate", description=generate_command.__doc__, exit_on_error=False, default_env=False)
