@@ -169,17 +169,70 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: list[list[int]], enable_gqa: bool) -> Tensor:
+@dataclass(frozen=True)
+class PackedRows:
+    """Where the packed samples of a batch end, built once per forward and shared by every layer.
+
+    `lengths`: one list of sample lengths per row (`collate_packed`'s `seq_lens`), or a single list
+    for every row. `cu_seqlens` (int32 [N + 1], the samples' start offsets in the flattened
+    [B * T] tokens, then the total) and `max_len` feed a variable-length attention kernel on CUDA;
+    `cu_seqlens` is None where none is used (CPU). It is made from host ints and copied from pinned
+    memory without blocking, so telling the kernel where samples end costs no host-device sync.
+    """
+
+    lengths: list[list[int]]
+    cu_seqlens: Tensor | None = None
+    max_len: int = 0
+
+    @staticmethod
+    def build(lengths: list[list[int]], batch_size: int, device: torch.device) -> PackedRows:
+        if device.type != "cuda" or varlen_attention() is None:
+            return PackedRows(lengths)
+        cu_seqlens = torch.tensor(sample_offsets(lengths, batch_size), dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+        return PackedRows(lengths, cu_seqlens, max(max(row) for row in lengths))
+
+
+def sample_offsets(lengths: list[list[int]], batch_size: int) -> list[int]:
+    """Start of every packed sample in the rows flattened to [B * T] tokens, then the total (varlen's `cu_seqlens`)."""
+    offsets = [0]
+    for row in lengths * batch_size if len(lengths) == 1 else lengths:
+        for n in row:
+            offsets.append(offsets[-1] + n)
+    return offsets
+
+
+def varlen_attention() -> Callable | None:
+    """torch's variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`, CUDA), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool) -> Tensor:
     """Causal attention within each packed sample: q [B, H, T, D], k/v [B, K, T, D] -> [B, H, T, D].
 
-    Equal to SDPA with the block-diagonal causal mask, but each sample is its own causal SDPA
-    call: the cost is sum(n_i^2) instead of T^2, no [T, T] mask exists, and every call takes the
-    fused kernel that `is_causal` allows. `segments` holds one list of sample lengths per row
-    (`collate_packed`'s `seq_lens`), or a single list that applies to every row.
+    Equal to SDPA with the block-diagonal causal mask without building it. On CUDA in fp16/bf16, one
+    variable-length flash attention call covers every sample of every row (`packed.cu_seqlens`
+    says where each ends): no Python loop over samples, no host sync. Elsewhere (the CPU) each
+    sample is its own causal SDPA call: the cost is sum(n_i^2) instead of T^2 and every call takes
+    the fused kernel that `is_causal` allows; on a CPU the per-call overhead is small next to the work.
     """
-    if len(segments) == 1:
-        return _split_causal_attention(q, k, v, segments[0], enable_gqa)
-    return torch.cat([_split_causal_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths, enable_gqa) for b, lengths in enumerate(segments)])
+    if packed.cu_seqlens is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        return _varlen_causal_attention(q, k, v, packed, enable_gqa)
+    if len(packed.lengths) == 1:
+        return _split_causal_attention(q, k, v, packed.lengths[0], enable_gqa)
+    return torch.cat([_split_causal_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths, enable_gqa) for b, lengths in enumerate(packed.lengths)])
+
+
+def _varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool) -> Tensor:
+    """All samples in one `varlen_attn` call on tokens flattened to [B * T, heads, D]; returned as
+    a [B, H, T, D] view of [B, T, H, D] memory, so the caller's transpose(1, 2).reshape is free."""
+    B, H, T, D = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]  # [B*T, heads, D]
+    out = varlen_attention()(*flat, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len, window_size=(-1, 0), enable_gqa=enable_gqa)
+    return out.view(B, T, H, D).transpose(1, 2)
 
 
 def check_seq_lens(seq_lens: list[list[int]] | None, shape: tuple[int, ...] | torch.Size, attn_mask: Tensor | None, cache_pos: Tensor | None) -> list[list[int]] | None:
@@ -274,12 +327,12 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, segments: list[list[int]] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, packed: PackedRows | None = None) -> Tensor:
         """x [B, T, E] -> [B, T, E].
 
         Without a cache and without `attn_mask`, attention is causal over x itself (training with
-        right padding: real tokens precede the padding, so they never see it), or with `segments`
-        (packed samples: the lengths of each row's samples, `collate_packed`'s `seq_lens`) causal
+        right padding: real tokens precede the padding, so they never see it), or with `packed`
+        (packed samples: where each row's samples end, from `collate_packed`'s `seq_lens`) causal
         within each sample. With a cache, the caller passes `cache_pos` [T], `kv_len` and a boolean
         `attn_mask` [B or 1, 1, T, kv_len]. `enable_gqa` lets SDPA share each K/V head across its
         query heads without copying.
@@ -297,8 +350,8 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v, kv_len)  # [B, K, S, D]
         # GQA: each K/V head serves H/K query heads; SDPA broadcasts them without copying K/V.
         gqa = self.num_kv_heads != self.num_heads
-        if segments is not None:
-            out = segment_attention(q, k, v, segments, gqa)
+        if packed is not None:
+            out = segment_attention(q, k, v, packed, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
@@ -327,8 +380,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
         self.mlp = FeedForward(config.embed_dim, config.intermediate_dim, config.mlp_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, segments: list[list[int]] | None = None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_pos, kv_len, segments)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, packed: PackedRows | None = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_pos, kv_len, packed)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -377,13 +430,14 @@ class Decoder(nn.Module):
                 positions = packed_positions(segments).to(device)
             else:
                 positions = cache_pos if cache_pos is not None else torch.arange(T, device=device)
+        packed = None if segments is None else PackedRows.build(segments, tokens.shape[0], device)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype, rope_inv_freq(self.config, device))
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn_mask, cache_pos, kv_len, segments, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache_pos, kv_len, packed, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cache_pos, kv_len, segments)
+                x = layer(x, cos, sin, attn_mask, cache_pos, kv_len, packed)
         return self.norm(x)
 
 

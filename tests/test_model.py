@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lightning_tune.model import Llama, LlamaConfig, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, rope_cos_sin
+import lightning_tune.model as model_module
+from lightning_tune.model import Llama, LlamaConfig, PackedRows, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, rope_cos_sin, sample_offsets, segment_attention
 
 transformers = pytest.importorskip("transformers")
 from hf_helpers import tiny_hf_llama  # noqa: E402
@@ -91,6 +93,41 @@ def test_packed_rows_may_differ_and_restarting_positions_alone_stay_causal() -> 
     assert rel_error(got[:1], row0) <= 1e-6 and rel_error(got[1:], row1) <= 1e-6
     assert rel_error(shared, expected_shared) <= 1e-6
     assert rel_error(untold, causal) <= 1e-6 and rel_error(untold, row0) > 1e-3
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, **unused):
+    """torch.nn.attention.varlen.varlen_attn as its docstring defines it, on any device: tokens [N, heads, D]
+    flattened over every sequence, sequence i spanning cu_seq[i]:cu_seq[i + 1]; window (-1, 0) is causal."""
+    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    assert cu_seq_q.dtype == torch.int32 and int(cu_seq_q[-1]) == q.shape[0]
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
+        out[start:end] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=enable_gqa)[0].transpose(0, 1)
+    return out
+
+
+def test_sample_offsets_flatten_every_rows_samples():
+    assert sample_offsets([[4, 8], [12]], 2) == [0, 4, 12, 24]
+    assert sample_offsets([[3, 2]], 3) == [0, 3, 5, 8, 10, 13, 15]  # one list: the same samples in every row
+
+
+@pytest.mark.parametrize("seq_lens", [[[4, 8], [12]], [[5, 7]]], ids=["per-row", "shared"])
+def test_varlen_route_lays_out_tokens_as_the_kernel_reads_them(monkeypatch, seq_lens) -> None:
+    """The CUDA path (one varlen call for every sample) against the per-sample loop, in bf16 as on a GPU.
+
+    varlen_attn itself is CUDA-only; the reference above implements its documented contract, so this
+    checks our flattening, offsets and the [B, H, T, D] view handed back. Both routes run the same
+    bf16 SDPA per sample on the same numbers: the outputs are equal.
+    """
+    monkeypatch.setattr(model_module, "varlen_attention", lambda: reference_varlen_attn)
+    B, H, K, T, D = 2, 4, 2, 12, 8
+    q, k, v = (torch.randn(B, heads, T, D, generator=torch.Generator().manual_seed(i)).bfloat16() for i, heads in enumerate((H, K, K)))
+    loop = segment_attention(q, k, v, PackedRows(seq_lens), enable_gqa=True)
+    varlen = PackedRows(seq_lens, torch.tensor(sample_offsets(seq_lens, B), dtype=torch.int32), max(max(row) for row in seq_lens))
+    got = segment_attention(q, k, v, varlen, enable_gqa=True)
+    assert got.shape == (B, H, T, D) and torch.equal(got, loop)
+    assert got.transpose(1, 2).is_contiguous()  # the caller's transpose(1, 2).reshape costs no copy
 
 
 @pytest.mark.parametrize("seq_lens", [[[4, 4]], [[6, 6], [11]], [[0, 12], [12]], [[12]] * 3])

@@ -383,7 +383,7 @@ class FinetuneModule(pl.LightningModule):
         and the chunked loss (a custom autograd function) stays eager. A bf16 precision on a CPU
         that only emulates bf16 is warned about here, once per fit (it is slower than fp32 there).
         """
-        precision = str(self.trainer.precision)
+        precision = str(self._trainer.precision) if self._trainer is not None else ""
         if self.device.type == "cpu" and precision.startswith("bf16"):
             warn_if_bf16_emulated(f"trainer.precision {precision}")
         if self.compile and not getattr(self.model, "_lightning_tune_compiled", False):
