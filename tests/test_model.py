@@ -117,17 +117,32 @@ def test_varlen_route_lays_out_tokens_as_the_kernel_reads_them(monkeypatch, seq_
     """The CUDA path (one varlen call for every sample) against the per-sample loop, in bf16 as on a GPU.
 
     varlen_attn itself is CUDA-only; the reference above implements its documented contract, so this
-    checks our flattening, offsets and the [B, H, T, D] view handed back. Both routes run the same
-    bf16 SDPA per sample on the same numbers: the outputs are equal.
+    checks our flattening, offsets and the [B, H, T, D] view handed back: the result equals bf16 SDPA
+    run on each sample of each row alone, bit for bit (the same kernel on the same numbers).
     """
     monkeypatch.setattr(model_module, "varlen_attention", lambda: reference_varlen_attn)
     B, H, K, T, D = 2, 4, 2, 12, 8
     q, k, v = (torch.randn(B, heads, T, D, generator=torch.Generator().manual_seed(i)).bfloat16() for i, heads in enumerate((H, K, K)))
-    loop = segment_attention(q, k, v, PackedRows(seq_lens), enable_gqa=True)
+    rows = seq_lens * B if len(seq_lens) == 1 else seq_lens
+    expected = torch.cat(
+        [torch.cat([F.scaled_dot_product_attention(*ts, is_causal=True, enable_gqa=True) for ts in zip(*(t[b : b + 1].split(row, dim=2) for t in (q, k, v)))], dim=2) for b, row in enumerate(rows)]
+    )
     varlen = PackedRows(seq_lens, torch.tensor(sample_offsets(seq_lens, B), dtype=torch.int32), max(max(row) for row in seq_lens))
     got = segment_attention(q, k, v, varlen, enable_gqa=True)
-    assert got.shape == (B, H, T, D) and torch.equal(got, loop)
+    assert got.shape == (B, H, T, D) and torch.equal(got, expected)
     assert got.transpose(1, 2).is_contiguous()  # the caller's transpose(1, 2).reshape costs no copy
+
+
+@pytest.mark.parametrize("lengths", [[8, 12], [700]], ids=["short: fp32", "long: bf16"])
+def test_half_precision_cpu_attention_of_short_samples_runs_in_fp32(lengths) -> None:
+    """bf16 SDPA on a CPU is slower than fp32 below ~400 tokens, so short samples are attended in fp32:
+    the result is fp32 attention of the same (exactly upcast) inputs, rounded once to bf16."""
+    q, k, v = (torch.randn(1, 4, sum(lengths), 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    got = segment_attention(q, k, v, PackedRows([lengths]), enable_gqa=False)
+    assert got.dtype == torch.bfloat16
+    dtype = torch.float32 if max(lengths) <= model_module.CPU_FP32_ATTENTION_MAX_LEN else torch.bfloat16
+    parts = [F.scaled_dot_product_attention(*(t.to(dtype) for t in ts), is_causal=True) for ts in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))]
+    assert torch.equal(got, torch.cat(parts, dim=2).bfloat16())
 
 
 @pytest.mark.parametrize("seq_lens", [[[4, 4]], [[6, 6], [11]], [[0, 12], [12]], [[12]] * 3])
