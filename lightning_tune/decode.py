@@ -75,6 +75,17 @@ class DecodeStep:
         return self.model(tokens[:, None], positions, mask, slot)[:, -1]
 
 
+class _Steps(dict):
+    """A model's decode steps. A copy of the model (`copy.deepcopy`, pickling) starts without any:
+    a copied step would still run the original model through its compiled function."""
+
+    def __deepcopy__(self, memo: dict) -> _Steps:
+        return _Steps()
+
+    def __reduce__(self):
+        return (_Steps, ())
+
+
 def decode_step(model: nn.Module, batch_size: int, cache_len: int, compile: bool = False, backend: str | Callable[..., Any] = "inductor") -> DecodeStep:
     """The `DecodeStep` of (model, batch, cache length), built (and compiled on first use) once.
 
@@ -84,7 +95,7 @@ def decode_step(model: nn.Module, batch_size: int, cache_len: int, compile: bool
     """
     # Kept on the model itself ({(batch, cache_len, compile, backend): step}), so the steps and their
     # caches go when the model goes (a step refers to its model: a global registry would keep both).
-    steps = model.__dict__.setdefault("_decode_steps", {})
+    steps = model.__dict__.setdefault("_decode_steps", _Steps())
     key = (batch_size, cache_len, compile, backend if compile else None)
     if key not in steps:
         steps[key] = DecodeStep(model, batch_size, cache_len, compile, backend)

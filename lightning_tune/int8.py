@@ -34,13 +34,12 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether int8 x bf16 matmuls run fast here: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    """Whether int8 x bf16 matmuls run fast here: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16)."""
+    from lightning_tune.hardware import cpu_has_native_bf16
+
     if device.type == "cuda":
         return True
-    if device.type != "cpu":
-        return False
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return bool(torch.cpu._is_avx512_bf16_supported() or amx())
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 class Int8Linear(nn.Module):

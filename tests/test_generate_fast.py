@@ -56,6 +56,8 @@ def test_static_step_compiles_once_and_gives_eager_tokens() -> None:
     generate(model, PROMPTS[:1], 5, compile=True, compile_backend=counter)  # batch 1: its own step
     assert counter.frame_count == 2
     assert all(layer.self_attn.kv_cache is None for layer in model.model.layers)
+    clone = copy.deepcopy(model)  # a copy builds its own step (a copied one would run the original model)
+    assert generate(clone, PROMPTS, 24, compile=True, compile_backend=counter) == eager and counter.frame_count == 3
 
 
 def test_chat_session_compiled_step_equals_eager() -> None:
@@ -159,7 +161,7 @@ def test_generate_cli_quantize_and_bf16_warning(tmp_path: Path, capsys, monkeypa
     capsys.readouterr()
     generate_command(str(checkpoint), prompt=["Count to three."], template="none", max_new_tokens=6, device="cpu", quantize="int8")
     assert capsys.readouterr().out == expected + "\n"
-    monkeypatch.setattr("lightning_tune.int8.native_bf16", lambda device: False)
+    monkeypatch.setattr("lightning_tune.hardware.cpu_has_native_bf16", lambda: False)
     assert load_model(str(checkpoint), None, "cpu", "bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("warning: --dtype bfloat16: this CPU has no native bf16")
+    assert err.count("\n") == 1 and err.startswith("warning: --dtype bfloat16 on a CPU without native bf16")

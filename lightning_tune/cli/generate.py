@@ -157,10 +157,11 @@ def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype:
 
 def warn_if_bf16_emulated(device) -> None:
     """One stderr line when bf16 weights would run slower than fp32: a CPU without native bf16."""
-    from lightning_tune.int8 import native_bf16
+    from lightning_tune.hardware import bf16_emulation_warning
 
-    if device.type == "cpu" and not native_bf16(device):
-        print("warning: --dtype bfloat16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated and slower than float32", file=sys.stderr)
+    message = bf16_emulation_warning("--dtype bfloat16") if device.type == "cpu" else None
+    if message:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def resolve_device(device: str) -> str:
