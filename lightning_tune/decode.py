@@ -89,9 +89,10 @@ class _Steps(dict):
 def decode_step(model: nn.Module, batch_size: int, cache_len: int, compile: bool = False, backend: str | Callable[..., Any] = "inductor") -> DecodeStep:
     """The `DecodeStep` of (model, batch, cache length), built (and compiled on first use) once.
 
-    Dynamo keys compiled code on the step function's code object; with its default recompile limit
-    (8) a process that decodes with more than 8 different (model, batch, cache length) runs falls
-    back to eager for the rest, which is slower but gives the same tokens.
+    Dynamo keys compiled code on the step function's code object and guards on shapes and module
+    structure, so models of one architecture share a graph per (batch, cache length). With its
+    default recompile limit (8), a process that decodes with more than 8 different shapes or
+    architectures runs the rest eagerly: slower, the same tokens.
     """
     # Kept on the model itself ({(batch, cache_len, compile, backend): step}), so the steps and their
     # caches go when the model goes (a step refers to its model: a global registry would keep both).
