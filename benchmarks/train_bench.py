@@ -196,6 +196,8 @@ def make_random_init(args: argparse.Namespace) -> Path:
     model.init_weights()
     save_hf_checkpoint(model.cpu(), cfg, path, dtype=dtype, tokenizer_path=str(args.tokenizer))  # the module moves whole: ties kept
     del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the workers need the memory, not this process
     return path
 
 
@@ -641,6 +643,10 @@ def first_loss_report(names: list[str], rows: dict, runs: dict) -> list[str]:
         fp32 = [n for n in names if CONFIGS[n].recipe == recipe and CONFIGS[n].precision == "32-true" and not CONFIGS[n].grouped]
         plain = f"plain-{recipe}"
         if len(fp32) < 2:
+            bf16 = [n for n in names if CONFIGS[n].recipe == recipe and CONFIGS[n].precision == "bf16-true" and not CONFIGS[n].grouped]
+            if len(bf16) >= 2:
+                losses = [rows[n]["first_loss"] for n in bf16]
+                lines.append(f"first-step loss, {recipe} bf16-true rows: spread {max(losses) - min(losses):.2e} over {', '.join(bf16)}; bf16 rounds differently per kernel: shown, not checked")
             continue
         losses = {n: rows[n]["first_loss"] for n in fp32}
         spread = max(losses.values()) - min(losses.values())
