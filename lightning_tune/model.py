@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Literal
 
 import torch
@@ -182,14 +183,17 @@ class PackedRows:
 
     lengths: list[list[int]]
     cu_seqlens: Tensor | None = None
-    max_len: int = 0
+    max_len: int = field(init=False)  # the longest sample, derived once here rather than in every layer
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_len", max(max(row) for row in self.lengths))
 
     @staticmethod
     def build(lengths: list[list[int]], batch_size: int, device: torch.device) -> PackedRows:
         if device.type != "cuda" or varlen_attention() is None:
             return PackedRows(lengths)
         cu_seqlens = torch.tensor(sample_offsets(lengths, batch_size), dtype=torch.int32).pin_memory().to(device, non_blocking=True)
-        return PackedRows(lengths, cu_seqlens, max(max(row) for row in lengths))
+        return PackedRows(lengths, cu_seqlens)
 
 
 def sample_offsets(lengths: list[list[int]], batch_size: int) -> list[int]:
@@ -201,8 +205,9 @@ def sample_offsets(lengths: list[list[int]], batch_size: int) -> list[int]:
     return offsets
 
 
+@cache
 def varlen_attention() -> Callable | None:
-    """torch's variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`, CUDA), or None."""
+    """torch's variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`, CUDA), or None (looked up once)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -222,7 +227,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enabl
     if packed.cu_seqlens is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         return _varlen_causal_attention(q, k, v, packed, enable_gqa)
     dtype = q.dtype
-    if cpu_attention_in_fp32(q, max(max(row) for row in packed.lengths)):
+    if cpu_attention_in_fp32(q, packed.max_len):
         q, k, v = q.float(), k.float(), v.float()
     if len(packed.lengths) == 1:
         out = _split_causal_attention(q, k, v, packed.lengths[0], enable_gqa)

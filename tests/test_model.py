@@ -127,7 +127,8 @@ def test_varlen_route_lays_out_tokens_as_the_kernel_reads_them(monkeypatch, seq_
     expected = torch.cat(
         [torch.cat([F.scaled_dot_product_attention(*ts, is_causal=True, enable_gqa=True) for ts in zip(*(t[b : b + 1].split(row, dim=2) for t in (q, k, v)))], dim=2) for b, row in enumerate(rows)]
     )
-    varlen = PackedRows(seq_lens, torch.tensor(sample_offsets(seq_lens, B), dtype=torch.int32), max(max(row) for row in seq_lens))
+    varlen = PackedRows(seq_lens, torch.tensor(sample_offsets(seq_lens, B), dtype=torch.int32))
+    assert varlen.max_len == max(max(row) for row in seq_lens)
     got = segment_attention(q, k, v, varlen, enable_gqa=True)
     assert got.shape == (B, H, T, D) and torch.equal(got, expected)
     assert got.transpose(1, 2).is_contiguous()  # the caller's transpose(1, 2).reshape costs no copy

@@ -140,8 +140,12 @@ def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype:
 
     from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
 
-    if dtype == "bfloat16":
-        warn_if_bf16_emulated(torch.device(device))
+    if dtype == "bfloat16" and torch.device(device).type == "cpu":
+        from lightning_tune.hardware import bf16_emulation_warning
+
+        message = bf16_emulation_warning("--dtype bfloat16")  # printed, not logged: the CLI's one-line style
+        if message:
+            print(f"warning: {message}", file=sys.stderr)
     model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
@@ -153,15 +157,6 @@ def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype:
     elif quantize is not None:
         raise UsageError(f"--quantize: expected int8, got {quantize!r}")
     return model
-
-
-def warn_if_bf16_emulated(device) -> None:
-    """One stderr line when bf16 weights would run slower than fp32: a CPU without native bf16."""
-    from lightning_tune.hardware import bf16_emulation_warning
-
-    message = bf16_emulation_warning("--dtype bfloat16") if device.type == "cpu" else None
-    if message:
-        print(f"warning: {message}", file=sys.stderr)
 
 
 def resolve_device(device: str) -> str:
