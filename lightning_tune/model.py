@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cache
 from typing import Literal
 
@@ -183,10 +183,13 @@ class PackedRows:
 
     lengths: list[list[int]]
     cu_seqlens: Tensor | None = None
-    max_len: int = field(init=False)  # the longest sample, derived once here rather than in every layer
+    # The longest sample, derived once here rather than in every layer. An init field (0 = derive it):
+    # FSDP2 rebuilds dataclass arguments with dataclasses.replace, which passes every field.
+    max_len: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "max_len", max(max(row) for row in self.lengths))
+        if not self.max_len:
+            object.__setattr__(self, "max_len", max(max(row) for row in self.lengths))
 
     @staticmethod
     def build(lengths: list[list[int]], batch_size: int, device: torch.device) -> PackedRows:
