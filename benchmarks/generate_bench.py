@@ -10,7 +10,8 @@ one process, runs interleaved; each figure is the median of `--runs` runs after 
 library's per-token callback (our `on_tokens`, HF's `streamer`): when a token reaches a caller.
 
 Rows: batch 1 (the first prompt) for transformers fp32 and ours fp32 / bf16 / int8, each eager and
-compiled; batch `--batch` (all prompts, left-padded) for transformers fp32 and ours fp32 eager,
+compiled; ours fp32 computes its linear layers as `generate` does by default (`linear_kernel auto`:
+oneDNN on AMD CPUs, `lightning_tune.onednn`), `fp32-aten` with torch's own kernel (MKL on x86); batch `--batch` (all prompts, left-padded) for transformers fp32 and ours fp32 eager,
 compiled and int8 compiled; decode tok/s counts every row of a batch. Greedy agreement of bf16 and int8: for each
 prompt, the fraction of new tokens equal to our fp32 ones up to the first difference.
 
@@ -54,8 +55,8 @@ CHAT_PROMPTS = [
     "Suggest a name for a small bakery by the sea.",
     "Translate 'good morning, how are you?' into French.",
 ]
-ROWS = ["transformers", "fp32", "fp32-compiled", "bf16", "bf16-compiled", "int8", "int8-compiled"]
-BATCH_ROWS = ["transformers", "fp32", "fp32-compiled", "int8-compiled"]
+ROWS = ["transformers", "fp32-aten", "fp32-aten-compiled", "fp32", "fp32-compiled", "bf16", "bf16-compiled", "int8", "int8-compiled"]
+BATCH_ROWS = ["transformers", "fp32-aten", "fp32", "fp32-compiled", "int8-compiled"]
 
 
 class HFTimer:
@@ -215,7 +216,13 @@ def main() -> None:
     skipped = []
     if not native and not args.force_bf16:
         skipped = [r for r in args.rows if r.startswith("bf16")]
-    variants: dict[str, torch.nn.Module] = {"fp32": ours}
+    from lightning_tune.onednn import OneDNNLinear
+
+    variants: dict[str, torch.nn.Module] = {"fp32": ours, "fp32-aten": copy.deepcopy(ours)}
+    for module in variants["fp32-aten"].modules():
+        if type(module) is OneDNNLinear:
+            module.__class__ = torch.nn.Linear  # torch's own fp32 kernel, what transformers runs
+    kernel = "oneDNN" if any(type(m) is OneDNNLinear for m in ours.modules()) else "torch's (MKL on x86)"
     if any(r.startswith("bf16") for r in args.rows) and not skipped:
         variants["bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
     if any(r.startswith("int8") for r in args.rows + args.batch_rows):
@@ -231,18 +238,18 @@ def main() -> None:
             if row == "transformers":
                 out[row] = lambda: run_hf(hf, batch_prompts, N, 0)
             else:
-                kind, _, compiled = row.partition("-")
-                out[row] = lambda model=variants[kind], c=bool(compiled): run_ours(model, batch_prompts, N, c)
+                kind, compiled = row.removesuffix("-compiled"), row.endswith("-compiled")
+                out[row] = lambda model=variants[kind], c=compiled: run_ours(model, batch_prompts, N, c)
         return out
 
     single = measure(fns(prompts[:1], args.rows), args.runs)
     batched = measure(fns(prompts, args.batch_rows), args.runs) if args.batch_rows and len(prompts) > 1 else {}
-    floor = statistics.median(matmul_floor_s(ours, 1) for _ in range(3))
+    floors = {kind: statistics.median(matmul_floor_s(variants[kind], 1) for _ in range(3)) for kind in ("fp32-aten", "fp32")}
 
     print(f"{description}; {N} new tokens, greedy; median of {args.runs} runs after a warm-up")
     flags = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in Path("/proc/cpuinfo").read_text()] if Path("/proc/cpuinfo").exists() else []
     print(
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; CPU flags: {' '.join(flags) or 'unknown'}; native bf16: {'yes' if native else 'no'}; int8 kernel: {int8_kernel}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; CPU flags: {' '.join(flags) or 'unknown'}; native bf16: {'yes' if native else 'no'}; int8 kernel: {int8_kernel}; our fp32 linear kernel: {kernel}"
     )
     for title, results, rows in (("batch 1", single, args.rows), (f"batch {len(prompts)}", batched, args.batch_rows)):
         if not results:
@@ -253,7 +260,9 @@ def main() -> None:
         for name, r in results.items():
             print(f"{name:16}{r['ttft'] * 1e3:10.1f}{r['rate']:14.1f}{r['rate'] / hf_rate:12.2f}{r['rate'] / eager_rate:14.2f}{r['first_s']:11.1f}")
         if title == "batch 1":
-            print(f"{'matmul floor':16}{'':10}{1 / floor:14.1f}{1 / (floor * hf_rate):12.2f}   (fp32 linear layers alone, no attention or overhead)")
+            for kind, floor in floors.items():
+                label = f"floor {kind}"
+                print(f"{label:16}{'':10}{1 / floor:14.1f}{1 / (floor * hf_rate):12.2f}{1 / (floor * eager_rate):14.2f}   (its fp32 linear layers alone, no attention or overhead)")
         for name in rows:
             if name in skipped:
                 print(f"{name:16}   skipped: this CPU has no native bf16 (emulated bf16 is slower than fp32); --force-bf16 runs it")

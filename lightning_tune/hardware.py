@@ -31,6 +31,19 @@ def cpu_has_native_bf16() -> bool:
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+@cache
+def cpu_vendor() -> str | None:
+    """The x86 CPU's vendor id ("GenuineIntel", "AuthenticAMD"), or None where /proc/cpuinfo has none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("vendor_id"):
+            return line.partition(":")[2].strip() or None
+    return None
+
+
 def bf16_emulation_warning(what: str) -> str | None:
     """The one-line warning for running `what` (e.g. "precision bf16-mixed") in bf16 on this CPU, or None
     when its bf16 is native."""

@@ -164,6 +164,7 @@ def chat_command(
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     quantize: Literal["int8"] | None = None,
     compile: bool = False,
+    linear_kernel: Literal["auto", "onednn", "default"] = "auto",
 ) -> int:
     """Chat with a checkpoint: each stdin line is a user message; /reset starts over, /exit quits.
 
@@ -183,6 +184,7 @@ def chat_command(
         dtype: Weights' dtype; default: the checkpoint's. bfloat16 is fast only on a CPU with native bf16 (AVX512-BF16, AMX) or a GPU.
         quantize: int8: per-channel int8 weights for every linear layer and the output head (a quarter of fp32's bytes per token).
         compile: Decode with a static-shape step compiled once by torch.compile; it attends over all max_context slots, so set max_context to what the chat needs.
+        linear_kernel: fp32 linear layers on a CPU: onednn (oneDNN's kernels), default (torch's, MKL on x86), or auto (onednn on AMD CPUs, where MKL runs its slower generic code).
     """
 
     from lightning_tune.chat_template import ChatTemplateError, resolve_template
@@ -200,7 +202,7 @@ def chat_command(
         template, _ = resolve_template(chat_template, tokenizer.chat_template, where="--chat_template")
     except ChatTemplateError as error:
         raise UsageError(str(error)) from None
-    model = load_model(checkpoint_dir, adapter_dir, device, dtype, quantize)
+    model = load_model(checkpoint_dir, adapter_dir, device, dtype, quantize, linear_kernel)
     session = ChatSession(model, tokenizer, template, system, max_new_tokens, temperature, top_k, top_p, seed, max_context, compile)
 
     def out(text: str) -> None:

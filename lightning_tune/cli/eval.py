@@ -35,6 +35,7 @@ def eval_command(
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     offline: bool = True,
     apply_chat_template: bool = False,
+    linear_kernel: Literal["auto", "onednn", "default"] = "auto",
 ) -> dict:
     """Evaluate a checkpoint with lm-evaluation-harness; print the results table.
 
@@ -55,6 +56,7 @@ def eval_command(
         dtype: Weights' dtype; default the checkpoint's.
         offline: No Hugging Face Hub access: tasks need local data (the bundled ones have it).
         apply_chat_template: Render prompts with the tokenizer's chat template (few-shot examples as turns).
+        linear_kernel: fp32 linear layers on a CPU: onednn (oneDNN's kernels), default (torch's, MKL on x86), or auto (onednn on AMD CPUs, where MKL runs its slower generic code).
     """
     if (checkpoint_dir is None) == (ckpt_path is None):
         raise UsageError("eval: give exactly one of --checkpoint_dir DIR (or a .gguf file) and --ckpt_path CKPT")
@@ -85,6 +87,12 @@ def eval_command(
     with hub_offline(offline):
         manager = task_manager(names, include_path)
     model, tokenizer = load_for_eval(checkpoint_dir or ckpt_path, adapter_dir=adapter_dir, tokenizer_path=tokenizer_path, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    from lightning_tune.onednn import use_onednn_linears_
+
+    try:
+        use_onednn_linears_(model, linear_kernel)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
     lm = LightningTuneLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
     results = run_tasks(lm, names, num_fewshot=num_fewshot, limit=limit, manager=manager, log_samples=log_samples, offline=offline, apply_chat_template=apply_chat_template)
     results["config"]["model"] = str(checkpoint_dir or ckpt_path)

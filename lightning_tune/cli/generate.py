@@ -62,6 +62,7 @@ def generate_command(
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     quantize: Literal["int8"] | None = None,
     compile: bool = False,
+    linear_kernel: Literal["auto", "onednn", "default"] = "auto",
 ) -> None:
     """Generate text from a fine-tuned (or base) checkpoint: a Hugging Face or Meta directory, or a .gguf.
 
@@ -82,6 +83,7 @@ def generate_command(
         dtype: Weights' dtype; default: the checkpoint's. bfloat16 is fast only on a CPU with native bf16 (AVX512-BF16, AMX) or a GPU.
         quantize: int8: per-channel int8 weights for every linear layer and the output head (a quarter of fp32's bytes per token).
         compile: Decode with a static-shape step compiled once by torch.compile (the first call compiles: tens of seconds).
+        linear_kernel: fp32 linear layers on a CPU: onednn (oneDNN's kernels), default (torch's, MKL on x86), or auto (onednn on AMD CPUs, where MKL runs its slower generic code).
     """
     from lightning_tune.data.templates import get_template
     from lightning_tune.generate import TextStreamer, generate
@@ -110,7 +112,7 @@ def generate_command(
         prompt_ids = [tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
     else:
         prompt_ids = [tokenizer.encode(fmt.format(r["instruction"], r["input"])) for r in records]
-    model = load_model(checkpoint_dir, adapter_dir, device, dtype, quantize)
+    model = load_model(checkpoint_dir, adapter_dir, device, dtype, quantize, linear_kernel)
     if len(prompt_ids) == 1:  # stream one completion as it is produced
         streamer = TextStreamer(tokenizer, prompt_ids[0])
         generate(
@@ -132,10 +134,11 @@ def generate_command(
     print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {rate}", file=sys.stderr)
 
 
-def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype: str | None, quantize: str | None = None):
+def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype: str | None, quantize: str | None = None, linear_kernel: str = "auto"):
     """The checkpoint's model on `device` in eval mode (weights in `dtype`, default the checkpoint's),
-    with a PEFT adapter applied over it when given, and int8 weights with `quantize="int8"` (the
-    adapter merged first): what generate and chat both run."""
+    with a PEFT adapter applied over it when given, int8 weights with `quantize="int8"` (the
+    adapter merged first), and fp32 CPU linear layers computed by `linear_kernel`
+    (`lightning_tune.onednn`): what generate and chat both run."""
     import torch
 
     from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
@@ -156,6 +159,12 @@ def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype:
         quantize_int8_(model)
     elif quantize is not None:
         raise UsageError(f"--quantize: expected int8, got {quantize!r}")
+    from lightning_tune.onednn import use_onednn_linears_
+
+    try:
+        use_onednn_linears_(model, linear_kernel)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
     return model
 
 
