@@ -256,16 +256,16 @@ def main() -> None:
             continue
         hf_rate = results["transformers"]["rate"] if "transformers" in results else float("nan")
         eager_rate = results["fp32"]["rate"] if "fp32" in results else float("nan")
-        print(f"\n{title:16}{'TTFT ms':>10}{'decode tok/s':>14}{'vs HF fp32':>12}{'vs our eager':>14}{'warm-up s':>11}")
+        print(f"\n{title:20}{'TTFT ms':>10}{'decode tok/s':>14}{'vs HF fp32':>12}{'vs our eager':>14}{'warm-up s':>11}")
         for name, r in results.items():
-            print(f"{name:16}{r['ttft'] * 1e3:10.1f}{r['rate']:14.1f}{r['rate'] / hf_rate:12.2f}{r['rate'] / eager_rate:14.2f}{r['first_s']:11.1f}")
+            print(f"{name:20}{r['ttft'] * 1e3:10.1f}{r['rate']:14.1f}{r['rate'] / hf_rate:12.2f}{r['rate'] / eager_rate:14.2f}{r['first_s']:11.1f}")
         if title == "batch 1":
             for kind, floor in floors.items():
                 label = f"floor {kind}"
-                print(f"{label:16}{'':10}{1 / floor:14.1f}{1 / (floor * hf_rate):12.2f}{1 / (floor * eager_rate):14.2f}   (its fp32 linear layers alone, no attention or overhead)")
+                print(f"{label:20}{'':10}{1 / floor:14.1f}{1 / (floor * hf_rate):12.2f}{1 / (floor * eager_rate):14.2f}   (its fp32 linear layers alone, no attention or overhead)")
         for name in rows:
             if name in skipped:
-                print(f"{name:16}   skipped: this CPU has no native bf16 (emulated bf16 is slower than fp32); --force-bf16 runs it")
+                print(f"{name:20}   skipped: this CPU has no native bf16 (emulated bf16 is slower than fp32); --force-bf16 runs it")
         if "transformers" in results and "fp32" in results:
             print(f"our fp32 eager tokens identical to transformers: {'yes' if results['fp32']['tokens'] == results['transformers']['tokens'] else 'NO'}")
     # Agreement on every prompt (one untimed eager batch per dtype; left padding changes no token).
@@ -274,7 +274,7 @@ def main() -> None:
     for kind in ("bf16", "int8"):
         if kind in variants:
             fractions = agreement(generate(variants[kind], prompts, N), reference)
-            print(f"{kind:16}{' '.join(f'{f:.2f}' for f in fractions)}   mean {statistics.mean(fractions):.2f}")
+            print(f"{kind:20}{' '.join(f'{f:.2f}' for f in fractions)}   mean {statistics.mean(fractions):.2f}")
     print("\ndecode tok/s counts every row of a batch; ratios are ours over the reference (higher is better); warm-up s is the first run, compilation included")
     print(f"peak RSS of this process (all models): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
