@@ -134,16 +134,21 @@ def test_varlen_route_lays_out_tokens_as_the_kernel_reads_them(monkeypatch, seq_
     assert got.transpose(1, 2).is_contiguous()  # the caller's transpose(1, 2).reshape costs no copy
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-true", "bf16-mixed"])
 @pytest.mark.parametrize("lengths", [[8, 12], [700]], ids=["short: fp32", "long: bf16"])
-def test_half_precision_cpu_attention_of_short_samples_runs_in_fp32(lengths) -> None:
+def test_half_precision_cpu_attention_of_short_samples_runs_in_fp32(lengths, autocast: bool) -> None:
     """bf16 SDPA on a CPU is slower than fp32 below ~400 tokens, so short samples are attended in fp32:
-    the result is fp32 attention of the same (exactly upcast) inputs, rounded once to bf16."""
+    the result is fp32 attention of the same (exactly upcast) inputs, rounded once to bf16. Under
+    bf16 autocast too, which would otherwise cast SDPA's fp32 inputs back to bf16."""
     q, k, v = (torch.randn(1, 4, sum(lengths), 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
-    got = segment_attention(q, k, v, PackedRows([lengths]), enable_gqa=False)
-    assert got.dtype == torch.bfloat16
+    if autocast:  # as under bf16-mixed: q and k leave the rotary embedding in fp32, v its linear layer in bf16
+        q, k = q.float(), k.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = segment_attention(q, k, v, PackedRows([lengths]), enable_gqa=False)
+    assert got.dtype == q.dtype  # the caller's dtype (under autocast the o_proj casts it again)
     dtype = torch.float32 if max(lengths) <= model_module.CPU_FP32_ATTENTION_MAX_LEN else torch.bfloat16
     parts = [F.scaled_dot_product_attention(*(t.to(dtype) for t in ts), is_causal=True) for ts in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))]
-    assert torch.equal(got, torch.cat(parts, dim=2).bfloat16())
+    assert torch.equal(got, torch.cat(parts, dim=2).to(got.dtype))
 
 
 @pytest.mark.parametrize("seq_lens", [[[4, 4]], [[6, 6], [11]], [[0, 12], [12]], [[12]] * 3])
