@@ -137,6 +137,22 @@ def test_default_output_dir_is_the_configs_path(monkeypatch, tmp_path):
     assert Path(calls["local_dir"]) == Path("checkpoints/meta-llama/Llama-2-7b-hf")
 
 
+def test_a_named_size_downloads_its_repository(monkeypatch, tmp_path, capsys):
+    from lightning_tune.families import SIZES
+
+    monkeypatch.chdir(tmp_path)
+    calls = fake_hub(monkeypatch)
+    assert download_command(["llama2_7b"]) == 0
+    assert calls["repo_id"] == SIZES["llama2_7b"].repo == "meta-llama/Llama-2-7b-hf"
+    assert Path(calls["local_dir"]) == Path("checkpoints/meta-llama/Llama-2-7b-hf")
+    own = next(name for name, size in SIZES.items() if size.repo is None)
+    capsys.readouterr()
+    for name, expected in ((own, "a size of our own with no Hub repository"), ("llama9_1b", "or a named size (llama2_7b, ")):
+        assert download_command([name]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("where", "error", "token", "expected"),
     [
