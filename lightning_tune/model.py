@@ -392,8 +392,7 @@ class Attention(nn.Module):
         if packed is not None:
             out = segment_attention(q, k, v, packed, gqa)
         elif attn_mask is None and cpu_attention_in_fp32(q, v, T):  # training's causal rows (generation keeps its dtype)
-            with no_cpu_autocast():
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa).to(q.dtype)
+            out = segment_attention(q, k, v, PackedRows([[T]]), gqa)  # each row one sample: the same fp32 path
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

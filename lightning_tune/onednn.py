@@ -3,7 +3,7 @@
 torch computes fp32 `F.linear` on x86 with MKL, and MKL runs its generic AVX2 code on AMD CPUs.
 oneDNN (also inside torch, as `mkldnn._linear_pointwise`) uses the CPU's own AVX-512 kernels. On
 an AMD EPYC (Zen 4, 2 cores; issue 21) at SmolLM2-135M's shapes, for one row (a decode step) it
-measured 1.4-2.4x faster on the MLP and head matrices (the head: 11 vs 18 GB/s of weights read)
+measured 1.4-2.4x faster on the MLP and head matrices (the head: 11 vs 18-26 GB/s of weights read)
 and about equal on the small attention ones, 1.3x over all 211 layers of a step; 1.0-2.5x for
 8-40 rows (a batch, a prompt), 1.1-1.4x at 2048. The result is the same dot products summed in
 another order: fp32 rounding apart, identical.

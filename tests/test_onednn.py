@@ -110,6 +110,7 @@ def test_generate_cli_linear_kernel(tmp_path: Path, capsys) -> None:
     checkpoint = save_hf_checkpoint(tiny(), tiny().config, tmp_path / "ckpt", tokenizer_path=DEMO_TOKENIZER)
     assert any(type(m) is OneDNNLinear for m in load_model(str(checkpoint), None, "cpu", "float32", linear_kernel="onednn").modules())
     assert not any(type(m) is OneDNNLinear for m in load_model(str(checkpoint), None, "cpu", "float32", linear_kernel="default").modules())
-    code = main(["generate", "--checkpoint_dir", str(checkpoint), "--prompt", "Hi", "--template", "none", "--max_new_tokens", "2", "--linear_kernel", "fast"])
-    err = capsys.readouterr().err
-    assert code != 0 and "linear_kernel" in err and "Traceback" not in err
+    for verb in (["generate", "--prompt", "Hi", "--template", "none", "--max_new_tokens", "2"], ["eval"]):
+        code = main([*verb, "--checkpoint_dir", str(checkpoint), "--linear_kernel", "fast"])
+        err = capsys.readouterr().err
+        assert code != 0 and "linear_kernel" in err and "Traceback" not in err
