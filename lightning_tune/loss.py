@@ -31,13 +31,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # [n, E], [n]
-            # [n, V] log-probabilities in fp32 like F.cross_entropy(logits.float()); one fused kernel
-            log_probs = (h @ weight.T).float().log_softmax(dim=-1)
+            logits = h @ weight.T  # [n, V] in the compute dtype
+            # [n, V] log-probabilities in fp32 like F.cross_entropy(logits.float()), computed in place:
+            # a fresh buffer this large costs its page faults on every chunk (glibc maps allocations
+            # over 32 MiB anew each time), more than the kernel itself on a CPU
+            log_probs = logits.float()  # the logits themselves when they are fp32
+            torch.log_softmax(log_probs, dim=-1, out=log_probs)
             loss -= log_probs.gather(1, t[:, None]).sum()
             if need_hidden or need_weight:
-                grad = log_probs.exp_()  # softmax, in place: [n, V]
+                grad = log_probs.exp_()  # softmax, in place
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d logits
-                grad = grad.to(hidden.dtype)
+                if grad.dtype != logits.dtype:
+                    grad = logits.copy_(grad)  # rounded once to the compute dtype, into the logits' buffer
                 if need_hidden:
                     grad_hidden[start : start + chunk_size] = grad @ weight
                 if need_weight:

@@ -153,7 +153,8 @@ def head_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_size:
 
     Chunked (`loss_chunk_size`, plain lm_head; see `linear_cross_entropy_sum`): the [N, E] input copy,
     the [N, E] input gradient computed in forward and scaled in backward (two), one chunk's
-    [chunk, V] float32 logits plus their cast gradient, and lm_head's float32 gradient (twice:
+    [chunk, V] float32 log-probabilities (and the half logits they came from, which then hold the
+    cast gradient), and lm_head's float32 gradient (twice:
     accumulated, then scaled) when it trains. Unchunked: traced like the decoder, plus the float32
     [N, V] gradient of the logits (and its cast when logits are half) alive at the start of backward.
     """
@@ -163,7 +164,8 @@ def head_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_size:
     head = model.lm_head
     if loss_chunk_size and type(head) is nn.Linear and head.bias is None:
         weight_grad = 2 * head.weight.numel() * 4 if head.weight.requires_grad else 0
-        return 3 * n * config.embed_dim * a + min(loss_chunk_size, n) * config.vocab_size * (4 + a) + weight_grad
+        logits = 4 + (a if dtype != torch.float32 else 0)  # half logits + their fp32 log-probabilities; fp32: one buffer
+        return 3 * n * config.embed_dim * a + min(loss_chunk_size, n) * config.vocab_size * logits + weight_grad
     hidden = torch.empty(n, config.embed_dim, dtype=dtype, device="meta", requires_grad=True)
     targets = torch.zeros(n, dtype=torch.long, device="meta")
     saved = saved_bytes(lambda: nn.functional.cross_entropy(head(hidden * 1).float(), targets, reduction="sum"), model)
