@@ -54,10 +54,10 @@ META_IGNORED = ("rope.freqs",)  # Meta's precomputed rotary table; we compute it
 HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer old transformers versions saved
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (ours)
 
-# PEFT options that change an adapter's math or layout; each must be absent or at its plain-LoRA value.
+# PEFT options that change an adapter's math or layout; each must be absent or at its plain-LoRA
+# value (`use_dora` is read: DoRA adapters load).
 PEFT_PLAIN_LORA: dict[str, object] = {
     "bias": "none",
-    "use_dora": False,
     "use_rslora": False,
     "fan_in_fan_out": False,
     "lora_bias": False,
@@ -923,7 +923,8 @@ def _read_adapter_weights(path: Path) -> tuple[Path, dict[str, Tensor]]:
 
 
 def load_peft_adapter(model: Llama, adapter_dir: str | Path) -> list[str]:
-    """Wrap `model`'s target layers with LoRA as a PEFT adapter directory says, and load its A/B weights.
+    """Wrap `model`'s target layers with LoRA (or DoRA, `use_dora`) as a PEFT adapter directory says,
+    and load its A/B weights (and DoRA's `lora_magnitude_vector`).
 
     Everything is checked before the model is touched: unsupported options, target modules absent
     from the model, keys and shapes. Returns the names of the wrapped layers.
@@ -939,6 +940,9 @@ def load_peft_adapter(model: Llama, adapter_dir: str | Path) -> list[str]:
             raise CheckpointError(f"{file}: {option}={value!r} is not supported (plain LoRA needs {plain!r})")
     if cfg.get("init_lora_weights", True) not in PEFT_PLAIN_INITS:
         raise CheckpointError(f"{file}: init_lora_weights={cfg['init_lora_weights']!r} rewrites the base weights; not supported")
+    use_dora = cfg.get("use_dora") or False
+    if not isinstance(use_dora, bool):
+        raise CheckpointError(f"{file}: use_dora must be true or false, got {use_dora!r}")
     rank, alpha = _require(cfg, "r", file), _require(cfg, "lora_alpha", file)
     if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)):
         raise CheckpointError(f"{file}: r must be a positive integer and lora_alpha a number, got r={rank!r}, lora_alpha={alpha!r}")
@@ -957,10 +961,12 @@ def load_peft_adapter(model: Llama, adapter_dir: str | Path) -> list[str]:
     for name, m in linears.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.Size([rank, m.in_features])
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.Size([m.out_features, rank])
+        if use_dora:
+            expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = torch.Size([m.out_features])
     entries = [_Entry(k, tuple(v.shape), weights_file) for k, v in tensors.items()]
     _check_entries(weights_file, entries, expected, skip=set())
 
-    wrapped = apply_lora(model, targets, rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0))
+    wrapped = apply_lora(model, targets, rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), use_dora=use_dora)
     for key, tensor in tensors.items():
         _assign(model, key.removeprefix(PEFT_PREFIX), tensor, None, None)
     return wrapped

@@ -373,6 +373,44 @@ def test_peft_adapter_loads_into_ours_with_same_logits(hf, hf_dir: Path, tmp_pat
     assert rel_error(our_logits(model.eval()), hf_logits(peft_model.eval())) <= 1e-5
 
 
+def test_peft_dora_adapter_loads_into_ours_with_same_logits(hf, hf_dir: Path, tmp_path: Path) -> None:
+    """A PEFT DoRA adapter (magnitude trained away from its initial row norms) scores as in PEFT."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(copy.deepcopy(hf), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand_like(p))  # else m = ||W + sBA|| and DoRA is plain LoRA
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = from_pretrained(hf_dir)
+    wrapped = load_peft_adapter(model, tmp_path / "adapter")
+    assert len(wrapped) == 6 and all(m.use_dora for m in lora_modules(model).values())
+    expected = hf_logits(peft_model.eval())
+    assert rel_error(expected, hf_logits(hf)) > 1e-3  # the adapter does something
+    assert rel_error(our_logits(model.eval()), expected) <= 1e-5
+
+    # Saved again by us, it is the same adapter for PEFT.
+    out = save_peft_adapter(model, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
+    assert rel_error(hf_logits(again), expected) <= 1e-6
+
+    # The adapter_config says DoRA but the weights lack the magnitudes (or the reverse): one line, model untouched.
+    plain = tmp_path / "plain"
+    peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(plain)
+    plain_config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps(plain_config | {"use_dora": True}))
+    fresh = from_pretrained(hf_dir)
+    assert "missing keys base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in one_line_error(load_peft_adapter, fresh, plain)
+    dora_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(dora_config | {"use_dora": False}))
+    assert "unexpected keys" in one_line_error(load_peft_adapter, fresh, tmp_path / "adapter")
+    assert not lora_modules(fresh)
+
+
 def test_adapter_errors(hf, hf_dir: Path, tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     # An adapter trained on a base with a wider MLP does not fit ours.
@@ -388,7 +426,7 @@ def test_adapter_errors(hf, hf_dir: Path, tmp_path: Path) -> None:
     adapter_config = json.loads((good / "adapter_config.json").read_text())
     for change, expected in [
         ({"target_modules": ["c_attn"]}, "target_modules ['c_attn'] are not linear layers of the model"),
-        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"use_dora": "yes"}, "use_dora must be true or false, got 'yes'"),
         ({"use_rslora": True}, "use_rslora=True is not supported"),
         ({"bias": "all"}, "bias='all' is not supported"),
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),

@@ -308,3 +308,33 @@ def test_generate_text_returns_text_and_stats(models, capsys):
     assert stats.new_tokens <= 12 and stats.decode_tokens_per_s > 0
     ids = generate(ours, [tok.encode("Hi")], 12, eos_id=tok.eos_id)[0]
     assert text == tok.decode([i for i in ids if i != tok.eos_id])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_greedy_with_a_peft_adapter_matches_peft(models, tmp_path, use_dora):
+    """generate/chat's `load_model(..., adapter_dir)`: a PEFT adapter (LoRA or DoRA) over a HF
+    directory decodes the tokens PEFT's own model generates."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from lightning_tune.cli.generate import load_model
+    from lightning_tune.lora import lora_modules
+
+    _, hf = models
+    hf.save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(copy.deepcopy(hf), config)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.eval()
+    expected = hf_generate(peft_model, PROMPTS, do_sample=False)
+    assert expected != hf_generate(hf, PROMPTS, do_sample=False)  # the adapter changes the text
+    ours = load_model(str(tmp_path / "base"), str(tmp_path / "adapter"), "cpu", None)
+    assert len(lora_modules(ours)) == 8 and all(m.use_dora == use_dora for m in lora_modules(ours).values())
+    assert generate(ours, PROMPTS, NEW) == expected

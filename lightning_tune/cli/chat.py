@@ -170,7 +170,7 @@ def chat_command(
 
     Args:
         checkpoint_dir: Hugging Face or Meta checkpoint directory (e.g. a fit's merged/), a .gguf file, or pkg://PACKAGE/FILE.
-        adapter_dir: PEFT LoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
+        adapter_dir: PEFT LoRA or DoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
         tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; default: checkpoint_dir's.
         chat_template: The tokenizer's own template if not given; else a built-in (llama2, chatml, alpaca) or a Jinja file.
         system: System message at the start of the conversation (and after /reset).

@@ -43,7 +43,7 @@ def eval_command(
         tasks: Comma-separated lm-eval task or group names; lightning_tune is the bundled offline demo.
         checkpoint_dir: Hugging Face or Meta model directory (e.g. a fit's merged/), or a .gguf file.
         ckpt_path: A fit's Lightning checkpoint (.ckpt), evaluated as the run's recipe (LoRA adapters included).
-        adapter_dir: PEFT LoRA adapter directory applied over the model.
+        adapter_dir: PEFT LoRA or DoRA adapter directory applied over the model.
         tokenizer_path: Tokenizer (.model, tokenizer.json or a directory); default the checkpoint's.
         num_fewshot: Few-shot examples per prompt; default each task's own.
         limit: At most this many items per task (a fraction below 1: that share of each task).

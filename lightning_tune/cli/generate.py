@@ -70,7 +70,7 @@ def generate_command(
         checkpoint_dir: Hugging Face or Meta checkpoint directory, e.g. a fit's merged/.
         prompt: Prompt text (an instruction when template is alpaca); repeat for a batch.
         prompts_file: File of prompts: JSON lines with instruction (and optional input), or plain text lines.
-        adapter_dir: PEFT LoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
+        adapter_dir: PEFT LoRA or DoRA adapter directory (e.g. a fit's adapter/) applied over checkpoint_dir.
         tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; default: checkpoint_dir's.
         template: Prompt template: alpaca (the fine-tuning format), none (raw text), or chat (the tokenizer's chat template, with the generation prompt).
         system: System message for template chat.
