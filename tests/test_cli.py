@@ -266,3 +266,23 @@ def test_debug_environment_variable_shows_the_traceback(monkeypatch, capsys):
     monkeypatch.setenv("LIGHTNING_TUNE_DEBUG", "1")
     with pytest.raises(UsageError, match="no bundled config of that name"):
         main(["cp", "no_such_config", "."])
+
+
+@pytest.mark.parametrize(
+    ("config", "tokenizer_key"),
+    [("chat_smollm2_135m_lora.yaml", "data.init_args.tokenizer_path"), ("alpaca_qwen3_8b_lora.yaml", "data.tokenizer_path")],
+    ids=["data-class", "plain-data"],
+)
+def test_tokenizer_path_defaults_to_the_checkpoint(config, tokenizer_key, tmp_path):
+    """data.tokenizer_path left out = model.checkpoint_dir (one value, one place); a value given wins;
+    no checkpoint_dir leaves it unset (then only source demo may do without, DataError otherwise)."""
+    from lightning_tune.cli import make_cli
+
+    def parsed(*overrides):
+        return make_cli(["--config", config, *overrides], run=False, instantiate=False).config
+
+    resolved = parsed()
+    assert resolved[tokenizer_key] == resolved["model.init_args.checkpoint_dir"]
+    assert parsed(f"--{tokenizer_key}={tmp_path / 'tokenizer.json'}")[tokenizer_key] == str(tmp_path / "tokenizer.json")
+    assert parsed(f"--model.init_args.checkpoint_dir={tmp_path}")[tokenizer_key] == str(tmp_path)  # the command line's checkpoint
+    assert parsed("--model.init_args.checkpoint_dir=null")[tokenizer_key] is None

@@ -198,6 +198,22 @@ def derive_run_dirs(trainer: Any) -> None:
             init_args.dirpath = str(Path(root) / "checkpoints")
 
 
+def default_tokenizer_to_checkpoint(config: Any) -> None:
+    """One value, one place: with `data.tokenizer_path` unset and `model.checkpoint_dir` set, the
+    data is tokenised by the checkpoint's own tokenizer (a Hugging Face or Meta directory holds one,
+    a `.gguf` file describes one; `tokenizer.load_tokenizer` reads all three), never by the demo
+    data's bundled one. Fills the parsed config in place, so `--print_config` and the saved
+    config.yaml show the path used."""
+    data, model = config.get("data"), config.get("model")
+    data_args = getattr(data, "init_args", data)
+    model_args = getattr(model, "init_args", None)
+    if data_args is None or model_args is None or "tokenizer_path" not in data_args:
+        return
+    checkpoint_dir = model_args.get("checkpoint_dir")
+    if data_args.tokenizer_path is None and checkpoint_dir:
+        data_args.tokenizer_path = str(checkpoint_dir)
+
+
 def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
     """The LightningCLI of the recipes. With `run=False`, argv holds no verb and the CLI only parses
     and instantiates (model, data, trainer): what `validate` and notebooks-from-configs need. With
@@ -235,10 +251,13 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
                 raise UsageError(f"--ckpt_path: {ckpt_path} does not exist (give a .ckpt file, a sharded checkpoint directory, or last)")
 
         def parse_arguments(self, parser, args) -> None:
-            """Parse, fill in the run directories derived from default_root_dir, then validate (a
-            logger's save_dir is required, so it is filled before the check)."""
+            """Parse, fill in the run directories derived from default_root_dir and the tokenizer
+            from the checkpoint, then validate (a logger's save_dir is required, so it is filled
+            before the check)."""
             config = parser.parse_args(args, _skip_validation=True)
-            derive_run_dirs((config[config.subcommand] if config.get("subcommand") else config).trainer)
+            run_config = config[config.subcommand] if config.get("subcommand") else config
+            derive_run_dirs(run_config.trainer)
+            default_tokenizer_to_checkpoint(run_config)
             parser.validate(config)
             self.config = config
 

@@ -73,7 +73,9 @@ class TokenizedDataModule(LightningDataModule):
         """The shared settings; each subclass documents them in its own `Args:` (jsonargparse reads those)."""
         super().__init__()
         if tokenizer_path is None and source != DEMO:
-            raise DataError(f"tokenizer_path is required for source {source!r} (only source 'demo' has a bundled tokenizer)")
+            raise DataError(
+                f"tokenizer_path is required for source {source!r}: a tokenizer file or a checkpoint directory (the CLI takes model.checkpoint_dir's when one is set; only source 'demo' has a bundled tokenizer)"
+            )
         if max_seq_len < 2:
             raise DataError(f"max_seq_len must be at least 2 (room for BOS and EOS), got {max_seq_len}")
         if batch_size < 1:

@@ -267,7 +267,7 @@ class ChatDataModule(TokenizedDataModule):
         Args:
             source: Hugging Face Hub data set name, a local .json/.jsonl/.parquet file, or "demo" for the bundled multi-turn demo.
             split: Split to load from a hub data set (local files have only "train").
-            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); may be left out only with source "demo".
+            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); left out, the CLI uses model.checkpoint_dir (its tokenizer); else only source "demo" may leave it out.
             chat_template: The tokenizer's own template if not given; else a built-in ("llama2", "chatml", "alpaca"), a Jinja file, or a Jinja string. Source "demo" defaults to "llama2".
             train_on: Train on "assistant" replies (default), the "last_assistant" reply only, or "all" tokens.
             max_seq_len: Longest sample in tokens; longer ones are cut as `truncation` says (a warning gives the count).

@@ -72,7 +72,7 @@ class InstructDataModule(TokenizedDataModule):
             split: Split to load from a hub data set (local files have only "train").
             column_map: Our field name -> the data's column name, e.g. {"output": "response"}; fields not named keep their name; "input" is optional.
             template: Prompt template name: "alpaca" (Stanford Alpaca) or "none" (the instruction as raw text).
-            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); may be left out only with source "demo" (uses the bundled demo tokenizer).
+            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); left out, the CLI uses model.checkpoint_dir (its tokenizer); else only source "demo" may leave it out (the bundled demo tokenizer).
             max_seq_len: Longest sample in tokens; longer ones are cut as `truncation` says (a warning gives the count).
             train_on_input: Also train on the prompt tokens, instead of only on the response.
             truncation: "keep_start" keeps the first max_seq_len tokens (the instruction survives); "prompt_start" cuts the prompt from its start first, keeping the whole response (the behaviour before; it can drop the instruction itself).

@@ -127,7 +127,7 @@ class PreferenceDataModule(TokenizedDataModule):
             column_map: Our field name (prompt, chosen, rejected) -> the data's column name.
             template: Prompt template of string pairs: "none" (the prompt as raw text) or "alpaca".
             chat_template: Chat template of conversational pairs: the tokenizer's own if not given, else a built-in ("llama2", "chatml", "alpaca"), a Jinja file or a Jinja string. Source "demo" (strings) does not use it.
-            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; may be left out only with source "demo".
+            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; left out, the CLI uses model.checkpoint_dir (its tokenizer); else only source "demo" may leave it out.
             max_seq_len: Longest sample (prompt + one completion) in tokens; longer ones keep their first max_seq_len tokens (a warning gives the count); a prompt that fills it all is an error.
             truncation: String pairs: "keep_start" keeps the first max_seq_len tokens; "prompt_start" cuts the prompt from its start first.
             batch_size: Pairs per batch (each batch has 2 x batch_size rows).
