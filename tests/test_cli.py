@@ -275,7 +275,8 @@ def test_debug_environment_variable_shows_the_traceback(monkeypatch, capsys):
 )
 def test_tokenizer_path_defaults_to_the_checkpoint(config, tokenizer_key, tmp_path):
     """data.tokenizer_path left out = model.checkpoint_dir (one value, one place); a value given wins;
-    no checkpoint_dir leaves it unset (then only source demo may do without, DataError otherwise)."""
+    no checkpoint_dir, or one without a tokenizer, leaves it unset (then only source demo may do
+    without, DataError otherwise)."""
     from lightning_tune.cli import make_cli
 
     def parsed(*overrides):
@@ -284,5 +285,11 @@ def test_tokenizer_path_defaults_to_the_checkpoint(config, tokenizer_key, tmp_pa
     resolved = parsed()
     assert resolved[tokenizer_key] == resolved["model.init_args.checkpoint_dir"]
     assert parsed(f"--{tokenizer_key}={tmp_path / 'tokenizer.json'}")[tokenizer_key] == str(tmp_path / "tokenizer.json")
-    assert parsed(f"--model.init_args.checkpoint_dir={tmp_path}")[tokenizer_key] == str(tmp_path)  # the command line's checkpoint
+    later = tmp_path / "not-downloaded-yet"  # filled: validate then names the one missing path, checkpoint_dir
+    assert parsed(f"--model.init_args.checkpoint_dir={later}")[tokenizer_key] == str(later)  # the command line's checkpoint
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    assert parsed(f"--model.init_args.checkpoint_dir={tmp_path / 'hf'}")[tokenizer_key] == str(tmp_path / "hf")
     assert parsed("--model.init_args.checkpoint_dir=null")[tokenizer_key] is None
+    (tmp_path / "bare").mkdir()  # a checkpoint without a tokenizer: left unset (source demo: the demo tokenizer)
+    assert parsed(f"--model.init_args.checkpoint_dir={tmp_path / 'bare'}")[tokenizer_key] is None

@@ -201,17 +201,28 @@ def derive_run_dirs(trainer: Any) -> None:
 def default_tokenizer_to_checkpoint(config: Any) -> None:
     """One value, one place: with `data.tokenizer_path` unset and `model.checkpoint_dir` set, the
     data is tokenised by the checkpoint's own tokenizer (a Hugging Face or Meta directory holds one,
-    a `.gguf` file describes one; `tokenizer.load_tokenizer` reads all three), never by the demo
-    data's bundled one. Fills the parsed config in place, so `--print_config` and the saved
-    config.yaml show the path used."""
+    a `.gguf` file describes one; `tokenizer.load_tokenizer` reads all three). A checkpoint directory
+    without a tokenizer (e.g. one our own tests save) leaves it unset: source demo then uses its
+    bundled tokenizer, any other source is refused by the data module. A checkpoint not there yet
+    still fills it, so `validate` reports the one missing path under model.checkpoint_dir. Fills
+    the parsed config in place, so `--print_config` and the saved config.yaml show the path used."""
+    from lightning_tune.paths import resolve_path
+
     data, model = config.get("data"), config.get("model")
     data_args = getattr(data, "init_args", data)
     model_args = getattr(model, "init_args", None)
     if data_args is None or model_args is None or "tokenizer_path" not in data_args:
         return
     checkpoint_dir = model_args.get("checkpoint_dir")
-    if data_args.tokenizer_path is None and checkpoint_dir:
-        data_args.tokenizer_path = str(checkpoint_dir)
+    if data_args.tokenizer_path is not None or not checkpoint_dir:
+        return
+    try:
+        path = resolve_path(checkpoint_dir)
+    except (OSError, ValueError):  # e.g. pkg:// of a package not installed: reported where the model loads it
+        path = None
+    if path is not None and path.is_dir() and not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return
+    data_args.tokenizer_path = str(checkpoint_dir)
 
 
 def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
