@@ -284,6 +284,12 @@ def test_tokenizer_path_defaults_to_the_checkpoint(config, tokenizer_key, tmp_pa
 
     resolved = parsed()
     assert resolved[tokenizer_key] == resolved["model.init_args.checkpoint_dir"]
+    from lightning_tune.cli.parser import print_config
+
+    printed = yaml.safe_load(print_config(["--config", config]))  # --print_config shows the values the run uses
+    section = printed["data"].get("init_args", printed["data"])
+    assert section["tokenizer_path"] == printed["model"]["init_args"]["checkpoint_dir"]
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == printed["trainer"]["default_root_dir"]
     assert parsed(f"--{tokenizer_key}={tmp_path / 'tokenizer.json'}")[tokenizer_key] == str(tmp_path / "tokenizer.json")
     later = tmp_path / "not-downloaded-yet"  # filled: validate then names the one missing path, checkpoint_dir
     assert parsed(f"--model.init_args.checkpoint_dir={later}")[tokenizer_key] == str(later)  # the command line's checkpoint

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -264,13 +265,22 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
         def parse_arguments(self, parser, args) -> None:
             """Parse, fill in the run directories derived from default_root_dir and the tokenizer
             from the checkpoint, then validate (a logger's save_dir is required, so it is filled
-            before the check)."""
-            config = parser.parse_args(args, _skip_validation=True)
-            run_config = config[config.subcommand] if config.get("subcommand") else config
+            before the check) and, with --print_config, print the result and exit."""
+            # --print_config is taken out and done here, after the values derived below are filled
+            # in (jsonargparse would print from inside parse_args, before them).
+            printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
+            config = parser.parse_args([a for a in args if a not in printing], _skip_validation=True)
+            subcommand = config.get("subcommand")
+            run_config = config[subcommand] if subcommand else config
             derive_run_dirs(run_config.trainer)
             default_tokenizer_to_checkpoint(run_config)
             parser.validate(config)
             self.config = config
+            if printing:
+                flags = printing[-1].partition("=")[2]
+                skip_none = "skip_null" in flags.split(",")
+                sys.stdout.write(self._parser(subcommand).dump(run_config, skip_none=skip_none))
+                sys.exit(0)
 
         def instantiate_classes(self) -> None:
             if instantiate:
