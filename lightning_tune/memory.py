@@ -194,12 +194,14 @@ def estimate_memory(
     loss_chunk_size: int = 0,
     optimizer: str = "torch.optim.AdamW",
     optimizer_args: dict | None = None,
+    reference_copy: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of a training step (see the module docstring for the formula).
 
     `adapt(model)` is the recipe's `adapt_model` (LoRA / freezing); `strategy` is "fsdp", "ddp" or
     anything else (single device); `devices` is per node; `fsdp_wrapped_layers` says whether FSDP
-    wraps each decoder layer (always true for `fsdp2`).
+    wraps each decoder layer (always true for `fsdp2`); `reference_copy`: a frozen copy of the whole
+    model is held too (full DPO's reference without `precompute_reference`).
     """
     dtype = compute_dtype(precision)
     a = dtype.itemsize
@@ -218,6 +220,8 @@ def estimate_memory(
     nf4, transient = nf4_and_dora_bytes(model, a)
     stored_bytes += nf4
     weights = stored_bytes // shards
+    if reference_copy:  # a deep copy of the model as it was built: every parameter in its stored dtype
+        weights += total * b
     if fsdp:  # parameters gathered for compute, in the compute dtype
         weights += (root_params + 2 * layer_params if fsdp_wrapped_layers else total) * a
     elif precision in MIXED_PRECISIONS:  # autocast's cached copies of the trainable linear weights

@@ -191,7 +191,7 @@ def check(argv: list[str]) -> Check:
     strategy, wrapped = strategy_of(trainer)
     precision = str(trainer.get("precision") or "32")
     settings = dict(
-        batch_size=data.batch_size,
+        batch_size=data.batch_size * getattr(data, "rows_per_sample", 1),  # a DPO pair is two rows
         seq_len=data.max_seq_len if config is None else min(data.max_seq_len, config.max_seq_len),
         precision="32" if precision in ("32-true", "32", "32.0") else precision,
         activation_checkpointing=bool(model.activation_checkpointing),
@@ -204,6 +204,7 @@ def check(argv: list[str]) -> Check:
         loss_chunk_size=int(getattr(model, "loss_chunk_size", 0) or 0),
         optimizer=model.optimizer,  # its state is counted as measured (8-bit AdamW: a quarter of AdamW's)
         optimizer_args=model.optimizer_args,
+        reference_copy=bool(getattr(model, "keeps_reference_copy", False)),
     )
     estimate = None if config is None else estimate_memory(config, model.adapt_model, **settings)
     return Check(model, data, trainer, settings, problems, estimate)

@@ -39,7 +39,7 @@ One config runs on a CPU, one GPU, eight GPUs or several nodes: only `trainer.*`
 
 """
 
-COLUMNS = ["config", "recipe (model)", "strategy", "devices x nodes", "precision", "batch x seq len", "act. ckpt", "weights", "gradients", "optimizer", "activations", "peak"]
+COLUMNS = ["config", "recipe (model)", "strategy", "devices x nodes", "precision", "batch rows x seq len", "act. ckpt", "weights", "gradients", "optimizer", "activations", "peak"]
 
 
 @contextlib.contextmanager

@@ -76,10 +76,10 @@ def fit_args(config: str, root: Path, base: Path, processes: int) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a 2-core machine
 
 
-def fit(config: str, strategy: str, root: Path, base: Path) -> subprocess.CompletedProcess:
+def fit(config: str, strategy: str, root: Path, base: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """One `python -m lightning_tune fit`; under ddp/fsdp Lightning launches the second process itself."""
     processes = 1 if strategy == "single" else 2
-    args = [sys.executable, "-m", "lightning_tune", *fit_args(config, root, base, processes), *STRATEGIES[strategy]]
+    args = [sys.executable, "-m", "lightning_tune", *fit_args(config, root, base, processes), *STRATEGIES[strategy], *extra]
     result = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -168,6 +168,21 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, b
         torch.testing.assert_close(torch.tensor(got["val_loss"]), torch.tensor(want["val_loss"]), rtol=REORDER_RTOL, atol=0)
         assert load_file(runs[strategy] / export).keys() == expected.keys()
         assert_same_training(runs[strategy], runs["single"], base_checkpoint)
+
+
+def test_full_dpo_with_a_precomputed_reference_trains_sharded_as_one_process(tmp_path: Path, base_checkpoint: Path) -> None:
+    """Full DPO, the reference precomputed (each rank scores its share of the pairs; the scores are
+    gathered): under FSDP2 on 2 processes it trains as one process with a frozen reference copy does,
+    same losses and weights within the reordering bound. The copy itself cannot be sharded (refused)."""
+    full = ("--model.method", "full")
+    runs = {"single": tmp_path / "single", "fsdp": tmp_path / "fsdp"}
+    fit("tiny_dpo.yaml", "single", runs["single"], base_checkpoint, full)
+    fit("tiny_dpo.yaml", "fsdp", runs["fsdp"], base_checkpoint, (*full, "--model.precompute_reference", "true"))
+    want, got = metrics(runs["single"]), metrics(runs["fsdp"])
+    assert len(want["train_loss"]) == STEPS and want["train_loss"][-1] < want["train_loss"][0]
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=REORDER_RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(got["val_loss"]), torch.tensor(want["val_loss"]), rtol=REORDER_RTOL, atol=0)
+    assert_same_training(runs["fsdp"], runs["single"], base_checkpoint)
 
 
 def test_ranks_split_each_global_batch(tmp_path: Path) -> None:

@@ -352,3 +352,86 @@ def test_full_dpo_step_equals_trl_with_a_reference_copy(base: Path, tmp_path: Pa
     assert ours.keys() <= grads.keys() and len(ours) > 10
     for name, grad in ours.items():
         torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+TINY_SHAPE = {"vocab_size": 512, "num_layers": 2, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 2, "intermediate_dim": 128}
+
+
+def fit_demo_dpo(tmp_path: Path, steps: int = 4, ckpt_path: Path | None = None, **kwargs) -> tuple[DPOFinetune, list[tuple[float, ...]]]:
+    """DPO on the demo pairs in file order (4 pairs a batch, 4 held out), in process, a checkpoint
+    every 2 steps in tmp_path/checkpoints; each step's logged (train_loss, rewards/chosen,
+    rewards/rejected), then the validation loss after step 4."""
+    import lightning
+
+    torch.manual_seed(0)
+    module = DPOFinetune(model_name="tiny_llama2", model_args=TINY_SHAPE, export=False, lr=1e-3, warmup_steps=0, lora_rank=4, lora_dropout=0.0, **kwargs)
+    data = PreferenceDataModule(source="demo", batch_size=4, max_seq_len=48, shuffle=False, val_size=4, cache_dir=str(tmp_path / "cache"))
+    logged: list[tuple[float, ...]] = []
+
+    class Grab(lightning.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(tuple(float(trainer.callback_metrics[k]) for k in ("train_loss", "rewards/chosen", "rewards/rejected")))
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                logged.append((float(trainer.callback_metrics["val_loss"]),))
+
+    every_2 = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1)
+    trainer = lightning.Trainer(
+        max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        default_root_dir=str(tmp_path / "run"), val_check_interval=4, callbacks=[Grab(), every_2],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, logged
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_precomputed_reference_trains_as_the_reference_model(tmp_path: Path, method: str) -> None:
+    """precompute_reference: the same losses, rewards and validation loss as the per-batch reference
+    (same batches: file order), full DPO holds no frozen copy, and a run resumed from a checkpoint
+    (the scores travel in it: the resumed model is no longer the starting one) continues the same."""
+    plain, expected = fit_demo_dpo(tmp_path / "plain", method=method)
+    module, got = fit_demo_dpo(tmp_path / "pre", method=method, precompute_reference=True)
+    assert len(got) == 5 and got == expected  # 4 steps, then the validation loss
+    assert abs(got[3][1] - got[3][2]) > 1e-4  # the policy moved: rewards differ, a real comparison
+    assert (len(plain._reference), len(module._reference)) == ((1, 0) if method == "full" else (0, 0))
+    assert plain.keeps_reference_copy == (method == "full") and not module.keeps_reference_copy
+    table = module._reference_table
+    assert table.shape == (400, 2) and not table.isnan().any()  # every demo pair, training and held out
+
+    step_2 = tmp_path / "pre" / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert torch.equal(torch.load(step_2, weights_only=True)["dpo_reference_logprobs"], table)
+    _, after = fit_demo_dpo(tmp_path / "resumed", ckpt_path=step_2, method=method, precompute_reference=True)
+    assert after == expected[2:]
+
+    # A checkpoint of a run without precomputed scores: its model is not the starting one any more.
+    with pytest.raises(ValueError, match="the checkpoint holds no precomputed reference"):
+        fit_demo_dpo(tmp_path / "refused", ckpt_path=tmp_path / "plain" / "checkpoints" / "epoch=0-step=2.ckpt", method=method, precompute_reference=True)
+
+
+def test_precomputed_reference_refuses_a_pair_it_has_not_scored() -> None:
+    module = DPOFinetune(model_name="tiny_llama2", model_args=TINY_SHAPE, method="full", precompute_reference=True)
+    with pytest.raises(ValueError, match="none is computed yet"):
+        module.reference_logprobs({"pair_index": torch.tensor([0])})
+    module._reference_table = torch.tensor([[-1.0, -2.0], [float("nan"), float("nan")], [-3.0, -4.0]])
+    assert module.reference_logprobs({"pair_index": torch.tensor([2, 0])}).tolist() == [-3.0, -1.0, -4.0, -2.0]
+    for unknown in ([1], [3]):
+        with pytest.raises(ValueError, match="the data changed"):
+            module.reference_logprobs({"pair_index": torch.tensor(unknown)})
+    with pytest.raises(ValueError, match="carry no pair_index"):
+        module.reference_logprobs({})
+
+
+def test_memory_estimate_counts_both_rows_of_a_pair_and_the_reference_copy() -> None:
+    """validate: a DPO batch of B pairs is 2B rows; full DPO holds a frozen copy unless precomputed."""
+    from lightning_tune.memory import estimate_memory
+    from lightning_tune.validate import check
+
+    lora = check(["--config", "tiny_dpo.yaml"])
+    assert lora.settings["batch_size"] == 2 * lora.data.batch_size
+    rows = estimate_memory(lora.model.model_config(), lora.model.adapt_model, **{**lora.settings, "batch_size": lora.data.batch_size})
+    assert lora.estimate.activations > 1.9 * rows.activations  # twice the rows (less the fixed part)
+    full = check(["--config", "tiny_dpo.yaml", "--model.init_args.method=full"])
+    precomputed = check(["--config", "tiny_dpo.yaml", "--model.init_args.method=full", "--model.init_args.precompute_reference=true"])
+    parameters = full.estimate.parameters
+    assert full.estimate.weights - precomputed.estimate.weights == parameters * 4  # fp32: the copy's every parameter

@@ -31,9 +31,10 @@ def main(argv: list[str]) -> int:
         print("error: model_name: null needs an existing checkpoint_dir to read the architecture from; cannot estimate memory", file=sys.stderr)
         return 2
     model, s = result.model, result.settings
+    rows = f" pairs ({s['batch_size']} rows)" if s["batch_size"] != result.data.batch_size else ""
     print(f"recipe                {type(model).__name__} ({model.model_name or model.checkpoint_dir})")
     print(
-        f"run                   batch_size {s['batch_size']} x max_seq_len {s['seq_len']}, precision {s['precision']}, "
+        f"run                   batch_size {result.data.batch_size}{rows} x max_seq_len {s['seq_len']}, precision {s['precision']}, "
         f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, strategy {s['strategy']}, "
         f"{s['devices']} device(s) x {s['num_nodes']} node(s)"
     )

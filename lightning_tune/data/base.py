@@ -53,6 +53,7 @@ class TokenizedDataModule(LightningDataModule):
     record_kind = "records"  # for messages: "expected <record_kind>"
     demo_data: Path = ASSETS / "demo.jsonl"
     encoding_version = 1  # bump in a subclass when its encoding changes meaning (old caches unused)
+    rows_per_sample = 1  # batch rows per sample (memory estimates count rows)
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from torch import Tensor
 
 from lightning_tune.chat_template import ChatTemplateError, resolve_template
@@ -34,10 +35,15 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SIDES = ("chosen", "rejected")
 
 
-def collate_pairs(samples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, Tensor]:
-    """[chosen of every pair; rejected of every pair] as one right-padded batch of 2 x len(samples) rows."""
+def collate_pairs(samples: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    """[chosen of every pair; rejected of every pair] as one right-padded batch of 2 x len(samples) rows,
+    with each pair's `pair_index` ([len(samples)], its record's index in the source) when the samples
+    have one: the key of a precomputed reference (`DPOFinetune(precompute_reference=True)`)."""
     rows = [{"input_ids": s[f"{side}_input_ids"], "labels": s[f"{side}_labels"]} for side in SIDES for s in samples]
-    return collate(rows, pad_id)
+    batch = collate(rows, pad_id)
+    if samples and all("pair_index" in s for s in samples):
+        batch["pair_index"] = torch.tensor([s["pair_index"] for s in samples], dtype=torch.long)
+    return batch
 
 
 def _assistant_reply(value: Any, where: str) -> list[dict]:
@@ -62,7 +68,8 @@ def _encode_pair(
     max_seq_len: int,
     truncation: InstructTruncation,
 ) -> dict:
-    """One record -> chosen_/rejected_ `input_ids` and `labels`, `truncated`; bad pairs raise naming the record."""
+    """One record -> chosen_/rejected_ `input_ids` and `labels`, `truncated`, `pair_index` (the
+    record's index, unique over train and validation); bad pairs raise naming the record."""
     where = f"{source}: record {index} (counting from 0)"
     values = {field: record[column] for field, column in columns.items()}
     for field in PAIR_FIELDS:
@@ -70,7 +77,7 @@ def _encode_pair(
             raise DataError(f"{where}: {field!r} is missing or empty (column {columns[field]!r}); a pair needs a prompt, a chosen and a rejected completion")
     if values["chosen"] == values["rejected"]:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair needs two different completions")
-    out: dict[str, Any] = {"truncated": False}
+    out: dict[str, Any] = {"truncated": False, "pair_index": index}
     for side in SIDES:
         if conversational:
             if not isinstance(values["prompt"], (list, tuple)):
@@ -101,7 +108,8 @@ class PreferenceDataModule(TokenizedDataModule):
 
     record_kind = "prompt/chosen/rejected records"
     demo_data: Path = DEMO_PREFERENCES
-    encoding_version = 1
+    encoding_version = 2  # 2: each pair carries its pair_index
+    rows_per_sample = 2  # a pair is two rows of a batch (memory estimates count rows)
 
     def __init__(
         self,
