@@ -142,14 +142,25 @@ class LoRALinear(QLinear):
     def reset_magnitude(self) -> None:
         """m = ||W + s B A|| per output row, as PEFT's `DoraLinearLayer.update_layer` computes it
         (from the dequantised weight when W is NF4; fp16 adapters multiplied in float32)."""
+        from torch.distributed.tensor import DTensor
+
         lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
+        magnitude = self.lora_magnitude_vector
+        if isinstance(magnitude, DTensor):  # FSDP2: every rank its rows (W, B and m are sharded alike, by rows)
+            if not all(isinstance(t, DTensor) and t.placements == magnitude.placements and t.placements[0].is_shard(0) for t in (self.weight, lora_B)):
+                raise ValueError("use_dora: FSDP2 must shard the base weight, lora_B and the magnitude by rows (fully_shard's default) to set the magnitudes")
+            weight, lora_B, lora_A = self.weight.to_local(), lora_B.to_local(), lora_A.full_tensor()
+        else:
+            weight = self.base_weight()
         half = lora_A.dtype == torch.float16
         lora_weight = lora_B.float() @ lora_A.float() if half else lora_B @ lora_A
         if half:
             lora_weight = lora_weight.half()
-        weight = self.base_weight()
         weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
-        self.lora_magnitude_vector.data = weight_norm.to(self.lora_magnitude_vector.dtype)
+        if isinstance(magnitude, DTensor):
+            magnitude.to_local().copy_(weight_norm)
+        else:
+            self.lora_magnitude_vector.data = weight_norm.to(magnitude.dtype)
 
     @torch.no_grad()
     def materialize_adapters_(self, device: torch.device | str) -> None:

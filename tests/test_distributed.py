@@ -185,6 +185,24 @@ def test_full_dpo_with_a_precomputed_reference_trains_sharded_as_one_process(tmp
     assert_same_training(runs["fsdp"], runs["single"], base_checkpoint)
 
 
+def test_dora_trains_sharded_as_one_process(tmp_path: Path, base_checkpoint: Path) -> None:
+    """DoRA under FSDP2 (2 processes): each rank sets the magnitudes of its own rows of W (FSDP2 shards
+    W and the magnitude vector by the same rows), the forward sees the gathered W; losses, the
+    validation loss and the exported adapter equal one process's within the reordering bound."""
+    dora = ("--model.use_dora", "true")
+    runs = {"single": tmp_path / "single", "fsdp": tmp_path / "fsdp"}
+    for strategy, root in runs.items():
+        fit("tiny_lora.yaml", strategy, root, base_checkpoint, dora)
+    want, got = metrics(runs["single"]), metrics(runs["fsdp"])
+    assert len(want["train_loss"]) == STEPS
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=REORDER_RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(got["val_loss"]), torch.tensor(want["val_loss"]), rtol=REORDER_RTOL, atol=0)
+    expected = load_file(runs["single"] / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(runs["fsdp"] / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys() and any("lora_magnitude_vector" in k for k in expected)
+    assert_same_training(runs["fsdp"], runs["single"], base_checkpoint)
+
+
 def test_ranks_split_each_global_batch(tmp_path: Path) -> None:
     """The data module under a 2-process Trainer: rank r with batch b gets indices that, batch by batch,
     together form the 1-process batch of 2b (no Trainer: one process)."""

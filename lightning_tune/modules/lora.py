@@ -77,8 +77,8 @@ class LoRAFinetune(FinetuneModule):
         self.strict_loading = False
 
     def adapt_model(self, model: Llama) -> None:
-        if (self.quantize_base or self.use_dora) and self.sharding_mesh() is not None:
-            raise ValueError("quantize_base / use_dora: not supported with FSDP2 sharding; train QLoRA or DoRA on one device (or DDP)")
+        if self.quantize_base and self.sharding_mesh() is not None:
+            raise ValueError("quantize_base: not supported with FSDP2 sharding; train QLoRA on one device (or DDP)")
         if not lora_modules(model):  # QLoRA from a checkpoint wrapped the layers before loading (materialize)
             self.lora_layers = self._apply_lora(model)
         mark_only_lora_trainable(model)
