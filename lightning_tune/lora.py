@@ -333,6 +333,22 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 LORA_KEYS = ("lora_A.", "lora_B.", "lora_magnitude_vector")
 
 
+def store_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen `nn.Linear` weight (LoRA's base) in `dtype`, but a head tied to the
+    embedding (a copy would untie them); returns how many. Under autocast in `dtype` these are the
+    bits each product uses anyway, so a frozen weight needs no fp32 copy (see the recipes'
+    `store_frozen_linears_in_compute_dtype`)."""
+    head, tied = getattr(model, "lm_head", None), bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    count = 0
+    for module in model.modules():
+        if module is head and tied:
+            continue
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            count += 1
+    return count
+
+
 def is_lora_key(name: str) -> bool:
     """An adapter tensor: lora_A / lora_B weights or DoRA's magnitude (PEFT's names)."""
     return any(f".{k}" in name or name.startswith(k) for k in LORA_KEYS)

@@ -313,12 +313,10 @@ class FinetuneModule(pl.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         if precision not in ("bf16-mixed", "16-mixed"):
             return
-        half = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        for module in model.modules():
-            if module is model.lm_head and model.config.tie_word_embeddings:
-                continue  # the head is the embedding: a half copy would untie them (and FSDP2 would gather it unloaded)
-            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
-                module.weight = torch.nn.Parameter(module.weight.detach().to(half), requires_grad=False)
+        from lightning_tune.lora import store_frozen_linears_
+
+        # A tied head stays: it is the embedding (a half copy would untie them, and FSDP2 would gather it unloaded).
+        store_frozen_linears_(model, torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
 
     def materialize(self, model: CausalLM, device: torch.device, dtype: torch.dtype, init_apply=None) -> None:
         """Fill the base weights: from `checkpoint_dir` one tensor at a time, else a random init
