@@ -171,10 +171,17 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, b
 
 
 def test_full_dpo_with_a_precomputed_reference_trains_sharded_as_one_process(tmp_path: Path, base_checkpoint: Path) -> None:
-    """Full DPO, the reference precomputed (each rank scores its share of the pairs; the scores are
-    gathered): under FSDP2 on 2 processes it trains as one process with a frozen reference copy does,
-    same losses and weights within the reordering bound. The copy itself cannot be sharded (refused)."""
-    full = ("--model.method", "full")
+    """Full DPO, the reference precomputed (each rank scores its share of the pairs, an odd count so
+    one share is padded; the scores are gathered): under FSDP2 on 2 processes it trains as one
+    process with a frozen reference copy does, same losses and weights within the reordering bound.
+    The copy itself cannot be sharded (refused)."""
+    from lightning_tune.data.base import DEMO_TOKENIZER
+    from lightning_tune.data.preference import DEMO_PREFERENCES
+
+    # 401 pairs (the demo's and its first again): the ranks score 201 and 200, the shorter padded.
+    pairs = DEMO_PREFERENCES.read_text().splitlines()
+    (tmp_path / "pairs.jsonl").write_text("\n".join([*pairs, pairs[0]]) + "\n")
+    full = ("--model.method", "full", "--data.source", str(tmp_path / "pairs.jsonl"), "--data.tokenizer_path", str(DEMO_TOKENIZER))
     runs = {"single": tmp_path / "single", "fsdp": tmp_path / "fsdp"}
     fit("tiny_dpo.yaml", "single", runs["single"], base_checkpoint, full)
     fit("tiny_dpo.yaml", "fsdp", runs["fsdp"], base_checkpoint, (*full, "--model.precompute_reference", "true"))

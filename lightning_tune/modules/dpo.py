@@ -222,8 +222,12 @@ class DPOFinetune(LoRAFinetune):
             raise ValueError("precompute_reference: needs the data as a PreferenceDataModule (its train and validation pairs are scored before training)")
         items = [(d, i) for d in datasets for i in range(len(d))]
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        share = -(-len(items) // world)  # every rank the same count (padded), for all_gather
+        # Every rank the same count, padded with a repeat of the first pair (scored, then dropped):
+        # the same number of forwards everywhere (FSDP2's gathers are collective) and of rows to gather.
+        share = -(-len(items) // world)
         mine = items[rank * share : (rank + 1) * share]
+        real_count = len(mine)
+        mine += [items[0]] * (share - real_count)
         collate, size = data._collate(), max(1, int(data.batch_size))
         keys = torch.full((share,), -1, dtype=torch.long, device=self.device)
         values = torch.full((share, 2), float("nan"), dtype=torch.float32, device=self.device)
@@ -242,6 +246,7 @@ class DPOFinetune(LoRAFinetune):
                 values[start : start + pairs] = torch.stack([scores[:pairs], scores[pairs:]], dim=1)
         finally:
             self.model.train(was_training)
+        keys[real_count:] = -1  # the padding
         if world > 1:
             keys = self.trainer.strategy.all_gather(keys).reshape(-1)
             values = self.trainer.strategy.all_gather(values).reshape(-1, 2)
