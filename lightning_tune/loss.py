@@ -14,6 +14,18 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def label_index(labels: Tensor) -> Tensor:
+    """[N] flat indices into the [B, T] grid of the positions that predict a label: b * T + t for
+    every labels[b, t + 1] != IGNORE_INDEX (position t predicts token t + 1).
+
+    The collate functions compute it on the host, so the training loss gathers its N rows with an
+    index of known length; selecting them with a boolean mask on a GPU makes the host wait for
+    the device to count them, every step."""
+    has_target = torch.zeros_like(labels, dtype=torch.bool)
+    has_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return has_target.flatten().nonzero().squeeze(1)
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk_size` rows at a time.
 

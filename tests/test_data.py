@@ -156,7 +156,9 @@ def test_collate_right_pads_to_the_longest_in_the_batch() -> None:
         {"input_ids": [1, 8, 9, 10, 11, 2], "labels": [-100, 8, 9, 10, 11, 2]},
     ]
     batch = collate(samples, pad_id=0)
-    assert set(batch) == {"input_ids", "labels"}
+    assert set(batch) == {"input_ids", "labels", "label_index"}
+    # b * T + t for every position t whose next label is trained (computed on the host, for the loss)
+    assert batch["label_index"].tolist() == [1, 2, 6, 7, 12, 13, 14, 15, 16]
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
     assert batch["input_ids"].shape == batch["labels"].shape == (3, 6)  # longest of the batch, not max_seq_len
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0], [1, 8, 9, 10, 11, 2]]

@@ -147,7 +147,7 @@ def test_works_directly_from_python(tmp_path) -> None:
     assert isinstance(loader, StatefulDataLoader)
     batch = next(iter(loader))
     # By default a batch is packed: its 8 samples in one unpadded row, each starting at position 0 with BOS.
-    assert set(batch) == {"input_ids", "labels", "positions", "seq_lens"} and batch["input_ids"].shape[0] == 1
+    assert set(batch) == {"input_ids", "labels", "positions", "seq_lens", "label_index"} and batch["input_ids"].shape[0] == 1
     assert len(batch["seq_lens"][0]) == 8 and sum(batch["seq_lens"][0]) == batch["input_ids"].shape[1]
     starts = batch["positions"][0] == 0
     assert int(starts.sum()) == 8 and (batch["input_ids"][0][starts] == dm.tokenizer.bos_id).all()

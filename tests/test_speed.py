@@ -324,3 +324,35 @@ def test_default_speed_options_give_transformers_loss(tmp_path, recipe):
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
     assert int(tokens) == int((targets != -100).sum())
     torch.testing.assert_close(loss_sum.detach() / tokens, expected / tokens, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_loss_reads_its_targets_by_the_host_index_as_by_the_label_mask(packed):
+    """loss_sum gathers the labelled positions by the collate's label_index (no count the device
+    must report to the host): the very same loss bits and gradients as the boolean label mask."""
+    from lightning_tune.data import collate, collate_packed
+
+    generator = torch.Generator().manual_seed(3)
+    samples = []
+    for length, prompt in ((6, 2), (11, 5), (8, 8)):  # the last sample trains nothing
+        ids = torch.randint(1, 512, (length,), generator=generator).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = collate_packed(samples) if packed else collate(samples, pad_id=0)
+    module = build(LoRAFinetune, loss_chunk_size=4, lora_dropout=0.0)  # no dropout: two forwards, the same numbers
+    loss, tokens = module.loss_sum(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad()
+    # The boolean-mask formulation, written out.
+    hidden = module.model.hidden_states(batch["input_ids"], batch.get("positions"), seq_lens=batch.get("seq_lens"))[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    expected = linear_cross_entropy_sum(hidden[keep], module.model.lm_head.weight, targets[keep], 4)
+    expected.backward()
+    assert int(tokens) == int(keep.sum()) == 4 + 6
+    assert torch.equal(loss, expected)
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[name]), name
+    without = {k: v for k, v in batch.items() if k != "label_index"}  # a batch built by hand
+    assert torch.equal(module.loss_sum(without)[0], loss)

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_tune.loss import IGNORE_INDEX
+from lightning_tune.loss import IGNORE_INDEX, label_index
 from lightning_tune.tokenizer import TokenizerProtocol
 
 # How a sample longer than max_seq_len is cut: "keep_start" keeps its first max_seq_len tokens (as
@@ -74,7 +74,8 @@ def collate(samples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict
     positions out of the loss. (Pad positions do attend to real tokens, but their outputs are unused.)
     Padding goes to the batch's longest sequence, not `max_seq_len`, to waste as little compute as possible.
 
-    Returns: `input_ids` and `labels`, both LongTensor of shape [batch, longest].
+    Returns: `input_ids` and `labels`, both LongTensor of shape [batch, longest], and `label_index`
+    (`loss.label_index`: where the loss reads its targets, computed here on the host).
     """
     length = max(len(sample["input_ids"]) for sample in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -83,4 +84,4 @@ def collate(samples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict
         n = len(sample["input_ids"])
         input_ids[row, :n] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
         labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "label_index": label_index(labels)}

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_tune.loss import IGNORE_INDEX
+from lightning_tune.loss import IGNORE_INDEX, label_index
 
 
 def collate_packed(samples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Tensor | list[list[int]]]:
@@ -21,8 +21,8 @@ def collate_packed(samples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, 
     at each sample's first token becomes -100: unpacked it is never a target (position t predicts
     t+1), packed it would be the target of the previous sample's last token.
 
-    Returns: `input_ids`, `labels` and `positions`, each [1, S] (LongTensor), and `seq_lens`, one
-    list of sample lengths per row (`[[n_1, n_2, ...]]`).
+    Returns: `input_ids`, `labels` and `positions`, each [1, S] (LongTensor), `seq_lens`, one
+    list of sample lengths per row (`[[n_1, n_2, ...]]`), and `label_index` (`loss.label_index`).
     """
     lengths = [len(sample["input_ids"]) for sample in samples]
     input_ids = torch.cat([torch.as_tensor(sample["input_ids"], dtype=torch.long) for sample in samples])
@@ -30,4 +30,4 @@ def collate_packed(samples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, 
     starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
     labels[starts] = IGNORE_INDEX
     positions = torch.cat([torch.arange(n) for n in lengths])  # [S]
-    return {"input_ids": input_ids[None], "labels": labels[None], "positions": positions[None], "seq_lens": [lengths]}
+    return {"input_ids": input_ids[None], "labels": labels[None], "positions": positions[None], "seq_lens": [lengths], "label_index": label_index(labels[None])}

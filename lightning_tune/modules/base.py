@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lightning_tune.families import SIZES
 from lightning_tune.hardware import warn_if_bf16_emulated
-from lightning_tune.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from lightning_tune.loss import label_index, linear_cross_entropy_sum
 from lightning_tune.model import CausalLM, ModelConfig, model_config
 from lightning_tune.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups, with_fused_default
 
@@ -354,16 +354,19 @@ class FinetuneModule(pl.LightningModule):
         input_ids, labels = batch["input_ids"], batch["labels"]
         # Packed batches (`collate_packed`) bring per-sample positions and lengths (`seq_lens`); the
         # model attends within each sample because it is told where each one ends.
-        hidden = self.model.hidden_states(input_ids, batch.get("positions"), batch.get("attn_mask"), seq_lens=batch.get("seq_lens"))[:, :-1]  # [B, T-1, E]: t predicts t+1
-        targets = labels[:, 1:]  # [B, T-1]
-        keep = targets != IGNORE_INDEX
+        hidden = self.model.hidden_states(input_ids, batch.get("positions"), batch.get("attn_mask"), seq_lens=batch.get("seq_lens"))  # [B, T, E]
+        index = batch.get("label_index")  # from the collate functions, on the host (see loss.label_index)
+        if index is None:  # a batch built by hand: the same indices, counted on the device
+            index = label_index(labels)
+        hidden = hidden.flatten(0, 1).index_select(0, index)  # [N, E]: the positions that predict a label
+        targets = labels.flatten().index_select(0, index + 1)  # [N]: position t's target is token t + 1
         head = self.model.lm_head
         if self.loss_chunk_size and type(head) is torch.nn.Linear and head.bias is None:
-            loss = linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], self.loss_chunk_size)
+            loss = linear_cross_entropy_sum(hidden, head.weight, targets, self.loss_chunk_size)
         else:
-            logits = head(hidden[keep])  # [N, V] for the N labelled positions only
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, keep.sum()
+            logits = head(hidden)  # [N, V] for the N labelled positions only
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return loss, targets.new_full((), index.numel())
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Return the *summed* loss; `on_before_optimizer_step` divides the accumulated gradient
