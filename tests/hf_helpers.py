@@ -78,3 +78,22 @@ def write_tiny_tokenizer(directory, vocab_size: int = 96, eos_ids: list[int] | N
     config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos_ids or [2], "pad_token_id": 0}))
+
+
+def trained_peft_model(base: transformers.PreTrainedModel, seed: int, b_std: float = 0.1, magnitude_spread: float = 0.2, **lora_config):
+    """PEFT's LoRA (or DoRA, `use_dora=True`) over a copy of `base`, looking trained: B ~ N(0,
+    b_std) (B = 0 would leave the model unchanged) and DoRA's magnitudes scaled by 1 + U(0,
+    magnitude_spread) (else m = ||W + sBA|| and DoRA is plain LoRA)."""
+    import copy
+
+    import peft
+
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **lora_config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + magnitude_spread * torch.rand_like(p))
+    return model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_helpers import tiny_hf_llama
+from hf_helpers import tiny_hf_llama, trained_peft_model
 from safetensors.torch import load_file, save_file
 
 from lightning_tune import checkpoint
@@ -357,14 +357,8 @@ def test_our_adapter_loads_in_peft_with_same_logits(hf, hf_dir: Path, tmp_path: 
 
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
 def test_peft_adapter_loads_into_ours_with_same_logits(hf, hf_dir: Path, tmp_path: Path, safe_serialization: bool) -> None:
-    peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj"], task_type="CAUSAL_LM")
-    peft_model = peft.get_peft_model(copy.deepcopy(hf), config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    pytest.importorskip("peft")
+    peft_model = trained_peft_model(hf, seed=2, r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj"])
     peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=safe_serialization)
     assert (tmp_path / "adapter" / ("adapter_model.safetensors" if safe_serialization else "adapter_model.bin")).is_file()
     model = from_pretrained(hf_dir)
@@ -376,15 +370,7 @@ def test_peft_adapter_loads_into_ours_with_same_logits(hf, hf_dir: Path, tmp_pat
 def test_peft_dora_adapter_loads_into_ours_with_same_logits(hf, hf_dir: Path, tmp_path: Path) -> None:
     """A PEFT DoRA adapter (magnitude trained away from its initial row norms) scores as in PEFT."""
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
-    peft_model = peft.get_peft_model(copy.deepcopy(hf), config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.rand_like(p))  # else m = ||W + sBA|| and DoRA is plain LoRA
+    peft_model = trained_peft_model(hf, seed=3, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
     peft_model.save_pretrained(tmp_path / "adapter")
     model = from_pretrained(hf_dir)
     wrapped = load_peft_adapter(model, tmp_path / "adapter")

@@ -314,23 +314,15 @@ def test_generate_text_returns_text_and_stats(models, capsys):
 def test_greedy_with_a_peft_adapter_matches_peft(models, tmp_path, use_dora):
     """generate/chat's `load_model(..., adapter_dir)`: a PEFT adapter (LoRA or DoRA) over a HF
     directory decodes the tokens PEFT's own model generates."""
-    peft = pytest.importorskip("peft")
-    import copy
+    pytest.importorskip("peft")
+    from hf_helpers import trained_peft_model
 
     from lightning_tune.cli.generate import load_model
     from lightning_tune.lora import lora_modules
 
     _, hf = models
     hf.save_pretrained(tmp_path / "base")
-    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM")
-    peft_model = peft.get_peft_model(copy.deepcopy(hf), config)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand_like(p))
+    peft_model = trained_peft_model(hf, seed=4, b_std=0.2, magnitude_spread=0.3, r=4, lora_alpha=8, use_dora=use_dora, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
     peft_model.save_pretrained(tmp_path / "adapter")
     peft_model.eval()
     expected = hf_generate(peft_model, PROMPTS, do_sample=False)
