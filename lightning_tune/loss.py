@@ -96,6 +96,7 @@ def sequence_logprobs(
     weight: Tensor | None = None,
     seq_lens: list[list[int]] | None = None,
     chunk_size: int = 1024,
+    label_positions: Tensor | None = None,
 ) -> Tensor:
     """Summed log p(label) over the labelled positions of each sequence: the completion's log-likelihood.
 
@@ -109,16 +110,17 @@ def sequence_logprobs(
             is returned then, rows in order. Each sample's first label must be IGNORE_INDEX (as
             `collate_packed` sets it), so no sample is scored on its neighbour's tokens.
         chunk_size: Labelled positions per log-softmax; > 0.
+        label_positions: `label_index(labels)` when the batch brings it (the collate functions
+            compute it on the host: no count for a GPU to report); else computed here.
 
     Returns:
         float32 [B] (or [number of samples] with `seq_lens`), differentiable.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    targets = labels[:, 1:]  # [B, T-1]: position t predicts t + 1
-    keep = targets != IGNORE_INDEX
-    inputs = logits_or_hidden[:, :-1][keep]  # [N, V] or [N, E]
-    kept = targets[keep]  # [N]
+    index = label_index(labels) if label_positions is None else label_positions  # [N] into the [B, T] grid
+    inputs = logits_or_hidden.flatten(0, 1).index_select(0, index)  # [N, V] or [N, E]
+    kept = labels.flatten().index_select(0, index + 1)  # [N]: position t predicts token t + 1
     pieces = []
     for start in range(0, inputs.shape[0], chunk_size):
         chunk = inputs[start : start + chunk_size]
@@ -126,12 +128,12 @@ def sequence_logprobs(
         pieces.append(logits.float().log_softmax(dim=-1).gather(1, kept[start : start + chunk_size, None]).squeeze(1))
     token_logprobs = torch.cat(pieces) if pieces else inputs.new_zeros(0, dtype=torch.float32)  # [N]
     if seq_lens is None:
-        owner, count = keep.nonzero()[:, 0], labels.shape[0]  # each labelled position's row
+        owner, count = index // labels.shape[1], labels.shape[0]  # each labelled position's row
     else:
         if len(seq_lens) != labels.shape[0] or any(sum(row) != labels.shape[1] for row in seq_lens):
             raise ValueError(f"seq_lens: {seq_lens} does not fill the {list(labels.shape)} batch (one list of sample lengths per row, summing to its length)")
         # The sample of every token ([B, T], numbered across rows); a position belongs to its target's sample.
         lengths = torch.tensor([n for row in seq_lens for n in row], device=labels.device)
         sample_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=labels.device), lengths).view(labels.shape)
-        owner, count = sample_of_token[:, 1:][keep], len(lengths)
+        owner, count = sample_of_token.flatten().index_select(0, index + 1), len(lengths)  # the sample of each target
     return torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, owner, token_logprobs)

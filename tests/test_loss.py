@@ -66,5 +66,8 @@ def test_packed_row_gives_each_sample_what_it_gets_padded():
     for i, r in enumerate(rows):
         logits[i, : len(r)] = r
     torch.testing.assert_close(got, direct(logits, padded["labels"]), rtol=1e-6, atol=1e-5)
+    # The collate's host-side label_index reads the same positions: the very same sums.
+    assert torch.equal(sequence_logprobs(torch.cat(rows)[None], packed["labels"], seq_lens=packed["seq_lens"], label_positions=packed["label_index"]), got)
+    assert torch.equal(sequence_logprobs(logits, padded["labels"], label_positions=padded["label_index"]), sequence_logprobs(logits, padded["labels"]))
     with pytest.raises(ValueError, match="seq_lens"):
         sequence_logprobs(torch.cat(rows)[None], packed["labels"], seq_lens=[[5, 8]])

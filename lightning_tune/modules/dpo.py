@@ -172,9 +172,10 @@ class DPOFinetune(LoRAFinetune):
         time; an adapted (LoRA) head is applied to every position."""
         hidden = model.hidden_states(batch["input_ids"])  # [rows, T, E]
         head = model.lm_head
+        positions = batch.get("label_index")  # from the collate, on the host
         if type(head) is torch.nn.Linear and head.bias is None:
-            return sequence_logprobs(hidden, batch["labels"], weight=head.weight, chunk_size=self.loss_chunk_size or hidden.shape[1] * hidden.shape[0])
-        return sequence_logprobs(head(hidden), batch["labels"], chunk_size=max(1, hidden.shape[0] * hidden.shape[1]))
+            return sequence_logprobs(hidden, batch["labels"], weight=head.weight, chunk_size=self.loss_chunk_size or hidden.shape[1] * hidden.shape[0], label_positions=positions)
+        return sequence_logprobs(head(hidden), batch["labels"], chunk_size=max(1, hidden.shape[0] * hidden.shape[1]), label_positions=positions)
 
     def reference_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """The reference model's summed completion log-probabilities: adapters off (LoRA) or the
