@@ -356,3 +356,44 @@ def test_loss_reads_its_targets_by_the_host_index_as_by_the_label_mask(packed):
             assert torch.equal(p.grad, grads[name]), name
     without = {k: v for k, v in batch.items() if k != "label_index"}  # a batch built by hand
     assert torch.equal(module.loss_sum(without)[0], loss)
+
+
+SYNCING_OPS = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.masked_select.default", "aten.repeat_interleave.Tensor", "aten.unique_consecutive.default", "aten._unique2.default"}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_training_step_runs_no_op_that_makes_a_gpu_wait(packed):
+    """The CPU proxy of a GPU's sync check: in a loss + backward from a collated batch, no op whose
+    output size or value the host must read back (nonzero, .item(), masked_select, boolean-mask
+    indexing, ...) is dispatched, so on a GPU the step queues without waiting for the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_tune.data import collate, collate_packed
+
+    generator = torch.Generator().manual_seed(4)
+    samples = []
+    for length, prompt in ((7, 3), (12, 4), (5, 1)):
+        ids = torch.randint(1, 512, (length,), generator=generator).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = collate_packed(samples) if packed else collate(samples, pad_id=0)
+    module = build(LoRAFinetune, loss_chunk_size=4)
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            boolean_index = name.startswith("aten.index") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
+            )
+            if name in SYNCING_OPS or boolean_index:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        loss, tokens = module.loss_sum(batch)
+        (loss / tokens).backward()
+    assert seen == []
+    without = {k: v for k, v in batch.items() if k != "label_index"}  # the watch does catch the fallback
+    with Watch():
+        module.loss_sum(without)
+    assert "aten.nonzero.default" in seen
