@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     # load_tokenizer takes the directory: tokenizer.json where there is one, else tokenizer.model.
     if not any((output_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         print(f"warning: {cfg.repo_id} has neither tokenizer.json nor tokenizer.model; set data.tokenizer_path to its tokenizer", file=sys.stderr)
-    print(f"use it with: --model.init_args.checkpoint_dir {output_dir} --data.tokenizer_path {output_dir}")
+    print(f"use it with: --model.init_args.checkpoint_dir {output_dir} (data.tokenizer_path defaults to its tokenizer)")
     return 0
 
 
