@@ -14,19 +14,10 @@ import torch
 from hf_helpers import tiny_hf_llama, trained_peft_model
 from safetensors.torch import load_file, save_file
 
-from lightning_tune import checkpoint
-from lightning_tune.checkpoint import (
-    CheckpointError,
-    atomic_directory,
-    detect_format,
-    from_pretrained,
-    load_config,
-    load_peft_adapter,
-    load_weights,
-    save_hf_checkpoint,
-    save_peft_adapter,
-)
-from lightning_tune.lora import apply_lora, lora_modules
+from lightning_tune.checkpoint import detect_format, from_pretrained, load_config, load_peft_adapter, load_weights, save_hf_checkpoint, save_peft_adapter
+from lightning_tune.checkpoint import hf as checkpoint_hf
+from lightning_tune.io.files import CheckpointError, atomic_directory
+from lightning_tune.layers.lora import apply_lora, lora_modules
 from lightning_tune.model import Llama, LlamaConfig
 
 transformers = pytest.importorskip("transformers")
@@ -267,7 +258,7 @@ def test_failed_export_leaves_nothing_and_keeps_the_previous_one(hf_dir: Path, t
             raise OSError("disk on fire")
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint_hf, "save_file", failing_save)
     with pytest.raises(OSError, match="disk on fire"):
         save_hf_checkpoint(model, model.config, tmp_path / "export", max_shard_size=40_000)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, intact
@@ -290,7 +281,7 @@ def test_atomic_directory_removes_temp_on_error(tmp_path: Path) -> None:
 
 def test_export_checks_free_disk_space(hf_dir: Path, tmp_path: Path, monkeypatch) -> None:
     model = from_pretrained(hf_dir)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10, 10, 0))
+    monkeypatch.setattr("lightning_tune.io.files.shutil.disk_usage", lambda path: namedtuple("usage", "total used free")(10, 10, 0))
     message = one_line_error(save_hf_checkpoint, model, model.config, tmp_path / "export")
     assert "not enough free disk space" in message and str(tmp_path) in message
     assert list(tmp_path.iterdir()) == []

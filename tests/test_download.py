@@ -16,8 +16,8 @@ import pytest
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import hf_raise_for_status
 
+from lightning_tune.checkpoint.download import select_files
 from lightning_tune.cli import main
-from lightning_tune.download import select_files
 
 
 def download_command(argv: list[str]) -> int:

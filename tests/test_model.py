@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lightning_tune.model as model_module
+import lightning_tune.model.attention as model_module
 from lightning_tune.model import Llama, LlamaConfig, PackedRows, RMSNorm, apply_rope, llama2_7b, llama2_13b, llama2_70b, rope_cos_sin, sample_offsets, segment_attention
 
 transformers = pytest.importorskip("transformers")

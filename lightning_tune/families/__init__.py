@@ -11,20 +11,16 @@ A new family is one new file here with a `FAMILY`, added to `FAMILIES` below.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lightning_tune.families import llama2, llama3, mistral, qwen2, qwen3, smollm2
 from lightning_tune.families.base import Family, HFMapping, Size
-
-if TYPE_CHECKING:
-    from lightning_tune.model import ModelConfig
+from lightning_tune.families.config import ModelConfig
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llama2.FAMILY, llama3.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, smollm2.FAMILY)}
 SIZES: dict[str, Size] = {name: size for family in FAMILIES.values() for name, size in family.sizes.items()}
 _FAMILY_OF_SIZE: dict[str, Family] = {name: family for family in FAMILIES.values() for name in family.sizes}
 HF_MAPPINGS: dict[str, HFMapping] = {family.hf.model_type: family.hf for family in FAMILIES.values()}
 
-__all__ = ["FAMILIES", "HF_MAPPINGS", "SIZES", "Family", "HFMapping", "Size", "family_for", "family_of_size", "hf_mapping", "model_config"]
+__all__ = ["FAMILIES", "HF_MAPPINGS", "SIZES", "Family", "HFMapping", "ModelConfig", "Size", "family_for", "family_of_size", "hf_mapping", "model_config"]
 
 
 class UnknownModelError(ValueError):
@@ -33,8 +29,6 @@ class UnknownModelError(ValueError):
 
 def model_config(name: str, **overrides) -> ModelConfig:
     """The `ModelConfig` of a named size (any family), with any field overridden (e.g. `vocab_size=1000`)."""
-    from lightning_tune.model import ModelConfig
-
     if name not in SIZES:
         raise UnknownModelError(f"unknown model {name!r}; expected one of {', '.join(SIZES)}")
     unknown = set(overrides) - set(ModelConfig.__dataclass_fields__)

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_tune import hardware  # a module: tests stand in for its CPU probes
+from lightning_tune.layers.lora import lora_modules, merge_lora
+
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     """weight [N, K] -> (int8 codes [N, K], fp32 scales [N]) with weight ~= codes * scales[:, None].
@@ -35,11 +38,9 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether int8 x bf16 matmuls run fast here: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16)."""
-    from lightning_tune.hardware import cpu_has_native_bf16
-
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and cpu_has_native_bf16()
+    return device.type == "cpu" and hardware.cpu_has_native_bf16()
 
 
 class Int8Linear(nn.Module):
@@ -106,8 +107,6 @@ def quantize_int8_(model: nn.Module, use_int8_mm: bool | None = None) -> nn.Modu
     int8 kernel where the hardware has native bf16 and the op runs, the dequantising path elsewhere.
     A LoRA adapter is merged into its base weights first. Returns the model.
     """
-    from lightning_tune.lora import lora_modules, merge_lora
-
     if lora_modules(model):  # an adapter is folded into its base weight first: quantise what generation computes
         merge_lora(model)
     device = model.model.embed_tokens.weight.device

@@ -18,87 +18,16 @@ K key/value heads, D head dim, E embed dim.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from functools import cache
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-RopeType = Literal["default", "llama3", "linear"]
-AttentionBias = Literal["none", "qkv", "all"]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Hyper-parameters of one decoder; the first nine are Llama 2's (Meta's names), the rest switches.
-
-    Fields after `rope_base` default to Llama 2, so a Llama 2 config reads as before.
-    `head_dim` 0 means embed_dim // num_heads (it is filled in, so `config.head_dim` is always the
-    real value). The `rope_*` scaling fields are read only by their rotary type: `rope_factor` by
-    `linear` and `llama3`; the low/high frequency factors and the original context by `llama3`
-    (transformers' `_compute_llama3_parameters`). `sliding_window` None: full causal attention;
-    else each token attends to itself and the `sliding_window - 1` tokens before it (Mistral).
-    `model_type` is the Hugging Face `model_type` exports write (families/ maps it).
-    """
-
-    vocab_size: int = 32000
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 32
-    embed_dim: int = 4096
-    intermediate_dim: int = 11008
-    max_seq_len: int = 4096
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-    head_dim: int = 0
-    tie_word_embeddings: bool = False
-    attention_bias: AttentionBias = "none"
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    rope_type: RopeType = "default"
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
-    sliding_window: int | None = None
-    model_type: str = "llama"
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.head_dim < 0:
-            raise ValueError(f"ModelConfig.head_dim must be a positive integer (0 = embed_dim // num_heads), got {self.head_dim}")
-        if not self.head_dim:
-            if self.embed_dim % self.num_heads:
-                raise ValueError(f"ModelConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}), or give head_dim")
-            object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)  # frozen: set once, here
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"ModelConfig head dim ({self.head_dim}) must be even for rotary embeddings")
-        if self.attention_bias not in ("none", "qkv", "all"):
-            raise ValueError(f"ModelConfig.attention_bias must be 'none', 'qkv' or 'all', got {self.attention_bias!r}")
-        if self.rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"ModelConfig.rope_type {self.rope_type!r} is not supported; supported: default, llama3, linear")
-        if self.rope_type != "default" and self.rope_factor <= 0:
-            raise ValueError(f"ModelConfig.rope_factor must be > 0, got {self.rope_factor}")
-        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
-            raise ValueError(f"ModelConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed rope_low_freq_factor ({self.rope_low_freq_factor})")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"ModelConfig.sliding_window must be a positive integer or None, got {self.sliding_window}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-LlamaConfig = ModelConfig  # the name before the families work; kept so existing code and configs run
+from lightning_tune.families.config import ModelConfig
+from lightning_tune.model.attention import KVCache, PackedRows, check_seq_lens, cpu_attention_in_fp32, packed_causal_mask, packed_positions, segment_attention, sliding_window_band
 
 
 class RMSNorm(nn.Module):
@@ -169,177 +98,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if cos.dim() == 3:  # per-row positions: add the heads axis
         cos, sin = cos[:, None], sin[:, None]
     return x * cos + _rotate_half(x) * sin
-
-
-@dataclass(frozen=True)
-class PackedRows:
-    """Where the packed samples of a batch end, built once per forward and shared by every layer.
-
-    `lengths`: one list of sample lengths per row (`collate_packed`'s `seq_lens`), or a single list
-    for every row. `cu_seqlens` (int32 [N + 1], the samples' start offsets in the flattened
-    [B * T] tokens, then the total) and `max_len` feed a variable-length attention kernel on CUDA;
-    `cu_seqlens` is None where none is used (CPU). It is made from host ints and copied from pinned
-    memory without blocking, so telling the kernel where samples end costs no host-device sync.
-    """
-
-    lengths: list[list[int]]
-    cu_seqlens: Tensor | None = None
-    # The longest sample, derived once here rather than in every layer. An init field (0 = derive it):
-    # FSDP2 rebuilds dataclass arguments with dataclasses.replace, which passes every field.
-    max_len: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.max_len:
-            object.__setattr__(self, "max_len", max(max(row) for row in self.lengths))
-
-    @staticmethod
-    def build(lengths: list[list[int]], batch_size: int, device: torch.device) -> PackedRows:
-        if device.type != "cuda" or varlen_attention() is None:
-            return PackedRows(lengths)
-        cu_seqlens = torch.tensor(sample_offsets(lengths, batch_size), dtype=torch.int32).pin_memory().to(device, non_blocking=True)
-        return PackedRows(lengths, cu_seqlens)
-
-
-def sample_offsets(lengths: list[list[int]], batch_size: int) -> list[int]:
-    """Start of every packed sample in the rows flattened to [B * T] tokens, then the total (varlen's `cu_seqlens`)."""
-    offsets = [0]
-    for row in lengths * batch_size if len(lengths) == 1 else lengths:
-        for n in row:
-            offsets.append(offsets[-1] + n)
-    return offsets
-
-
-@cache
-def varlen_attention() -> Callable | None:
-    """torch's variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`, CUDA), or None (looked up once)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool) -> Tensor:
-    """Causal attention within each packed sample: q [B, H, T, D], k/v [B, K, T, D] -> [B, H, T, D].
-
-    Equal to SDPA with the block-diagonal causal mask without building it. On CUDA in fp16/bf16, one
-    variable-length flash attention call covers every sample of every row (`packed.cu_seqlens`
-    says where each ends): no Python loop over samples, no host sync. Elsewhere (the CPU) each
-    sample is its own causal SDPA call: the cost is sum(n_i^2) instead of T^2 and every call takes
-    the fused kernel that `is_causal` allows; on a CPU the per-call overhead is small next to the work.
-    """
-    if packed.cu_seqlens is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        return _varlen_causal_attention(q, k, v, packed, enable_gqa)
-    dtype, fp32 = q.dtype, cpu_attention_in_fp32(q, v, packed.max_len)
-    if fp32:
-        q, k, v = q.float(), k.float(), v.float()
-    with no_cpu_autocast() if fp32 else contextlib.nullcontext():
-        if len(packed.lengths) == 1:
-            out = _split_causal_attention(q, k, v, packed.lengths[0], enable_gqa)
-        else:
-            out = torch.cat([_split_causal_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths, enable_gqa) for b, lengths in enumerate(packed.lengths)])
-    return out.to(dtype)
-
-
-# On a CPU, torch's bf16/fp16 flash attention is slower than its fp32 one for short sequences (fwd +
-# bwd, 8 heads of 64, one thread, AVX512-BF16 CPU, torch 2.13: 60 tokens 1.48 vs 0.52 ms, 150 tokens
-# 4.6 vs 2.4 ms; 400 tokens equal; 1024 tokens 99 vs 119 ms), so below this length a half-precision
-# attention runs in fp32. Exact inputs (half values are fp32 values), the result rounded once to the
-# half dtype: no less accurate than the half kernel, which accumulates in fp32 too.
-CPU_FP32_ATTENTION_MAX_LEN = 512
-
-
-def cpu_attention_in_fp32(q: Tensor, v: Tensor, longest: int) -> bool:
-    """Whether to run this CPU attention in fp32 instead of a half dtype (see CPU_FP32_ATTENTION_MAX_LEN).
-
-    Half precision: q or v in bf16/fp16, or CPU autocast on. Under bf16-mixed, q and k leave the
-    rotary embedding in fp32 (its fp32 cos/sin promote them) while v comes from its linear layer in
-    bf16, and autocast would cast all three to bf16 (SDPA is on its lower-precision list)."""
-    half = (torch.bfloat16, torch.float16)
-    return q.device.type == "cpu" and longest <= CPU_FP32_ATTENTION_MAX_LEN and (q.dtype in half or v.dtype in half or torch.is_autocast_enabled("cpu"))
-
-
-def no_cpu_autocast() -> torch.autocast:
-    """CPU autocast off, so the fp32 attention above stays fp32 (measured on SmolLM2-135M LoRA under
-    bf16-mixed: the bf16 flash backward took 20% of the step, 2-4x the fp32 one at 60-200 tokens)."""
-    return torch.autocast("cpu", enabled=False)
-
-
-def _varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool) -> Tensor:
-    """All samples in one `varlen_attn` call on tokens flattened to [B * T, heads, D]; returned as
-    a [B, H, T, D] view of [B, T, H, D] memory, so the caller's transpose(1, 2).reshape is free."""
-    B, H, T, D = q.shape
-    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]  # [B*T, heads, D]
-    out = varlen_attention()(*flat, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len, window_size=(-1, 0), enable_gqa=enable_gqa)
-    return out.view(B, T, H, D).transpose(1, 2)
-
-
-def check_seq_lens(seq_lens: list[list[int]] | None, shape: tuple[int, ...] | torch.Size, attn_mask: Tensor | None, cache_pos: Tensor | None) -> list[list[int]] | None:
-    """Validate packed sample lengths against tokens of `shape` [B, T]; None means plain causal rows.
-
-    The lengths are host-side Python ints (the collate function knows them), so checking them and
-    splitting attention by them needs no device sync. A wrong sum would silently attend across
-    samples, hence the check.
-    """
-    if seq_lens is None:
-        return None
-    if attn_mask is not None or cache_pos is not None:
-        raise ValueError("seq_lens (packed samples) cannot be combined with attn_mask or a KV cache")
-    B, T = shape[0], shape[1]
-    if len(seq_lens) not in (1, B) or any(sum(row) != T or min(row, default=0) <= 0 for row in seq_lens):
-        raise ValueError(f"seq_lens must hold 1 or {B} lists of positive sample lengths summing to {T} each, got {seq_lens}")
-    return seq_lens
-
-
-def packed_positions(seq_lens: list[list[int]]) -> Tensor:
-    """Rotary positions of packed rows, 0..n-1 for each sample: [T] for one list, else [B, T]."""
-    rows = [torch.cat([torch.arange(n) for n in row]) for row in seq_lens]
-    return rows[0] if len(rows) == 1 else torch.stack(rows)
-
-
-def _split_causal_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], enable_gqa: bool) -> Tensor:
-    qs, ks, vs = (t.split(lengths, dim=2) for t in (q, k, v))
-    # Joined as [B, T, H, D] and handed back as a transposed view: the caller's
-    # transpose(1, 2).reshape is then free, as after a single SDPA call.
-    parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=enable_gqa).transpose(1, 2) for qi, ki, vi in zip(qs, ks, vs)]
-    return torch.cat(parts, dim=1).transpose(1, 2)
-
-
-class KVCache(nn.Module):
-    """Preallocated key/value cache for one attention layer: [B, K, max_seq_len, D] each.
-
-    Preallocation means decoding allocates nothing per token; `update` writes the new keys at
-    `cache_pos` and returns views of the first `kv_len` slots, so attention costs grow with the
-    sequence actually generated, not with the cache's capacity.
-    """
-
-    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, cache_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Store k, v [B, K, T, D] at slots `cache_pos` [T]; return keys/values [B, K, kv_len, D]."""
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
-
-
-def packed_causal_mask(segments: list[list[int]], T: int, device: torch.device | str | None = None) -> Tensor:
-    """Boolean [B or 1, 1, T, T]: token i sees token j iff both are in the same packed sample and j <= i."""
-    rows = []
-    for lengths in segments:
-        sample = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-        index = torch.arange(T, device=device)
-        rows.append((sample[:, None] == sample[None, :]) & (index[None, :] <= index[:, None]))
-    return torch.stack(rows)[:, None]
-
-
-def sliding_window_band(query_slots: Tensor, kv_len: int, window: int) -> Tensor:
-    """Boolean [T, kv_len]: query at slot q may see key slot k iff q - k < window (transformers'
-    `sliding_window_overlay`: itself and the window - 1 slots before it; causality is the mask's job)."""
-    return (query_slots[:, None] - torch.arange(kv_len, device=query_slots.device)[None, :]) < window
 
 
 class Attention(nn.Module):
@@ -522,7 +280,22 @@ class CausalLM(nn.Module):
                 end to end (or one list for every row); each sample attends only to itself, as if
                 alone. Positions alone never switch this on.
         """
-        return self.lm_head(self.model(tokens, positions, attn_mask, cache_pos, seq_lens))
+        return self.logits(self.model(tokens, positions, attn_mask, cache_pos, seq_lens))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., E] (the final norm's output) -> logits [..., V]: the one place the output head is applied.
+
+        Whatever a family does after the head (a logit soft-cap, a scale) goes here, so training,
+        DPO, evaluation and generation all compute it; none of them touches `lm_head` itself.
+        """
+        return self.lm_head(hidden)
+
+    def plain_head_weight(self) -> Tensor | None:
+        """The head's [V, E] weight W when `logits(h)` is exactly `h @ W.T` (a bias-free `nn.Linear`, no
+        adapter, nothing applied after it), so a chunked kernel may compute the logits itself
+        (`training/loss.py`); None when only `logits` computes them (e.g. a LoRA-adapted head)."""
+        head = self.lm_head
+        return head.weight if type(head) is nn.Linear and head.bias is None else None
 
     def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, seq_lens: list[list[int]] | None = None) -> Tensor:
         """tokens [B, T] -> the final norm's output [B, T, E], before the output head.
@@ -573,64 +346,3 @@ class CausalLM(nn.Module):
                     apply(module.bias, nn.init.zeros_)
             elif isinstance(module, RMSNorm):
                 apply(module.weight, nn.init.ones_)
-
-
-Llama = CausalLM  # the name before the families work; kept so existing code runs
-
-
-# Builders. The named sizes of every family, with their sources, live in `lightning_tune.families`.
-
-
-def model_config(name: str, **overrides) -> ModelConfig:
-    """The `ModelConfig` of a named size of any family (e.g. "llama3_1_8b"), with fields overridden."""
-    from lightning_tune.families import model_config as registry_config
-
-    return registry_config(name, **overrides)
-
-
-llama2_config = model_config  # the name before the families work
-
-
-def __getattr__(name: str):
-    # LLAMA2_SIZES: every named size's ModelConfig fields (all families, not only Llama 2, despite the
-    # old name), read lazily from the registry so that families/ can import this module.
-    if name == "LLAMA2_SIZES":
-        from lightning_tune.families import SIZES
-
-        return {size: dict(entry.config) for size, entry in SIZES.items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def llama2(
-    vocab_size: int = 32000,
-    num_layers: int = 32,
-    num_heads: int = 32,
-    num_kv_heads: int | None = None,
-    embed_dim: int = 4096,
-    intermediate_dim: int = 11008,
-    max_seq_len: int = 4096,
-    norm_eps: float = 1e-5,
-    rope_base: float = 10000.0,
-) -> CausalLM:
-    """Any Llama 2 shaped model; `num_kv_heads=None` means multi-head attention (= num_heads)."""
-    return CausalLM(ModelConfig(vocab_size, num_layers, num_heads, num_kv_heads or num_heads, embed_dim, intermediate_dim, max_seq_len, norm_eps, rope_base))
-
-
-def llama2_7b() -> CausalLM:
-    """Llama 2 7B (6,738,415,616 parameters)."""
-    return CausalLM(model_config("llama2_7b"))
-
-
-def llama2_13b() -> CausalLM:
-    """Llama 2 13B (13,015,864,320 parameters)."""
-    return CausalLM(model_config("llama2_13b"))
-
-
-def llama2_70b() -> CausalLM:
-    """Llama 2 70B (68,976,648,192 parameters)."""
-    return CausalLM(model_config("llama2_70b"))
-
-
-def tiny_llama2(vocab_size: int = 32000) -> CausalLM:
-    """A tiny Llama 2 shaped model for CPU demos and tests: 4 layers, dim 128, GQA 4/2 heads."""
-    return CausalLM(model_config("tiny_llama2", vocab_size=vocab_size))

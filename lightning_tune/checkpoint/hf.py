@@ -1,0 +1,199 @@
+"""Hugging Face directories: config.json, safetensors / .bin weights (sharded or not) in and out, the tokenizer
+and generation_config.json written beside them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_tune.checkpoint.tensors import Entry, check_entries, first_names, load_state_dict_file
+from lightning_tune.families.config import ModelConfig
+from lightning_tune.families.hf_config import config_from_hf, config_to_hf
+from lightning_tune.io.files import CheckpointError, atomic_directory, check_disk_space, check_export_target, existing_parent, read_json, require
+from lightning_tune.io.gguf import is_gguf
+from lightning_tune.io.paths import resolve_path
+from lightning_tune.layers.lora import (
+    is_lora_key,
+)
+from lightning_tune.model.decoder import CausalLM
+from lightning_tune.tokenizer.gguf import hf_tokenizer_dir
+from lightning_tune.tokenizer.load import load_tokenizer, tokenizer_files
+
+HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer old transformers versions saved
+
+
+def load_hf_config(path: Path) -> tuple[ModelConfig, bool]:
+    """config.json -> (ModelConfig, tie_word_embeddings)."""
+    config = config_from_hf(read_json(path / "config.json"), path / "config.json")
+    return config, config.tie_word_embeddings
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The weight files of a Hugging Face directory, safetensors preferred over .bin."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            weight_map = require(read_json(path / index), "weight_map", path / index)
+            files = [path / name for name in dict.fromkeys(weight_map.values())]
+            for file in files:
+                if not file.is_file():
+                    raise CheckpointError(f"{path / index}: lists shard {file.name}, which is missing")
+            return files
+    raise CheckpointError(f"{path}: no weight files (expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def hf_entries(path: Path, stack: ExitStack) -> list[Entry]:
+    entries = []
+    for file in _hf_weight_files(path):
+        if file.suffix == ".safetensors":
+            try:
+                handle = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            except Exception as err:  # noqa: BLE001
+                raise CheckpointError(f"{file}: cannot read as safetensors ({err})") from None
+            for key in handle.keys():
+                if not key.endswith(HF_IGNORED_SUFFIX):
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    entries.append(Entry(key, shape, file, lambda h=handle, k=key: h.get_tensor(k)))
+        else:
+            for key, tensor in load_state_dict_file(file).items():
+                if not key.endswith(HF_IGNORED_SUFFIX):
+                    entries.append(Entry(key, tuple(tensor.shape), file, lambda t=tensor: t))
+    return entries
+
+
+def _shard(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    """Split keys in order, starting a new shard when the next tensor would pass max_shard_size bytes (as transformers)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save_hf_checkpoint(
+    model_or_state_dict: nn.Module | dict[str, Tensor],
+    config: ModelConfig,
+    output_dir: str | Path,
+    *,
+    max_shard_size: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    tokenizer_path: str | Path | None = None,
+) -> Path:
+    """Write a transformers-loadable directory of the config's family atomically; returns its path.
+
+    Writes config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n shards
+    plus model.safetensors.index.json above `max_shard_size` bytes) and, if given, the tokenizer:
+    a SentencePiece `.model` (copied as tokenizer.model) or a `tokenizer.json` / directory (its
+    files, `tokenizer.tokenizer_files`). Special token ids come from that tokenizer when it is a
+    tokenizer.json (its config and generation_config), else from the family (`families/`).
+    Tied embeddings write no `lm_head.weight`, as transformers does. A LoRA model must be merged
+    first (`lora.merge_lora`) or saved with `save_peft_adapter`.
+    """
+    output_dir = Path(output_dir).expanduser().absolute()
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
+    lora_keys = [k for k in state if is_lora_key(k)]
+    if lora_keys:
+        raise CheckpointError(f"{output_dir}: the model has LoRA weights ({lora_keys[0]}, ...): merge them (lora.merge_lora) or use save_peft_adapter")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in CausalLM(config).state_dict().items()}
+    skip = set()
+    if config.tie_word_embeddings:  # the head is the embedding: one tensor in the file
+        expected.pop("lm_head.weight")
+        skip.add("lm_head.weight")
+        head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+        if isinstance(head, Tensor) and isinstance(embed, Tensor) and head is not embed and not head.is_meta and not torch.equal(head.to(embed.dtype), embed):
+            raise CheckpointError(f"{output_dir}: tie_word_embeddings is true but lm_head differs from the embedding (LoRA on lm_head?); a tied export would drop it: adapt other layers")
+    entries = [Entry(k, tuple(v.shape), output_dir) for k, v in state.items()]
+    check_entries(output_dir, entries, expected, skip=skip)
+    tokenizer_copies, token_ids = _export_tokenizer(tokenizer_path, config)
+    config_json = config_to_hf(config, token_ids=token_ids)  # torch_dtype set below, once known
+    generation = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config_json.get(k) is not None}
+
+    tensors = {key: state[key].detach() for key in expected}  # our canonical order: shards hold layers in sequence
+    meta = [k for k, t in tensors.items() if t.is_meta]
+    if meta:
+        raise CheckpointError(f"{output_dir}: {first_names(meta)} are on the meta device (never loaded); nothing to save")
+    out_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
+    itemsize = torch.empty((), dtype=out_dtype).element_size()
+    sizes = {k: t.numel() * itemsize for k, t in tensors.items()}
+    total = sum(sizes.values())
+    extra = sum(source.stat().st_size for source, _ in tokenizer_copies) + 2**20  # tokenizer, JSON files, headers
+    check_export_target(output_dir, "hf")
+    check_disk_space(existing_parent(output_dir), total + extra)
+
+    shards = _shard(sizes, max_shard_size)
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with atomic_directory(output_dir, kind="hf") as tmp:
+        for name, keys in zip(names, shards):
+            # Cast and copy to CPU one shard at a time: at most one shard's worth of extra memory.
+            written: dict[str, Tensor] = {}
+            storages: set[int] = set()
+            for key in keys:
+                t = tensors[key].to("cpu", out_dtype).contiguous()
+                if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors refuses shared storage
+                    t = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
+                written[key] = t
+            save_file(written, tmp / name, metadata={"format": "pt"})
+            del written
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for source, name in tokenizer_copies:
+            shutil.copyfile(source, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(config_json | {"torch_dtype": str(out_dtype).removeprefix("torch.")}, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")  # after the copies: ours wins
+    return output_dir
+
+
+def _export_tokenizer(tokenizer_path: str | Path | None, config: ModelConfig) -> tuple[list[tuple[Path, str]], dict | None]:
+    """(files to copy as (source, name in the export), special token ids or None for the family's).
+
+    A SentencePiece `.model` is copied unread (its ids are the family's: Llama 2, Mistral); a
+    tokenizer.json, or a directory holding one, is read for its bos / eos (all end tokens) / pad ids.
+    """
+    if tokenizer_path is None:
+        return [], None
+    path = Path(tokenizer_path).expanduser()
+    if is_gguf(path):  # a GGUF's tokenizer lives in its metadata: export it as tokenizer.json + tokenizer_config.json
+        path = hf_tokenizer_dir(resolve_path(path).absolute())
+    if path.is_dir() and not (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.model"
+    if not path.exists():
+        raise CheckpointError(f"{path}: tokenizer file not found")
+    if path.is_file() and path.suffix != ".json":
+        return [(path, "tokenizer.model")], None
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
+    eos = list(tokenizer.eos_ids)
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": tokenizer.pad_id}
+    return [(file, file.name) for file in tokenizer_files(path)], ids
+
+
+# The format interface (`tensors.Format`), for `load.FORMATS`.
+
+
+def detect(path: Path) -> bool:
+    """A Hugging Face directory: config.json (after `meta.detect`: some downloads carry both configs)."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_config(path: Path) -> tuple[ModelConfig, bool]:
+    return load_hf_config(path)
+
+
+def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entry]:
+    return hf_entries(path, stack)

@@ -1,0 +1,140 @@
+"""Meta's consolidated.*.pth + params.json: keys, model-parallel shards merged, the rotary permutation undone."""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lightning_tune.checkpoint.tensors import Entry, load_state_dict_file
+from lightning_tune.families import FAMILIES
+from lightning_tune.families.config import ModelConfig
+from lightning_tune.families.hf_config import make_config
+from lightning_tune.families.llama2 import META_KEYS
+from lightning_tune.io.files import CheckpointError, read_json, require
+
+# --------------------------------------------------------------------------------------------------
+# Key maps
+
+# Meta name -> (our / Hugging Face name, model-parallel shard dim): `META_KEYS`, in families/llama2.py.
+META_IGNORED = ("rope.freqs",)  # Meta's precomputed rotary table; we compute it per call
+
+
+def meta_to_hf_key(meta_key: str) -> tuple[str, int | None]:
+    """`layers.3.attention.wq.weight` -> (`model.layers.3.self_attn.q_proj.weight`, shard dim 0); KeyError if unknown."""
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", meta_key)
+    name = match.group(2) if match else meta_key
+    hf_name, dim = META_KEYS[name]
+    is_top_level = hf_name.startswith(("model.", "lm_head."))  # whole-model tensors, not per layer
+    if is_top_level == bool(match):
+        raise KeyError(meta_key)
+    return (f"model.layers.{match.group(1)}.{hf_name}" if match else hf_name), dim
+
+
+def meta_to_hf_rotary(w: Tensor, n_heads: int) -> Tensor:
+    """Meta's interleaved rotary rows (pairs 2i, 2i+1) -> Hugging Face's rotate-half rows (i, i + D/2).
+
+    The permutation of transformers' convert_llama_weights_to_hf.py; w is [n_heads * D, E].
+    """
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def meta_intermediate_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU hidden size exactly as Meta's FeedForward computes it (7B: 4096 -> 11008, 70B: 8192 -> 28672)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _meta_shards(path: Path) -> list[Path]:
+    """consolidated.00.pth ... consolidated.NN.pth in shard order, or [] if there are none."""
+    shards = sorted(path.glob("consolidated.*.pth"))
+    expected = [path / f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if shards != expected:
+        raise CheckpointError(f"{path}: Meta shards must be consolidated.00.pth ... consolidated.{len(shards) - 1:02d}.pth, found {[s.name for s in shards]}")
+    return shards
+
+
+def load_meta_config(path: Path) -> ModelConfig:
+    """params.json (+ the embedding's shape when vocab_size is -1) -> ModelConfig."""
+    file = path / "params.json"
+    params = read_json(file)
+    if params.get("use_scaled_rope") or params.get("vocab_size") == 128256 or params.get("rope_theta") == 500000.0:
+        raise CheckpointError(f"{file}: {FAMILIES['llama3'].meta_note}")
+    dim = require(params, "dim", file)
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size <= 0:  # Meta's files say -1: the tokenizer decides; the embedding's rows tell us
+        shards = _meta_shards(path)
+        if not shards:
+            raise CheckpointError(f"{file}: vocab_size is {vocab_size} and no consolidated.00.pth to read it from")
+        embed = load_state_dict_file(shards[0]).get("tok_embeddings.weight")
+        if embed is None:
+            raise CheckpointError(f"{shards[0]}: missing 'tok_embeddings.weight' (needed for vocab_size)")
+        vocab_size = embed.shape[0]  # ParallelEmbedding splits dim 1, so every shard has all rows
+    return make_config(
+        file,
+        vocab_size=vocab_size,
+        num_layers=require(params, "n_layers", file),
+        num_heads=require(params, "n_heads", file),
+        num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        embed_dim=dim,
+        intermediate_dim=meta_intermediate_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+        max_seq_len=params.get("max_seq_len", 4096),  # Llama 2's context; Meta's files leave it out
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_base=float(params.get("rope_theta", 10000.0)),
+    )
+
+
+def meta_entries(path: Path, config: ModelConfig) -> list[Entry]:
+    """Merge Meta's model-parallel shards tensor by tensor, renamed and with wq/wk un-interleaved."""
+    files = _meta_shards(path)
+    if not files:
+        raise CheckpointError(f"{path}: no weight files (expected consolidated.00.pth ...)")
+    shards = [load_state_dict_file(f) for f in files]
+    entries = []
+    for meta_key in shards[0]:
+        if meta_key in META_IGNORED:
+            continue
+        try:
+            key, dim = meta_to_hf_key(meta_key)
+        except KeyError:
+            raise CheckpointError(f"{files[0]}: unexpected key {meta_key!r} (not a Llama 2 parameter)") from None
+        for file, shard in zip(files, shards):
+            if meta_key not in shard:
+                raise CheckpointError(f"{file}: missing key {meta_key!r} present in {files[0].name}")
+        parts = [shard[meta_key] for shard in shards]
+        shape = list(parts[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in parts)
+        heads = {"wq": config.num_heads, "wk": config.num_kv_heads}.get(meta_key.split(".")[-2])
+
+        def read(parts: list[Tensor] = parts, dim: int | None = dim, heads: int | None = heads) -> Tensor:
+            w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+            return meta_to_hf_rotary(w, heads) if heads else w
+
+        entries.append(Entry(key, tuple(shape), files[0] if dim is None else path / "consolidated.*.pth", read))
+    return entries
+
+
+# The format interface (`tensors.Format`), for `load.FORMATS`.
+
+
+def detect(path: Path) -> bool:
+    """A Meta directory: params.json, and consolidated.*.pth when a config.json is there too (some
+    downloads carry both configs: the weight files decide)."""
+    if not (path.is_dir() and (path / "params.json").is_file()):
+        return False
+    return not (path / "config.json").is_file() or bool(list(path.glob("consolidated.*.pth")))
+
+
+def read_config(path: Path) -> tuple[ModelConfig, bool]:
+    return load_meta_config(path), False  # Meta's checkpoints always hold their output weight
+
+
+def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entry]:
+    return meta_entries(path, config)

@@ -1,0 +1,2 @@
+"""The disk, below everything: package paths, JSON and weights-only reads, atomic writes, disk space,
+and the GGUF reader."""
