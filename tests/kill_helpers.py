@@ -15,7 +15,7 @@ from unittest import mock
 
 import lightning.pytorch as pl
 
-from lightning_tune.callbacks import AtomicCheckpointIO
+from lightning_tune.training.callbacks import AtomicCheckpointIO
 
 
 def die() -> None:
@@ -45,7 +45,7 @@ class KillDuringSave(AtomicCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if checkpoint["global_step"] != self.step:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with mock.patch("lightning_tune.checkpoint.os.fsync", side_effect=lambda fd: die()):
+        with mock.patch("lightning_tune.io.files.os.fsync", side_effect=lambda fd: die()):
             super().save_checkpoint(checkpoint, path, storage_options)
 
 

@@ -314,7 +314,7 @@ def test_fsdp1_with_several_processes_is_refused_with_the_fix() -> None:
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lightning_tune.modules import LoRAFinetune
+    from lightning_tune.recipes import LoRAFinetune
 
     module = LoRAFinetune(model="tiny_llama2")
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=8)

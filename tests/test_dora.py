@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lightning_tune.checkpoint import from_pretrained, save_hf_checkpoint, save_peft_adapter
-from lightning_tune.lora import LoRALinear, apply_lora, is_lora_key, lora_modules, lora_state_dict, mark_only_lora_trainable, merged_state_dict
+from lightning_tune.layers.lora import LoRALinear, apply_lora, is_lora_key, lora_modules, lora_state_dict, mark_only_lora_trainable, merged_state_dict
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -20,8 +20,8 @@ from hf_helpers import tiny_hf_llama, write_tiny_tokenizer  # noqa: E402
 from kill_helpers import run_fit  # noqa: E402
 
 from lightning_tune.data import DataError, PreferenceDataModule  # noqa: E402
-from lightning_tune.lora import disable_adapters, lora_modules  # noqa: E402
-from lightning_tune.modules import DPOFinetune  # noqa: E402
+from lightning_tune.layers.lora import disable_adapters, lora_modules  # noqa: E402
+from lightning_tune.recipes import DPOFinetune  # noqa: E402
 
 # Pairs over the word-level tokenizer's words (w3 ... w95); completions of different lengths, so
 # padding and the completion masks matter. Completions start with a space: the prompt's text is
@@ -182,7 +182,7 @@ def test_reference_with_adapters_off_is_the_base_model(base: Path, tmp_path: Pat
 
 def test_identical_weights_give_ln2() -> None:
     """At LoRA init (B = 0) policy equals reference: every pair's sigmoid loss is ln 2, rewards 0."""
-    from lightning_tune.modules.dpo import dpo_loss
+    from lightning_tune.training.loss import dpo_loss
 
     logps = torch.tensor([-3.0, -7.5])
     losses, chosen, rejected = dpo_loss(logps, logps + 1, logps, logps + 1, beta=0.1)
@@ -267,7 +267,7 @@ def test_bad_pair_is_one_line_naming_the_record(base: Path, tmp_path: Path, pair
 def test_conversational_pairs_mask_the_prompt_and_train_the_reply(tmp_path: Path) -> None:
     """TRL's conversational format (prompt a message list, chosen/rejected one assistant message each) through the
     chat template: one row per side, the prompt masked, the reply and its end-of-turn token trained."""
-    from lightning_tune.data.chat import encode_conversation
+    from lightning_tune.data.conversation import encode_conversation
 
     pairs = [
         {"prompt": [{"role": "user", "content": "Add 2 and 3."}], "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "I do not know."}]},
@@ -296,7 +296,7 @@ def test_conversational_pairs_mask_the_prompt_and_train_the_reply(tmp_path: Path
 
 
 def _llama2() -> str:
-    from lightning_tune.chat_template import resolve_template
+    from lightning_tune.tokenizer.chat_template import resolve_template
 
     return resolve_template("llama2", None)[0]
 
@@ -394,9 +394,9 @@ def test_precomputed_reference_trains_as_the_reference_model(tmp_path: Path, met
     module, got = fit_demo_dpo(tmp_path / "pre", method=method, precompute_reference=True)
     assert len(got) == 5 and got == expected  # 4 steps, then the validation loss
     assert abs(got[3][1] - got[3][2]) > 1e-4  # the policy moved: rewards differ, a real comparison
-    assert (len(plain._reference), len(module._reference)) == ((1, 0) if method == "full" else (0, 0))
+    assert (plain.reference.copy is not None, module.reference.copy is not None) == ((True, False) if method == "full" else (False, False))
     assert plain.keeps_reference_copy == (method == "full") and not module.keeps_reference_copy
-    table = module._reference_table
+    table = module.reference.table
     assert table.shape == (400, 2) and not table.isnan().any()  # every demo pair, training and held out
 
     step_2 = tmp_path / "pre" / "checkpoints" / "epoch=0-step=2.ckpt"
@@ -413,7 +413,7 @@ def test_precomputed_reference_refuses_a_pair_it_has_not_scored() -> None:
     module = DPOFinetune(model_name="tiny_llama2", model_args=TINY_SHAPE, method="full", precompute_reference=True)
     with pytest.raises(ValueError, match="none is computed yet"):
         module.reference_logprobs({"pair_index": torch.tensor([0])})
-    module._reference_table = torch.tensor([[-1.0, -2.0], [float("nan"), float("nan")], [-3.0, -4.0]])
+    module.reference.table = torch.tensor([[-1.0, -2.0], [float("nan"), float("nan")], [-3.0, -4.0]])
     assert module.reference_logprobs({"pair_index": torch.tensor([2, 0])}).tolist() == [-3.0, -1.0, -4.0, -2.0]
     for unknown in ([1], [3]):
         with pytest.raises(ValueError, match="the data changed"):
@@ -424,8 +424,8 @@ def test_precomputed_reference_refuses_a_pair_it_has_not_scored() -> None:
 
 def test_memory_estimate_counts_both_rows_of_a_pair_and_the_reference_copy() -> None:
     """validate: a DPO batch of B pairs is 2B rows; full DPO holds a frozen copy unless precomputed."""
-    from lightning_tune.memory import estimate_memory
-    from lightning_tune.validate import check
+    from lightning_tune.cli.validate import check
+    from lightning_tune.training.memory import estimate_memory
 
     lora = check(["--config", "tiny_dpo.yaml"])
     assert lora.settings["batch_size"] == 2 * lora.data.batch_size

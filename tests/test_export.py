@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
-from lightning_tune.callbacks import AtomicCheckpointIO
-from lightning_tune.checkpoint import EXPORT_MANIFEST, PEFT_PREFIX, CheckpointError, save_hf_checkpoint
+from lightning_tune.checkpoint import PEFT_PREFIX, save_hf_checkpoint
 from lightning_tune.cli.export import export_command
-from lightning_tune.export import load_recipe_from_checkpoint
+from lightning_tune.io.files import EXPORT_MANIFEST, CheckpointError
 from lightning_tune.model import Llama, llama2_config
-from lightning_tune.modules import FullFinetune, LoRAFinetune
+from lightning_tune.recipes import FullFinetune, LoRAFinetune
+from lightning_tune.recipes.export import load_recipe_from_checkpoint
+from lightning_tune.training.callbacks import AtomicCheckpointIO
 
 
 class RecordTrainable(pl.Callback):

@@ -16,11 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
-from lightning_tune.callbacks import AtomicCheckpointIO, DivergenceError, DivergenceGuard
-from lightning_tune.checkpoint import CheckpointError, atomic_torch_save, format_bytes, load_peft_adapter, load_training_checkpoint
+from lightning_tune.checkpoint import atomic_torch_save, load_peft_adapter, load_training_checkpoint
 from lightning_tune.cli.export import export_command
+from lightning_tune.io.files import CheckpointError, format_bytes
 from lightning_tune.model import Llama, llama2_config
-from lightning_tune.modules import LoRAFinetune
+from lightning_tune.recipes import LoRAFinetune
+from lightning_tune.training.callbacks import AtomicCheckpointIO, DivergenceError, DivergenceGuard
 
 
 def fit(module: pl.LightningModule, root: Path, steps: int, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
@@ -134,7 +135,7 @@ def test_too_little_disk_fails_before_writing(tmp_path: Path, monkeypatch) -> No
     trainer = fit(lora(), tmp_path, steps=1)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("lightning_tune.checkpoint.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("lightning_tune.io.files.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     # Issue 14: this once read "need 0.00 GiB, have 0.00 GiB"; sizes are given in the unit that shows them.
     with pytest.raises(CheckpointError, match=r"checkpoints: not enough free disk space: need \d+\.\d MiB, have 1000 bytes$") as err:
         trainer.save_checkpoint(tmp_path / "checkpoints" / "more.ckpt")

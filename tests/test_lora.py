@@ -6,7 +6,7 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
-from lightning_tune.lora import (
+from lightning_tune.layers.lora import (
     LoRALinear,
     apply_lora,
     lora_modules,

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_tune.data import collate, collate_packed
-from lightning_tune.loss import IGNORE_INDEX, sequence_logprobs
+from lightning_tune.data import IGNORE_INDEX, collate, collate_packed
+from lightning_tune.training.loss import sequence_logprobs
 
 V = 11
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_tune.modules import FullFinetune, LoRAFinetune
+from lightning_tune.recipes import DPOFinetune, FullFinetune, LoRAFinetune
 
 TINY = {"vocab_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 32, "intermediate_dim": 48, "max_seq_len": 64}
 
@@ -105,7 +105,7 @@ def test_validation_errors(kwargs, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("recipe_cls", [LoRAFinetune, FullFinetune])
+@pytest.mark.parametrize("recipe_cls", [LoRAFinetune, FullFinetune, DPOFinetune])
 def test_saved_hyperparameters_hold_every_parameter(recipe_cls):
     """The recipes pass the base's parameters on with **kwargs: saved hyper-parameters still hold all of
     them, defaults included, exactly as jsonargparse (--help, --print_config) resolves the signature."""
@@ -116,6 +116,45 @@ def test_saved_hyperparameters_hold_every_parameter(recipe_cls):
     del resolved["model"]  # the deprecated spelling of model_name: read, never saved
     module = recipe_cls(model_name="tiny_llama2", weight_decay=0.5)
     assert dict(module.hparams) == {**resolved, "model_name": "tiny_llama2", "weight_decay": 0.5}
+
+
+# The `model:` section `--print_config` shows for the shipped tiny configs, parameter by parameter and in order:
+# as before the recipes delegated to a tuning (recipes/tuning.py) and DPO came off LoRAFinetune.
+BASE_PRINTED = ["model_name", "model_args", "checkpoint_dir", "optimizer", "optimizer_args"]
+BASE_PRINTED_AFTER_LR = ["weight_decay", "betas", "lr_schedule", "warmup_steps", "min_lr_ratio", "activation_checkpointing", "export", "loss_chunk_size", "compile", "model"]
+LORA_PRINTED = ["lora_rank", "lora_alpha", "lora_dropout", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "quantize_base", "use_dora"]
+PRINTED_MODEL = {
+    "tiny_lora.yaml": ("lightning_tune.LoRAFinetune", [*LORA_PRINTED, *BASE_PRINTED, "lr", *BASE_PRINTED_AFTER_LR]),
+    "tiny_full.yaml": ("lightning_tune.FullFinetune", ["lr", "betas", *BASE_PRINTED, "weight_decay", *BASE_PRINTED_AFTER_LR[2:]]),
+    "tiny_dpo.yaml": ("lightning_tune.DPOFinetune", ["method", "beta", "loss_type", "label_smoothing", "lr", "precompute_reference", *LORA_PRINTED, *BASE_PRINTED, *BASE_PRINTED_AFTER_LR]),
+}
+
+
+@pytest.mark.parametrize("config", sorted(PRINTED_MODEL))
+def test_print_config_shows_the_same_model_parameters(config):
+    import yaml
+
+    from lightning_tune.cli.parser import print_config
+
+    printed = yaml.safe_load(print_config(["--config", config]))["model"]
+    assert (printed["class_path"], list(printed["init_args"])) == PRINTED_MODEL[config]
+
+
+def test_dpo_takes_lora_finetunes_arguments_as_they_are():
+    """DPOFinetune declares LoRAFinetune's lora_* arguments itself (it is no LoRAFinetune): the same
+    names, types, defaults and --help text, and both build the same LoRA from them."""
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    def lora_parameters(cls):
+        return [(p.name, p.annotation, p.default, p.doc) for p in get_signature_parameters(cls, "__init__") if p.name in LORA_PRINTED]
+
+    assert lora_parameters(DPOFinetune) == lora_parameters(LoRAFinetune) and len(lora_parameters(LoRAFinetune)) == len(LORA_PRINTED)
+    settings = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lora_attn_modules=["q", "k"], apply_lora_to_mlp=True, use_dora=True)
+    dpo, sft = DPOFinetune(model_name="tiny_llama2", **settings).tuning, LoRAFinetune(model_name="tiny_llama2", **settings).tuning
+    assert vars(dpo) == vars(sft) and sft.targets == ["q_proj", "k_proj", "gate_proj", "up_proj", "down_proj"]
+    with pytest.raises(ValueError, match="lora_rank: must be a positive integer"):
+        DPOFinetune(model_name="tiny_llama2", method="full", lora_rank=0)  # checked whatever the method, as before
+    assert DPOFinetune(model_name="tiny_llama2", method="full").tuning.frozen_base is False
 
 
 def test_full_finetune_keeps_its_own_defaults():
@@ -130,7 +169,7 @@ def test_model_or_checkpoint_required():
 
 
 def test_old_model_spelling_still_works_with_a_warning(caplog):
-    with caplog.at_level("WARNING", logger="lightning_tune.modules.base"):
+    with caplog.at_level("WARNING", logger="lightning_tune.recipes.base"):
         module = LoRAFinetune(model="tiny_llama2", model_args=TINY)
     assert module.model_name == "tiny_llama2" and module.model is None
     assert module.hparams["model_name"] == "tiny_llama2" and "model" not in module.hparams
@@ -189,7 +228,7 @@ LORA4 = dict(model_name="tiny_llama2", model_args=TINY, export=False, lora_rank=
     ],
 )
 def test_resume_with_other_lora_settings_is_refused_in_one_line(rank4_checkpoint, tmp_path, change, message):
-    from lightning_tune.modules.base import CheckpointMismatchError
+    from lightning_tune.recipes.base import CheckpointMismatchError
 
     with pytest.raises(CheckpointMismatchError) as err:
         trainer(default_root_dir=tmp_path, max_steps=2).fit(LoRAFinetune(**{**LORA4, **change}), DataLoader([pad(SAMPLES[2:])], batch_size=None), ckpt_path=rank4_checkpoint)

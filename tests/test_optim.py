@@ -20,8 +20,8 @@ from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
 from lightning_tune.checkpoint import load_training_checkpoint
-from lightning_tune.modules import FullFinetune, LoRAFinetune
-from lightning_tune.optim import lr_multiplier, state_bytes_per_parameter
+from lightning_tune.recipes import FullFinetune, LoRAFinetune
+from lightning_tune.training.optim import lr_multiplier, state_bytes_per_parameter
 
 
 def trainer(**kwargs) -> pl.Trainer:
@@ -140,7 +140,7 @@ def test_fused_adamw_steps_equal_the_reference_loop():
     after three steps an element differs by a few ulp of its update (lr * ~1 = 1e-3, so ~1e-10),
     far below 1e-7 (rtol 1e-6 on weights ~0.02, atol 1e-9).
     """
-    from lightning_tune.optim import param_groups, with_fused_default
+    from lightning_tune.training.optim import param_groups, with_fused_default
 
     torch.manual_seed(0)
     weights = {"w": torch.nn.Parameter(torch.randn(64, 32) * 0.02), "norm": torch.nn.Parameter(torch.ones(32))}
@@ -188,8 +188,8 @@ def test_optimiser_state_bytes_per_parameter():
 
 
 def test_memory_estimate_counts_the_chosen_optimiser():
-    from lightning_tune.memory import estimate_memory
     from lightning_tune.model import llama2_config
+    from lightning_tune.training.memory import estimate_memory
 
     config = llama2_config("tiny_llama2", **TINY)
     settings = dict(batch_size=2, seq_len=16)

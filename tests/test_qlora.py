@@ -27,9 +27,9 @@ from hf_helpers import tiny_hf_llama
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from lightning_tune.lora import QLinear, lora_modules
-from lightning_tune.modules import LoRAFinetune
-from lightning_tune.quantize import NF4Weight, QuantizationError, nf4_nbytes
+from lightning_tune.layers.lora import QLinear, lora_modules
+from lightning_tune.layers.nf4 import NF4Weight, QuantizationError, nf4_nbytes
+from lightning_tune.recipes import LoRAFinetune
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -63,7 +63,7 @@ def our_qlora(base_dir, use_dora: bool = False) -> LoRAFinetune:
     module = LoRAFinetune(
         checkpoint_dir=str(base_dir), lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base="nf4", use_dora=use_dora
     )
-    module.lora_targets = TARGETS  # q, v and down only: the mlp switch would add gate and up too
+    module.tuning.targets = TARGETS  # q, v and down only: the mlp switch would add gate and up too
     module.configure_model()
     return module
 
@@ -161,9 +161,9 @@ def test_loading_quantises_layer_by_layer(base_dir, monkeypatch):
     """Each base weight is quantised as it is read: after every tensor put into the model, no
     quantised layer holds a high-precision weight, and the model's real parameters are only the
     unquantised ones (embeddings, norms, lm_head) loaded so far."""
-    from lightning_tune import checkpoint
+    from lightning_tune.checkpoint import load as checkpoint
 
-    assign, live, quantised = checkpoint._assign, [], []
+    assign, live, quantised = checkpoint.assign_tensor, [], []
 
     def spy_assign(model, key, tensor, dtype, device):
         assign(model, key, tensor, dtype, device)
@@ -172,7 +172,7 @@ def test_loading_quantises_layer_by_layer(base_dir, monkeypatch):
         quantised.append(sum(not m.base_nf4.is_meta for m in layers))
         live.append(sum(p.numel() for p in model.parameters() if not p.is_meta))
 
-    monkeypatch.setattr(checkpoint, "_assign", spy_assign)
+    monkeypatch.setattr(checkpoint, "assign_tensor", spy_assign)
     module = LoRAFinetune(checkpoint_dir=str(base_dir), lora_rank=4, lora_alpha=8, quantize_base="nf4")
     module.configure_model()
     assert quantised[-1] == 2 * 7 and quantised == sorted(quantised)  # one more layer at a time
@@ -271,7 +271,7 @@ def test_memory_estimate_within_25_percent_of_measured_peak_for_qlora(tmp_path):
 
 
 def test_memory_estimate_counts_nf4_weights():
-    from lightning_tune.memory import estimate_memory
+    from lightning_tune.training.memory import estimate_memory
 
     lora = LoRAFinetune(model_name="llama2_7b", quantize_base="nf4")
     config = lora.model_config()
@@ -337,12 +337,12 @@ def test_qlora_config_fits_the_gpu_its_header_names(name, tmp_path, monkeypatch)
     import re
 
     from lightning_tune.cli import CONFIG_DIR
-    from lightning_tune.validate import check
+    from lightning_tune.cli.validate import check
 
     monkeypatch.chdir(tmp_path)
     gb = int(re.search(r"one GPU with (\d+) GB", (CONFIG_DIR / name).read_text().splitlines()[0]).group(1))
     result = check(["--config", name])
-    assert result.settings["devices"] * result.settings["num_nodes"] == 1 and result.model.quantize_base == "nf4"
+    assert result.settings["devices"] * result.settings["num_nodes"] == 1 and result.model.tuning.quantize_base == "nf4"
     assert [p for p in result.problems if "does not exist" not in p] == []  # only the not-yet-downloaded checkpoint
     assert result.estimate.total + 2**30 <= gb * 10**9, f"{name}: {result.estimate.total / 2**30:.1f} GiB"
     plain = check(["--config", name, "--model.init_args.quantize_base=null"]).estimate

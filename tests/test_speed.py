@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_tune.data import InstructDataModule, LengthGroupedSampler
-from lightning_tune.loss import linear_cross_entropy_sum
-from lightning_tune.modules.full import FullFinetune
-from lightning_tune.modules.lora import LoRAFinetune
+from lightning_tune.recipes.sft import FullFinetune, LoRAFinetune
+from lightning_tune.training.loss import linear_cross_entropy_sum
 
 TINY = {"vocab_size": 512, "num_layers": 2, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 2, "intermediate_dim": 128}
 

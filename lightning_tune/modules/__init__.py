@@ -1,9 +1,6 @@
-"""The recipes: one LightningModule per fine-tuning method."""
+"""Old path of `lightning_tune.recipes`: bundled configs before the re-layout and the `_class_path` saved
+in every checkpoint name `lightning_tune.modules.LoRAFinetune` (and Full, DPO)."""
 
-from lightning_tune.modules.base import FinetuneModule
-from lightning_tune.modules.dpo import DPOFinetune
-from lightning_tune.modules.full import FullFinetune
-from lightning_tune.modules.lora import LoRAFinetune
-from lightning_tune.sharding import FSDP2Strategy  # registers --trainer.strategy fsdp2 with Lightning
+from lightning_tune.recipes import DPOFinetune, FinetuneModule, FSDP2Strategy, FullFinetune, LoRAFinetune
 
 __all__ = ["DPOFinetune", "FSDP2Strategy", "FinetuneModule", "FullFinetune", "LoRAFinetune"]

@@ -14,8 +14,11 @@ from typing import Literal
 
 import torch
 
-from lightning_tune.checkpoint import CheckpointError, check_export_target, load_training_checkpoint, save_hf_checkpoint, save_peft_adapter
-from lightning_tune.modules.base import FinetuneModule
+from lightning_tune.checkpoint import from_pretrained, load_training_checkpoint, save_hf_checkpoint, save_peft_adapter
+from lightning_tune.checkpoint.gguf import OutType, check_outtype, save_gguf
+from lightning_tune.io.files import CheckpointError, check_export_target
+from lightning_tune.io.gguf import GGUFError
+from lightning_tune.recipes.base import FinetuneModule
 
 # Hyper-parameters LightningCLI adds beside the recipe's own arguments.
 CLI_KEYS = ("_class_path", "_instantiator")
@@ -25,9 +28,9 @@ def recipe_class(hparams: dict, ckpt_path: Path) -> type[FinetuneModule]:
     """The recipe that wrote the checkpoint; only classes of this package are imported."""
     class_path = hparams.get("_class_path")
     if class_path is None:  # saved outside LightningCLI: LoRA settings tell the recipes apart
-        class_path = "lightning_tune.modules.LoRAFinetune" if "lora_rank" in hparams else "lightning_tune.modules.FullFinetune"
+        class_path = "lightning_tune.LoRAFinetune" if "lora_rank" in hparams else "lightning_tune.FullFinetune"
     module_name, _, name = class_path.rpartition(".")
-    if not module_name.startswith("lightning_tune."):
+    if module_name != "lightning_tune" and not module_name.startswith("lightning_tune."):
         raise CheckpointError(f"{ckpt_path}: recipe {class_path!r} is not a lightning_tune recipe; refusing to import it")
     cls = getattr(importlib.import_module(module_name), name, None)
     if not (isinstance(cls, type) and issubclass(cls, FinetuneModule)):
@@ -99,7 +102,39 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
     check_export_target(output, format)  # before the model is built: a refused output costs nothing
     module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path, need_base=format != "peft")
     if format == "peft":
-        if not hasattr(module, "lora_targets"):
+        if not module.tuning.frozen_base:  # full fine-tuning (and full DPO): no adapters
             raise CheckpointError(f"{ckpt_path}: a full fine-tuning checkpoint has no adapters; use --format hf")
         return save_peft_adapter(module.model, output, base_model_name_or_path=module.checkpoint_dir)
     return save_hf_checkpoint(module.export_state_dict(), module.model.config, output, tokenizer_path=module.tokenizer_path)
+
+
+def export_gguf(
+    output: str | Path,
+    outtype: OutType = "f16",
+    ckpt_path: str | Path | None = None,
+    checkpoint_dir: str | None = None,
+    tokenizer_path: str | None = None,
+) -> Path:
+    """`export --format gguf`: a fit's checkpoint (adapters merged in) or a model directory / .gguf, as one GGUF file.
+
+    Args:
+        output: The .gguf file to write (an Ollama Modelfile is written beside it).
+        outtype: Tensor type of the 2-D weights: f32, f16, bf16 or q8_0 (norms stay f32, as llama.cpp writes them).
+        ckpt_path: Lightning checkpoint (.ckpt) of a fit run; its base model comes from the run (or checkpoint_dir).
+        checkpoint_dir: Without ckpt_path: the model to convert, a Hugging Face directory (e.g. a fit's merged/) or a .gguf.
+        tokenizer_path: Tokenizer to write into the file; default: the run's, else the one in or of checkpoint_dir.
+    """
+    check_outtype(outtype)
+    if ckpt_path is not None:
+        module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path)
+        state, config = module.export_state_dict(), module.model.config
+        tokenizer = tokenizer_path or module.tokenizer_path or module.checkpoint_dir
+    elif checkpoint_dir is not None:
+        model = from_pretrained(checkpoint_dir)
+        state, config = model.state_dict(), model.config
+        tokenizer = tokenizer_path or checkpoint_dir
+    else:
+        raise GGUFError("export --format gguf: give --ckpt_path (a fit's checkpoint) or --checkpoint_dir (a Hugging Face directory or a .gguf)")
+    if tokenizer is None:
+        raise GGUFError(f"{output}: the run has no tokenizer to write into the GGUF; pass --tokenizer_path")
+    return save_gguf(state, config, output, outtype=outtype, tokenizer=tokenizer)

@@ -1,29 +1,21 @@
-"""The losses of the recipes: the label that is ignored, the chunked cross-entropy of the output head,
-and per-sequence log-probabilities (what a preference recipe such as DPO compares).
+"""The recipes' losses: the output head's cross-entropy (chunked), per-sequence log-probabilities, and DPO's loss.
 
-Only torch is imported here, so the data code can take `IGNORE_INDEX` from this module cheaply.
+`head_inputs` holds the one rule for the head: a chunked kernel here applies a plain head itself, anything
+else is the model's `CausalLM.logits`.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-# Label of positions the loss ignores (torch.nn.functional.cross_entropy's default ignore_index):
-# prompt tokens unless trained on, padding, and each packed sample's first token.
-IGNORE_INDEX = -100
+from lightning_tune.data.collate import label_index
+from lightning_tune.model import CausalLM
 
-
-def label_index(labels: Tensor) -> Tensor:
-    """[N] flat indices into the [B, T] grid of the positions that predict a label: b * T + t for
-    every labels[b, t + 1] != IGNORE_INDEX (position t predicts token t + 1).
-
-    The collate functions compute it on the host, so the training loss gathers its N rows with an
-    index of known length; selecting them with a boolean mask on a GPU makes the host wait for
-    the device to count them, every step."""
-    has_target = torch.zeros_like(labels, dtype=torch.bool)
-    has_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return has_target.flatten().nonzero().squeeze(1)
+DPOLoss = Literal["sigmoid", "ipo", "robust"]
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -137,3 +129,67 @@ def sequence_logprobs(
         sample_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=labels.device), lengths).view(labels.shape)
         owner, count = sample_of_token.flatten().index_select(0, index + 1), len(lengths)  # the sample of each target
     return torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, owner, token_logprobs)
+
+
+def head_inputs(model: CausalLM, hidden: Tensor, chunk_size: int) -> tuple[Tensor, Tensor | None]:
+    """What a loss kernel here takes for `model`'s output head on `hidden` [..., E]: the one rule for the head.
+
+    `(hidden, W)` when a chunked kernel may apply the head itself, `chunk_size` rows at a time: a chunk
+    size > 0 and a plain [V, E] head (`CausalLM.plain_head_weight`). Else `(model.logits(hidden), None)`:
+    the logits [..., V] as the model computes them (an adapted head, whatever a family applies after it).
+    """
+    weight = model.plain_head_weight() if chunk_size > 0 else None
+    return (hidden, weight) if weight is not None else (model.logits(hidden), None)
+
+
+def head_cross_entropy_sum(model: CausalLM, hidden: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Summed cross-entropy of `model`'s head on `hidden` [N, E] against `targets` [N]: the training loss.
+
+    A plain head runs chunked (`linear_cross_entropy_sum`: the [N, V] logits never exist at once);
+    `chunk_size` 0 or an adapted head: `F.cross_entropy` on the model's logits. Same loss and gradients.
+    """
+    inputs, weight = head_inputs(model, hidden, chunk_size)
+    if weight is not None:
+        return linear_cross_entropy_sum(inputs, weight, targets, chunk_size)
+    return F.cross_entropy(inputs.float(), targets, reduction="sum")
+
+
+def head_sequence_logprobs(model: CausalLM, hidden: Tensor, labels: Tensor, chunk_size: int, label_positions: Tensor | None = None) -> Tensor:
+    """Summed log-probabilities of each row's labelled tokens under `model`'s head, float32 [B]
+    (`sequence_logprobs` of the [B, T, E] `hidden`).
+
+    A plain head is applied only at labelled positions, `chunk_size` of them at a time (0: all at
+    once); an adapted head (the model's logits) at every position."""
+    rows = max(1, hidden.shape[0] * hidden.shape[1])
+    chunk = chunk_size or rows
+    inputs, weight = head_inputs(model, hidden, chunk)
+    return sequence_logprobs(inputs, labels, weight=weight, chunk_size=chunk if weight is not None else rows, label_positions=label_positions)
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+    loss_type: DPOLoss = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair losses and the rewards beta * (pi - ref) of chosen and rejected, as TRL 1.16's
+    `DPOTrainer._compute_loss` (reverse KL, one loss type): sigmoid (DPO), ipo (IPO on the
+    per-token average log-ratios: needs the completions' token counts), robust (rDPO, the only one
+    of these where label_smoothing enters, as in TRL >= 0.29)."""
+    chosen_logratios, rejected_logratios = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    delta = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif loss_type == "ipo":
+        ipo_delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+        losses = (ipo_delta - 1 / (2 * beta)) ** 2
+    else:  # robust
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+        losses = (clean - flipped) / (1 - 2 * label_smoothing)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

@@ -52,13 +52,17 @@ for bf16-mixed the residual stream that autocast keeps in float32 (activations a
 
 from __future__ import annotations
 
+import resource
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from lightning_tune.lora import LoRALinear, QLinear
-from lightning_tune.model import Llama, LlamaConfig
+from lightning_tune.families import ModelConfig
+from lightning_tune.layers.lora import LoRALinear, QLinear
+from lightning_tune.model import CausalLM
+from lightning_tune.training.optim import state_bytes_per_parameter
 
 GIB = 2**30
 HALF_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
@@ -126,10 +130,10 @@ def saved_bytes(fn, params: nn.Module) -> int:
     return sum(seen.values())
 
 
-def build_meta_model(config: LlamaConfig, adapt, dtype: torch.dtype, activation_checkpointing: bool = False) -> Llama:
+def build_meta_model(config: ModelConfig, adapt, dtype: torch.dtype, activation_checkpointing: bool = False) -> CausalLM:
     """The recipe's model on the meta device (no memory): `adapt` applies LoRA / freezing."""
     with torch.device("meta"):
-        model = Llama(config)
+        model = CausalLM(config)
     model.to(dtype)
     model.tie_weights()  # .to() unties a tied head: it would be counted twice
     model.model.activation_checkpointing = activation_checkpointing
@@ -137,7 +141,7 @@ def build_meta_model(config: LlamaConfig, adapt, dtype: torch.dtype, activation_
     return model.train()
 
 
-def decoder_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_size: int, seq_len: int, checkpointing: bool) -> tuple[int, int]:
+def decoder_activations(config: ModelConfig, adapt, dtype: torch.dtype, batch_size: int, seq_len: int, checkpointing: bool) -> tuple[int, int]:
     """(base, per_layer) bytes saved by the decoder: traced with one and two layers on meta."""
     tokens = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     totals = []
@@ -148,7 +152,7 @@ def decoder_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_si
     return totals[0] - per_layer, per_layer
 
 
-def head_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_size: int, seq_len: int, loss_chunk_size: int = 0) -> int:
+def head_activations(config: ModelConfig, adapt, dtype: torch.dtype, batch_size: int, seq_len: int, loss_chunk_size: int = 0) -> int:
     """Memory of the output head + float32 cross-entropy over all N = B*(T-1) positions (worst case).
 
     Chunked (`loss_chunk_size`, plain lm_head; see `linear_cross_entropy_sum`): the [N, E] input copy,
@@ -161,14 +165,14 @@ def head_activations(config: LlamaConfig, adapt, dtype: torch.dtype, batch_size:
     model = build_meta_model(replace(config, num_layers=1), adapt, dtype)
     n = batch_size * (seq_len - 1)
     a = dtype.itemsize
-    head = model.lm_head
-    if loss_chunk_size and type(head) is nn.Linear and head.bias is None:
-        weight_grad = 2 * head.weight.numel() * 4 if head.weight.requires_grad else 0
+    weight = model.plain_head_weight() if loss_chunk_size else None  # the rule of `loss.head_inputs`
+    if weight is not None:
+        weight_grad = 2 * weight.numel() * 4 if weight.requires_grad else 0
         logits = 4 + (a if dtype != torch.float32 else 0)  # half logits + their fp32 log-probabilities; fp32: one buffer
         return 3 * n * config.embed_dim * a + min(loss_chunk_size, n) * config.vocab_size * logits + weight_grad
     hidden = torch.empty(n, config.embed_dim, dtype=dtype, device="meta", requires_grad=True)
     targets = torch.zeros(n, dtype=torch.long, device="meta")
-    saved = saved_bytes(lambda: nn.functional.cross_entropy(head(hidden * 1).float(), targets, reduction="sum"), model)
+    saved = saved_bytes(lambda: nn.functional.cross_entropy(model.logits(hidden * 1).float(), targets, reduction="sum"), model)
     return saved + n * config.vocab_size * (4 + (a if dtype != torch.float32 else 0))
 
 
@@ -178,7 +182,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def estimate_memory(
-    config: LlamaConfig,
+    config: ModelConfig,
     adapt,
     *,
     batch_size: int,
@@ -229,8 +233,6 @@ def estimate_memory(
     gradients = trainable * b // shards
     if strategy == "ddp" and processes > 1:
         gradients *= 2  # DDP's gradient buckets
-    from lightning_tune.optim import state_bytes_per_parameter
-
     param_dtype = torch.float32 if b == 4 else dtype  # bf16-true / 16-true: parameters, and so Adam's state, in half precision
     optimizer_bytes = int(state_bytes_per_parameter(optimizer, optimizer_args, param_dtype) * trainable) // shards
     step_temp = trainable * b // shards if accelerator not in ("cpu",) else 0
@@ -255,7 +257,7 @@ def estimate_memory(
 def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:
     """(bytes of the NF4 bases, the largest per-layer temporary of QLoRA / DoRA), on a meta model.
 
-    NF4 (`quantize.NF4Weight`): 0.5 byte per element + 1/64 (absmax codes) + 4/16384 (their scales)
+    NF4 (`layers.nf4.NF4Weight`): 0.5 byte per element + 1/64 (absmax codes) + 4/16384 (their scales)
     + the code tables, the exact sizes of its tensors. Temporaries while one layer computes (forward,
     or backward, which dequantises again): the dequantised [out, in] weight in the compute dtype (a
     bytes); DoRA: B A, W and W + s B A, three [out, in] in the adapters' dtype, for the weight norm.
@@ -271,3 +273,11 @@ def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:
                 layer += 3 * numel * m.lora_A.weight.element_size()
             temporary = max(temporary, layer)
     return nf4, temporary
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)

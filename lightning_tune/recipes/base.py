@@ -1,50 +1,48 @@
-"""What full and LoRA fine-tuning share: building the model, the loss, the optimiser, logging, exports.
+"""What every recipe shares: building the model, the loss, the optimiser, logging, exports.
 
-The recipes (`FullFinetune`, `LoRAFinetune`) subclass `FinetuneModule` once and add only what
-differs: which parameters train and what is exported. Lightning's `Trainer` does everything else
-(devices, precision, gradient accumulation and clipping, checkpoints, loggers, distribution).
+The recipes (`FullFinetune`, `LoRAFinetune`, `DPOFinetune`) subclass `FinetuneModule` once and add
+their parameters and objective; which weights train and what is exported is their tuning's
+(`recipes/tuning.py`: `Full` or `LoRA`), which the base delegates to. Lightning's `Trainer` does
+everything else (devices, precision, gradient accumulation and clipping, checkpoints, loggers,
+distribution).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import resource
-import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from lightning_tune.families import SIZES
+from lightning_tune.checkpoint import load_config, load_weights, save_hf_checkpoint
+from lightning_tune.data.collate import label_index
+from lightning_tune.families import SIZES, ModelConfig, model_config
 from lightning_tune.hardware import warn_if_bf16_emulated
-from lightning_tune.loss import label_index, linear_cross_entropy_sum
-from lightning_tune.model import CausalLM, ModelConfig, model_config
-from lightning_tune.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups, with_fused_default
+from lightning_tune.io.paths import resolve_path
+from lightning_tune.layers.lora import store_frozen_linears_
+from lightning_tune.model import CausalLM
+from lightning_tune.recipes.tuning import Full, Tuning
+from lightning_tune.tokenizer import load_tokenizer
+from lightning_tune.training.loss import head_cross_entropy_sum
+from lightning_tune.training.memory import peak_memory_gib
+from lightning_tune.training.optim import LRSchedule, check_optimizer, lr_multiplier, optimizer_class, optimizer_kwargs, param_groups, with_fused_default
+from lightning_tune.training.sharding import build_sharded, gather_state_dict
 
 log = logging.getLogger(__name__)
 
 
 def check_path(key: str, path: str | None, kind: str) -> None:
     """Fail at construction, not an hour later, when a configured path does not exist (pkg://PACKAGE/FILE: in an installed package)."""
-    from lightning_tune.paths import resolve_path
-
     if path is not None and not resolve_path(path).exists():
         raise ValueError(f"{key}: {kind} {path!r} does not exist")
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class CheckpointMismatchError(ValueError):
@@ -52,11 +50,12 @@ class CheckpointMismatchError(ValueError):
 
 
 class FinetuneModule(pl.LightningModule):
-    """Base of the fine-tuning recipes (`FullFinetune`, `LoRAFinetune`): the parameters they share.
+    """Base of the fine-tuning recipes (`FullFinetune`, `LoRAFinetune`, `DPOFinetune`): the parameters they share.
 
     A recipe declares only its own parameters and changed defaults and passes the rest on with
     `**kwargs`; jsonargparse follows `super().__init__(**kwargs)` to these parameters and their
     docstrings, and `save_hyperparameters` here records them all (the recipe's own included).
+    Every weight trains (`self.tuning` is `Full()`) unless the recipe sets another tuning.
 
     Args:
         model_name: A named size of any family in lightning_tune.families (llama2_7b, llama3_1_8b,
@@ -90,7 +89,8 @@ class FinetuneModule(pl.LightningModule):
     """
 
     # Hyper-parameters that decide the saved parameters' shapes (or meaning): a checkpoint resumes only
-    # a run with the same values (`on_load_checkpoint`). Recipes add their own.
+    # a run with the same values (`on_load_checkpoint`). Recipes add their own; the tuning adds its
+    # (`Tuning.checkpoint_keys`).
     CHECKPOINT_KEYS: tuple[str, ...] = ("model_name", "model_args")
 
     def __init__(
@@ -164,6 +164,7 @@ class FinetuneModule(pl.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.compile = compile
         self.model: CausalLM | None = None
+        self.tuning: Tuning = Full()  # a recipe with adapters sets its own after this __init__
         self.check_context_length()
         # Here, not in the recipes: Lightning collects the arguments of every __init__ frame up the
         # call chain from this one, so the recipe's own parameters and these (defaults included) are saved.
@@ -178,28 +179,48 @@ class FinetuneModule(pl.LightningModule):
 
     # ---- checkpoints -------------------------------------------------------------------------
 
+    @property
+    def strict_loading(self) -> bool:
+        """Whether checkpoints load strictly: a frozen base (LoRA) is left out of them on purpose
+        (`state_dict`), so they load non-strictly and `on_load_checkpoint` checks every adapter is there."""
+        return not self.tuning.frozen_base
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """With a frozen base (LoRA), only the trainable tensors (the adapters): the frozen base is
+        reloaded from checkpoint_dir, never stored a second time. Lightning's checkpoints, plain or
+        sharded (FSDP2 saves and loads exactly the keys this returns), hold adapters only then."""
+        state = super().state_dict(*args, **kwargs)
+        if self.tuning.frozen_base:
+            prefix = kwargs.get("prefix", "")
+            trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k.startswith(prefix) and k not in trainable]:
+                del state[key]
+        return state
+
     def checkpoint_settings(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
-        """The CHECKPOINT_KEYS of `hparams` (a checkpoint's, or this recipe's), written so that equal
-        settings compare equal. Keys a checkpoint lacks (written before they existed) are left out."""
+        """The CHECKPOINT_KEYS and the tuning's keys of `hparams` (a checkpoint's, or this recipe's),
+        written so that equal settings compare equal. Keys a checkpoint lacks (written before they
+        existed) are left out."""
         hparams = dict(hparams)
         if "model_name" not in hparams and "model" in hparams:  # written before the rename
             hparams["model_name"] = hparams["model"]
-        settings = {key: hparams[key] for key in self.CHECKPOINT_KEYS if key in hparams}
+        settings = {key: hparams[key] for key in (*self.CHECKPOINT_KEYS, *self.tuning.checkpoint_keys) if key in hparams}
         if "model_args" in settings:
             settings["model_args"] = dict(settings["model_args"] or {})
-        return settings
+        return self.tuning.checkpoint_settings(settings)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, in one line naming each differing key, a checkpoint saved with other settings that
         shape the parameters (e.g. another lora_rank): loading it would end in a tensor size mismatch
-        or torch's optimizer-group message, which name nothing the user set."""
+        or torch's optimizer-group message, which name nothing the user set. Then the tuning's check
+        (LoRA: every adapter tensor is there)."""
         saved = checkpoint.get("hyper_parameters")
-        if not isinstance(saved, Mapping):
-            return
-        theirs, ours = self.checkpoint_settings(saved), self.checkpoint_settings(self.hparams)
-        differ = [f"{key} {theirs[key]!r} in the checkpoint, {ours.get(key)!r} here" for key in theirs if theirs[key] != ours.get(key)]
-        if differ:
-            raise CheckpointMismatchError(f"checkpoint: saved with other settings than this run: {'; '.join(differ)}; resume with the checkpoint's values or start a new run")
+        if isinstance(saved, Mapping):
+            theirs, ours = self.checkpoint_settings(saved), self.checkpoint_settings(self.hparams)
+            differ = [f"{key} {theirs[key]!r} in the checkpoint, {ours.get(key)!r} here" for key in theirs if theirs[key] != ours.get(key)]
+            if differ:
+                raise CheckpointMismatchError(f"checkpoint: saved with other settings than this run: {'; '.join(differ)}; resume with the checkpoint's values or start a new run")
+        self.tuning.on_load_checkpoint(checkpoint, self.state_dict())
 
     # ---- model -------------------------------------------------------------------------------
 
@@ -210,8 +231,6 @@ class FinetuneModule(pl.LightningModule):
                 return model_config(self.model_name, **self.model_args)
             except (TypeError, ValueError) as err:  # an unknown field in model_args, or a value the config refuses
                 raise ValueError(f"model_args: {err}") from None
-        from lightning_tune.checkpoint import load_config
-
         config = load_config(self.checkpoint_dir)
         if self.model_name is not None:
             expected = model_config(self.model_name, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
@@ -243,8 +262,6 @@ class FinetuneModule(pl.LightningModule):
         config = self.model_config()
         self.check_context_length()  # again: max_seq_len may have been set after construction
         if self.tokenizer_path is not None:
-            from lightning_tune.tokenizer import load_tokenizer
-
             vocab = load_tokenizer(self.tokenizer_path).vocab_size
             if vocab > config.vocab_size:
                 raise ValueError(f"tokenizer_path: {self.tokenizer_path} has {vocab} pieces but the model's vocab_size is {config.vocab_size}")
@@ -252,30 +269,17 @@ class FinetuneModule(pl.LightningModule):
         with torch.device("meta"):
             model = CausalLM(config)
         model.model.activation_checkpointing = self.activation_checkpointing
+
+        def adapt(model: CausalLM) -> None:  # what trains; then frozen linears in the compute dtype
+            self.adapt_model(model)
+            self.store_frozen_linears_in_compute_dtype(model)
+
         mesh = self.sharding_mesh()
-        if mesh is None:  # one process, or DDP (a whole replica per process)
+        if mesh is None:  # one process, or DDP (a whole replica per process): load, then adapt
             self.materialize(model, device, dtype)
-            self.adapt_model(model)
-            self.store_frozen_linears_in_compute_dtype(model)
+            adapt(model)
         else:  # FSDP2: adapt and shard on meta, then each rank allocates and fills only its shards
-            from lightning_tune.sharding import init_like_unsharded_, mixed_precision_policy, shard_model
-
-            base_names = {name for name, _ in model.named_parameters()}
-            self.adapt_model(model)
-            self.store_frozen_linears_in_compute_dtype(model)
-            shard_model(model, mesh, mixed_precision_policy(self.trainer.precision))
-            model.to_empty(device=device)
-            adapters = {id(p) for name, p in model.named_parameters() if name not in base_names}
-
-            def init_base(weight: Tensor, init) -> None:  # drawn whole, as unsharded; adapters are reset_adapters' job
-                if id(weight) not in adapters:
-                    init_like_unsharded_(weight, init)
-
-            self.materialize(model, device, dtype, init_base)
-            self.reset_adapters(model)
-            local = sum(p.to_local().numel() for p in model.parameters())
-            total = sum(p.numel() for p in model.parameters())
-            rank_zero_info(f"FSDP2: {len(model.model.layers)} decoder layers sharded over {mesh.size()} processes; rank 0 holds {local:,} of {total:,} parameter elements")
+            build_sharded(model, mesh, self.trainer.precision, device, adapt, partial(self.materialize, device=device, dtype=dtype), self.reset_adapters)
         self.model = model
 
     def sharding_mesh(self):
@@ -285,8 +289,6 @@ class FinetuneModule(pl.LightningModule):
         `configure_model`; we shard over the data-parallel dimension and do no tensor parallelism.
         Lightning's `FSDPStrategy` (FSDP1) is refused: it would need the whole model in every process.
         """
-        from lightning.pytorch.strategies import FSDPStrategy
-
         trainer = self._trainer
         if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             raise ValueError(
@@ -313,18 +315,16 @@ class FinetuneModule(pl.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         if precision not in ("bf16-mixed", "16-mixed"):
             return
-        from lightning_tune.lora import store_frozen_linears_
-
         # A tied head stays: it is the embedding (a half copy would untie them, and FSDP2 would gather it unloaded).
         store_frozen_linears_(model, torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
 
     def materialize(self, model: CausalLM, device: torch.device, dtype: torch.dtype, init_apply=None) -> None:
-        """Fill the base weights: from `checkpoint_dir` one tensor at a time, else a random init
-        (`init_apply`: see `CausalLM.init_weights`)."""
+        """Fill the base weights: from `checkpoint_dir` one tensor at a time, in the tuning's `loading`
+        context (QLoRA wraps and quantises as they arrive), else a random init (`init_apply`: see
+        `CausalLM.init_weights`)."""
         if self.checkpoint_dir is not None:
-            from lightning_tune.checkpoint import load_weights
-
-            load_weights(model, self.checkpoint_dir, dtype=dtype, device=device)
+            with self.tuning.loading(model, device):
+                load_weights(model, self.checkpoint_dir, dtype=dtype, device=device)
         else:
             if any(p.is_meta for p in model.parameters()):
                 model.to_empty(device=device)
@@ -332,10 +332,12 @@ class FinetuneModule(pl.LightningModule):
             model.init_weights(apply=init_apply)
 
     def reset_adapters(self, model: CausalLM) -> None:
-        """Hook for the recipes: initialise what `adapt_model` added, once it has real storage."""
+        """Initialise what `adapt_model` added, once it has real storage (FSDP2: after sharding)."""
+        self.tuning.reset_adapters(model)
 
     def adapt_model(self, model: CausalLM) -> None:
-        """Hook for the recipes: choose what trains (full: everything; LoRA: adapters only)."""
+        """Choose what trains (the tuning's: full, everything; LoRA, adapters only); a hook for recipes."""
+        self.tuning.adapt(model, sharded=self.sharding_mesh() is not None)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
@@ -349,7 +351,7 @@ class FinetuneModule(pl.LightningModule):
         so the output head, the largest matmul of a small-batch step, skips the masked half. With
         `loss_chunk_size` the head and the cross-entropy run in chunks of that many positions, so
         the [N, vocab] logits never exist at once (same loss and gradients, see
-        `linear_cross_entropy_sum`); an adapted (LoRA) head takes the unchunked path.
+        `loss.head_cross_entropy_sum`); an adapted (LoRA) head takes the unchunked path.
         """
         input_ids, labels = batch["input_ids"], batch["labels"]
         # Packed batches (`collate_packed`) bring per-sample positions and lengths (`seq_lens`); the
@@ -360,12 +362,7 @@ class FinetuneModule(pl.LightningModule):
             index = label_index(labels)
         hidden = hidden.flatten(0, 1).index_select(0, index)  # [N, E]: the positions that predict a label
         targets = labels.flatten().index_select(0, index + 1)  # [N]: position t's target is token t + 1
-        head = self.model.lm_head
-        if self.loss_chunk_size and type(head) is torch.nn.Linear and head.bias is None:
-            loss = linear_cross_entropy_sum(hidden, head.weight, targets, self.loss_chunk_size)
-        else:
-            logits = head(hidden)  # [N, V] for the N labelled positions only
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss = head_cross_entropy_sum(self.model, hidden, targets, self.loss_chunk_size)
         return loss, targets.new_full((), index.numel())
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -477,22 +474,21 @@ class FinetuneModule(pl.LightningModule):
         """
         if not self.export or self.trainer.interrupted:
             return
-        from lightning_tune.sharding import gather_state_dict
-
         state = gather_state_dict(self.model)  # full on rank 0 ({} on the others under FSDP)
         if self.trainer.is_global_zero:
             self.export_to(self.output_dir, state)
         self.trainer.strategy.barrier("export")
 
     def export_to(self, output_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        """Write `merged/`, a Hugging Face directory that `transformers` loads.
+        """Write the tuning's own exports (LoRA: `adapter/`, PEFT format) and `merged/`, a Hugging Face
+        directory that `transformers` loads (adapters folded in).
 
         `state_dict` is the model's full state dict (default: `self.model.state_dict()`).
         """
-        from lightning_tune.checkpoint import save_hf_checkpoint
-
+        self.tuning.export_to(self.model, output_dir, state_dict, self.checkpoint_dir)
         save_hf_checkpoint(self.export_state_dict(state_dict), self.model.config, output_dir / "merged", tokenizer_path=self.tokenizer_path)
 
     def export_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The base model's weights to export, from the model's full state dict (default: the model's own)."""
-        return self.model.state_dict() if state_dict is None else state_dict
+        """The base model's weights to export (adapters folded in), from the model's full state dict
+        (default: the model's own)."""
+        return self.tuning.export_state_dict(self.model, state_dict, self.checkpoint_dir)

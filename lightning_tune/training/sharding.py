@@ -1,8 +1,8 @@
-"""FSDP2 sharding of the Llama model, under Lightning's `ModelParallelStrategy` (`--trainer.strategy fsdp2`).
+"""FSDP2 sharding of the model, under Lightning's `ModelParallelStrategy` (`--trainer.strategy fsdp2`).
 
-The recipes build the model on the meta device, shard it here (each decoder layer its own unit,
-then the root: embeddings, final norm, output head), and only then allocate: every rank holds
-1/N of each parameter, and `checkpoint.load_weights` copies each checkpoint tensor's rows for
+The recipes build the model on the meta device and `build_sharded` shards it here (each decoder layer
+its own unit, then the root: embeddings, final norm, output head), and only then allocates: every rank
+holds 1/N of each parameter, and `checkpoint.load_weights` copies each checkpoint tensor's rows for
 this rank into its shard, one tensor at a time. So a 70B model never exists whole in one process.
 """
 
@@ -14,12 +14,15 @@ from datetime import timedelta
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from lightning_tune.model import Llama
+from lightning_tune.checkpoint import load_shard_
+from lightning_tune.model import CausalLM
 
 FSDP2 = "fsdp2"
 
@@ -62,7 +65,7 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: Llama, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+def shard_model(model: CausalLM, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
     """Shard `model` in place over `mesh` (1-D, data parallel): one FSDP unit per decoder layer.
 
     Per-layer units mean only one layer's full parameters exist at a time in forward and backward
@@ -90,22 +93,7 @@ def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     if not is_sharded(model):
         return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_shard_(param: Tensor, full: Tensor) -> None:
-    """Copy this rank's rows of the full tensor `full` into the sharded parameter `param` in place.
-
-    `distribute_tensor(..., src_data_rank=None)` slices locally (no communication): every rank reads
-    the same full tensor from the checkpoint and keeps only its own shard.
-    """
-    from torch.distributed.tensor import distribute_tensor
-
-    shard = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-    with torch.no_grad():
-        param.to_local().copy_(shard.to_local())
 
 
 def init_like_unsharded_(param: Tensor, init: Callable[[Tensor], object]) -> None:
@@ -122,3 +110,37 @@ def init_like_unsharded_(param: Tensor, init: Callable[[Tensor], object]) -> Non
     else:
         with torch.no_grad():
             init(param)
+
+
+def build_sharded(
+    model: CausalLM,
+    mesh: DeviceMesh,
+    precision: str,
+    device: torch.device,
+    adapt: Callable[[CausalLM], None],
+    materialize: Callable[..., None],
+    reset_adapters: Callable[[CausalLM], None],
+) -> None:
+    """FSDP2's build of a model still on the meta device: adapt and shard it there, then each rank
+    allocates and fills only its shards.
+
+    `adapt(model)` is the recipe's (what trains: adapters, frozen weights). `materialize(model,
+    init_apply=init)` fills the base weights (from a checkpoint, or a random init drawn through `init`:
+    each weight whole, as unsharded, this rank keeping its rows; see `CausalLM.init_weights`);
+    adapters are `reset_adapters(model)`'s job, the same draws in the same order as on one device.
+    """
+    base_names = {name for name, _ in model.named_parameters()}
+    adapt(model)
+    shard_model(model, mesh, mixed_precision_policy(precision))
+    model.to_empty(device=device)
+    adapters = {id(p) for name, p in model.named_parameters() if name not in base_names}
+
+    def init_base(weight: Tensor, init: Callable[[Tensor], object]) -> None:
+        if id(weight) not in adapters:
+            init_like_unsharded_(weight, init)
+
+    materialize(model, init_apply=init_base)
+    reset_adapters(model)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    rank_zero_info(f"FSDP2: {len(model.model.layers)} decoder layers sharded over {mesh.size()} processes; rank 0 holds {local:,} of {total:,} parameter elements")
