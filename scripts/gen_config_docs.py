@@ -39,8 +39,9 @@ The optimiser is `model.init_args.optimizer` (a class path: `torch.optim.AdamW`,
 """
 
 
-def describe(cls: type, prefix: str, doc_source) -> str:
-    """A markdown section: the class summary and one table row per __init__ argument."""
+def describe(cls: type, prefix: str, doc_source, package: str) -> str:
+    """A markdown section headed `package.ClassName` (the public path, not the defining module): the
+    class summary and one table row per __init__ argument."""
     doc = parse(doc_source.__doc__ or "")  # raw: getdoc strips the blank first line the parser needs
     params = {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
     summary = parse(inspect.getdoc(cls) or "").short_description or ""
@@ -55,23 +56,23 @@ def describe(cls: type, prefix: str, doc_source) -> str:
         default = "required" if param.default is inspect.Parameter.empty else f"`{param.default!r}`"
         text = (params.get(name) or " ".join((param.doc or "").split())).replace("|", "\\|")
         rows.append(f"| `{prefix}{name}` | `{annotation.replace('|', chr(92) + '|')}` | {default} | {text} |")
-    return f"## {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}\n\n{summary}\n\n" + "\n".join(rows) + "\n"
+    return f"## {package}.{cls.__name__}\n\n{summary}\n\n" + "\n".join(rows) + "\n"
 
 
 def render() -> str:
     """The whole reference as markdown."""
     from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule
-    from lightning_tune.modules import DPOFinetune, FullFinetune, LoRAFinetune
+    from lightning_tune.recipes import DPOFinetune, FullFinetune, LoRAFinetune
 
     sections = [
         "# `model:` recipes\n\nSet `model.class_path` to one of these; the keys below go under `model.init_args`.\n",
-        describe(LoRAFinetune, "model.init_args.", LoRAFinetune),
-        describe(FullFinetune, "model.init_args.", FullFinetune),
-        describe(DPOFinetune, "model.init_args.", DPOFinetune),
+        describe(LoRAFinetune, "model.init_args.", LoRAFinetune, "lightning_tune"),
+        describe(FullFinetune, "model.init_args.", FullFinetune, "lightning_tune"),
+        describe(DPOFinetune, "model.init_args.", DPOFinetune, "lightning_tune"),
         "# `data:`\n\nA flat `data:` section is the instruction data module; the others are named with\n`data: {class_path: lightning_tune.ChatDataModule, init_args: {...}}`.\n",
-        describe(InstructDataModule, "data.", InstructDataModule.__init__),
-        describe(ChatDataModule, "data.init_args.", ChatDataModule.__init__),
-        describe(PreferenceDataModule, "data.init_args.", PreferenceDataModule.__init__),
+        describe(InstructDataModule, "data.", InstructDataModule.__init__, "lightning_tune.data"),
+        describe(ChatDataModule, "data.init_args.", ChatDataModule.__init__, "lightning_tune.data"),
+        describe(PreferenceDataModule, "data.init_args.", PreferenceDataModule.__init__, "lightning_tune.data"),
     ]
     return HEADER + "\n" + "\n".join(sections)
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import asset
 
-from lightning_tune.chat_template import ALPACA, CHATML, LLAMA2, ChatTemplateError, render, resolve_template
-from lightning_tune.data.chat import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, SHAREGPT_COLUMNS, encode_conversation, normalize_messages
+from lightning_tune.data.collate import IGNORE_INDEX
+from lightning_tune.data.conversation import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, SHAREGPT_COLUMNS, encode_conversation, normalize_messages
 from lightning_tune.data.errors import DataError
-from lightning_tune.data.instruct import IGNORE_INDEX, encode_sample
+from lightning_tune.data.instruct import encode_sample
 from lightning_tune.data.templates import ALPACA as ALPACA_PROMPT
 from lightning_tune.tokenizer import load_tokenizer
+from lightning_tune.tokenizer.chat_template import ALPACA, CHATML, LLAMA2, ChatTemplateError, render, resolve_template
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
@@ -241,7 +242,7 @@ def test_truncation_choices(llama) -> None:
 
 
 def test_chat_demo_is_reproducible_and_every_conversation_trains_its_replies() -> None:
-    from lightning_tune.data import make_chat_demo
+    from lightning_tune.data.demo import make_chat_demo
 
     records = make_chat_demo.chat_demo_records()
     shipped = make_chat_demo.ASSETS / "chat_demo.jsonl"

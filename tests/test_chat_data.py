@@ -10,7 +10,7 @@ from conftest import asset
 
 from lightning_tune.data import ChatDataModule, DataError, TokenizedDataModule
 from lightning_tune.data import chat as chat_module
-from lightning_tune.data.instruct import IGNORE_INDEX
+from lightning_tune.data.collate import IGNORE_INDEX
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
 

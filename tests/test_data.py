@@ -8,7 +8,8 @@ import sentencepiece as spm
 import torch
 from conftest import asset
 
-from lightning_tune.data import IGNORE_INDEX, DataError, collate, encode_sample, get_template, make_demo
+from lightning_tune.data import IGNORE_INDEX, DataError, collate, encode_sample, get_template
+from lightning_tune.data.demo import make_demo
 from lightning_tune.data.templates import ALPACA, TEMPLATES
 
 

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-import lightning_tune.data.datamodule as datamodule_module
+import lightning_tune.data.instruct as instruct_module
 from lightning_tune.data import DataError, InstructDataModule
 from lightning_tune.data.inspect import describe_samples
 from lightning_tune.data.templates import ALPACA
@@ -101,7 +101,7 @@ def test_masking_off_trains_every_token(records, llama2_tokenizer_path, tmp_path
 
 
 def test_truncated_records_are_counted_and_reported_once(records, llama2_tokenizer_path, tmp_path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="lightning_tune.data.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="lightning_tune.data.base"):
         dm = make(write(records, tmp_path / "a.json"), tmp_path, llama2_tokenizer_path, max_seq_len=64)
     lengths = [len(ids) for ids, _ in samples(dm)]
     assert max(lengths) == 64
@@ -114,8 +114,8 @@ def test_truncated_records_are_counted_and_reported_once(records, llama2_tokeniz
 
 def test_tokenised_data_is_cached(records, llama2_tokenizer_path, tmp_path, monkeypatch) -> None:
     calls = []
-    original = datamodule_module.encode_sample
-    monkeypatch.setattr(datamodule_module, "encode_sample", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original = instruct_module.encode_sample
+    monkeypatch.setattr(instruct_module, "encode_sample", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     path = write(records, tmp_path / "a.jsonl")
     first = make(path, tmp_path, llama2_tokenizer_path)
     assert len(calls) == 100
@@ -300,6 +300,29 @@ def test_bad_settings_fail_in_init(tmp_path, llama2_tokenizer_path) -> None:
         with pytest.raises(DataError) as error:
             InstructDataModule(**kwargs)
         assert expected in one_line(error), kwargs
+
+
+def test_every_parameter_resolves_through_kwargs() -> None:
+    """The data modules pass the shared parameters on to TokenizedDataModule with **kwargs: jsonargparse
+    (--help, --print_config) still resolves every one, with its default and its description, and hides
+    those a module passes itself (a preference batch is never packed nor grouped by length)."""
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    from lightning_tune.data import ChatDataModule, PreferenceDataModule
+
+    shared = dict(split="train", tokenizer_path=None, max_seq_len=512, batch_size=4, num_workers=0, shuffle=True, seed=42, val_size=0.0, cache_dir=None, group_by_length=False, pack=True)
+    resolved = {cls: get_signature_parameters(cls, "__init__") for cls in (InstructDataModule, ChatDataModule, PreferenceDataModule)}
+    defaults = {cls: {p.name: p.default for p in params} for cls, params in resolved.items()}
+    assert defaults[InstructDataModule] == dict(source="tatsu-lab/alpaca", column_map=None, template="alpaca", train_on_input=False, truncation="keep_start", **shared)
+    assert defaults[ChatDataModule] == dict(source="demo", chat_template=None, train_on="assistant", truncation="keep_start", column_map=None, role_map=None, check_samples=8, **shared)
+    pair_shared = {name: value for name, value in shared.items() if name not in ("max_seq_len", "group_by_length", "pack")}
+    assert defaults[PreferenceDataModule] == dict(
+        source="trl-lib/ultrafeedback_binarized", column_map=None, template="none", chat_template=None, max_seq_len=1024, truncation="keep_start", **pair_shared
+    )
+    undocumented = [f"{cls.__name__}.{p.name}" for cls, params in resolved.items() for p in params if not p.doc]
+    assert not undocumented
+    dpo = PreferenceDataModule(source="demo")
+    assert (dpo.pack, dpo.group_by_length, dpo.max_seq_len) == (False, False, 1024)
 
 
 def test_unreachable_hub_fails_fast_with_advice(tmp_path, llama2_tokenizer_path, monkeypatch) -> None:

@@ -1,9 +1,13 @@
 """What every data module of ours shares: loading, the tokenised cache, the validation split, batching
 (packing or padding) and the resumable seeded samplers. Subclasses say only how a record becomes a sample.
 
-`InstructDataModule` (Alpaca-style records) and `ChatDataModule` (conversations) derive from
-`TokenizedDataModule`; a subclass sets `record_kind` / `demo_data` and implements `_encoder` (the
-function `datasets.map` runs on each record) and `_cache_fields` (what its encoding depends on).
+`InstructDataModule` (Alpaca-style records), `ChatDataModule` (conversations) and `PreferenceDataModule`
+(prompt/chosen/rejected pairs) derive from `TokenizedDataModule`; a subclass sets `record_kind` /
+`demo_data` and implements `_encoder` (the function `datasets.map` runs on each record) and
+`_cache_fields` (what its encoding depends on). Its `__init__` declares only its own parameters (and a
+shared one whose default differs: `source`; `PreferenceDataModule`'s `max_seq_len`) and passes the rest on
+with `**kwargs`: the shared parameters are declared and documented once, here, and jsonargparse follows
+the `**kwargs` to them for `--help` and `--print_config`.
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_tune.data.collate import collate, collate_packed
 from lightning_tune.data.errors import DataError
-from lightning_tune.data.instruct import collate
-from lightning_tune.data.packing import collate_packed
 from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
 from lightning_tune.tokenizer import TokenizerProtocol, load_tokenizer, tokenizer_files
 
@@ -71,7 +74,21 @@ class TokenizedDataModule(LightningDataModule):
         group_by_length: bool = False,
         pack: bool = True,
     ) -> None:
-        """The shared settings; each subclass documents them in its own `Args:` (jsonargparse reads those)."""
+        """
+        Args:
+            source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file, or "demo" for the bundled demo data.
+            split: Split to load from a hub data set (local files have only "train").
+            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); left out, the CLI uses model.checkpoint_dir (its tokenizer); else only source "demo" may leave it out (the bundled demo tokenizer).
+            max_seq_len: Longest sample in tokens; longer ones are cut as `truncation` says (a warning gives the count).
+            batch_size: Samples per batch (a preference pair is one sample of two rows: 2 x batch_size rows).
+            num_workers: DataLoader worker processes.
+            shuffle: Shuffle the training samples (seeded by `seed`; the order is restored on resume).
+            seed: Seed of the shuffle and of the validation split.
+            val_size: Held out for validation: a fraction if below 1, a count of records (conversations, pairs) if 1 or more, none if 0.
+            cache_dir: Where `datasets` caches loaded and tokenised data (default: its own cache, ~/.cache/huggingface/datasets).
+            group_by_length: Batch training samples of similar length (shuffled groups, seeded, resumable) so less compute goes to padding; changes which samples share a batch, not what each contributes.
+            pack: Concatenate each batch's samples into one unpadded row with per-sample positions; attention runs within each sample, so no compute goes to padding and each sample's loss is what it is padded (false: right-pad each batch to its longest sample).
+        """
         super().__init__()
         if tokenizer_path is None and source != DEMO:
             raise DataError(
@@ -198,7 +215,7 @@ class TokenizedDataModule(LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=self._collate(),
+            collate_fn=self.collate_fn(),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -212,7 +229,7 @@ class TokenizedDataModule(LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=self._collate(),
+            collate_fn=self.collate_fn(),
         )
 
     def test_dataloader(self) -> DataLoader | list:
@@ -223,7 +240,7 @@ class TokenizedDataModule(LightningDataModule):
             raise DataError("test: no held-out data; set data.val_size (a fraction or a count of records) to hold some out")
         return self.val_dataloader()
 
-    def _collate(self):
+    def collate_fn(self):
         """Right padding to the batch's longest sample, or packing into one row (`pack`)."""
         return collate_packed if self.pack else partial(collate, pad_id=self.tokenizer.pad_id)
 

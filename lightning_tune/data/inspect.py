@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_tune.data.instruct import IGNORE_INDEX
+from lightning_tune.data.collate import IGNORE_INDEX
 from lightning_tune.tokenizer import TokenizerProtocol
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"

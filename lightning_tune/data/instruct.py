@@ -1,14 +1,18 @@
-"""Instruction records to training samples (`input_ids`, `labels`), and the collate function that batches them."""
+"""Instruction records to training samples: `encode_sample` (prompt masked, truncation) and
+`InstructDataModule` (instruction / input / output records through a prompt template)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from dataclasses import asdict
+from functools import partial
+from typing import Any, Literal
 
-import torch
-from torch import Tensor
+import datasets
 
-from lightning_tune.loss import IGNORE_INDEX, label_index
+from lightning_tune.data.base import ASSETS, TokenizedDataModule
+from lightning_tune.data.collate import IGNORE_INDEX
+from lightning_tune.data.errors import DataError
+from lightning_tune.data.templates import PromptTemplate, get_template
 from lightning_tune.tokenizer import TokenizerProtocol
 
 # How a sample longer than max_seq_len is cut: "keep_start" keeps its first max_seq_len tokens (as
@@ -66,22 +70,121 @@ def encode_sample(
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
 
 
-def collate(samples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad a list of samples to the longest one: `input_ids` with `pad_id`, `labels` with -100.
+DEMO_DATA = ASSETS / "demo.jsonl"
+FIELDS = ("instruction", "input", "output")
+# Bump when `encode_sample` changes meaning, so caches written by older code are not reused.
+# 2: one encoding of the whole text split by offsets; truncation keeps the start by default.
+ENCODING_VERSION = 2
 
-    No attention mask is returned because none is needed: with right padding and causal attention every
-    real token sits before the padding and so never attends to it, and the -100 labels keep pad
-    positions out of the loss. (Pad positions do attend to real tokens, but their outputs are unused.)
-    Padding goes to the batch's longest sequence, not `max_seq_len`, to waste as little compute as possible.
 
-    Returns: `input_ids` and `labels`, both LongTensor of shape [batch, longest], and `label_index`
-    (`loss.label_index`: where the loss reads its targets, computed here on the host).
+class InstructDataModule(TokenizedDataModule):
+    """Instruction data (instruction / optional input / output records) rendered with a prompt template.
+
+    Each record becomes `BOS + prompt + response + EOS` with the prompt masked from the loss (see
+    `encode_sample`); each batch is packed into one unpadded row by `collate_packed` (or, with
+    `pack: false`, right-padded by `collate`). Loading, the `datasets` cache (keyed by the data,
+    tokenizer files, template, columns, `max_seq_len`, `train_on_input` and `truncation`, so a second
+    run does not re-tokenise), the validation split and the resumable seeded sampler are
+    `TokenizedDataModule`'s, shared with `ChatDataModule`.
     """
-    length = max(len(sample["input_ids"]) for sample in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "label_index": label_index(labels)}
+
+    record_kind = "instruction/output records"
+    demo_data = DEMO_DATA
+    encoding_version = ENCODING_VERSION
+
+    def __init__(
+        self,
+        source: str = "tatsu-lab/alpaca",
+        column_map: dict[str, str] | None = None,
+        template: str = "alpaca",
+        train_on_input: bool = False,
+        truncation: InstructTruncation = "keep_start",
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file, or "demo" for the bundled demo data.
+            column_map: Our field name -> the data's column name, e.g. {"output": "response"}; fields not named keep their name; "input" is optional.
+            template: Prompt template name: "alpaca" (Stanford Alpaca) or "none" (the instruction as raw text).
+            train_on_input: Also train on the prompt tokens, instead of only on the response.
+            truncation: "keep_start" keeps the first max_seq_len tokens (the instruction survives); "prompt_start" cuts the prompt from its start first, keeping the whole response (the behaviour before; it can drop the instruction itself).
+            **kwargs: The shared settings of `TokenizedDataModule` (split, tokenizer_path, max_seq_len, batch_size, ..., pack).
+        """
+        self.template: PromptTemplate = get_template(template)
+        if column_map is not None:
+            unknown = sorted(set(column_map) - set(FIELDS))
+            if unknown:
+                raise DataError(f"column_map: unknown field(s) {unknown}; the fields are {list(FIELDS)} (map each to your data's column name)")
+            bad = [field for field, column in column_map.items() if not isinstance(column, str) or not column]
+            if bad:
+                raise DataError(f"column_map: field(s) {bad} must map to a column name (a non-empty string)")
+        super().__init__(source=source, **kwargs)
+        self.column_map = dict(column_map or {})
+        self.train_on_input = train_on_input
+        self.truncation = truncation
+
+    def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:
+        return {"template": asdict(self.template), "columns": self._columns(records), "train_on_input": self.train_on_input, "truncation": self.truncation}
+
+    def _encoder(self, records: datasets.Dataset):
+        return partial(
+            _encode_record,
+            source=self.source,
+            columns=self._columns(records),
+            template=self.template,
+            tokenizer=self.tokenizer,
+            max_seq_len=self.max_seq_len,
+            train_on_input=self.train_on_input,
+            truncation=self.truncation,
+        )
+
+    def _report_truncation(self, data: datasets.Dataset) -> str:
+        if self.truncation == "prompt_start":
+            how = "prompt start first, then response end; truncation=prompt_start"
+        else:
+            untrained = sum(all(label == IGNORE_INDEX for label in labels) for labels in data["labels"])
+            how = "their first max_seq_len tokens kept; truncation=keep_start" + (
+                f"; in {untrained} of them no response token is left to train: raise max_seq_len, or set truncation: prompt_start" if untrained else ""
+            )
+        return f"{self.source}: {self.num_truncated} of {len(data)} records are longer than max_seq_len={self.max_seq_len} and were truncated ({how})"
+
+    def _columns(self, records: datasets.Dataset) -> dict[str, str | None]:
+        """Our field -> the data's column (None: an absent optional `input`); a missing column is an error."""
+        columns: dict[str, str | None] = {}
+        for field in FIELDS:
+            column = self.column_map.get(field, field)
+            if column in records.column_names:
+                columns[field] = column
+            elif field == "input" and "input" not in self.column_map:
+                columns[field] = None
+            else:
+                raise DataError(f"{self.source}: no column {column!r} for field {field!r} (columns: {', '.join(records.column_names)}); set column_map to name it")
+        return columns
+
+
+def _encode_record(
+    record: dict,
+    index: int,
+    *,
+    source: str,
+    columns: dict[str, str | None],
+    template: PromptTemplate,
+    tokenizer: TokenizerProtocol,
+    max_seq_len: int,
+    train_on_input: bool,
+    truncation: InstructTruncation = "keep_start",
+) -> dict:
+    """One raw record -> `encode_sample` output, after checking each field is a string."""
+    values: dict[str, str] = {}
+    for field, column in columns.items():
+        value = "" if column is None else record[column]
+        if value is None and field == "input":
+            value = ""  # records without an input in a file where others have one
+        if not isinstance(value, str):
+            where = f"{source}: record {index} (counting from 0), field {field!r}" + (f" (column {column!r})" if column != field else "")
+            if value is None:
+                raise DataError(f"{where}: missing, expected a string")
+            raise DataError(f"{where}: expected a string, got {type(value).__name__} {str(value)[:40]!r}")
+        values[field] = value
+    prompt = template.format(values["instruction"], values["input"])
+    return encode_sample(tokenizer, prompt, values["output"], max_seq_len, train_on_input, truncation)

@@ -11,39 +11,25 @@ forward scores both sides of every pair (`collate_pairs`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
-from torch import Tensor
 
-from lightning_tune.chat_template import ChatTemplateError, resolve_template
 from lightning_tune.data.base import ASSETS, TokenizedDataModule
-from lightning_tune.data.chat import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages
+from lightning_tune.data.collate import IGNORE_INDEX, SIDES, collate_pairs
+from lightning_tune.data.conversation import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages
 from lightning_tune.data.errors import DataError
-from lightning_tune.data.instruct import InstructTruncation, collate, encode_sample
+from lightning_tune.data.instruct import InstructTruncation, encode_sample
 from lightning_tune.data.templates import PromptTemplate, get_template
-from lightning_tune.loss import IGNORE_INDEX
 from lightning_tune.tokenizer import TokenizerProtocol
+from lightning_tune.tokenizer.chat_template import ChatTemplateError, resolve_template
 
 DEMO_PREFERENCES = ASSETS / "preference_demo.jsonl"
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
-SIDES = ("chosen", "rejected")
-
-
-def collate_pairs(samples: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Tensor]:
-    """[chosen of every pair; rejected of every pair] as one right-padded batch of 2 x len(samples) rows,
-    with each pair's `pair_index` ([len(samples)], its record's index in the source) when the samples
-    have one: the key of a precomputed reference (`DPOFinetune(precompute_reference=True)`)."""
-    rows = [{"input_ids": s[f"{side}_input_ids"], "labels": s[f"{side}_labels"]} for side in SIDES for s in samples]
-    batch = collate(rows, pad_id)
-    if samples and all("pair_index" in s for s in samples):
-        batch["pair_index"] = torch.tensor([s["pair_index"] for s in samples], dtype=torch.long)
-    return batch
 
 
 def _assistant_reply(value: Any, where: str) -> list[dict]:
@@ -114,56 +100,29 @@ class PreferenceDataModule(TokenizedDataModule):
     def __init__(
         self,
         source: str = "trl-lib/ultrafeedback_binarized",
-        split: str = "train",
         column_map: dict[str, str] | None = None,
         template: str = "none",
         chat_template: str | None = None,
-        tokenizer_path: str | None = None,
         max_seq_len: int = 1024,
         truncation: InstructTruncation = "keep_start",
-        batch_size: int = 4,
-        num_workers: int = 0,
-        shuffle: bool = True,
-        seed: int = 42,
-        val_size: float = 0.0,
-        cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
             source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file, or "demo" for the bundled demo pairs.
-            split: Split to load from a hub data set (local files have only "train").
             column_map: Our field name (prompt, chosen, rejected) -> the data's column name.
             template: Prompt template of string pairs: "none" (the prompt as raw text) or "alpaca".
             chat_template: Chat template of conversational pairs: the tokenizer's own if not given, else a built-in ("llama2", "chatml", "alpaca"), a Jinja file or a Jinja string. Source "demo" (strings) does not use it.
-            tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either; left out, the CLI uses model.checkpoint_dir (its tokenizer); else only source "demo" may leave it out.
             max_seq_len: Longest sample (prompt + one completion) in tokens; longer ones keep their first max_seq_len tokens (a warning gives the count); a prompt that fills it all is an error.
             truncation: String pairs: "keep_start" keeps the first max_seq_len tokens; "prompt_start" cuts the prompt from its start first.
-            batch_size: Pairs per batch (each batch has 2 x batch_size rows).
-            num_workers: DataLoader worker processes.
-            shuffle: Shuffle the training pairs (seeded by `seed`; the order is restored on resume).
-            seed: Seed of the shuffle and of the validation split.
-            val_size: Held out for validation: a fraction if below 1, a count of pairs if 1 or more, none if 0.
-            cache_dir: Where `datasets` caches loaded and tokenised data (default: its own cache).
+            **kwargs: The shared settings of `TokenizedDataModule` (split, tokenizer_path, batch_size, ...); a batch of batch_size pairs has 2 x batch_size rows. Never packed nor grouped by length.
         """
         self.template: PromptTemplate = get_template(template)
         if column_map is not None:
             unknown = sorted(set(column_map) - set(PAIR_FIELDS))
             if unknown:
                 raise DataError(f"column_map: unknown field(s) {unknown}; the fields are {list(PAIR_FIELDS)}")
-        super().__init__(
-            source=source,
-            split=split,
-            tokenizer_path=tokenizer_path,
-            max_seq_len=max_seq_len,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            shuffle=shuffle,
-            seed=seed,
-            val_size=val_size,
-            cache_dir=cache_dir,
-            group_by_length=False,
-            pack=False,
-        )
+        super().__init__(source=source, max_seq_len=max_seq_len, group_by_length=False, pack=False, **kwargs)
         self.column_map = dict(column_map or {})
         self.chat_template = chat_template
         self.truncation = truncation
@@ -207,5 +166,5 @@ class PreferenceDataModule(TokenizedDataModule):
     def _report_truncation(self, data: datasets.Dataset) -> str:
         return f"{self.source}: {self.num_truncated} of {len(data)} pairs have a side longer than max_seq_len={self.max_seq_len}; its first max_seq_len tokens are kept"
 
-    def _collate(self):
+    def collate_fn(self):
         return partial(collate_pairs, pad_id=self.tokenizer.pad_id)

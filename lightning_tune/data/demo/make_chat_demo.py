@@ -7,7 +7,7 @@ before, a word in capitals then backwards), so a tiny model can only fit them by
 and visibly does in a few minutes on a CPU. Words come from the demo tokenizer's vocabulary, so the
 bundled demo tokenizer (`assets/demo_tokenizer.model`, with the built-in llama2 chat template) encodes them well.
 
-Run: python -m lightning_tune.data.make_chat_demo
+Run: python -m lightning_tune.data.demo.make_chat_demo
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 import random
 from pathlib import Path
 
-from lightning_tune.data.make_demo import WORDS
+from lightning_tune.data.demo.make_demo import WORDS
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # lightning_tune/data/assets
 SEED = 4321
 PER_TASK = 200
 SYSTEM = "Answer in a few words."

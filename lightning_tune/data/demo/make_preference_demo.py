@@ -7,7 +7,7 @@ reply a preference set rejects (a wrong answer, or an unhelpful refusal). The pr
 consistent, so DPO on a tiny model raises `rewards/accuracies` from 0 to near 1 within a few dozen
 steps on a CPU (`configs/tiny_dpo.yaml`).
 
-Run: python -m lightning_tune.data.make_preference_demo
+Run: python -m lightning_tune.data.demo.make_preference_demo
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 import random
 from pathlib import Path
 
-from lightning_tune.data.make_demo import WORDS
+from lightning_tune.data.demo.make_demo import WORDS
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # lightning_tune/data/assets
 SEED = 2719
 COUNT = 400
 REFUSALS = ("I do not know.", "I cannot help with that.", "Ask someone else.")
