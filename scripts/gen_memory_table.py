@@ -4,7 +4,7 @@
     python scripts/gen_memory_table.py --check  # exit 1 if the committed table is stale
 
 Each row is what `python -m lightning_tune validate --config NAME [overrides]` prints (the same
-`lightning_tune.validate.check`), so the table follows the code. The big configs' checkpoints are not
+`lightning_tune.cli.validate.check`), so the table follows the code. The big configs' checkpoints are not
 needed: the architecture comes from the named size, and nothing is allocated (the model is traced on
 the meta device). Only the text between the marker lines is rewritten; the prose around it is by hand.
 """
@@ -68,8 +68,8 @@ def runs() -> list[tuple[str, list[str]]]:
 
 def row(name: str, overrides: list[str]) -> str:
     """One markdown table row from `validate`'s check of the config with the overrides."""
-    from lightning_tune.memory import GIB
-    from lightning_tune.validate import check, strategy_setting
+    from lightning_tune.cli.validate import check, strategy_setting
+    from lightning_tune.training.memory import GIB
 
     result = check(["--config", name, *overrides])
     model, s, e = result.model, result.settings, result.estimate

@@ -17,11 +17,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
-from lightning_tune.callbacks import AtomicCheckpointIO
-from lightning_tune.checkpoint import EXPORT_MANIFEST
 from lightning_tune.cli import main
-from lightning_tune.data.datamodule import DEMO_TOKENIZER
-from lightning_tune.modules import LoRAFinetune
+from lightning_tune.data.base import DEMO_TOKENIZER
+from lightning_tune.io.files import EXPORT_MANIFEST
+from lightning_tune.recipes import LoRAFinetune
+from lightning_tune.training.callbacks import AtomicCheckpointIO
 
 TINY_DEMO_MODEL = json.dumps({**TINY, "vocab_size": 512})  # the demo tokenizer's vocabulary
 
@@ -119,7 +119,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], expect
     monkeypatch.chdir(work)
     if free is not None:
         usage = namedtuple("usage", "total used free")
-        monkeypatch.setattr("lightning_tune.checkpoint.shutil.disk_usage", lambda path: usage(10**9, 10**9 - free, free))
+        monkeypatch.setattr("lightning_tune.io.files.shutil.disk_usage", lambda path: usage(10**9, 10**9 - free, free))
     before = snapshot(work)
     capsys.readouterr()
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_tune.chat_template import LLAMA2, render
 from lightning_tune.checkpoint import save_hf_checkpoint
-from lightning_tune.cli.chat import ChatSession, chat_command
+from lightning_tune.cli.chat import chat_command
 from lightning_tune.cli.errors import UsageError
 from lightning_tune.generate import generate
+from lightning_tune.generate.chat import ChatSession
 from lightning_tune.model import tiny_llama2
 from lightning_tune.tokenizer import load_tokenizer
+from lightning_tune.tokenizer.chat_template import LLAMA2, render
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
 

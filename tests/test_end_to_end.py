@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from lightning_tune import InstructDataModule, LoRAFinetune, Tokenizer, from_pretrained
 from lightning_tune.checkpoint import load_peft_adapter
 from lightning_tune.cli import main
-from lightning_tune.data.datamodule import DEMO_TOKENIZER
+from lightning_tune.data.base import DEMO_TOKENIZER
 from lightning_tune.generate import generate
 
 

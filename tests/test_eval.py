@@ -23,11 +23,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from lightning_tune.cli import main
-from lightning_tune.data.datamodule import DEMO_TOKENIZER
+from lightning_tune.cli.loading import load_for_eval
+from lightning_tune.data.base import DEMO_TOKENIZER
 from lightning_tune.evaluation import (
     TASKS_DIR,
     LightningTuneLM,
-    load_for_eval,
     run_tasks,
 )
 from lightning_tune.generate import generate
@@ -236,7 +236,7 @@ def network_attempts(monkeypatch):
 def test_callback_logs_metrics_and_they_are_the_trained_models(tmp_path, capsys, network_attempts):
     run = tmp_path / "run"
     extra = tmp_path / "eval.yaml"
-    callback = {"class_path": "lightning_tune.eval_callback.LMEvalCallback", "init_args": {"tasks": TASKS, "every_n_steps": 2, "limit": 2, "batch_size": 4}}
+    callback = {"class_path": "lightning_tune.LMEvalCallback", "init_args": {"tasks": TASKS, "every_n_steps": 2, "limit": 2, "batch_size": 4}}
     checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True}}
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "logs"}}
     trainer = {"max_steps": 3, "enable_progress_bar": False, "default_root_dir": str(run), "val_check_interval": None, "limit_val_batches": 0, "logger": logger, "callbacks": [checkpoints, callback]}
@@ -302,6 +302,7 @@ def test_missing_lm_eval_is_one_line(hf_dir, capsys, monkeypatch):
     for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)  # importing any of lm_eval now raises ImportError
     monkeypatch.delitem(sys.modules, "lightning_tune.evaluation")
+    monkeypatch.delitem(sys.modules, "lightning_tune.evaluation.harness")  # the module that imports lm-eval
     assert main(["eval", "--checkpoint_dir", str(hf_dir)]) == 2
     assert "lm-eval is not installed: pip install 'lightning_tune[eval]'" in one_error_line(capsys)
 
@@ -328,7 +329,7 @@ def test_unreadable_checkpoints_are_one_line(hf_dir, tmp_path, capsys):
 
 def test_lora_checkpoint_of_a_random_base_is_refused(tmp_path, capsys):
     """Its checkpoints hold the adapters only: the base it trained on cannot be rebuilt."""
-    from lightning_tune.modules import LoRAFinetune
+    from lightning_tune.recipes import LoRAFinetune
 
     module = LoRAFinetune(model_name="tiny_llama2", model_args={"vocab_size": 512, "num_layers": 1}, tokenizer_path=str(DEMO_TOKENIZER))
     module.configure_model()

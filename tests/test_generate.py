@@ -174,7 +174,7 @@ def test_greedy_is_argmax():
 def test_cache_allocated_once_and_prefill_head_on_last_position_only(models, monkeypatch):
     ours, _ = models
     setups, head_inputs = [], []
-    import lightning_tune.generate as generation
+    import lightning_tune.generate.loop as generation
 
     setup = generation.new_kv_caches  # what generate builds the caches with (int8 heads have no fp weight)
     monkeypatch.setattr(generation, "new_kv_caches", lambda model, *a: (setups.append(a), setup(model, *a))[1])
@@ -317,8 +317,8 @@ def test_greedy_with_a_peft_adapter_matches_peft(models, tmp_path, use_dora):
     pytest.importorskip("peft")
     from hf_helpers import trained_peft_model
 
-    from lightning_tune.cli.generate import load_model
-    from lightning_tune.lora import lora_modules
+    from lightning_tune.cli.loading import load_model
+    from lightning_tune.layers.lora import lora_modules
 
     _, hf = models
     hf.save_pretrained(tmp_path / "base")

@@ -13,10 +13,10 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 from lightning_tune.checkpoint import save_hf_checkpoint
-from lightning_tune.cli.chat import ChatSession
-from lightning_tune.decode import cache_length
 from lightning_tune.generate import generate
-from lightning_tune.int8 import Int8Linear, int8_mm_works, native_bf16, quantize_int8_, quantize_per_channel
+from lightning_tune.generate.chat import ChatSession
+from lightning_tune.generate.decode import cache_length
+from lightning_tune.layers.int8 import Int8Linear, int8_mm_works, native_bf16, quantize_int8_, quantize_per_channel
 from lightning_tune.model import CausalLM, model_config
 from lightning_tune.tokenizer import load_tokenizer
 
@@ -65,7 +65,7 @@ def test_static_step_compiles_once_and_gives_eager_tokens() -> None:
 def test_chat_session_compiled_step_equals_eager() -> None:
     model = tiny()
     tokenizer = load_tokenizer(DEMO_TOKENIZER)
-    from lightning_tune.chat_template import LLAMA2
+    from lightning_tune.tokenizer.chat_template import LLAMA2
 
     counter = CompileCounter()
     replies = []
@@ -153,7 +153,8 @@ def test_quantize_int8_model_equals_dequantized_weights_and_keeps_the_embedding(
 
 
 def test_generate_cli_quantize_and_bf16_warning(tmp_path: Path, capsys, monkeypatch) -> None:
-    from lightning_tune.cli.generate import generate_command, load_model
+    from lightning_tune.cli.generate import generate_command
+    from lightning_tune.cli.loading import load_model
 
     model = tiny(tied=True, bias=False)  # a plain Llama checkpoint
     checkpoint = save_hf_checkpoint(model, model.config, tmp_path / "ckpt", tokenizer_path=DEMO_TOKENIZER)

@@ -15,8 +15,8 @@ from torch import nn
 from lightning_tune.checkpoint import save_hf_checkpoint
 from lightning_tune.generate import generate
 from lightning_tune.hardware import cpu_vendor
+from lightning_tune.layers.onednn import OneDNNLinear, onednn_linear, onednn_works, use_onednn_linears_
 from lightning_tune.model import CausalLM, model_config
-from lightning_tune.onednn import OneDNNLinear, onednn_linear, onednn_works, use_onednn_linears_
 
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no working oneDNN")
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
@@ -105,7 +105,7 @@ def test_generation_through_onednn_gives_the_same_tokens_eager_and_compiled() ->
 
 def test_generate_cli_linear_kernel(tmp_path: Path, capsys) -> None:
     from lightning_tune.cli import main
-    from lightning_tune.cli.generate import load_model
+    from lightning_tune.cli.loading import load_model
 
     checkpoint = save_hf_checkpoint(tiny(), tiny().config, tmp_path / "ckpt", tokenizer_path=DEMO_TOKENIZER)
     assert any(type(m) is OneDNNLinear for m in load_model(str(checkpoint), None, "cpu", "float32", linear_kernel="onednn").modules())

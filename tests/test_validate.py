@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from lightning_tune.cli import bundled_configs, main
-from lightning_tune.memory import estimate_memory
+from lightning_tune.cli.validate import check, strategy_of, strategy_problems
 from lightning_tune.model import llama2_config
-from lightning_tune.validate import check, strategy_of, strategy_problems
+from lightning_tune.training.memory import estimate_memory
 
 
 def validate_command(argv: list[str]) -> int:
@@ -30,7 +30,7 @@ MEASURE = textwrap.dedent("""
     import torch
     from torch.utils.data import DataLoader
     from lightning_tune.cli import make_cli
-    from lightning_tune.validate import check
+    from lightning_tune.cli.validate import check
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -130,12 +130,12 @@ def test_validate_exit_codes(tmp_path, capsys, monkeypatch):
     assert validate_command(["--config", "tiny_lora.yaml"]) == 0
     assert validate_command(["--config", "tiny_lora.yaml", "--model.init_args.lr=-1"]) == 2
     assert "lr: must be > 0" in capsys.readouterr().err
-    from lightning_tune.data.datamodule import DEMO_TOKENIZER
+    from lightning_tune.data.base import DEMO_TOKENIZER
 
     assert validate_command(["--config", "tiny_lora.yaml", "--data.source=missing.jsonl", f"--data.tokenizer_path={DEMO_TOKENIZER}"]) == 2
     assert "data.source: data file 'missing.jsonl' does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  class_path: lightning_tune.modules.LoRAFinetune\n  init_args:\n    model: tiny_llama2\n    lora_rnak: 4\n")
+    bad.write_text("model:\n  class_path: lightning_tune.LoRAFinetune\n  init_args:\n    model: tiny_llama2\n    lora_rnak: 4\n")
     assert validate_command(["--config", str(bad)]) == 2
     assert "lora_rnak" in capsys.readouterr().err
     assert validate_command(["--config", "no_such_config.yaml"]) == 2
@@ -163,7 +163,7 @@ def test_fsdp2_estimate_counts_sharded_states_plus_the_gathered_units():
 
 @pytest.mark.parametrize(
     "strategy",
-    ["fsdp2", {"class_path": "lightning_tune.sharding.FSDP2Strategy"}, {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}],
+    ["fsdp2", {"class_path": "lightning_tune.training.sharding.FSDP2Strategy"}, {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}],
 )
 def test_fsdp2_strategies_wrap_every_layer(strategy):
     assert strategy_of({"strategy": strategy}) == ("fsdp", True)
@@ -176,7 +176,7 @@ def test_fsdp2_strategies_wrap_every_layer(strategy):
     ("overrides", "devices", "nodes"),
     [
         (["--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.num_nodes=2"], 2, 2),
-        (["--trainer.strategy=lightning_tune.sharding.FSDP2Strategy", "--trainer.devices=4"], 4, 1),
+        (["--trainer.strategy=lightning_tune.training.sharding.FSDP2Strategy", "--trainer.devices=4"], 4, 1),
     ],
 )
 def test_validate_shards_fsdp2_over_devices_times_nodes(overrides, devices, nodes, tmp_path, monkeypatch):

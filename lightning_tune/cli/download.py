@@ -1,5 +1,5 @@
 """`download REPO_ID|SIZE [--output_dir DIR] [--hf_token T] [--revision R]`: the files the recipes load,
-from the Hugging Face Hub (`lightning_tune.download` does the transfer). A named size (`llama3_1_8b`,
+from the Hugging Face Hub (`lightning_tune.checkpoint.download` does the transfer). A named size (`llama3_1_8b`,
 see `ls`) stands for the repository its numbers come from. Usage mistakes exit 2, Hub
 and network failures exit 1, each in one line."""
 
@@ -14,7 +14,7 @@ from lightning_tune.cli.errors import UsageError
 def main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
-    from lightning_tune.download import download
+    from lightning_tune.checkpoint.download import download
 
     parser = ArgumentParser(
         prog="python -m lightning_tune download",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from lightning_tune.cli.errors import UsageError
+from lightning_tune.cli.loading import load_for_eval, resolve_device, use_linear_kernel
 
 
 def eval_command(
@@ -73,26 +74,13 @@ def eval_command(
 
     import torch
 
-    from lightning_tune.cli.generate import resolve_device
-    from lightning_tune.evaluation import (
-        LightningTuneLM,
-        hub_offline,
-        load_for_eval,
-        results_table,
-        run_tasks,
-        task_manager,
-    )
+    from lightning_tune.evaluation import LightningTuneLM, hub_offline, results_table, run_tasks, task_manager
 
     device = resolve_device(device)
     with hub_offline(offline):
         manager = task_manager(names, include_path)
     model, tokenizer = load_for_eval(checkpoint_dir or ckpt_path, adapter_dir=adapter_dir, tokenizer_path=tokenizer_path, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    from lightning_tune.onednn import use_onednn_linears_
-
-    try:
-        use_onednn_linears_(model, linear_kernel)
-    except ValueError as error:
-        raise UsageError(f"--{error}") from None
+    use_linear_kernel(model, linear_kernel)
     lm = LightningTuneLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
     results = run_tasks(lm, names, num_fewshot=num_fewshot, limit=limit, manager=manager, log_samples=log_samples, offline=offline, apply_chat_template=apply_chat_template)
     results["config"]["model"] = str(checkpoint_dir or ckpt_path)

@@ -1,6 +1,6 @@
 """`export --ckpt_path CKPT --format peft|hf|gguf --output DIR [--checkpoint_dir BASE]`: a PEFT adapter,
-a Hugging Face directory or a GGUF file from any training checkpoint (`lightning_tune.export` and
-`lightning_tune.gguf` do the work); `--format gguf --checkpoint_dir DIR_OR_GGUF` converts a model alone.
+a Hugging Face directory or a GGUF file from any training checkpoint (`lightning_tune.recipes.export` and
+`checkpoint/gguf.py` do the work); `--format gguf --checkpoint_dir DIR_OR_GGUF` converts a model alone.
 
 A bad value (`--format onnx`) is one `error:` line, like `fit`'s.
 """
@@ -30,14 +30,14 @@ def export(
         outtype: gguf only: type of the 2-D weights, f32, f16, bf16 or q8_0.
     """
     if format == "gguf":
-        from lightning_tune.gguf import export_gguf
+        from lightning_tune.recipes.export import export_gguf
 
         return export_gguf(output, outtype, ckpt_path, checkpoint_dir, tokenizer_path)
     if ckpt_path is None:
         from lightning_tune.cli.errors import UsageError
 
         raise UsageError(f"--ckpt_path is required for --format {format} (only gguf converts a --checkpoint_dir alone)")
-    from lightning_tune.export import export_checkpoint
+    from lightning_tune.recipes.export import export_checkpoint
 
     return export_checkpoint(ckpt_path, format, output, checkpoint_dir, tokenizer_path)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from lightning_tune.cli.errors import UsageError
+from lightning_tune.cli.loading import load_model, resolve_device
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[dict[str, str]]:
@@ -86,16 +87,15 @@ def generate_command(
         linear_kernel: fp32 linear layers on a CPU: onednn (oneDNN's kernels), default (torch's, MKL on x86), or auto (onednn on AMD CPUs, where MKL runs its slower generic code).
     """
     from lightning_tune.data.templates import get_template
-    from lightning_tune.generate import TextStreamer, generate
+    from lightning_tune.generate import GenerationTimer, TextStreamer, generate
+    from lightning_tune.io.gguf import is_gguf
     from lightning_tune.tokenizer import load_tokenizer
 
     records = read_prompts(prompt, prompts_file)
     fmt = None if template == "chat" else get_template(template)
     if system is not None and fmt is not None:
         raise UsageError("--system: only with --template chat (the other templates have no system message)")
-    from lightning_tune.gguf import is_gguf
-
-    gguf_file = is_gguf(checkpoint_dir)  # a llama.cpp .gguf holds its own tokenizer (lightning_tune.gguf)
+    gguf_file = is_gguf(checkpoint_dir)  # a llama.cpp .gguf holds its own tokenizer (lightning_tune.tokenizer reads it)
     if not gguf_file and not Path(checkpoint_dir).is_dir():
         raise UsageError(f"--checkpoint_dir: {checkpoint_dir} is not a directory (give a Hugging Face or Meta checkpoint directory, e.g. a fit's merged/, or a .gguf file)")
     device = resolve_device(device)
@@ -121,8 +121,6 @@ def generate_command(
         streamer.finish()
         stats = streamer.stats()
     else:  # one batched pass; print each completion after its prompt
-        from lightning_tune.generate import GenerationTimer
-
         timer = GenerationTimer()
         outputs = generate(
             model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, seed=seed, on_tokens=timer, compile=compile
@@ -132,59 +130,6 @@ def generate_command(
         stats = timer.stats()
     rate = f"{stats.decode_tokens_per_s:.1f} tokens/s" if stats.new_tokens > 1 else "n/a (one token)"
     print(f"time to first token {stats.prefill_s * 1000:.0f} ms, decode {rate}", file=sys.stderr)
-
-
-def load_model(checkpoint_dir: str, adapter_dir: str | None, device: str, dtype: str | None, quantize: str | None = None, linear_kernel: str = "auto"):
-    """The checkpoint's model on `device` in eval mode (weights in `dtype`, default the checkpoint's),
-    with a PEFT adapter applied over it when given, int8 weights with `quantize="int8"` (the
-    adapter merged first), and fp32 CPU linear layers computed by `linear_kernel`
-    (`lightning_tune.onednn`): what generate and chat both run."""
-    import torch
-
-    from lightning_tune.checkpoint import from_pretrained, load_peft_adapter
-
-    if dtype == "bfloat16" and torch.device(device).type == "cpu":
-        from lightning_tune.hardware import bf16_emulation_warning
-
-        message = bf16_emulation_warning("--dtype bfloat16")  # printed, not logged: the CLI's one-line style
-        if message:
-            print(f"warning: {message}", file=sys.stderr)
-    model = from_pretrained(checkpoint_dir, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    if adapter_dir is not None:
-        load_peft_adapter(model, adapter_dir)
-        model.to(device).eval()
-    if quantize == "int8":
-        from lightning_tune.int8 import quantize_int8_
-
-        quantize_int8_(model)
-    elif quantize is not None:
-        raise UsageError(f"--quantize: expected int8, got {quantize!r}")
-    from lightning_tune.onednn import use_onednn_linears_
-
-    try:
-        use_onednn_linears_(model, linear_kernel)  # type: ignore[arg-type]
-    except ValueError as error:
-        raise UsageError(f"--{error}") from None
-    return model
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when there is a GPU, else cpu; refuse a GPU that is not there, in one line."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = device.partition(":")[2]
-        if count == 0:
-            raise UsageError(f"--device: {device} asked for, but this machine has no GPU PyTorch can use; use --device cpu (or auto)")
-        if index and (not index.isdigit() or int(index) >= count):
-            raise UsageError(f"--device: {device} does not exist; this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
-        return device
-    if device != "cpu":
-        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {device!r}")
-    return device
 
 
 def bare_flags(argv: list[str], flags: tuple[str, ...] = ("--compile",)) -> list[str]:

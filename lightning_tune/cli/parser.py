@@ -207,7 +207,7 @@ def default_tokenizer_to_checkpoint(config: Any) -> None:
     bundled tokenizer, any other source is refused by the data module. A checkpoint not there yet
     still fills it, so `validate` reports the one missing path under model.checkpoint_dir. Fills
     the parsed config in place, so `--print_config` and the saved config.yaml show the path used."""
-    from lightning_tune.paths import resolve_path
+    from lightning_tune.io.paths import resolve_path
 
     data, model = config.get("data"), config.get("model")
     data_args = getattr(data, "init_args", data)
@@ -232,9 +232,9 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
     `instantiate=False` too it only parses: `cli.config` is the resolved config."""
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_tune.callbacks import DivergenceGuard, StepSeed
     from lightning_tune.data import InstructDataModule, TokenizedDataModule
-    from lightning_tune.modules import FinetuneModule
+    from lightning_tune.recipes import FinetuneModule
+    from lightning_tune.training.callbacks import DivergenceGuard, StepSeed
 
     class TuneCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -312,7 +312,7 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
         run=run,
         save_config_kwargs={"overwrite": True},
         # Checkpoints are written to a temporary file and renamed into place, after a disk-space check.
-        trainer_defaults={"plugins": {"class_path": "lightning_tune.callbacks.AtomicCheckpointIO"}},
+        trainer_defaults={"plugins": {"class_path": "lightning_tune.training.callbacks.AtomicCheckpointIO"}},
         auto_configure_optimizers=False,
         parser_kwargs={"default_env": False, "prog": "python -m lightning_tune", "exit_on_error": False},
     )

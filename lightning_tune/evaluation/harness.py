@@ -1,6 +1,6 @@
 """Benchmarks with lm-evaluation-harness on our own model: no conversion, no download, batched, KV-cached.
 
-`LightningTuneLM` is lm-eval's `TemplateLM` over a `Llama` and a tokenizer. It reproduces what
+`LightningTuneLM` is lm-eval's `TemplateLM` over a `CausalLM` and a tokenizer. It reproduces what
 lm-eval's `HFLM` does with a Hugging Face checkpoint, step for step, so scores are comparable with
 published `hf` numbers (tests/test_eval.py compares per-item log-likelihoods and metrics with HFLM):
 
@@ -36,12 +36,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lightning_tune.model import Llama
+from lightning_tune.generate import generate
+from lightning_tune.model import CausalLM
+from lightning_tune.tokenizer.chat_template import ChatTemplateError
 
 INSTALL_HINT = "lm-eval is not installed: pip install 'lightning_tune[eval]' (lm-eval[hf]>=0.4.13)"
 # The offline demo tasks shipped with the package (lightning_tune_choice / _generate / _text and the
 # group lightning_tune that runs all three).
-TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 BUNDLED_GROUP = "lightning_tune"
 
 
@@ -132,7 +134,7 @@ class _StopWatcher:
 
 
 class LightningTuneLM(TemplateLM):
-    """lm-eval's language-model interface over a `Llama` (in eval mode, on its device) and its tokenizer.
+    """lm-eval's language-model interface over a `CausalLM` (in eval mode, on its device) and its tokenizer.
 
     Args:
         model: the model; evaluated as it is (eval mode, no gradients); its dtype and device are kept.
@@ -147,7 +149,7 @@ class LightningTuneLM(TemplateLM):
 
     def __init__(
         self,
-        model: Llama,
+        model: CausalLM,
         tokenizer: EvalTokenizer,
         batch_size: int = 8,
         max_gen_toks: int = 256,
@@ -234,8 +236,6 @@ class LightningTuneLM(TemplateLM):
         """The few-shot conversation rendered with the tokenizer's chat template, as HFLM renders it:
         a generation prompt after it, or else the last (assistant) message left open to continue.
         A template that refuses a system message is retried without it (as HFLM does)."""
-        from lightning_tune.chat_template import ChatTemplateError
-
         try:
             text = self.tokenizer_ours.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt, tokenize=False)
         except ChatTemplateError:
@@ -270,7 +270,7 @@ class LightningTuneLM(TemplateLM):
         with self._autocast():
             hidden = self.model.hidden_states(tokens.to(self.device))  # [B, T, E]
             picked = torch.cat([hidden[b, len(row) - n : len(row)] for b, (row, n) in enumerate(zip(rows, cont_lens))])  # [sum n_i, E]
-            logprobs = self.model.lm_head(picked).float().log_softmax(dim=-1)  # [sum n_i, V]
+            logprobs = self.model.logits(picked).float().log_softmax(dim=-1)  # [sum n_i, V]
         return list(logprobs.split(cont_lens))
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -336,7 +336,6 @@ class LightningTuneLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Continue each context until a stop string, EOS or the task's max_gen_toks (default 256)."""
-        from lightning_tune.generate import generate
 
         def by_length(req: tuple[str, dict]) -> tuple[int, str]:
             return -len(self.tok_encode(req[0])), req[0]
@@ -368,52 +367,7 @@ class LightningTuneLM(TemplateLM):
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading a checkpoint, choosing tasks, running the harness
-
-
-def load_for_eval(
-    checkpoint: str | Path,
-    *,
-    adapter_dir: str | Path | None = None,
-    tokenizer_path: str | Path | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype | None = None,
-) -> tuple[Llama, EvalTokenizer]:
-    """The model and tokenizer to evaluate, from a Hugging Face or Meta directory (e.g. a fit's merged/),
-    a `.gguf` file, or a fit's `.ckpt` (the run's recipe rebuilt, LoRA adapters included), optionally
-    with a PEFT adapter on top. The tokenizer: `tokenizer_path`, else the checkpoint's (the run's, for a .ckpt)."""
-    from lightning_tune.checkpoint import from_pretrained, load_config, load_peft_adapter
-    from lightning_tune.paths import resolve_path
-    from lightning_tune.tokenizer import load_tokenizer
-
-    path = resolve_path(checkpoint)  # pkg://PACKAGE/FILE names a file inside an installed package
-    if not path.exists():
-        raise EvalError(f"{path}: no such checkpoint (expected a model directory, a .gguf file or a fit's .ckpt)")
-    if path.is_file() and path.suffix == ".ckpt":
-        from lightning_tune.export import load_recipe_from_checkpoint
-
-        module = load_recipe_from_checkpoint(path)  # refuses a LoRA run on a random-init base (not stored)
-        tokenizer_path = tokenizer_path or module.tokenizer_path
-        if tokenizer_path is None:
-            raise EvalError(f"{path}: the run recorded no tokenizer_path; pass --tokenizer_path")
-        tokenizer = load_tokenizer(tokenizer_path)
-        model = module.model if dtype is None else module.model.to(dtype)
-    else:  # config and tokenizer first: a broken or mismatched one is reported before any weight is read
-        vocab_size = load_config(path).vocab_size
-        tokenizer_path = tokenizer_path or path
-        tokenizer = load_tokenizer(tokenizer_path)
-        _check_vocab(tokenizer, tokenizer_path, vocab_size)
-        model = from_pretrained(path, device=device, dtype=dtype)
-    _check_vocab(tokenizer, tokenizer_path, model.config.vocab_size)
-    if adapter_dir is not None:
-        load_peft_adapter(model, adapter_dir)
-    return model.to(device).eval(), tokenizer
-
-
-def _check_vocab(tokenizer: EvalTokenizer, path: str | Path, model_vocab: int) -> None:
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if isinstance(vocab, int) and vocab > model_vocab:
-        raise EvalError(f"{path}: the tokenizer has {vocab} tokens but the model only {model_vocab}")
+# Choosing tasks, running the harness (the CLI opens the model: lightning_tune.cli.loading.load_for_eval)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ def cache_length(needed: int, max_seq_len: int, multiple: int = CACHE_MULTIPLE) 
 def activation_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     """The dtype and device activations (and so the KV cache) have: the embedding table's.
 
-    Not the head's: an int8-quantised head (`lightning_tune.int8`) holds int8 codes."""
+    Not the head's: an int8-quantised head (`lightning_tune.layers.int8`) holds int8 codes."""
     weight = model.model.embed_tokens.weight
     return weight.dtype, weight.device
 
