@@ -92,7 +92,7 @@ if [[ -z "$ONLY" || generate_cuda =~ $ONLY ]] && (( $(limit) > 0 )); then
   timeout "$(limit)" python3 - > "$OUT/generate_cuda.log" 2>&1 <<'PY'
 import copy, time, torch
 from lightning_tune.generate import generate
-from lightning_tune.int8 import quantize_int8_
+from lightning_tune.layers.int8 import quantize_int8_
 from lightning_tune.model import CausalLM, model_config
 torch.manual_seed(0)
 with torch.device("cuda"):
@@ -149,7 +149,7 @@ import sys
 import bitsandbytes, peft, torch, transformers
 sys.path.insert(0, "tests")
 from hf_helpers import tiny_hf_llama
-from lightning_tune.modules import LoRAFinetune
+from lightning_tune.recipes import LoRAFinetune
 path, targets = sys.argv[1], ["q_proj", "v_proj", "down_proj"]
 tiny_hf_llama().save_pretrained(path)
 bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)

@@ -14,23 +14,25 @@ _EXPORTS = {
     "CausalLM": "lightning_tune.model",
     "ModelConfig": "lightning_tune.model",
     "model_config": "lightning_tune.model",
-    "Llama": "lightning_tune.model",
+    "Llama": "lightning_tune.model",  # old names (model/builders.py)
     "LlamaConfig": "lightning_tune.model",
     "llama2": "lightning_tune.model",
     "llama2_7b": "lightning_tune.model",
     "llama2_13b": "lightning_tune.model",
     "llama2_70b": "lightning_tune.model",
+    "use_onednn_linears_": "lightning_tune.layers.onednn",
     "Tokenizer": "lightning_tune.tokenizer",
     "HFTokenizer": "lightning_tune.tokenizer",
     "load_tokenizer": "lightning_tune.tokenizer",
     "from_pretrained": "lightning_tune.checkpoint",
     "check_config": "lightning_tune.cli.check",
-    "FullFinetune": "lightning_tune.modules",
-    "LoRAFinetune": "lightning_tune.modules",
-    "DPOFinetune": "lightning_tune.modules",
+    "FullFinetune": "lightning_tune.recipes",
+    "LoRAFinetune": "lightning_tune.recipes",
+    "DPOFinetune": "lightning_tune.recipes",
     "PreferenceDataModule": "lightning_tune.data",
     "InstructDataModule": "lightning_tune.data",
     "ChatDataModule": "lightning_tune.data",
+    "LMEvalCallback": "lightning_tune.evaluation.callback",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -39,8 +41,10 @@ if TYPE_CHECKING:
     from lightning_tune.checkpoint import from_pretrained
     from lightning_tune.cli.check import check_config
     from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule
+    from lightning_tune.evaluation.callback import LMEvalCallback
+    from lightning_tune.layers.onednn import use_onednn_linears_
     from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
-    from lightning_tune.modules import DPOFinetune, FullFinetune, LoRAFinetune
+    from lightning_tune.recipes import DPOFinetune, FullFinetune, LoRAFinetune
     from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 

@@ -100,7 +100,7 @@ def test_condense_parse_error_keeps_the_informative_line():
   Does not validate against any of the Union subtypes
   Subtypes: [<class 'FinetuneModule'>, <class 'NoneType'>]
   Errors:
-    - Problem with given class_path 'lightning_tune.modules.LoRAFinetune':
+    - Problem with given class_path 'lightning_tune.LoRAFinetune':
         Parser key "lora_rank":
           Expected a <class 'int'>. Got value: abc
     - Expected a <class 'NoneType'>

@@ -1,6 +1,7 @@
 """Every bundled config parses, round-trips through --print_config, and trains two steps (shrunk):
 the public `lightning_tune.check_config` users run on their own configs."""
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 import lightning_tune
 from lightning_tune.cli import CONFIG_DIR, main, make_cli
 from lightning_tune.cli.check import SHRINK, ConfigCheckError  # SHRINK: a 7B/70B config shrunk to a few-MB random model on the CPU, demo data
+from lightning_tune.recipes import FinetuneModule
 
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -16,6 +18,12 @@ CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 def test_configs_are_bundled():
     assert {"alpaca_llama2_lora.yaml", "alpaca_llama2_full.yaml", "alpaca_llama2_13b_lora.yaml", "alpaca_llama2_70b_lora.yaml", "tiny_lora.yaml", "tiny_full.yaml"} <= set(CONFIGS)
     assert (Path(__file__).parents[1] / "configs").resolve() == CONFIG_DIR.resolve()
+
+
+def recipe_of(class_path: str) -> type:
+    """The class a resolved `class_path` names (`lightning_tune.LoRAFinetune` or a module path)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -42,7 +50,7 @@ def test_print_config_round_trips(name, tmp_path, capsys):
     assert exit_.value.code in (0, None)
     first = capsys.readouterr().out
     resolved = yaml.safe_load(first)
-    assert resolved["model"]["class_path"].startswith("lightning_tune.modules.")
+    assert issubclass(recipe_of(resolved["model"]["class_path"]), FinetuneModule)
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(first)
     with pytest.raises(SystemExit):
@@ -54,7 +62,7 @@ def test_print_config_round_trips(name, tmp_path, capsys):
 def test_runs_two_steps_shrunk(name, tmp_path):
     """check_config: parses, round-trips --print_config, refuses a model built at construction, trains 2 steps."""
     result = lightning_tune.check_config(name, root=tmp_path)
-    assert result.resolved["model"]["class_path"].startswith("lightning_tune.modules.")
+    assert issubclass(recipe_of(result.resolved["model"]["class_path"]), FinetuneModule)
     assert result.trainer.global_step == 2
     assert result.model.model.config.num_layers == 1
     assert (tmp_path / "merged" / "model.safetensors").exists()
@@ -91,7 +99,7 @@ def test_bundled_name_resolves_from_anywhere(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no configs/ here: the bundled copy is used
     with pytest.raises(SystemExit):
         main(["fit", "--config", "tiny_lora", "--print_config"])
-    assert "lightning_tune.modules.LoRAFinetune" in capsys.readouterr().out
+    assert "lightning_tune.LoRAFinetune" in capsys.readouterr().out
 
 
 def test_default_root_dir_moves_logs_checkpoints_and_exports(tmp_path, monkeypatch):

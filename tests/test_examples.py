@@ -28,7 +28,7 @@ def test_configuration_reference_is_generated_from_the_code():
     from jsonargparse._parameter_resolvers import get_signature_parameters
 
     from lightning_tune.data import InstructDataModule
-    from lightning_tune.modules import FullFinetune, LoRAFinetune
+    from lightning_tune.recipes import FullFinetune, LoRAFinetune
 
     for cls, prefix in ((LoRAFinetune, "model.init_args."), (FullFinetune, "model.init_args."), (InstructDataModule, "data.")):
         for name in [p.name for p in get_signature_parameters(cls, "__init__")]:

@@ -12,7 +12,7 @@ from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
 from lightning_tune import hardware
-from lightning_tune.modules import LoRAFinetune
+from lightning_tune.recipes import LoRAFinetune
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").is_file(), reason="reads x86 flags from /proc/cpuinfo")

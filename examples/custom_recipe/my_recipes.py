@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_tune.modules import FullFinetune
+from lightning_tune.recipes import FullFinetune
 
 
 class PartialFreezeFinetune(FullFinetune):
