@@ -179,7 +179,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
         self.mlp = FeedForward(config.embed_dim, config.intermediate_dim, config.mlp_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, packed: PackedRows | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, packed: PackedRows | None = None) -> Tensor:
+        """x [B, T, E] -> [B, T, E]; the attention inputs by keyword (`Attention.forward`), so a family's
+        own layer class can take more without shifting anyone's arguments.
+
+            x ──┬─► input_layernorm ─► self_attn ─► (+) ─► h ──┬─► post_attention_layernorm ─► mlp ─► (+) ─► out
+                └────────────────────────────────────┘          └───────────────────────────────────────┘
+        """
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_pos, kv_len, packed)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -200,7 +206,12 @@ class Decoder(nn.Module):
         """tokens [B, T] -> hidden states [B, T, E]; see `CausalLM.forward` for the arguments.
 
         The attention inputs (rotary tables, mask or packed lengths, window) are built once here
-        and shared by every layer.
+        and shared by every layer:
+
+            seq_lens ─► segments ──► packed rows (one sample per attention call) ─┐
+            cache_pos ─► kv_len, causal mask over the cache slots ────────────────┤ (+ sliding band past the window)
+            positions (given, per packed sample from 0, cache_pos, or 0..T-1) ─► cos, sin
+            tokens ─► embed_tokens ─► x ─► layer 0 ... layer N-1 (each: x, cos, sin, mask, packed) ─► norm ─► hidden
         """
         T = tokens.shape[1]
         device = tokens.device
@@ -234,9 +245,9 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype, rope_inv_freq(self.config, device))
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn_mask, cache_pos, kv_len, packed, use_reentrant=False)
+                x = checkpoint(layer, x, use_reentrant=False, cos=cos, sin=sin, attn_mask=attn_mask, cache_pos=cache_pos, kv_len=kv_len, packed=packed)
             else:
-                x = layer(x, cos, sin, attn_mask, cache_pos, kv_len, packed)
+                x = layer(x, cos=cos, sin=sin, attn_mask=attn_mask, cache_pos=cache_pos, kv_len=kv_len, packed=packed)
         return self.norm(x)
 
 
