@@ -138,7 +138,7 @@ estimate llama2_7b_lora_bf16_true_ckpt "${LORA7B[@]}" --trainer.precision=bf16-t
 estimate llama2_7b_lora_fsdp2_bf16 "${LORA7B[@]}" --trainer.strategy=fsdp2 --trainer.precision=bf16-true
 # QLoRA / DoRA (issue 18): the NF4 base through bitsandbytes' CUDA kernels, DoRA alone and on NF4; then one
 # QLoRA step on CUDA against PEFT + bitsandbytes Linear4bit (same codes, loss and LoRA gradients within 1e-5
-# relative in fp32, as tests/test_qlora.py on the CPU); then the Llama 2 7B shape in QLoRA (random init: its
+# relative in fp32, as tests/layers/test_qlora.py on the CPU); then the Llama 2 7B shape in QLoRA (random init: its
 # peak includes the fp32 init before quantisation; a checkpoint loads and quantises layer by layer).
 fit tiny_qlora_bf16_mixed --model.quantize_base=nf4 --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS
 fit tiny_qlora_dora_bf16_mixed --model.quantize_base=nf4 --model.use_dora=true --trainer.precision=bf16-mixed --trainer.max_steps=$STEPS

@@ -273,7 +273,7 @@ def hf_model(args: argparse.Namespace, dtype: torch.dtype):
         path = resolve_path(SMOLLM2_GGUF)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="sdpa")
         # The GGUF loader dequantises every tensor to `dtype` on load (plain float weights, the same as
-        # ours: tests/test_gguf.py), but leaves the model marked as GGUF-quantized, and transformers'
+        # ours: tests/checkpoint/test_gguf.py), but leaves the model marked as GGUF-quantized, and transformers'
         # Trainer (so TRL) refuses to train a model with that mark. The mark is stale: drop it.
         model.hf_quantizer, model.is_quantized = None, False
     else:
@@ -651,7 +651,7 @@ def first_loss_report(names: list[str], rows: dict, runs: dict) -> list[str]:
 
     Bound: every row runs the same weights on the same batch in fp32; only the order of the
     floating-point operations differs (packing, kernels, fused vs separate ops). The project's fp32
-    standard, tested against transformers for both models (tests/test_model.py, tests/test_gguf.py),
+    standard, tested against transformers for both models (tests/model/test_model.py, tests/checkpoint/test_gguf.py),
     is logits within relative 1e-5 (Frobenius norm over the labelled positions). A token's cross-entropy
     has gradient softmax(z) - onehot(y), of 2-norm at most sqrt(2), so |dL| <= sqrt(2) mean_t |dz_t|
     <= sqrt(2) sqrt(mean_t |dz_t|^2) (Cauchy-Schwarz) <= sqrt(2) 1e-5 rms_t |z_t|, with |z_t| each

@@ -4,7 +4,7 @@
     python scripts/gen_config_docs.py --check  # exit 1 if the committed file is stale
 
 The reference is built from the code (inspect + docstring_parser, what jsonargparse reads for --help),
-so it cannot drift: tests/test_examples.py fails when the committed file differs from the output.
+so it cannot drift: tests/integration/test_examples.py fails when the committed file differs from the output.
 """
 
 from __future__ import annotations

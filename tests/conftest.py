@@ -1,4 +1,8 @@
-"""Shared fixtures: paths to the real Llama 2 tokenizer and Alpaca records beside the checkout."""
+"""Shared fixtures: paths to the real Llama 2 tokenizer and Alpaca records beside the checkout; the `slow` mark.
+
+Tests mirror the package by folder (tests/checkpoint/ ... tests/cli/); tests/integration/ holds the
+end-to-end runs (whole fits in subprocesses, kill and resume, several processes), marked `slow`, so
+`python -m pytest -m "not slow"` is the fast set."""
 
 from pathlib import Path
 
@@ -8,6 +12,13 @@ import sentencepiece as spm
 from lightning_tune.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def asset(name: str) -> Path:

@@ -2,7 +2,7 @@
 
 `LightningTuneLM` is lm-eval's `TemplateLM` over a `CausalLM` and a tokenizer. It reproduces what
 lm-eval's `HFLM` does with a Hugging Face checkpoint, step for step, so scores are comparable with
-published `hf` numbers (tests/test_eval.py compares per-item log-likelihoods and metrics with HFLM):
+published `hf` numbers (tests/evaluation/test_eval.py compares per-item log-likelihoods and metrics with HFLM):
 
 - context/continuation: trailing whitespace of the context moves to the continuation, the pair is
   encoded whole (BOS first) and the continuation is what follows the context's own tokens

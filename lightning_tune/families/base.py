@@ -14,7 +14,7 @@ from typing import Literal
 class Size:
     """One named size: its `ModelConfig` fields, exact parameter count, and where the numbers come from.
 
-    `params` is checked on the meta device against our model and transformers' (tests/test_families.py).
+    `params` is checked on the meta device against our model and transformers' (tests/model/test_families.py).
     `repo` is the Hugging Face repository `download` fetches; `url` its config.json.
     """
 

@@ -3,7 +3,7 @@
 The whole conversation is rendered with the template every turn (so the model sees exactly what it
 was trained on), and only the tokens after the longest prefix already in the cache are computed.
 Templates that rewrite earlier turns (Qwen 3 drops past reasoning) just reuse less. Greedy replies
-equal `generate` on the whole rendered conversation (tests/test_chat_cli.py).
+equal `generate` on the whole rendered conversation (tests/cli/test_chat_cli.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 In the spirit of gpt-fast: no Lightning, no generation framework, one loop that reads top to
 bottom. Batches of prompts of different lengths run together with LEFT padding, so every row's
 last prompt token sits in the same column and each decode step appends one column for all rows.
-Greedy decoding equals Hugging Face `generate(do_sample=False)` token for token (tests/test_generate.py).
+Greedy decoding equals Hugging Face `generate(do_sample=False)` token for token (tests/generate/test_generate.py).
 
 Shapes: B rows, T padded prompt length, N max new tokens, S = T + N cache slots, V vocab.
 """

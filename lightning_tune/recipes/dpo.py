@@ -65,7 +65,7 @@ class DPOFinetune(FinetuneModule):
         label_smoothing: float = 0.0,
         lr: float = 5e-6,
         precompute_reference: bool = False,
-        # LoRAFinetune's arguments, the same names, defaults and docs (tests/test_modules.py pins them)
+        # LoRAFinetune's arguments, the same names, defaults and docs (tests/recipes/test_modules.py pins them)
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.05,

@@ -611,12 +611,13 @@ def _code_cells(notebook: Path) -> str:
 
 
 def test_notebook_outputs_are_stripped() -> None:
-    notebook = json.loads((Path(__file__).parents[1] / "examples" / "smollm2_gguf_lora.ipynb").read_text())
+    notebook = json.loads((Path(__file__).parents[2] / "examples" / "smollm2_gguf_lora.ipynb").read_text())
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None
 
 
+@pytest.mark.slow  # a whole run in subprocesses (kill and resume, several processes, a notebook)
 @needs_smollm2
 def test_notebook_runs_end_to_end(tmp_path, monkeypatch) -> None:
     """Every cell, in order: load from a GGUF, look at the data, fit, generate, export PEFT / HF / GGUF.
@@ -636,7 +637,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch) -> None:
     model_file = save_gguf(stand_in.state_dict(), config, tmp_path / "model" / "stand_in.gguf", outtype="f32", tokenizer=SMOLLM2)
     out = tmp_path / "out"
     env = {**os.environ, "LIGHTNING_TUNE_EXAMPLE_GGUF": str(model_file), "LIGHTNING_TUNE_EXAMPLE_STEPS": "2", "LIGHTNING_TUNE_EXAMPLE_OUT": str(out), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    notebook = Path(__file__).parents[1] / "examples" / "smollm2_gguf_lora.ipynb"
+    notebook = Path(__file__).parents[2] / "examples" / "smollm2_gguf_lora.ipynb"
     if importlib.util.find_spec("nbclient") is not None and importlib.util.find_spec("ipykernel") is not None:
         import nbformat
         from nbclient import NotebookClient

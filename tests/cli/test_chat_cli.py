@@ -17,7 +17,7 @@ from lightning_tune.model import tiny_llama2
 from lightning_tune.tokenizer import load_tokenizer
 from lightning_tune.tokenizer.chat_template import LLAMA2, render
 
-DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
+DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
 def test_configs_are_bundled():
     assert {"alpaca_llama2_lora.yaml", "alpaca_llama2_full.yaml", "alpaca_llama2_13b_lora.yaml", "alpaca_llama2_70b_lora.yaml", "tiny_lora.yaml", "tiny_full.yaml"} <= set(CONFIGS)
-    assert (Path(__file__).parents[1] / "configs").resolve() == CONFIG_DIR.resolve()
+    assert (Path(__file__).parents[2] / "configs").resolve() == CONFIG_DIR.resolve()
 
 
 def recipe_of(class_path: str) -> type:

@@ -127,7 +127,7 @@ def test_loglikelihoods_generations_and_metrics_equal_hflm(hf_dir, hf_results, t
     ours = run_tasks(LightningTuneLM(model, tokenizer, batch_size=4), TASKS, limit=LIMIT, log_samples=True)
 
     # Tolerance from the arithmetic: the project's fp32 bound on logits is 1e-5 of their largest
-    # magnitude (different kernels, batch shapes and padding: tests/test_model.py), and a log-softmax
+    # magnitude (different kernels, batch shapes and padding: tests/model/test_model.py), and a log-softmax
     # entry moves by at most twice the largest logit change, so a sum over n tokens may differ by
     # n * 2e-5 * max|logit|. max|logit| is read off the reference model on the bundled texts.
     texts = [s["arguments"][0][0] + s["arguments"][0][1] for s in by_doc(expected, "lightning_tune_choice")]

@@ -20,7 +20,7 @@ from lightning_tune.layers.int8 import Int8Linear, int8_mm_works, native_bf16, q
 from lightning_tune.model import CausalLM, model_config
 from lightning_tune.tokenizer import load_tokenizer
 
-DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
+DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
 PROMPTS = [[1, 17, 93, 200, 45, 8, 130], [1, 77], [1, 3, 250, 61]]  # different lengths: real left padding
 INT8_MM = native_bf16(torch.device("cpu")) and int8_mm_works(torch.device("cpu"))
 

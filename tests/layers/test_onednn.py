@@ -19,7 +19,7 @@ from lightning_tune.layers.onednn import OneDNNLinear, onednn_linear, onednn_wor
 from lightning_tune.model import CausalLM, model_config
 
 pytestmark = pytest.mark.skipif(not onednn_works(), reason="this torch build has no working oneDNN")
-DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
+DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
 PROMPTS = [[1, 17, 93, 200, 45, 8, 130], [1, 77], [1, 3, 250, 61]]
 
 

@@ -300,6 +300,7 @@ def test_config_headers_name_a_gpu_that_validate_agrees_with(name: str) -> None:
     assert result.estimate.total + 2**30 <= gb * 10**9, f"{name}: {result.estimate.total / 2**30:.1f} GiB per device"
 
 
+@pytest.mark.slow  # a whole run in subprocesses (kill and resume, several processes, a notebook)
 def test_fsdp2_trains_a_tied_model_as_one_process(tmp_path: Path) -> None:
     """Tied embeddings under FSDP2 (2 processes, gloo): the head stays the embedding (one sharded tensor,
     loaded once), so the loss curve and the exported weights equal one process's (fp32 tolerances as in

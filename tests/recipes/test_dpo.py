@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 from hf_helpers import tiny_hf_llama, write_tiny_tokenizer  # noqa: E402
 from kill_helpers import run_fit  # noqa: E402
 
@@ -216,6 +216,7 @@ def test_cpu_demo_accuracy_rises(tmp_path: Path) -> None:
     assert (root / "adapter" / "adapter_model.safetensors").is_file() and (root / "merged" / "config.json").is_file()
 
 
+@pytest.mark.slow  # a whole run in subprocesses (kill and resume, several processes, a notebook)
 def test_killed_and_resumed_dpo_run_equals_uninterrupted(tmp_path: Path) -> None:
     """Killed (SIGKILL) after step 3 and resumed with --ckpt_path last: the same per-step losses and rewards and adapter."""
     from safetensors.torch import load_file

@@ -9,7 +9,7 @@ import sentencepiece as spm
 from lightning_tune.data.templates import ALPACA
 from lightning_tune.tokenizer import Tokenizer
 
-DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
+DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "lightning_tune" / "data" / "assets" / "demo_tokenizer.model"
 
 TEXTS = [
     "",

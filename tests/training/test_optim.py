@@ -272,6 +272,7 @@ def train_losses(root: Path, version: str) -> dict[int, str]:
         return {int(row["step"]): row["train_loss"] for row in csv.DictReader(file) if row.get("train_loss")}
 
 
+@pytest.mark.slow  # a whole run in subprocesses (kill and resume, several processes, a notebook)
 def test_resume_restores_a_non_default_optimiser_and_schedule_exactly(tmp_path):
     """SGD with Nesterov momentum and a linear decay with a floor: killed after step 3, resumed, it equals
     the uninterrupted run bit for bit (losses, learning rates, momentum buffers, scheduler state)."""
