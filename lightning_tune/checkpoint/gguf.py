@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,14 +16,14 @@ from torch import Tensor
 from lightning_tune.checkpoint.meta import meta_to_hf_rotary
 from lightning_tune.checkpoint.tensors import Entry
 from lightning_tune.families.config import ModelConfig
-from lightning_tune.io.files import check_disk_space, existing_parent, fsync_directory
+from lightning_tune.io.files import check_disk_space, existing_parent
 from lightning_tune.io.gguf import is_gguf
 from lightning_tune.io.paths import resolve_path
 from lightning_tune.model.decoder import CausalLM
 
 if TYPE_CHECKING:
     pass
-from lightning_tune.io.files import atomic_write_text
+from lightning_tune.io.files import atomic_file, atomic_write_text
 from lightning_tune.io.gguf import ARCHITECTURE, GGUFError, check_architecture, import_gguf, metadata_value, open_gguf, read_metadata
 from lightning_tune.tokenizer.gguf import VocabMetadata, vocab_metadata, write_vocab
 
@@ -282,12 +280,7 @@ def save_gguf(
     output.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(existing_parent(output.parent), int(sum(sizes.values())) + 2**24)
 
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):  # left by a writer killed mid-export
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(output) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=ARCHITECTURE)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or output.stem)
@@ -325,18 +318,9 @@ def save_gguf(
         for gguf_name, key, kind in plan:
             heads = config.num_heads if gguf_name.endswith("attn_q.weight") else config.num_kv_heads if gguf_name.endswith("attn_k.weight") else None
             writer.write_tensor_data(_gguf_array(state_dict[key], kind, heads))
-        for fout in writer.fout or []:
-            fout.flush()
-            os.fsync(fout.fileno())
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if modelfile:
         atomic_write_text(output.parent / "Modelfile", modelfile_text(output.name, vocab))
-    fsync_directory(output.parent)
     return output
 
 

@@ -3,16 +3,13 @@ sharded (torch.distributed.checkpoint) directories of FSDP2 runs read in one pro
 
 from __future__ import annotations
 
-import glob
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lightning_tune.io.files import CheckpointError, check_disk_space, fsync_directory, torch_load_weights_only
+from lightning_tune.io.files import CheckpointError, atomic_file, check_disk_space, torch_load_weights_only
 
 # --------------------------------------------------------------------------------------------------
 # Training checkpoints (Lightning's .ckpt): atomic writes, disk check, safe reads
@@ -32,29 +29,14 @@ def checkpoint_nbytes(obj: object) -> int:
 def atomic_torch_save(obj: object, path: str | Path, *, margin: int = 2**20) -> Path:
     """`torch.save` to `path` so that readers see the previous file or the complete new one, never a torn one.
 
-    Checks the free disk space first (tensor bytes + `margin`), writes `.<name>.tmp-XXXX` in the same
-    directory (so the rename cannot cross file systems; a killed writer's leftover for this name is removed
-    first), fsyncs it, `os.replace`s it into place and
-    fsyncs the directory. On any error or interruption the temporary file is removed.
+    Checks the free disk space first (tensor bytes + `margin`), then writes through `io.files.atomic_file`
+    (a temporary file beside `path`, fsynced and renamed into place; removed on any error or interruption).
     """
     path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(path.parent, checkpoint_nbytes(obj) + margin)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # left by a writer killed mid-save; one writer per path
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0o600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    with atomic_file(path) as tmp, tmp.open("wb") as file:
+        torch.save(obj, file)
     return path
 
 

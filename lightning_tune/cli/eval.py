@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -99,15 +97,10 @@ def _write_json(results: dict, path: Path) -> None:
     """The results as JSON, written to a temporary file beside `path` and renamed: never half-written."""
     from lm_eval.utils import handle_non_serializable
 
+    from lightning_tune.io.files import atomic_write_text  # torch: not on the CLI's start-up path
+
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text + "\n")
     print(f"wrote {path}")
 
 

@@ -3,6 +3,7 @@ export manifest (nothing of the user's is replaced), disk space and fsync."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -181,15 +182,36 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write the new file to; on success it replaces `path`, on any
+    error or interruption it is removed: readers see the previous file or the complete new one, never a torn one.
+
+    The temporary file is `.<name>.tmp-XXXX` in the same directory (the rename cannot cross file systems);
+    a killed writer's leftover for this name is removed first (one writer per path). After the block the
+    file is fsynced, made 0o644, `os.replace`d into place, and the directory fsynced.
+    """
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        stale.unlink(missing_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data written through any handle reaches the disk before the rename
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0o600
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`path.write_text(text)` (UTF-8) through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
