@@ -107,7 +107,7 @@ def smollm2_workload(args: argparse.Namespace):
 
     path = Path(resolve_path(SMOLLM2))
     ours = load_model(SMOLLM2, None, "cpu", "float32")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False).eval()
     tokenizer = load_tokenizer(SMOLLM2)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True) for text in CHAT_PROMPTS[: args.batch]]
     lengths = sorted(len(p) for p in prompts)

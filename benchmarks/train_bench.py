@@ -271,13 +271,13 @@ def hf_model(args: argparse.Namespace, dtype: torch.dtype):
 
     if args.workload == "smollm2":
         path = resolve_path(SMOLLM2_GGUF)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
         # The GGUF loader dequantises every tensor to `dtype` on load (plain float weights, the same as
         # ours: tests/checkpoint/test_gguf.py), but leaves the model marked as GGUF-quantized, and transformers'
         # Trainer (so TRL) refuses to train a model with that mark. The mark is stale: drop it.
         model.hf_quantizer, model.is_quantized = None, False
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(init_dir(args)), dtype=dtype, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(init_dir(args)), dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
     return model.to(args.device)
 
 
@@ -481,7 +481,7 @@ def run_trl(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
     dataset = dm.train_dataset.select_columns(["input_ids", "labels"])
     if args.workload == "smollm2":
         path = resolve_path(SMOLLM2_GGUF)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     else:
         # transformers 5 cannot read the Llama 2 SentencePiece file without more packages; for
         # pre-tokenized data TRL reads only the pad id (collator) and EOS (generation config) from

@@ -222,7 +222,7 @@ def _transformers_tokenizer(path: str):
     except ImportError:
         return None
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)  # never the folder's own code
     except Exception:  # noqa: BLE001 - an optional cross-check: any failure to load means no reference
         log.info(f"{folder}: transformers cannot load this tokenizer; the setup check compares with our own rendering only")
         return None

@@ -67,6 +67,12 @@ def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | Non
     if tokenizer_path is not None:
         kwargs["tokenizer_path"] = tokenizer_path
     kwargs["export"] = False
+    optimizer = kwargs.get("optimizer")
+    if isinstance(optimizer, str) and "." in optimizer and not optimizer.startswith("torch.optim."):
+        # An import path read from a file is never imported (the file would choose code to run); the
+        # rebuilt recipe only exports or evaluates, so it builds no optimizer and takes the default.
+        kwargs.pop("optimizer")
+        kwargs.pop("optimizer_args", None)
     try:
         module = cls(**kwargs)
     except TypeError as err:

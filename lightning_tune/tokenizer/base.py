@@ -74,7 +74,8 @@ class ChatTemplateMixin:
 
 
 def read_config_json(path: Path) -> dict:
-    """A JSON object file, {} when absent; an unreadable one is an error naming it."""
+    """A JSON object file beside a tokenizer, {} when absent; an unreadable one, or one whose `auto_map` names
+    code to run, is an error naming it."""
     if not path.is_file():
         return {}
     try:
@@ -83,6 +84,10 @@ def read_config_json(path: Path) -> dict:
         raise TokenizerError(f"{path}: not valid JSON ({first_line(error)})") from None
     if not isinstance(value, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    if "auto_map" in value:  # transformers would offer to import and run the .py files it names
+        raise TokenizerError(
+            f"{path}: has auto_map (Python code shipped with the tokenizer, which transformers would import and run); lightning_tune never runs a checkpoint's code: use a tokenizer without custom code"
+        )
     return value
 
 
