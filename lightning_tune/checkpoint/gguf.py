@@ -223,6 +223,11 @@ def _gguf_array(t: Tensor, kind: Any, heads: int | None) -> Any:
     return gguf.quants.quantize(x, q.Q8_0) if kind == q.Q8_0 else x
 
 
+# Written into every GGUF we export: the mark that lets a later export replace the file (llama.cpp ignores it).
+EXPORT_KEY = "lightning_tune.export"
+MODELFILE_HEADER = "# Ollama: ollama create NAME -f Modelfile && ollama run NAME"
+
+
 CHATML_OLLAMA_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
 {{ end }}<|im_start|>assistant
@@ -236,7 +241,7 @@ def modelfile_text(gguf_name: str, vocab: VocabMetadata) -> str:
     out; for any other, Ollama matches the Jinja `tokenizer.chat_template` in the GGUF to its own
     templates when the model is created.
     """
-    lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = [MODELFILE_HEADER, f"FROM ./{gguf_name}"]
     template = vocab.chat_template or ""
     if "<|im_start|>" in template and "<|im_end|>" in template:
         lines.append(f'TEMPLATE """{CHATML_OLLAMA_TEMPLATE}"""')
@@ -244,6 +249,27 @@ def modelfile_text(gguf_name: str, vocab: VocabMetadata) -> str:
     elif vocab.eos_token:
         lines.append(f"PARAMETER stop {json.dumps(vocab.eos_token)}")
     return "\n".join(lines) + "\n"
+
+
+def check_gguf_target(output: Path, modelfile: bool) -> None:
+    """One line unless `output` (and, with `modelfile`, the Modelfile beside it) may be written: absent, or
+    an export of ours (a GGUF carrying `EXPORT_KEY`, a Modelfile starting with our header). An export
+    never replaces a file it did not write."""
+    if output.exists():
+        try:
+            ours = is_gguf(output) and EXPORT_KEY in read_metadata(open_gguf(output)[1])
+        except GGUFError:
+            ours = False
+        if not ours:
+            raise GGUFError(f"{output}: exists and is not a GGUF export of lightning_tune; name a new file (an export replaces only a file it wrote)")
+    target = output.parent / "Modelfile"
+    if modelfile and target.exists():
+        try:
+            ours = target.is_file() and target.read_text(encoding="utf-8").splitlines()[:1] == [MODELFILE_HEADER]
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise GGUFError(f"{target}: exists and was not written by lightning_tune; move it, or export into another directory (the export writes a Modelfile beside the .gguf)")
 
 
 def save_gguf(
@@ -272,6 +298,7 @@ def save_gguf(
         raise GGUFError(f"{output}: the output must be a .gguf file name")
     if output.is_dir():
         raise GGUFError(f"{output}: exists and is a directory")
+    check_gguf_target(output, modelfile)
     if tokenizer is None:
         raise GGUFError(f"{output}: a GGUF needs its tokenizer: give the tokenizer (a .gguf, tokenizer.model or tokenizer.json)")
     vocab = vocab_metadata(tokenizer)
@@ -284,6 +311,7 @@ def save_gguf(
         writer = gguf.GGUFWriter(tmp, arch=ARCHITECTURE)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or output.stem)
+        writer.add_string(EXPORT_KEY, "1")  # ours: a later export may replace this file (check_gguf_target)
         writer.add_context_length(config.max_seq_len)
         writer.add_embedding_length(config.embed_dim)
         writer.add_block_count(config.num_layers)

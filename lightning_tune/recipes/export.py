@@ -15,9 +15,10 @@ from typing import Literal
 import torch
 
 from lightning_tune.checkpoint import from_pretrained, load_training_checkpoint, save_hf_checkpoint, save_peft_adapter
-from lightning_tune.checkpoint.gguf import OutType, check_outtype, save_gguf
+from lightning_tune.checkpoint.gguf import OutType, check_gguf_target, check_outtype, save_gguf
 from lightning_tune.io.files import CheckpointError, check_export_target
 from lightning_tune.io.gguf import GGUFError
+from lightning_tune.io.paths import resolve_path
 from lightning_tune.recipes.base import FinetuneModule
 
 # Hyper-parameters LightningCLI adds beside the recipe's own arguments.
@@ -131,6 +132,7 @@ def export_gguf(
         tokenizer_path: Tokenizer to write into the file; default: the run's, else the one in or of checkpoint_dir.
     """
     check_outtype(outtype)
+    check_gguf_target(resolve_path(output).absolute(), modelfile=True)  # before the model is built: a refused output costs nothing
     if ckpt_path is not None:
         module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path)
         state, config = module.export_state_dict(), module.model.config

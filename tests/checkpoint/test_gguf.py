@@ -419,6 +419,35 @@ def test_a_failed_export_leaves_nothing(random_model, byte_tokenizer_dir, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]
 
 
+def test_an_export_replaces_only_what_an_export_wrote(random_model, byte_tokenizer_dir, tmp_path) -> None:
+    """A .gguf or Modelfile the user has is refused in one line before anything is written (#29); our own
+    export (marked in its metadata) and its Modelfile are replaced."""
+    state = random_model.state_dict()
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("the user's notes")
+    with pytest.raises(GGUFError, match=r"notes\.gguf: exists and is not a GGUF export of lightning_tune"):
+        save_gguf(state, SHAPE, notes, outtype="f16", tokenizer=byte_tokenizer_dir)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    other = save_gguf(state, SHAPE, tmp_path / "ours" / "m.gguf", outtype="f16", tokenizer=byte_tokenizer_dir)
+    reader_bytes = bytearray(other.read_bytes())
+    marker = reader_bytes.find(b"lightning_tune.export")
+    reader_bytes[marker : marker + 5] = b"xxxxx"  # the same file without our mark: someone else's GGUF
+    (foreign / "m.gguf").write_bytes(bytes(reader_bytes))
+    with pytest.raises(GGUFError, match="is not a GGUF export of lightning_tune"):
+        save_gguf(state, SHAPE, foreign / "m.gguf", outtype="f16", tokenizer=byte_tokenizer_dir)
+    user_modelfile = tmp_path / "mine" / "Modelfile"
+    user_modelfile.parent.mkdir()
+    user_modelfile.write_text("FROM llama3\nSYSTEM my prompt\n")
+    with pytest.raises(GGUFError, match=r"Modelfile: exists and was not written by lightning_tune"):
+        save_gguf(state, SHAPE, user_modelfile.parent / "m.gguf", outtype="f16", tokenizer=byte_tokenizer_dir)
+    assert notes.read_text() == "the user's notes" and user_modelfile.read_text() == "FROM llama3\nSYSTEM my prompt\n"
+    assert sorted(p.name for p in user_modelfile.parent.iterdir()) == ["Modelfile"] and sorted(p.name for p in foreign.iterdir()) == ["m.gguf"]
+    again = save_gguf(state, SHAPE, other, outtype="f32", tokenizer=byte_tokenizer_dir)  # our own export: replaced
+    assert gguf.GGUFReader(again).tensors[0].tensor_type == Q.F32
+    assert sorted(p.name for p in other.parent.iterdir()) == ["Modelfile", "m.gguf"]
+
+
 def test_sentencepiece_tokenizer_round_trips_through_gguf(tmp_path) -> None:
     """A Llama 2 SentencePiece model written into a GGUF and rebuilt from it encodes as sentencepiece and
     as transformers' GGUF tokenizer do (scores, no merges: the merges are derived from the scores)."""

@@ -67,6 +67,9 @@ def write_inputs(work: Path) -> None:
     (work / "latin1.jsonl").write_bytes('{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"))
     (work / "empty.json").write_text("[]")
     (work / "header.csv").write_text("instruction,input,output\n")
+    (work / "notes.gguf").write_text("the user's notes, named .gguf")
+    (work / "my_models").mkdir()
+    (work / "my_models" / "Modelfile").write_text("FROM llama3\nSYSTEM my own prompt\n")
 
 
 def fit(source: str) -> list[str]:
@@ -99,6 +102,10 @@ ROWS = [
      "notes.txt: exists and is not a directory"),
     ("export to a full disk", ["export", "--ckpt_path", CKPT, "--format", "peft", "--output", "out"],
      "not enough free disk space: need 1.0 MiB, have 1000 bytes", FULL_DISK),
+    ("export gguf over the user's file", ["export", "--ckpt_path", CKPT, "--format", "gguf", "--output", "notes.gguf"],
+     "notes.gguf: exists and is not a GGUF export of lightning_tune; name a new file"),
+    ("export gguf beside the user's Modelfile", ["export", "--ckpt_path", CKPT, "--format", "gguf", "--output", "my_models/m.gguf"],
+     "Modelfile: exists and was not written by lightning_tune"),
     ("fit on a malformed JSONL line", fit("bad.jsonl"), "bad.jsonl: line 2, column 21: not valid JSON (Expecting ',' delimiter)"),
     ("fit on a JSONL line that is not a record", fit("array.jsonl"), "array.jsonl: line 2: expected a JSON object (one record per line), got an array"),
     ("fit on non-UTF-8 text", fit("latin1.jsonl"), "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
