@@ -4,6 +4,7 @@ Tests mirror the package by folder (tests/checkpoint/ ... tests/cli/); tests/int
 end-to-end runs (whole fits in subprocesses, kill and resume, several processes), marked `slow`, so
 `python -m pytest -m "not slow"` is the fast set."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ from lightning_tune.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 INTEGRATION = Path(__file__).resolve().parent / "integration"
+# A few tests reuse another folder's settings (`from test_distributed import fit_args`): every test folder is
+# importable whatever subset runs. Its files are all named test_*, so nothing else is shadowed.
+for folder in sorted(p for p in Path(__file__).resolve().parent.iterdir() if p.is_dir() and any(p.glob("test_*.py"))):
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,6 +9,21 @@ RopeType = Literal["default", "llama3", "linear"]
 AttentionBias = Literal["none", "qkv", "all"]
 
 
+# Upper bounds, far above every released model (the largest today: 126 layers, embed 16384, MLP 53248, a
+# 262144-token vocabulary, 10M positions), so that numbers read from a file (config.json, params.json, GGUF
+# metadata) cannot make the model skeleton, or the rotary tables sized from it, take the machine.
+LIMITS = {
+    "vocab_size": 2**22,
+    "num_layers": 1024,
+    "num_heads": 1024,
+    "num_kv_heads": 1024,
+    "embed_dim": 2**17,
+    "intermediate_dim": 2**20,
+    "max_seq_len": 2**24,
+    "head_dim": 2048,
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of one decoder; the first nine are Llama 2's (Meta's names), the rest switches.
@@ -48,6 +63,10 @@ class ModelConfig:
         for name in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)}")
+            if getattr(self, name) > LIMITS[name]:  # a config read from a file must not build a skeleton without end
+                raise ValueError(f"ModelConfig.{name} must be at most {LIMITS[name]:,}, got {getattr(self, name):,}")
+        if self.head_dim > LIMITS["head_dim"]:
+            raise ValueError(f"ModelConfig.head_dim must be at most {LIMITS['head_dim']:,}, got {self.head_dim:,}")
         if self.head_dim < 0:
             raise ValueError(f"ModelConfig.head_dim must be a positive integer (0 = embed_dim // num_heads), got {self.head_dim}")
         if not self.head_dim:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import mmap
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +58,68 @@ def open_gguf(path: str | Path) -> tuple[Path, GGUFReader]:
     return path, _open_cached(path, stat.st_size, stat.st_mtime_ns)
 
 
+# GGUF value types (gguf-py GGUFValueType) -> bytes of one value; 8 (string) and 9 (array) are variable.
+VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY = 8, 9
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_header_counts(path: Path) -> None:
+    """Walk a GGUF header (v2/v3: little-endian counts of 8 bytes) and check that every count and length it
+    states fits in the bytes left in the file, before anything is allocated from it: a header that claims
+    2^40 array items or strings of a terabyte is one line, not a machine out of memory."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        size, pos = len(data), 8
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n < 0 or n > size - pos:
+                raise GGUFError(f"{path}: cannot read as GGUF, the file is truncated or corrupt ({what} needs {n} bytes at byte {pos}, the file has {size - pos} left)")
+            start, pos = pos, pos + n
+            return start
+
+        def u32(what: str) -> int:
+            return struct.unpack_from("<I", data, take(4, what))[0]
+
+        def u64(what: str) -> int:
+            return struct.unpack_from("<Q", data, take(8, what))[0]
+
+        def string(what: str) -> None:
+            take(u64(f"the length of {what}"), what)
+
+        def value(kind: int, what: str) -> None:
+            if kind == STRING:
+                string(what)
+            elif kind == ARRAY:
+                item, count = u32(f"{what}'s item type"), u64(f"{what}'s item count")
+                if item in VALUE_SIZES:
+                    take(count * VALUE_SIZES[item], f"{what}'s {count} items")
+                elif item == STRING:
+                    if count * 8 > size - pos:  # each string has at least its 8-byte length
+                        take(count * 8, f"{what}'s {count} strings")
+                    for _ in range(count):
+                        string(f"an item of {what}")
+                else:
+                    raise GGUFError(f"{path}: cannot read as GGUF, the file is truncated or corrupt ({what} is an array of type {item}, expected a scalar or string type)")
+            elif kind in VALUE_SIZES:
+                take(VALUE_SIZES[kind], what)
+            else:
+                raise GGUFError(f"{path}: cannot read as GGUF, the file is truncated or corrupt ({what} has value type {kind}, not a GGUF type)")
+
+        n_tensors, n_kv = u64("the tensor count"), u64("the metadata count")
+        if n_kv * 13 > size - pos or n_tensors * 24 > size - pos:  # the smallest entry of each: key + type + value; name + dims + type + offset
+            raise GGUFError(f"{path}: cannot read as GGUF, the file is truncated or corrupt ({n_kv} metadata entries and {n_tensors} tensors do not fit in its {size} bytes)")
+        for index in range(n_kv):
+            string(f"metadata key {index}")
+            value(u32(f"metadata {index}'s type"), f"metadata entry {index}")
+        for index in range(n_tensors):
+            string(f"tensor {index}'s name")
+            dims = u32(f"tensor {index}'s dimension count")
+            if dims > MAX_DIMS:
+                raise GGUFError(f"{path}: cannot read as GGUF, the file is truncated or corrupt (tensor {index} has {dims} dimensions, GGUF allows at most {MAX_DIMS})")
+            take(8 * dims + 4 + 8, f"tensor {index}'s shape, type and offset")
+
+
 @functools.lru_cache(maxsize=2)
 def _open_cached(path: Path, size: int, mtime_ns: int) -> GGUFReader:
     gguf = import_gguf()
@@ -63,6 +127,7 @@ def _open_cached(path: Path, size: int, mtime_ns: int) -> GGUFReader:
         magic = file.read(4)
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); expected a llama.cpp .gguf model")
+    check_header_counts(path)  # before the gguf package reads it: it allocates what the header's counts say
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt header fails in many ways; one answer

@@ -7,6 +7,7 @@ these checks."""
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -93,3 +94,46 @@ def test_package_paths_inside_the_package_resolve() -> None:
 def test_package_names_must_be_python_names(spec: str) -> None:
     with pytest.raises(PackagePathError, match="is not a Python package name"):
         resolve_path(spec)
+
+
+def gguf_header(n_tensors: int, entries: bytes, n_kv: int = 1) -> bytes:
+    """A GGUF v3 header: magic, version, tensor count, metadata count, then the entries as given."""
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + entries
+
+
+def gguf_string(text: bytes, claimed: int | None = None) -> bytes:
+    return struct.pack("<Q", len(text) if claimed is None else claimed) + text
+
+
+@pytest.mark.parametrize(
+    ("entries", "n_tensors", "n_kv", "expected"),
+    [
+        (gguf_string(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**40) + gguf_string(b"a"), 0, 1, "1099511627776 strings"),
+        (gguf_string(b"x") + struct.pack("<IIQ", 9, 0, 2**40), 0, 1, "1099511627776 items"),
+        (gguf_string(b"x") + struct.pack("<I", 8) + gguf_string(b"abc", claimed=2**50), 0, 1, "needs 1125899906842624 bytes"),
+        (b"", 2**40, 2**40, "metadata entries and 1099511627776 tensors do not fit"),
+        (gguf_string(b"x") + struct.pack("<I", 4) + b"\0" * 4 + gguf_string(b"t") + struct.pack("<I", 2**31), 1, 1, "tensor 0 has 2147483648 dimensions"),
+    ],
+    ids=["string array of 2^40", "byte array of 2^40", "a string of a PiB", "2^40 entries", "2^31 dimensions"],
+)
+def test_gguf_header_counts_are_bounded_by_the_file(tmp_path: Path, entries: bytes, n_tensors: int, n_kv: int, expected: str) -> None:
+    """Every count the header states is checked against the bytes left before anything is allocated (#29):
+    one line, at once, where the gguf package would try to build 2^40 items."""
+    pytest.importorskip("gguf")
+    from lightning_tune.io.gguf import GGUFError, open_gguf
+
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(gguf_header(n_tensors, entries, n_kv) + b"\0" * 64)
+    with pytest.raises(GGUFError, match="cannot read as GGUF, the file is truncated or corrupt") as err:
+        open_gguf(path)
+    assert expected.split(": ")[-1] in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_json_with_a_billion_layers_is_one_line(tmp_path: Path) -> None:
+    """config.json's numbers are bounded before a skeleton is built from them (#29: 10^9 layers built until killed)."""
+    from lightning_tune.checkpoint import CheckpointError, load_config
+
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 10**9, "num_attention_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*num_layers must be at most 1,024, got 1,000,000,000"):
+        load_config(tmp_path)

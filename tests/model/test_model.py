@@ -196,6 +196,9 @@ def test_builders_on_meta_allocate_nothing_and_have_published_sizes(builder, exp
         ({"embed_dim": 100, "num_heads": 3}, "divisible by num_heads"),
         ({"num_heads": 4, "num_kv_heads": 3, "embed_dim": 64}, "divisible by num_kv_heads"),
         ({"embed_dim": 12, "num_heads": 4, "num_kv_heads": 4}, "must be even"),
+        ({"num_layers": 10**9}, "num_layers must be at most 1,024, got 1,000,000,000"),
+        ({"vocab_size": 2**40}, "vocab_size must be at most 4,194,304"),
+        ({"head_dim": 2**20}, "head_dim must be at most 2,048"),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
