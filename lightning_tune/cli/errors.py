@@ -22,6 +22,10 @@ class UsageError(ValueError):
     """A mistake in the command line or a config file; printed as one line, exit code 2."""
 
 
+# jsonargparse's KeyError for a key a config *file* gives that no parameter has (on the command line the
+# same key is an ArgumentError); matched by name, as it lives in a private module.
+UNKNOWN_KEY_ERROR = "NSKeyError"
+
 # Lines of jsonargparse's nested error reports that say nothing about the user's mistake.
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>", "Given value", "Problem with given class_path", "tip: For details")
 
@@ -42,7 +46,7 @@ def _is_user_error(err: BaseException) -> bool:
     Lightning's `MisconfigurationException` (e.g. `--trainer.accelerator cuda` without a GPU)."""
     if isinstance(err, (ArgumentError, ValueError, FileNotFoundError)):
         return True
-    return type(err).__name__ == "MisconfigurationException"
+    return type(err).__name__ in ("MisconfigurationException", UNKNOWN_KEY_ERROR)
 
 
 def exit_code(err: BaseException) -> int | None:
@@ -64,6 +68,8 @@ def one_line(err: BaseException) -> str:
         return "interrupted"
     if type(err).__name__ == "DivergenceError":
         return f"error: {err}"
+    if type(err).__name__ == UNKNOWN_KEY_ERROR and err.args:  # str(KeyError) would quote it
+        return f"error: {err.args[0]}: a key no parameter has (check its spelling in the config files; `fit --help` lists every key)"
     text = str(err) if isinstance(err, UsageError) else condense_parse_error(str(err))
     text = text.strip() or type(err).__name__
     return "error: " + " ".join(text.split("\n"))

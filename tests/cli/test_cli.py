@@ -190,6 +190,10 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(tmp_path):
     empty.write_text("# nothing here\n")
     listed = tmp_path / "list.yaml"
     listed.write_text("- trainer\n- model\n")
+    unknown = {section: tmp_path / f"unknown_{section}.yaml" for section in ("top", "data", "trainer", "model")}
+    unknown["top"].write_text("bogus_top: 1\n")
+    for section in ("data", "trainer", "model"):
+        unknown[section].write_text(f"{section}:\n  no_such_{section}_key: 1\n" if section != "model" else "model:\n  init_args:\n    no_such_model_key: 1\n")
     gpu = torch.cuda.is_available()
     cases = [
         ([*TINY_FIT, f"--ckpt_path={random_bytes}"], f"--ckpt_path: {random_bytes} is not a torch checkpoint"),
@@ -198,6 +202,12 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(tmp_path):
         (["fit", "--config", str(syntax)], f"--config: {syntax} line 3, column 2: invalid YAML"),
         (["fit", "--config", str(empty)], f"--config: {empty} is empty"),
         (["validate", "--config", str(listed)], f"--config: {listed} holds a list"),
+        # an unknown key in a config file (jsonargparse raises a KeyError there, not its parse error): one line naming it
+        ([*TINY_FIT, "--config", str(unknown["top"])], "does not accept option 'bogus_top': a key no parameter has"),
+        ([*TINY_FIT, "--config", str(unknown["data"])], "does not accept option 'data.no_such_data_key': a key no parameter has"),
+        ([*TINY_FIT, "--config", str(unknown["trainer"])], "does not accept option 'trainer.no_such_trainer_key': a key no parameter has"),
+        ([*TINY_FIT, "--config", str(unknown["model"])], "no_such_model_key"),
+        (["data", "--config", "tiny_lora.yaml", "--config", str(unknown["data"])], "does not accept option 'no_such_data_key': a key no parameter has"),
         (["generate", "--checkpoint_dir", str(tmp_path / "no_such_dir"), "--prompt", "hi"], f"--checkpoint_dir: {tmp_path / 'no_such_dir'} is not a directory"),
         (["generate", "--checkpoint_dir", str(tmp_path), "--prompt", "hi", "--max_new_tokens", "abc"], "max_new_tokens: Expected a <class 'int'>. Got value: abc"),
         (["export", "--ckpt_path", str(evil), "--format", "onnx", "--output", str(tmp_path / "out")], "format: Expected a typing.Literal"),
