@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_tune.generate.decode import activation_dtype_device, decode_step, install_kv_caches, new_kv_caches
+from lightning_tune.generate.decode import DecodeStep, activation_dtype_device, decode_step, install_kv_caches, new_kv_caches
 from lightning_tune.generate.errors import GenerationError
 from lightning_tune.generate.sampling import sample_next
 from lightning_tune.generate.streaming import TextStreamer
@@ -24,6 +24,10 @@ from lightning_tune.tokenizer.chat_template import render
 
 class ContextFullError(GenerationError):
     """The conversation plus a reply no longer fits the KV cache; the session is unchanged and goes on (or resets)."""
+
+
+# Chat caches grow in blocks of this many slots (and at least double: few sizes, few compiled graphs).
+CACHE_BLOCK = 1024
 
 
 class ChatSession:
@@ -50,14 +54,11 @@ class ChatSession:
         self.device = activation_dtype_device(model)[1]  # not the head's: an int8 head holds codes
         self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
-        # compile: one-token steps run the static-shape step (attention over all max_context slots,
-        # compiled once); prompts still run eagerly, causal over the slots in use.
-        self.step = decode_step(model, 1, self.max_context, compile=True, backend=compile_backend) if compile else None
-        if self.step is not None:
-            self.step.install()
-            self.real = torch.ones(1, self.max_context, dtype=torch.bool, device=self.device)  # no padding in a chat
-        else:
-            install_kv_caches(model, new_kv_caches(model, 1, self.max_context))
+        # The cache holds what the conversation needs (`reserve`), not max_context: a model's context
+        # (128k for Llama 3.1) would take tens of GB for a chat of a few hundred tokens.
+        self.compile, self.compile_backend = compile, compile_backend
+        self.capacity = 0
+        self.step: DecodeStep | None = None
         self.cached: list[int] = []  # ids whose keys/values sit in cache slots 0..len-1
         self.reused = 0  # tokens of the last turn's prompt that came from the cache
         self.reply_ids: list[int] = []  # the last reply's tokens (without the end-of-turn token)
@@ -70,6 +71,7 @@ class ChatSession:
 
     def close(self) -> None:
         self.model.reset_kv_cache()
+        self.capacity, self.cached = 0, []
 
     def prompt_ids(self) -> list[int]:
         """The conversation so far rendered with the generation prompt, as ids."""
@@ -86,6 +88,7 @@ class ChatSession:
         if len(ids) + self.max_new_tokens > self.max_context:
             self.messages.pop()
             raise ContextFullError(f"chat: the conversation ({len(ids)} tokens) plus max_new_tokens ({self.max_new_tokens}) exceeds the context of {self.max_context}; /reset to start over")
+        self.reserve(len(ids) + self.max_new_tokens)
         common = 0
         while common < min(len(ids), len(self.cached)) and ids[common] == self.cached[common]:
             common += 1
@@ -111,6 +114,29 @@ class ChatSession:
         reply = self.tokenizer.decode(new)
         self.messages.append({"role": "assistant", "content": reply})
         return reply
+
+    def reserve(self, needed: int) -> None:
+        """Cache slots for `needed` tokens. The cache grows with the conversation, at least doubling and in
+        blocks of `CACHE_BLOCK` up to `max_context`, keeping the cached turns' keys and values; with
+        `compile`, the static-shape step of each size (one graph per size, a handful in all)."""
+        if needed <= self.capacity:
+            return
+        capacity = min(self.max_context, max(2 * self.capacity, -(-needed // CACHE_BLOCK) * CACHE_BLOCK))
+        old = [layer.self_attn.kv_cache for layer in self.model.model.layers] if self.capacity else []
+        if self.compile:
+            # one-token steps run the static-shape step (attention over all `capacity` slots, compiled
+            # once per size); prompts still run eagerly, causal over the slots in use
+            self.step = decode_step(self.model, 1, capacity, compile=True, backend=self.compile_backend)
+            caches = self.step.caches
+            self.real = torch.ones(1, capacity, dtype=torch.bool, device=self.device)  # no padding in a chat
+        else:
+            caches = new_kv_caches(self.model, 1, capacity)
+        used = len(self.cached)
+        for before, after in zip(old, caches):
+            after.k[:, :, :used] = before.k[:, :, :used]
+            after.v[:, :, :used] = before.v[:, :, :used]
+        install_kv_caches(self.model, caches)
+        self.capacity = capacity
 
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
         """Logits [1, V] after feeding `tokens` into cache slots start, start + 1, ... (causal over the cache)."""

@@ -48,6 +48,34 @@ def test_cached_turns_equal_generation_on_the_whole_conversation(model) -> None:
         assert reply == [t for t in expected if t != tokenizer.eos_id]
 
 
+def test_the_cache_grows_with_the_conversation_not_to_the_models_context() -> None:
+    """A model whose config says 2^20 positions: the cache holds 1024 slots for a short chat (#29: chat sized
+    it from the file's context length, up to terabytes), grows when a turn needs more, keeps the cached turns
+    (the reply still equals generation on the whole conversation with a fresh cache)."""
+    from lightning_tune.model import CausalLM, model_config
+
+    torch.manual_seed(0)
+    big = CausalLM(model_config("tiny_llama2", vocab_size=512, max_seq_len=2**20)).eval()
+    tokenizer = load_tokenizer(DEMO_TOKENIZER)
+    session = ChatSession(big, tokenizer, LLAMA2, max_new_tokens=4)
+    caches = lambda: {layer.self_attn.kv_cache.k.shape[2] for layer in big.model.layers}  # noqa: E731
+    try:
+        session.respond("Remember the word frog.")
+        assert session.capacity == 1024 and caches() == {1024}
+        long = " ".join(["frog"] * 700)
+        session.respond(long)
+        history = list(session.messages[:-1])
+        assert session.capacity == 2048 and caches() == {2048} and session.reused > 0
+        reply = session.reply_ids
+    finally:
+        session.close()
+    text = render(LLAMA2, history, special_tokens=tokenizer.special_tokens, add_generation_prompt=True).text
+    prompt = tokenizer.encode_with_offsets(text, chat=True)[0]
+    assert 1024 < len(prompt) + 4 <= 2048
+    expected = generate(big, [prompt], 4, eos_id=tokenizer.eos_id)[0]
+    assert reply == [t for t in expected if t != tokenizer.eos_id]
+
+
 def test_chat_verb_through_stdin(model, tmp_path: Path) -> None:
     checkpoint = save_hf_checkpoint(model, model.config, tmp_path / "ckpt", tokenizer_path=DEMO_TOKENIZER)
     command = [sys.executable, "-m", "lightning_tune", "chat", "--checkpoint_dir", str(checkpoint), "--chat_template", "llama2", "--max_new_tokens", "4", "--device", "cpu"]
