@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from contextlib import ExitStack
 from pathlib import Path
@@ -254,7 +255,13 @@ def modelfile_text(gguf_name: str, vocab: VocabMetadata) -> str:
 def check_gguf_target(output: Path, modelfile: bool) -> None:
     """One line unless `output` (and, with `modelfile`, the Modelfile beside it) may be written: absent, or
     an export of ours (a GGUF carrying `EXPORT_KEY`, a Modelfile starting with our header). An export
-    never replaces a file it did not write."""
+    never replaces a file it did not write. A directory that is a file, or one we may not write in, is
+    one line too."""
+    where = existing_parent(output.parent)
+    if not where.is_dir():
+        raise GGUFError(f"{output}: {where} is a file, not a directory; name a .gguf in a directory")
+    if not os.access(where, os.W_OK):
+        raise GGUFError(f"{output}: cannot write in {where} (permission denied); name a .gguf in a directory you can write")
     if output.exists():
         try:
             ours = is_gguf(output) and EXPORT_KEY in read_metadata(open_gguf(output)[1])

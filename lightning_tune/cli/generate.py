@@ -25,7 +25,11 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[dic
         path = Path(prompts_file)
         if not path.is_file():
             raise UsageError(f"--prompts_file: {prompts_file} does not exist")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--prompts_file: {prompts_file}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save the file as UTF-8") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             if line.lstrip().startswith("{"):

@@ -127,7 +127,7 @@ def render(
             blocks.append(block)
     except jinja2.TemplateError as error:
         raise ChatTemplateError(f"the chat template failed to render: {_first_line(error)}") from None
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as error:
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, ArithmeticError, RecursionError) as error:  # the template's own arithmetic too (1 / 0, the sandbox's range limit)
         raise ChatTemplateError(f"the chat template failed to render: {type(error).__name__}: {_first_line(error)}") from None
     finally:
         _TRACKING.reset(token)

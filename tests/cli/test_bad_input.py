@@ -67,6 +67,7 @@ def write_inputs(work: Path) -> None:
     (work / "latin1.jsonl").write_bytes('{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"))
     (work / "empty.json").write_text("[]")
     (work / "header.csv").write_text("instruction,input,output\n")
+    (work / "latin1_prompts.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (work / "notes.gguf").write_text("the user's notes, named .gguf")
     (work / "my_models").mkdir()
     (work / "my_models" / "Modelfile").write_text("FROM llama3\nSYSTEM my own prompt\n")
@@ -106,6 +107,10 @@ ROWS = [
      "notes.gguf: exists and is not a GGUF export of lightning_tune; name a new file"),
     ("export gguf beside the user's Modelfile", ["export", "--ckpt_path", CKPT, "--format", "gguf", "--output", "my_models/m.gguf"],
      "Modelfile: exists and was not written by lightning_tune"),
+    ("generate from a non-UTF-8 prompts file", ["generate", "--checkpoint_dir", ".", "--prompts_file", "latin1_prompts.txt"],
+     "--prompts_file: latin1_prompts.txt: not UTF-8 text (byte 0xe9 at offset 3); save the file as UTF-8"),
+    ("export gguf under a file", ["export", "--ckpt_path", CKPT, "--format", "gguf", "--output", "notes.txt/m.gguf"],
+     "notes.txt is a file, not a directory; name a .gguf in a directory"),
     ("fit on a malformed JSONL line", fit("bad.jsonl"), "bad.jsonl: line 2, column 21: not valid JSON (Expecting ',' delimiter)"),
     ("fit on a JSONL line that is not a record", fit("array.jsonl"), "array.jsonl: line 2: expected a JSON object (one record per line), got an array"),
     ("fit on non-UTF-8 text", fit("latin1.jsonl"), "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),

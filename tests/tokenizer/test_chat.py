@@ -223,6 +223,9 @@ def test_setup_checks_name_the_record(llama) -> None:
     failing = "{{ raise_exception('no tools here') }}"
     with pytest.raises(DataError, match=r"record 2: the chat template failed to render: no tools here"):
         encode_conversation(llama, conversation, failing, 512, where="record 2")
+    for arithmetic, raised in (("{{ 1 / 0 }}", "ZeroDivisionError"), ("{% for i in range(10**12) %}{% endfor %}", "OverflowError")):  # #29: tracebacks before
+        with pytest.raises(DataError, match=rf"record 2: the chat template failed to render: {raised}"):
+            encode_conversation(llama, conversation, arithmetic, 512, where="record 2")
     rewriting = "{{ bos_token }}{% for m in messages %}{{ m['content'] | upper }}{{ eos_token }}{% endfor %}"
     with pytest.raises(DataError, match=r"record 2, message 1 \(assistant\): its text does not appear"):
         encode_conversation(llama, conversation, rewriting, 512, where="record 2")
