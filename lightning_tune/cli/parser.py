@@ -285,6 +285,9 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
         def instantiate_classes(self) -> None:
             if instantiate:
                 super().instantiate_classes()
+                check = getattr(self.model, "check_data_module", None)
+                if check is not None:  # before the Trainer saves the config: a refused run writes nothing
+                    check(self.datamodule)
 
         def instantiate_trainer(self, **kwargs: Any):
             from lightning.fabric.utilities.exceptions import MisconfigurationException

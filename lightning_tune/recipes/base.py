@@ -92,6 +92,7 @@ class FinetuneModule(pl.LightningModule):
     # a run with the same values (`on_load_checkpoint`). Recipes add their own; the tuning adds its
     # (`Tuning.checkpoint_keys`).
     CHECKPOINT_KEYS: tuple[str, ...] = ("model_name", "model_args")
+    DATA_MODULES: tuple[type, ...] | None = None  # the data modules whose batches the recipe trains on; None: any
 
     def __init__(
         self,
@@ -250,6 +251,16 @@ class FinetuneModule(pl.LightningModule):
         if self.max_seq_len > context:
             source = self.checkpoint_dir if self.checkpoint_dir is not None else self.model_name
             raise ValueError(f"max_seq_len: {self.max_seq_len} exceeds the model's context length {context} ({source}); lower data.max_seq_len")
+
+    def check_data_module(self, data: object) -> None:
+        """One line when `data` is not of `DATA_MODULES` (a recipe that needs its own kind of batches sets
+        it; None: any). The CLI checks before the run writes anything; `setup` checks for a plain Trainer."""
+        if self.DATA_MODULES and data is not None and not isinstance(data, self.DATA_MODULES):
+            wanted = " or ".join(f"lightning_tune.{cls.__name__}" for cls in self.DATA_MODULES)
+            raise ValueError(f"data: {type(self).__name__} trains on the batches of {wanted}; {type(data).__name__} gives other ones: use {wanted}")
+
+    def setup(self, stage: str) -> None:
+        self.check_data_module(self.trainer.datamodule)
 
     def configure_model(self) -> None:
         """Build on the meta device (allocating nothing), then load or randomly initialise.

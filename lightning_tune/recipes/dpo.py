@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_tune.data import PreferenceDataModule
 from lightning_tune.data.collate import IGNORE_INDEX
 from lightning_tune.model import CausalLM
 from lightning_tune.recipes.base import FinetuneModule
@@ -56,6 +57,7 @@ class DPOFinetune(FinetuneModule):
     """
 
     CHECKPOINT_KEYS = (*FinetuneModule.CHECKPOINT_KEYS, "method")
+    DATA_MODULES = (PreferenceDataModule,)  # chosen and rejected completions of one prompt; a ChatDataModule's samples would train silently
 
     def __init__(
         self,

@@ -67,6 +67,7 @@ def write_inputs(work: Path) -> None:
     (work / "latin1.jsonl").write_bytes('{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"))
     (work / "empty.json").write_text("[]")
     (work / "header.csv").write_text("instruction,input,output\n")
+    (work / "chat_data.yaml").write_text("data:\n  class_path: lightning_tune.ChatDataModule\n  init_args: {source: demo, max_seq_len: 64}\n")
     (work / "latin1_prompts.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (work / "notes.gguf").write_text("the user's notes, named .gguf")
     (work / "my_models").mkdir()
@@ -111,6 +112,9 @@ ROWS = [
      "--prompts_file: latin1_prompts.txt: not UTF-8 text (byte 0xe9 at offset 3); save the file as UTF-8"),
     ("export gguf under a file", ["export", "--ckpt_path", CKPT, "--format", "gguf", "--output", "notes.txt/m.gguf"],
      "notes.txt is a file, not a directory; name a .gguf in a directory"),
+    ("DPO on chat data", ["fit", "--config", "tiny_dpo.yaml", "--config", "chat_data.yaml", "--trainer.default_root_dir", "run", "--trainer.logger", "false",
+                          "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--data.cache_dir", "../datasets"],
+     "data: DPOFinetune trains on the batches of lightning_tune.PreferenceDataModule; ChatDataModule gives other ones"),
     ("fit on a malformed JSONL line", fit("bad.jsonl"), "bad.jsonl: line 2, column 21: not valid JSON (Expecting ',' delimiter)"),
     ("fit on a JSONL line that is not a record", fit("array.jsonl"), "array.jsonl: line 2: expected a JSON object (one record per line), got an array"),
     ("fit on non-UTF-8 text", fit("latin1.jsonl"), "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),

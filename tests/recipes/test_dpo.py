@@ -436,3 +436,17 @@ def test_memory_estimate_counts_both_rows_of_a_pair_and_the_reference_copy() -> 
     precomputed = check(["--config", "tiny_dpo.yaml", "--model.init_args.method=full", "--model.init_args.precompute_reference=true"])
     parameters = full.estimate.parameters
     assert full.estimate.weights - precomputed.estimate.weights == parameters * 4  # fp32: the copy's every parameter
+
+
+def test_dpo_refuses_data_that_is_not_preference_pairs() -> None:
+    """#29: DPO on a ChatDataModule trained silently on single samples. The check runs in `setup` (a plain
+    Trainer) and in the CLI before anything is written (tests/cli/test_bad_input.py)."""
+    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule
+    from lightning_tune.recipes import DPOFinetune, LoRAFinetune
+
+    dpo = DPOFinetune(model_name="tiny_llama2", model_args={"vocab_size": 512})
+    for data in (ChatDataModule(source="demo"), InstructDataModule(source="demo")):
+        with pytest.raises(ValueError, match=rf"^data: DPOFinetune trains on the batches of lightning_tune.PreferenceDataModule; {type(data).__name__} gives other ones"):
+            dpo.check_data_module(data)
+    dpo.check_data_module(PreferenceDataModule(source="demo"))
+    LoRAFinetune(model_name="tiny_llama2", model_args={"vocab_size": 512}).check_data_module(ChatDataModule(source="demo"))  # SFT takes any
