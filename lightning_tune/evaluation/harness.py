@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 from torch import Tensor
 
 from lightning_tune.generate import generate
@@ -418,8 +419,67 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | Sequence[str |
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         bundled = ", ".join(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
-        raise EvalError(f"tasks: unknown task(s) {unknown}; not in lm-eval's tasks, the bundled ones ({bundled}) or --include_path")
+        unreadable = "".join(f"; {problem}" for problem in _unreadable_task_files(paths[1:]))
+        raise EvalError(f"tasks: unknown task(s) {unknown}; not in lm-eval's tasks, the bundled ones ({bundled}) or --include_path{unreadable}")
     return manager
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads a task file's YAML syntax only: lm-eval's own tags (`!function module.name`) become None, nothing is imported."""
+
+
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _unreadable_task_files(folders: Sequence[str]) -> list[str]:
+    """The task YAML files under `folders` that are not YAML, as "FILE: line L: problem" (lm-eval skips
+    them silently, so their task is then reported as unknown)."""
+    problems = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                yaml.load(path.read_text(encoding="utf-8", errors="replace"), Loader=_TaskYamlLoader)
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f"line {mark.line + 1}: " if mark is not None else ""
+                problems.append(f"{path}: {where}not valid YAML ({getattr(error, 'problem', None) or type(error).__name__})")
+    return problems
+
+
+def _entry_file(manager: Any, name: str) -> str:
+    """The YAML file lm-eval's index holds for a task/group/tag name ("" when it has none)."""
+    entry = manager.task_index.get(name)
+    return f" ({entry.yaml_path})" if getattr(entry, "yaml_path", None) else ""
+
+
+def load_tasks(manager: Any, tasks: Sequence[str]) -> list[Any]:
+    """lm-eval's Task/Group objects for `tasks`, each built on its own so that a task file lm-eval
+    cannot build (a template syntax error, an unknown metric or aggregation) is one line naming the
+    task and its file instead of lm-eval's traceback."""
+    from lm_eval.api.group import Group
+
+    built: list[Any] = []
+    for name in tasks:
+        try:
+            loaded = manager.load([name])
+        except (EvalError, ConnectionError):  # ConnectionError: the caller explains --offline
+            raise
+        except Exception as error:  # lm-eval raises whatever its parsing of the user's file raises
+            # lm-eval looks metrics and aggregations up in dicts: a bare KeyError says nothing of where.
+            hint = " (a metric_list entry names a metric or aggregation lm-eval does not know)" if isinstance(error, KeyError) else ""
+            raise EvalError(f"tasks: {name}{_entry_file(manager, name)}: lm-eval cannot build this task: {type(error).__name__}: {_first_line(error)}{hint}") from None
+        for task_name, task in loaded["tasks"].items():
+            bad = sorted(metric for metric, function in task.aggregation().items() if not callable(function))
+            if bad:
+                raise EvalError(f"tasks: {task_name}{_entry_file(manager, task_name)}: metric(s) {bad} have an unknown aggregation (expected e.g. mean, median, perplexity, bleu)")
+        top = loaded["groups"].get(name)
+        built.extend([top] if isinstance(top, Group) else loaded["tasks"].values())
+    return built
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
 
 
 def run_tasks(
@@ -462,9 +522,10 @@ def run_tasks(
     with hub_offline(offline):
         manager = manager or task_manager(tasks, include_path)
         try:
+            built = load_tasks(manager, tasks)
             return lm_eval.simple_evaluate(
                 model=lm,
-                tasks=list(tasks),
+                tasks=built,
                 num_fewshot=num_fewshot,
                 limit=limit,
                 task_manager=manager,

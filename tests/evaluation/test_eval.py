@@ -336,3 +336,33 @@ def test_lora_checkpoint_of_a_random_base_is_refused(tmp_path, capsys):
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, tmp_path / "last.ckpt")
     assert main(["eval", "--ckpt_path", str(tmp_path / "last.ckpt"), "--device", "cpu"]) == 2
     assert "random-init base, which its checkpoints do not store; use the run's merged/" in one_error_line(capsys)
+
+
+# A task file of the user's that lm-eval cannot use: one line naming the task and its file, not
+# lm-eval's traceback (a bad aggregation raised `TypeError: 'NoneType' object is not callable` after
+# the whole evaluation had run; a YAML syntax error made the task "unknown" with no reason).
+TASK = (
+    "task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: 'DATA'}}\ntest_split: test\noutput_type: multiple_choice\n"
+    "doc_to_text: '{{instruction}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: answer\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"metric_list": "\n  - metric: acc\n    aggregation: no_such_aggregation"}, "t.yaml): metric(s) ['acc'] have an unknown aggregation"),
+        ({"metric_list": "\n  - metric: no_such_metric"}, "t.yaml): lm-eval cannot build this task: KeyError: None (a metric_list entry names a metric or aggregation"),
+        ({"output_type": " nonsense"}, "t.yaml): lm-eval cannot build this task: ValueError: Got invalid output_type 'nonsense'"),
+        ({"doc_to_text": " '{% if %}'"}, "t.yaml): lm-eval cannot build this task: TemplateSyntaxError: Expected an expression"),
+        ({"metric_list": " [\n"}, "unknown task(s) ['t']"),
+    ],
+    ids=["aggregation", "metric", "output_type", "template", "yaml_syntax"],
+)
+def test_bad_task_file_is_one_line_naming_it(hf_dir, tmp_path, capsys, network_attempts, change, expected):
+    lines = [line for line in TASK.replace("DATA", str(TASKS_DIR / "demo_choice.jsonl")).splitlines() if line.split(":")[0] not in change]
+    (tmp_path / "t.yaml").write_text("\n".join(lines + [f"{key}:{value}" for key, value in change.items()]) + "\n")
+    assert main(["eval", "--checkpoint_dir", str(hf_dir), "--tasks", "t", "--include_path", str(tmp_path), "--device", "cpu", "--limit", "2"]) == 2
+    line = one_error_line(capsys)
+    assert expected in line and line.startswith("error: tasks: ")
+    if change.get("metric_list") == " [\n":
+        assert f"{tmp_path / 't.yaml'}: line " in line and "not valid YAML" in line
