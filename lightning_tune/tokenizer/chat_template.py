@@ -78,7 +78,19 @@ class Rendered:
 
 def resolve_template(spec: str | None, own: str | None, where: str = "chat_template") -> tuple[str, str]:
     """(template source, a name for it): `spec` None means the tokenizer's own template `own`; else a
-    built-in name, a path to a Jinja file, or a Jinja string (anything containing "{%" or "{{")."""
+    built-in name, a path to a Jinja file, or a Jinja string (anything containing "{%" or "{{").
+
+    The template is compiled here, so a syntax error is reported once, naming the template (its file),
+    before any record is rendered with it."""
+    source, name = _template_source(spec, own, where)
+    try:
+        _compile(source)
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"{where}: {name}: {error}") from None
+    return source, name
+
+
+def _template_source(spec: str | None, own: str | None, where: str) -> tuple[str, str]:
     if spec is None:
         if own is None:
             raise ChatTemplateError(f"{where}: the tokenizer has no chat template; set it to a built-in ({', '.join(sorted(BUILTIN_TEMPLATES))}) or a Jinja file")

@@ -72,6 +72,16 @@ def write_inputs(work: Path) -> None:
     (work / "notes.gguf").write_text("the user's notes, named .gguf")
     (work / "my_models").mkdir()
     (work / "my_models" / "Modelfile").write_text("FROM llama3\nSYSTEM my own prompt\n")
+    (work / "bad.jinja").write_text("{% for m in messages %}{{ m.content }\n{% endfor %}")
+    # A wrong record after good ones: `datasets` types the columns from all records, so the record
+    # number must come from the records themselves (record 3, not 0).
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chats = [{"messages": turns} for _ in range(5)]
+    chats[3] = {"messages": [turns[0], {"role": "assistant", "content": 2}]}
+    (work / "chats.jsonl").write_text("".join(json.dumps(record) + "\n" for record in chats))
+    pairs = [{"prompt": turns[:1], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]} for _ in range(5)]
+    pairs[3] = {**pairs[3], "prompt": "a string among conversations"}
+    (work / "pairs.jsonl").write_text("".join(json.dumps(record) + "\n" for record in pairs))
 
 
 def fit(source: str) -> list[str]:
@@ -81,6 +91,15 @@ def fit(source: str) -> list[str]:
         "--model.model_args", TINY_DEMO_MODEL, "--trainer.max_steps", "1", "--trainer.default_root_dir", "run",
         "--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false",
         "--data.max_seq_len", "64", "--data.cache_dir", "../datasets",  # `datasets`' cache, beside the working directory
+    ]  # fmt: skip
+
+
+def fit_chat(config: str, source: str, template: str = "llama2") -> list[str]:
+    """`fit` of a tiny chat/DPO demo recipe on `source` with `template`; it must stop at the data."""
+    return [
+        "fit", "--config", config, "--data.source", source, "--data.tokenizer_path", str(DEMO_TOKENIZER), "--data.chat_template", template,
+        "--data.max_seq_len", "64", "--model.model_args", TINY_DEMO_MODEL, "--trainer.max_steps", "1", "--trainer.default_root_dir", "run",
+        "--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--data.cache_dir", "../datasets",
     ]  # fmt: skip
 
 
@@ -120,6 +139,14 @@ ROWS = [
     ("fit on non-UTF-8 text", fit("latin1.jsonl"), "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
     ("fit on an empty JSON array", fit("empty.json"), "empty.json: has no records (expected instruction/output records)"),
     ("fit on a CSV with only a header", fit("header.csv"), "header.csv: has no records (expected instruction/output records)"),
+    ("chat template that does not compile", fit_chat("tiny_chat.yaml", "chats.jsonl", "bad.jinja"),
+     "data.chat_template: bad.jinja: the chat template does not compile (line 1: unexpected '}')"),
+    ("DPO template that does not compile", fit_chat("tiny_dpo.yaml", "pairs.jsonl", "bad.jinja"),
+     "data.chat_template: bad.jinja: the chat template does not compile (line 1: unexpected '}')"),
+    ("chat record of the wrong type after good ones", fit_chat("tiny_chat.yaml", "chats.jsonl"),
+     "chats.jsonl: record 3 (counting from 0), message 1 (assistant): content must be a string, got int"),
+    ("string prompt among conversational pairs", fit_chat("tiny_dpo.yaml", "pairs.jsonl"),
+     "pairs.jsonl: record 3 (counting from 0): 'prompt' must be a list of messages like the other records'"),
 ]  # fmt: skip
 
 

@@ -3,6 +3,7 @@ one rendering and equal transformers' assistant masks, built-ins match their ref
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -170,8 +171,15 @@ def test_alpaca_builtin_is_the_alpaca_prompt_and_gives_the_instruct_ids(llama, a
         assert sample["input_ids"] == instruct["input_ids"] and sample["labels"] == instruct["labels"]
 
 
-def test_resolve_template() -> None:
+def test_resolve_template(tmp_path) -> None:
     assert resolve_template("chatml", None) == (CHATML, "built-in 'chatml'")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    # A syntax error is found when the template is chosen and names it, not the first record it renders.
+    with pytest.raises(ChatTemplateError, match=rf"^data\.chat_template: {re.escape(str(broken))}: the chat template does not compile \(line 2: unexpected '}}'\)$"):
+        resolve_template(str(broken), None, where="data.chat_template")
+    with pytest.raises(ChatTemplateError, match=r"^chat_template: the tokenizer's own: the chat template does not compile"):
+        resolve_template(None, "{% if %}")
     assert resolve_template(None, "{{ x }}")[0] == "{{ x }}"
     with pytest.raises(ChatTemplateError, match="has no chat template; set it to a built-in"):
         resolve_template(None, None)
