@@ -63,7 +63,7 @@ class ChatDataModule(TokenizedDataModule):
         Args:
             source: Hugging Face Hub data set name, a local .json/.jsonl/.parquet file, or "demo" for the bundled multi-turn demo.
             chat_template: The tokenizer's own template if not given; else a built-in ("llama2", "chatml", "alpaca"), a Jinja file, or a Jinja string. Source "demo" defaults to "llama2".
-            train_on: Train on "assistant" replies (default), the "last_assistant" reply only, or "all" tokens.
+            train_on: Train on "assistant" replies (default), the "last_assistant" reply only, the "completion" (every token after the prompt, i.e. the last reply and whatever the template writes after it, as TRL trains prompt/completion data), or "all" tokens.
             truncation: "keep_start" (keep the first max_seq_len tokens), "keep_end" (BOS and the last tokens), or "drop" (leave the sample out).
             column_map: Where the fields are: {"messages": column, "role": key, "content": key}; default OpenAI (messages/role/content), or ShareGPT (conversations/from/value) when the data has a conversations column.
             role_map: The data's role names -> system/user/assistant/tool, added to the defaults (human -> user, gpt -> assistant).

@@ -27,7 +27,11 @@ from lightning_tune.data.errors import DataError
 from lightning_tune.tokenizer import TokenizerProtocol, end_of_turn_ids
 from lightning_tune.tokenizer.chat_template import ChatTemplateError, render
 
-TrainOn = Literal["assistant", "last_assistant", "all"]
+# "completion": every token after the prompt, i.e. after where the conversation without its last
+# message, rendered with the generation prompt, stops matching the whole (TRL's rule for conversational
+# prompt/completion and preference data, which also trains what a template writes after the last
+# end-of-turn token, e.g. Qwen's "\n" after <|im_end|>).
+TrainOn = Literal["assistant", "last_assistant", "completion", "all"]
 # How a sample longer than max_seq_len is cut: "keep_start" keeps its first max_seq_len tokens (as
 # torchtune, TRL and axolotl do), "keep_end" keeps BOS and the last tokens (the latest turns), "drop"
 # leaves the sample out. Each is reported once with a count.
@@ -95,6 +99,9 @@ def encode_conversation(
     ids, offsets = tokenizer.encode_with_offsets(text, chat=True)
     if train_on == "all":
         labels = list(ids)
+    elif train_on == "completion":
+        start = completion_start(tokenizer, messages, template, ids, where)
+        labels = [IGNORE_INDEX] * start + list(ids[start:])
     else:
         spans = rendered.generation_spans or _reply_spans(text, messages, tokenizer, where)
         if train_on == "last_assistant":
@@ -120,6 +127,25 @@ def encode_conversation(
             keep = False
         keep = keep and any(label != IGNORE_INDEX for label in labels)
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "keep": keep}
+
+
+def completion_start(tokenizer: TokenizerProtocol, messages: Sequence[Mapping[str, Any]], template: str, ids: Sequence[int], where: str = "conversation") -> int:
+    """Where the completion (the last message and what the template writes after it) starts in `ids`, the
+    encoded whole conversation: the length of the common prefix of `ids` and the ids of the conversation
+    without its last message rendered with the generation prompt, as TRL 1.16's DPO/SFT tokenisation
+    finds it (the two usually agree up to the whole prompt; a template that renders the prompt alone
+    differently moves the start back to where they diverge)."""
+    try:
+        prompt = render(template, messages[:-1], special_tokens=tokenizer.special_tokens, add_generation_prompt=True).text
+    except ChatTemplateError as error:
+        raise DataError(f"{where}: {error}") from None
+    prompt_ids = tokenizer.encode_with_offsets(prompt, chat=True)[0]
+    start = 0
+    for ours, theirs in zip(ids, prompt_ids):
+        if ours != theirs:
+            break
+        start += 1
+    return start
 
 
 def _check_bos(ids: Sequence[int], bos_id: int, written: int, name: str, where: str) -> None:

@@ -4,7 +4,9 @@ A pair becomes two samples, prompt + chosen and prompt + rejected, each encoded 
 modules encode a sample, so a DPO run sees the ids an SFT run on the same text would: string pairs
 through the prompt template and `encode_sample` (BOS + prompt + completion + EOS, as TRL appends EOS
 to string completions), conversational pairs (the prompt a list of messages, chosen / rejected one
-assistant reply each) through the chat template and `encode_conversation` (the last reply trained).
+assistant reply each) through the chat template and `encode_conversation`, trained from where the prompt ends to the end of
+the rendering as TRL 1.16 trains it (the reply, its end-of-turn token and whatever the template writes
+after it, such as Qwen's "\n" after <|im_end|>).
 The prompt is masked (labels -100). A batch is [chosen rows; rejected rows], right-padded: one
 forward scores both sides of every pair (`collate_pairs`).
 """
@@ -69,7 +71,7 @@ def _encode_pair(
             if not isinstance(values["prompt"], (list, tuple)):
                 raise DataError(f"{where}: 'prompt' must be a list of messages like the other records' (conversational pairs), got {type(values['prompt']).__name__}")
             messages = normalize_messages([*values["prompt"], *_assistant_reply(values[side], f"{where}, {side!r}")], DEFAULT_ROLE_MAP, OPENAI_COLUMNS, where)
-            sample = encode_conversation(tokenizer, messages, chat_template, max_seq_len, "last_assistant", "keep_start", where)
+            sample = encode_conversation(tokenizer, messages, chat_template, max_seq_len, "completion", "keep_start", where)
         else:
             if not all(isinstance(values[field], str) for field in ("prompt", side)):
                 raise DataError(f"{where}: 'prompt' and {side!r} must both be strings, or the prompt a list of messages (conversational pairs)")
@@ -78,6 +80,11 @@ def _encode_pair(
             raise DataError(f"{where}: the prompt fills all max_seq_len={max_seq_len} tokens, leaving nothing of {side!r}; raise max_seq_len or shorten the prompt")
         out[f"{side}_input_ids"], out[f"{side}_labels"] = sample["input_ids"], sample["labels"]
         out["truncated"] = out["truncated"] or sample["truncated"]
+    if conversational:  # as TRL: the completion starts where the prompt stops matching either side
+        start = min(next(i for i, label in enumerate(out[f"{side}_labels"]) if label != IGNORE_INDEX) for side in SIDES)
+        for side in SIDES:
+            ids = out[f"{side}_input_ids"]
+            out[f"{side}_labels"] = [IGNORE_INDEX] * start + list(ids[start:])
     return out
 
 
@@ -94,7 +101,7 @@ class PreferenceDataModule(TokenizedDataModule):
 
     record_kind = "prompt/chosen/rejected records"
     demo_data: Path = DEMO_PREFERENCES
-    encoding_version = 2  # 2: each pair carries its pair_index
+    encoding_version = 3  # 2: each pair carries its pair_index; 3: conversational completions run to the end (TRL's rule)
     rows_per_sample = 2  # a pair is two rows of a batch (memory estimates count rows)
 
     def __init__(

@@ -289,7 +289,7 @@ def test_conversational_pairs_mask_the_prompt_and_train_the_reply(tmp_path: Path
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4  # [chosen 0, chosen 1, rejected 0, rejected 1]
     for row, (pair, side) in enumerate([(pairs[0], "chosen"), (pairs[1], "chosen"), (pairs[0], "rejected"), (pairs[1], "rejected")]):
-        want = encode_conversation(data.tokenizer, [*pair["prompt"], *pair[side]], _llama2(), 64, "last_assistant")
+        want = encode_conversation(data.tokenizer, [*pair["prompt"], *pair[side]], _llama2(), 64, "completion")
         n = len(want["input_ids"])
         assert batch["input_ids"][row, :n].tolist() == want["input_ids"]
         assert batch["labels"][row, :n].tolist() == want["labels"]

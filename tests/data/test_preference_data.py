@@ -1,0 +1,62 @@
+"""Conversational preference pairs are tokenised as TRL 1.16's DPOTrainer tokenises them: the prompt
+rendered with the generation prompt, prompt + chosen / rejected rendered whole, and the completion
+every token after their common prefix, so what a template writes after the last end-of-turn token
+(Qwen 3's "\\n" after <|im_end|>) is trained as TRL trains it (issue 29: TRL's loss differed by 4.6e-3
+relative and LoRA gradients by up to 27% while we masked it)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import asset
+
+from lightning_tune.data import PreferenceDataModule
+from lightning_tune.data.collate import IGNORE_INDEX
+
+transformers = pytest.importorskip("transformers")
+trl_data = pytest.importorskip("trl.data_utils")
+
+PAIRS = [
+    {"prompt": [{"role": "user", "content": "Add 2 and 3."}], "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "I do not know."}]},
+    {
+        "prompt": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Red."},
+            {"role": "user", "content": "Another one?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
+]
+
+
+def trl_tokenized(tokenizer, pair: dict) -> dict[str, list[int]]:
+    """TRL 1.16 DPOTrainer's `tokenize_fn` for a conversational pair (dpo_trainer.py), with TRL's own helpers."""
+    prompt_ids = trl_data._tokenize(tokenizer, pair["prompt"], add_generation_prompt=True)["input_ids"]
+    chosen = trl_data._tokenize(tokenizer, pair["prompt"] + pair["chosen"])["input_ids"]
+    rejected = trl_data._tokenize(tokenizer, pair["prompt"] + pair["rejected"])["input_ids"]
+    start = min(trl_data.common_prefix_length(prompt_ids, chosen), trl_data.common_prefix_length(prompt_ids, rejected))
+    return {"prompt": prompt_ids[:start], "chosen": chosen[start:], "rejected": rejected[start:]}
+
+
+@pytest.mark.parametrize("name", ["qwen3_tokenizer", "llama3_1_tokenizer"])
+def test_conversational_pairs_train_what_trl_trains(name: str, tmp_path: Path) -> None:
+    folder = asset(name)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
+    data = PreferenceDataModule(source=str(source), tokenizer_path=str(folder), max_seq_len=256, val_size=0, cache_dir=str(tmp_path / "cache"))
+    data.setup("fit")
+    reference = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    rows = {int(sample["pair_index"]): sample for sample in data.train_dataset}
+    assert sorted(rows) == list(range(len(PAIRS)))
+    trailing = 0
+    for index, pair in enumerate(PAIRS):
+        theirs = trl_tokenized(reference, pair)
+        for side in ("chosen", "rejected"):
+            ids, labels = list(rows[index][f"{side}_input_ids"]), list(rows[index][f"{side}_labels"])
+            assert ids == theirs["prompt"] + theirs[side], (name, index, side)
+            assert labels == [IGNORE_INDEX] * len(theirs["prompt"]) + theirs[side], (name, index, side)
+            trailing += reference.decode(theirs[side]).endswith("<|im_end|>\n")
+    # Qwen 3's template ends every turn with "<|im_end|>\n": the test covers the case that differed.
+    assert trailing == (2 * len(PAIRS) if name == "qwen3_tokenizer" else 0)
