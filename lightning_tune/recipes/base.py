@@ -45,6 +45,16 @@ def check_path(key: str, path: str | None, kind: str) -> None:
         raise ValueError(f"{key}: {kind} {path!r} does not exist")
 
 
+class TokenMeanGradients(pl.Callback):
+    """Turns the step's accumulated gradients into per-token means (`FinetuneModule.scale_gradients`)
+    in `on_before_optimizer_step`. The recipe puts it first among the trainer's callbacks, because
+    Lightning runs every callback's `on_before_optimizer_step` before the module's own: a user's
+    callback that logs or inspects gradients there then sees the gradients the optimiser steps with."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        pl_module.scale_gradients()
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint saved with other shape-deciding settings than the run resuming it; one line."""
 
@@ -177,6 +187,7 @@ class FinetuneModule(pl.LightningModule):
         self._step_tokens = torch.zeros((), dtype=torch.long)
         self._step_started = 0.0
         self._step_seen_tokens = 0
+        self._step_scaled = False  # scale_gradients ran for the step in progress
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -261,6 +272,8 @@ class FinetuneModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_data_module(self.trainer.datamodule)
+        if not any(isinstance(callback, TokenMeanGradients) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.insert(0, TokenMeanGradients())  # first: see its docstring
 
     def configure_model(self) -> None:
         """Build on the meta device (allocating nothing), then load or randomly initialise.
@@ -405,15 +418,25 @@ class FinetuneModule(pl.LightningModule):
         if not self._step_started:  # first micro-batch of an optimiser step
             self._step_started = time.perf_counter()
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged
-        # over ranks: undo both and divide by the step's labelled tokens over all ranks instead.
+    def scale_gradients(self) -> None:
+        """Once per optimiser step, before any callback sees the gradients (`TokenMeanGradients`):
+        Lightning divided each micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged over
+        ranks; undo both and divide by the step's labelled tokens (the recipe's count: pairs for DPO)
+        over all ranks instead."""
+        if self._step_scaled:
+            return
         tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
-        loss_sum = self.trainer.strategy.reduce(self._step_loss_sum.float(), reduce_op="sum")
         scale = float(self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1))
         for param in self.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)  # a Python float: also valid for FSDP2's sharded (DTensor) gradients
+        self._step_scaled = True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the step (the gradients are already per-token means: `scale_gradients`)."""
+        self.scale_gradients()  # a no-op when the callback ran; here for trainers set up without `setup`
+        tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
+        loss_sum = self.trainer.strategy.reduce(self._step_loss_sum.float(), reduce_op="sum")
         elapsed = time.perf_counter() - self._step_started
         self.log_dict(
             {
@@ -431,6 +454,7 @@ class FinetuneModule(pl.LightningModule):
         self._step_tokens = torch.zeros_like(self._step_tokens)
         self._step_seen_tokens = 0
         self._step_started = 0.0
+        self._step_scaled = False
 
     # Evaluation: summed loss and label count over the epoch, reduced over ranks, then divided, so
     # the logged loss is per token over the whole set whatever the batch or process count.

@@ -59,6 +59,29 @@ def test_accumulated_gradient_equals_one_big_batch(recipe_cls, kwargs):
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+class GradientsSeenByACallback(pl.Callback):
+    """A user's callback reading the gradients where Lightning users log gradient norms."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def test_callbacks_see_the_gradients_the_optimiser_steps_with():
+    """Lightning runs callbacks' on_before_optimizer_step before the module's; the per-token scaling runs
+    first anyway (issue 29: a callback saw gradients times the step's token count), with accumulation."""
+    batches = [pad(SAMPLES[:2]), pad(SAMPLES[2:])]
+    seen = GradientsSeenByACallback()
+    torch.manual_seed(0)
+    module = LoRAFinetune(model_name="tiny_llama2", model_args=TINY, export=False, lora_dropout=0.0)
+    trainer(accumulate_grad_batches=2, callbacks=[seen]).fit(module, DataLoader(batches, batch_size=None))
+    want = captured_grads(LoRAFinetune, batches, accumulate=2, lora_dropout=0.0)
+    assert seen.grads.keys() == want.keys() and want
+    for name in want:
+        torch.testing.assert_close(seen.grads[name], want[name], rtol=1e-6, atol=0, msg=name)
+    tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+    assert tokens > 2  # unscaled gradients would differ from these by this factor over accumulate_grad_batches
+
+
 def test_naive_mean_of_means_would_differ():
     """Guard that the test above can fail: the two micro-batches carry very different token counts."""
     tokens = [int((pad(SAMPLES[:2])["labels"][:, 1:] != -100).sum()), int((pad(SAMPLES[2:])["labels"][:, 1:] != -100).sum())]
