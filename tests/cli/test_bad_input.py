@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
 from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
@@ -24,6 +25,8 @@ from lightning_tune.recipes import LoRAFinetune
 from lightning_tune.training.callbacks import AtomicCheckpointIO
 
 TINY_DEMO_MODEL = json.dumps({**TINY, "vocab_size": 512})  # the demo tokenizer's vocabulary
+HF_TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}  # fmt: skip
 
 
 class Payload:
@@ -72,6 +75,11 @@ def write_inputs(work: Path) -> None:
     (work / "notes.gguf").write_text("the user's notes, named .gguf")
     (work / "my_models").mkdir()
     (work / "my_models" / "Modelfile").write_text("FROM llama3\nSYSTEM my own prompt\n")
+    (work / "damaged").mkdir()  # an HF directory whose model.safetensors was cut off mid-download
+    (work / "damaged" / "config.json").write_text(json.dumps(HF_TINY))
+    save_file({"model.embed_tokens.weight": torch.zeros(HF_TINY["vocab_size"], HF_TINY["hidden_size"])}, work / "damaged" / "model.safetensors")
+    whole = (work / "damaged" / "model.safetensors").read_bytes()
+    (work / "damaged" / "model.safetensors").write_bytes(whole[: len(whole) // 2])
     (work / "bad.jinja").write_text("{% for m in messages %}{{ m.content }\n{% endfor %}")
     # A wrong record after good ones: `datasets` types the columns from all records, so the record
     # number must come from the records themselves (record 3, not 0).
@@ -134,6 +142,8 @@ ROWS = [
     ("DPO on chat data", ["fit", "--config", "tiny_dpo.yaml", "--config", "chat_data.yaml", "--trainer.default_root_dir", "run", "--trainer.logger", "false",
                           "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--data.cache_dir", "../datasets"],
      "data: DPOFinetune trains on the batches of lightning_tune.PreferenceDataModule; ChatDataModule gives other ones"),
+    ("generate from a truncated model.safetensors", ["generate", "--checkpoint_dir", "damaged", "--prompt", "hi", "--tokenizer_path", str(DEMO_TOKENIZER)],
+     "model.safetensors: cannot read as safetensors"),
     ("fit on a malformed JSONL line", fit("bad.jsonl"), "bad.jsonl: line 2, column 21: not valid JSON (Expecting ',' delimiter)"),
     ("fit on a JSONL line that is not a record", fit("array.jsonl"), "array.jsonl: line 2: expected a JSON object (one record per line), got an array"),
     ("fit on non-UTF-8 text", fit("latin1.jsonl"), "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
