@@ -5,10 +5,12 @@ Importable by the `python -m lightning_tune fit` subprocesses (the tests put thi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -114,6 +116,23 @@ def fit_args(root: Path, version: str, *, max_steps: int = 8, plugin: str | None
     if plugin is not None:
         args += ["--trainer.plugins", plugin]
     return args + list(extra)
+
+
+def run_fits(*runs: tuple[list[str], bool], timeout: float = 1800, cwd: Path | None = None) -> None:
+    """Independent `run_fit`s (ARGS, killed) at the same time: each is single-threaded, so on 2 cores two
+    fits take about the time of one (a kill-and-resume test runs its uninterrupted run beside the first
+    interrupted one). Outputs go to files, not pipes, so no process blocks on a full pipe."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    with contextlib.ExitStack() as stack:
+        started = []
+        for args, killed in runs:
+            err = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
+            started.append((subprocess.Popen([sys.executable, "-m", "lightning_tune", *args], env=env, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=cwd), err, killed))
+        for proc, err, killed in started:
+            code = proc.wait(timeout=timeout)
+            err.seek(0)
+            expected = -signal.SIGKILL if killed else 0
+            assert code == expected, f"exit {code}, expected {expected}\n{err.read()[-3000:]}"
 
 
 def run_fit(args: list[str], *, killed: bool = False, timeout: float = 1800, cwd: Path | None = None) -> subprocess.CompletedProcess:

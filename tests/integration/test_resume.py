@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_helpers import fit_args, run_fit
+from kill_helpers import fit_args, run_fit, run_fits
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
@@ -41,12 +41,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path,
     optimiser and scheduler state as the uninterrupted run."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     shape = ["--trainer.limit_train_batches", str(epoch_batches), "--trainer.val_check_interval", str(val_every)]
-    run_fit(fit_args(straight, "run", extra=shape), cwd=tmp_path)
     last = broken / "checkpoints" / "last.ckpt"
     losses: dict[int, str] = {}
     for i, step in enumerate(kills):
         resume = ["--ckpt_path", "last"] if i else []
-        run_fit(fit_args(broken, f"run{i}", extra=shape + resume + ["--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", str(step)]), killed=True, cwd=tmp_path)
+        killed = (fit_args(broken, f"run{i}", extra=shape + resume + ["--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", str(step)]), True)
+        run_fits(*([(fit_args(straight, "run", extra=shape), False)] if i == 0 else []), killed, cwd=tmp_path)  # the uninterrupted run beside the first
         assert load_training_checkpoint(last)["global_step"] == step
         assert not (broken / "adapter").exists()  # killed: fit never reached its export
         got = train_losses(broken, f"run{i}")

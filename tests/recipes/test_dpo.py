@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 from hf_helpers import tiny_hf_llama, write_tiny_tokenizer  # noqa: E402
-from kill_helpers import run_fit  # noqa: E402
+from kill_helpers import run_fit, run_fits  # noqa: E402
 
 from lightning_tune.data import DataError, PreferenceDataModule  # noqa: E402
 from lightning_tune.layers.lora import disable_adapters, lora_modules  # noqa: E402
@@ -230,8 +230,11 @@ def test_killed_and_resumed_dpo_run_equals_uninterrupted(tmp_path: Path) -> None
         ]  # fmt: skip
 
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_fit([*args(straight), "--trainer.logger.version", "run"], cwd=tmp_path)
-    run_fit([*args(broken), "--trainer.logger.version", "a", "--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", "3"], killed=True, cwd=tmp_path)
+    run_fits(
+        ([*args(straight), "--trainer.logger.version", "run"], False),
+        ([*args(broken), "--trainer.logger.version", "a", "--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", "3"], True),
+        cwd=tmp_path,
+    )
     run_fit([*args(broken), "--trainer.logger.version", "b", "--ckpt_path", "last"], cwd=tmp_path)
     keys = ("train_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies")
 

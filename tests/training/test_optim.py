@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from kill_helpers import fit_args, run_fit
+from kill_helpers import fit_args, run_fit, run_fits
 from tiny_helpers import TINY, batches
 from torch.utils.data import DataLoader
 
@@ -293,8 +293,10 @@ def test_resume_restores_a_non_default_optimiser_and_schedule_exactly(tmp_path):
         "0",
     ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_fit(fit_args(straight, "run", max_steps=6, extra=choice))
-    run_fit(fit_args(broken, "run", max_steps=6, extra=[*choice, "--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", "3"]), killed=True)
+    run_fits(
+        (fit_args(straight, "run", max_steps=6, extra=choice), False),
+        (fit_args(broken, "run", max_steps=6, extra=[*choice, "--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", "3"]), True),
+    )
     run_fit(fit_args(broken, "resumed", max_steps=6, extra=[*choice, "--ckpt_path", "last"]))
     assert {**train_losses(broken, "run"), **train_losses(broken, "resumed")} == train_losses(straight, "run")
     a, b = load_training_checkpoint(straight / "checkpoints" / "last.ckpt"), load_training_checkpoint(broken / "checkpoints" / "last.ckpt")
