@@ -33,6 +33,11 @@ VERBS: dict[str, Verb] = {
     "export": Verb("lightning_tune.cli.export:main", "export", "write a PEFT adapter, a Hugging Face directory or a GGUF file from a .ckpt"),
     "eval": Verb("lightning_tune.cli.eval:main", "eval", "lm-evaluation-harness scores of a checkpoint (--tasks lightning_tune: the bundled offline demo)"),
     "download": Verb("lightning_tune.cli.download:main", "download REPO_ID", "fetch a Hugging Face checkpoint (weights, config, tokenizer only)"),
+    "import-config": Verb(
+        "lightning_tune.cli.import_config:main",
+        "import-config torchtune FILE",
+        "translate a torchtune 0.6 recipe config into ours (-o OUT.yaml); what has no equivalent is listed, one line per key",
+    ),
     "ls": Verb("lightning_tune.cli.files:ls", "ls", "list the recipes and the configs (bundled, $LIGHTNING_TUNE_CONFIG_PATH, installed packages)"),
     "cp": Verb("lightning_tune.cli.files:cp", "cp NAME DEST", "copy a config to DEST for editing"),
 }
