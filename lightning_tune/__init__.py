@@ -29,7 +29,10 @@ _EXPORTS = {
     "FullFinetune": "lightning_tune.recipes",
     "LoRAFinetune": "lightning_tune.recipes",
     "DPOFinetune": "lightning_tune.recipes",
+    "GRPOFinetune": "lightning_tune.recipes",
+    "grpo_loss": "lightning_tune.training.grpo",
     "PreferenceDataModule": "lightning_tune.data",
+    "PromptDataModule": "lightning_tune.data",
     "InstructDataModule": "lightning_tune.data",
     "ChatDataModule": "lightning_tune.data",
     "LMEvalCallback": "lightning_tune.evaluation.callback",
@@ -40,12 +43,13 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from lightning_tune.checkpoint import from_pretrained
     from lightning_tune.cli.check import check_config
-    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule
+    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule, PromptDataModule
     from lightning_tune.evaluation.callback import LMEvalCallback
     from lightning_tune.layers.onednn import use_onednn_linears_
     from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
-    from lightning_tune.recipes import DPOFinetune, FullFinetune, LoRAFinetune
+    from lightning_tune.recipes import DPOFinetune, FullFinetune, GRPOFinetune, LoRAFinetune
     from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+    from lightning_tune.training.grpo import grpo_loss
 
 
 def __getattr__(name: str) -> Any:

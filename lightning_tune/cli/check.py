@@ -65,7 +65,9 @@ def shrink_args(resolved: dict[str, Any]) -> list[str]:
     init = (resolved.get("model") or {}).get("init_args") or {}
     size_key = "model_name" if "model_name" in init else "model"
     named = [] if init.get(size_key) else [f"--model.init_args.{size_key}=tiny_llama2"]
-    return [*SHRINK, *named]
+    # A sampling recipe (GRPO) decodes max_completion_len tokens per rollout: a few are enough to check it runs.
+    rollouts = ["--model.init_args.max_completion_len=8", "--model.init_args.num_generations=2"] if "max_completion_len" in init else []
+    return [*SHRINK, *named, *rollouts]
 
 
 def check_config(path: str | Path, *overrides: str, root: str | Path | None = None) -> ConfigCheck:

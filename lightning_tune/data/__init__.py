@@ -8,6 +8,7 @@ from lightning_tune.data.conversation import encode_conversation
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import InstructDataModule, encode_sample
 from lightning_tune.data.preference import PreferenceDataModule
+from lightning_tune.data.prompts import PromptDataModule
 from lightning_tune.data.sampler import LengthGroupedSampler
 from lightning_tune.data.templates import PromptTemplate, get_template
 
@@ -18,6 +19,7 @@ __all__ = [
     "InstructDataModule",
     "LengthGroupedSampler",
     "PreferenceDataModule",
+    "PromptDataModule",
     "PromptTemplate",
     "TokenizedDataModule",
     "collate",
