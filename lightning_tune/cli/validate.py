@@ -194,9 +194,13 @@ def check(argv: list[str]) -> Check:
     config = model.model_config()  # the checkpoint's config.json, else the named size: no weights read
     strategy, wrapped = strategy_of(trainer)
     precision = str(trainer.get("precision") or "32")
+    rows, seq_len = data.batch_size * getattr(data, "rows_per_sample", 1), min(data.max_seq_len, config.max_seq_len)  # a DPO pair is two rows
+    if hasattr(model, "train_batch_shape"):  # a recipe that trains on what it samples (GRPO: G completions per prompt)
+        rows, seq_len = model.train_batch_shape(data.batch_size, data.max_seq_len)
+        seq_len = min(seq_len, config.max_seq_len)
     settings = dict(
-        batch_size=data.batch_size * getattr(data, "rows_per_sample", 1),  # a DPO pair is two rows
-        seq_len=min(data.max_seq_len, config.max_seq_len),
+        batch_size=rows,
+        seq_len=seq_len,
         precision="32" if precision in ("32-true", "32", "32.0") else precision,
         activation_checkpointing=bool(model.activation_checkpointing),
         strategy=strategy,
@@ -230,7 +234,8 @@ def main(argv: list[str]) -> int:
         print("error: model_name: null needs an existing checkpoint_dir to read the architecture from; cannot estimate memory", file=sys.stderr)
         return 2
     model, s = result.model, result.settings
-    rows = f" pairs ({s['batch_size']} rows)" if s["batch_size"] != result.data.batch_size else ""
+    unit = "prompts" if hasattr(result.model, "train_batch_shape") else "pairs"  # GRPO's rows are G completions per prompt
+    rows = f" {unit} ({s['batch_size']} rows)" if s["batch_size"] != result.data.batch_size else ""
     print(f"recipe                {type(model).__name__} ({model.model_name or model.checkpoint_dir})")
     print(
         f"run                   batch_size {result.data.batch_size}{rows} x max_seq_len {s['seq_len']}, precision {s['precision']}, "

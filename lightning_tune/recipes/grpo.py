@@ -198,6 +198,12 @@ class GRPOFinetune(FinetuneModule):
         """Whether a frozen copy of the model is held as the reference (memory estimates count it)."""
         return self.beta > 0 and self.reference.keeps_copy
 
+    def train_batch_shape(self, batch_size: int, max_seq_len: int) -> tuple[int, int]:
+        """(rows, tokens per row) of the largest training forward, for memory estimates (`validate`): each
+        prompt's num_generations completions, as long as the longest prompt plus max_completion_len. The
+        rollouts' KV cache (no gradients) is smaller than that forward's saved activations."""
+        return batch_size * self.num_generations, max_seq_len + self.max_completion_len
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self.load_reward_funcs()

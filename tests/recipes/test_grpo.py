@@ -335,3 +335,14 @@ def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(tmp_path: Path)
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     module = load_recipe_from_checkpoint(tmp_path / "edited.ckpt", need_base=False)
     assert isinstance(module, GRPOFinetune) and "no_such_module_xyz" not in sys.modules
+
+
+def test_validate_counts_every_completion_of_a_step() -> None:
+    """The memory estimate's batch is batch_size prompts x num_generations completions, each as long as the
+    longest prompt plus max_completion_len (the shape GRPO trains on), not batch_size rows of max_seq_len."""
+    from lightning_tune.cli.validate import check
+
+    result = check(["--config", "grpo_qwen3_8b_lora.yaml", "--model.init_args.num_generations", "4", "--data.init_args.batch_size", "3"])
+    assert result.settings["batch_size"] == 3 * 4
+    assert result.settings["seq_len"] == 256 + 256  # data.max_seq_len + max_completion_len in that config
+    assert [p for p in result.problems if "does not exist" not in p] == []
