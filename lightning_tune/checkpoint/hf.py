@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_tune.checkpoint.tensors import Entry, check_entries, first_names, load_state_dict_file
+from lightning_tune.checkpoint.tensors import Entry, check_entries, first_names, fuse_split, load_state_dict_file, split_fused
+from lightning_tune.families import hf_mapping
 from lightning_tune.families.config import ModelConfig
 from lightning_tune.families.hf_config import config_from_hf, config_to_hf
 from lightning_tune.io.files import CheckpointError, atomic_directory, check_disk_space, check_export_target, existing_parent, read_json, require
@@ -27,6 +28,20 @@ from lightning_tune.tokenizer.gguf import hf_tokenizer_dir
 from lightning_tune.tokenizer.load import load_tokenizer, tokenizer_files
 
 HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer old transformers versions saved
+# Multimodal checkpoints (Gemma 3 4B+, Mistral 3): their text decoder's names -> ours; the vision parts are not loaded.
+MULTIMODAL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.", "language_model.lm_head.": "lm_head."}
+MULTIMODAL_SKIPPED = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def text_decoder_key(key: str) -> str | None:
+    """A checkpoint key as our model names it: a multimodal wrapper's text weights renamed, its vision
+    weights None (skipped); any other key as it is."""
+    if key.startswith(MULTIMODAL_SKIPPED):
+        return None
+    for prefix, ours in MULTIMODAL_PREFIXES.items():
+        if key.startswith(prefix):
+            return ours + key[len(prefix) :]
+    return key
 
 
 def load_hf_config(path: Path) -> tuple[ModelConfig, bool]:
@@ -59,13 +74,13 @@ def hf_entries(path: Path, stack: ExitStack) -> list[Entry]:
             except Exception as err:  # noqa: BLE001
                 raise CheckpointError(f"{file}: cannot read as safetensors ({err})") from None
             for key in handle.keys():
-                if not key.endswith(HF_IGNORED_SUFFIX):
+                if not key.endswith(HF_IGNORED_SUFFIX) and text_decoder_key(key) is not None:
                     shape = tuple(handle.get_slice(key).get_shape())
-                    entries.append(Entry(key, shape, file, lambda h=handle, k=key: h.get_tensor(k)))
+                    entries.append(Entry(text_decoder_key(key), shape, file, lambda h=handle, k=key: h.get_tensor(k)))
         else:
             for key, tensor in load_state_dict_file(file).items():
-                if not key.endswith(HF_IGNORED_SUFFIX):
-                    entries.append(Entry(key, tuple(tensor.shape), file, lambda t=tensor: t))
+                if not key.endswith(HF_IGNORED_SUFFIX) and text_decoder_key(key) is not None:
+                    entries.append(Entry(text_decoder_key(key), tuple(tensor.shape), file, lambda t=tensor: t))
     return entries
 
 
@@ -90,6 +105,7 @@ def save_hf_checkpoint(
     max_shard_size: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
     tokenizer_path: str | Path | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a transformers-loadable directory of the config's family atomically; returns its path.
 
@@ -99,7 +115,10 @@ def save_hf_checkpoint(
     files, `tokenizer.tokenizer_files`). Special token ids come from that tokenizer when it is a
     tokenizer.json (its config and generation_config), else from the family (`families/`).
     Tied embeddings write no `lm_head.weight`, as transformers does. A LoRA model must be merged
-    first (`lora.merge_lora`) or saved with `save_peft_adapter`.
+    first (`lora.merge_lora`) or saved with `save_peft_adapter`. `chat_template` (the Jinja source a
+    run's chat data was rendered with) is written as transformers 5 saves one, `chat_template.jinja`,
+    over the tokenizer's own (taken out of a copied tokenizer_config.json), so `chat`, `generate
+    --template chat` and transformers' `apply_chat_template` render conversations as the run trained.
     """
     output_dir = Path(output_dir).expanduser().absolute()
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
@@ -122,6 +141,8 @@ def save_hf_checkpoint(
     generation = {k: config_json[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config_json.get(k) is not None}
 
     tensors = {key: state[key].detach() for key in expected}  # our canonical order: shards hold layers in sequence
+    if hf_mapping(config.model_type).fused_projections:  # Phi-3: q/k/v and gate/up joined as transformers holds them
+        tensors = fuse_split(tensors, config)
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
         raise CheckpointError(f"{output_dir}: {first_names(meta)} are on the meta device (never loaded); nothing to save")
@@ -153,9 +174,23 @@ def save_hf_checkpoint(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for source, name in tokenizer_copies:
             shutil.copyfile(source, tmp / name)
+        if chat_template is not None:
+            write_chat_template(tmp, chat_template)
         (tmp / "config.json").write_text(json.dumps(config_json | {"torch_dtype": str(out_dtype).removeprefix("torch.")}, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")  # after the copies: ours wins
     return output_dir
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """`template` as the folder's chat template, as transformers 5's `save_pretrained` writes one:
+    `chat_template.jinja`, and no `chat_template` left in tokenizer_config.json to disagree with it."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        config = read_json(config_file)
+        if "chat_template" in config:
+            del config["chat_template"]
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _export_tokenizer(tokenizer_path: str | Path | None, config: ModelConfig) -> tuple[list[tuple[Path, str]], dict | None]:
@@ -196,4 +231,5 @@ def read_config(path: Path) -> tuple[ModelConfig, bool]:
 
 
 def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entry]:
-    return hf_entries(path, stack)
+    entries = hf_entries(path, stack)
+    return split_fused(entries, config) if hf_mapping(config.model_type).fused_projections else entries

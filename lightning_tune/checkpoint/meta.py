@@ -1,4 +1,5 @@
-"""Meta's consolidated.*.pth + params.json: keys, model-parallel shards merged, the rotary permutation undone."""
+"""Meta's consolidated.*.pth + params.json (Llama 2, and Llama 3.x's original/ folders): keys, model-parallel
+shards merged, the rotary permutation undone, Llama 3.1's scaled rotary read from `use_scaled_rope`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from torch import Tensor
 
 from lightning_tune.checkpoint.tensors import Entry, load_state_dict_file
-from lightning_tune.families import FAMILIES
 from lightning_tune.families.config import ModelConfig
 from lightning_tune.families.hf_config import make_config
 from lightning_tune.families.llama2 import META_KEYS
@@ -60,21 +60,42 @@ def _meta_shards(path: Path) -> list[Path]:
     return shards
 
 
+# Llama 3.1's rotary scaling (`use_scaled_rope`), as Meta's `apply_scaling` (llama-models) and torchtune's
+# `Llama3ScaledRoPE` apply it: factor 8 (32 for Llama 3.2 1B / 3B, torchtune's llama3_2 builders, unless
+# params.json says `rope_scaling_factor`), low / high frequency factors 1 and 4, original context 8192.
+META_ROPE = {"rope_type": "llama3", "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_seq_len": 8192}
+LLAMA3_2_SHAPES = {(2048, 16), (3072, 28)}  # (dim, n_layers) of Llama 3.2 1B and 3B
+
+
+def _meta_rope(params: dict, file: Path) -> dict:
+    """The rotary fields and context of a params.json: Llama 3.1+ (`use_scaled_rope`): llama3 scaling and
+    131072 positions; Llama 3.0 (rope_theta 500000): 8192; else Llama 2's 4096 (Meta's files leave it out)."""
+    if not params.get("use_scaled_rope"):
+        return {"max_seq_len": params.get("max_seq_len", 8192 if params.get("rope_theta") == 500000.0 else 4096)}
+    factor = params.get("rope_scaling_factor") or (32.0 if (params.get("dim"), params.get("n_layers")) in LLAMA3_2_SHAPES else 8.0)
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise CheckpointError(f"{file}: rope_scaling_factor must be a positive number, got {factor!r}")
+    return {**META_ROPE, "rope_factor": float(factor), "max_seq_len": params.get("max_seq_len", 131072)}
+
+
+def _first_shard(path: Path, file: Path, why: str) -> dict[str, Tensor]:
+    shards = _meta_shards(path)
+    if not shards:
+        raise CheckpointError(f"{file}: no consolidated.00.pth to read {why} from")
+    return load_state_dict_file(shards[0])
+
+
 def load_meta_config(path: Path) -> ModelConfig:
-    """params.json (+ the embedding's shape when vocab_size is -1) -> ModelConfig."""
+    """params.json (+ the embedding's shape when vocab_size is -1, and whether an output weight exists) -> ModelConfig."""
     file = path / "params.json"
     params = read_json(file)
-    if params.get("use_scaled_rope") or params.get("vocab_size") == 128256 or params.get("rope_theta") == 500000.0:
-        raise CheckpointError(f"{file}: {FAMILIES['llama3'].meta_note}")
     dim = require(params, "dim", file)
     vocab_size = params.get("vocab_size", -1)
+    shard = _first_shard(path, file, "the weights") if _meta_shards(path) else {}
     if vocab_size <= 0:  # Meta's files say -1: the tokenizer decides; the embedding's rows tell us
-        shards = _meta_shards(path)
-        if not shards:
-            raise CheckpointError(f"{file}: vocab_size is {vocab_size} and no consolidated.00.pth to read it from")
-        embed = load_state_dict_file(shards[0]).get("tok_embeddings.weight")
+        embed = (shard or _first_shard(path, file, f"vocab_size ({vocab_size})")).get("tok_embeddings.weight")
         if embed is None:
-            raise CheckpointError(f"{shards[0]}: missing 'tok_embeddings.weight' (needed for vocab_size)")
+            raise CheckpointError(f"{_meta_shards(path)[0]}: missing 'tok_embeddings.weight' (needed for vocab_size)")
         vocab_size = embed.shape[0]  # ParallelEmbedding splits dim 1, so every shard has all rows
     return make_config(
         file,
@@ -84,9 +105,11 @@ def load_meta_config(path: Path) -> ModelConfig:
         num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
         embed_dim=dim,
         intermediate_dim=meta_intermediate_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-        max_seq_len=params.get("max_seq_len", 4096),  # Llama 2's context; Meta's files leave it out
         norm_eps=params.get("norm_eps", 1e-5),
         rope_base=float(params.get("rope_theta", 10000.0)),
+        # Llama 3.2 1B / 3B share the embedding with the output: their files may hold no output weight
+        tie_word_embeddings=bool(shard) and "output.weight" not in shard,
+        **_meta_rope(params, file),
     )
 
 
@@ -103,7 +126,7 @@ def meta_entries(path: Path, config: ModelConfig) -> list[Entry]:
         try:
             key, dim = meta_to_hf_key(meta_key)
         except KeyError:
-            raise CheckpointError(f"{files[0]}: unexpected key {meta_key!r} (not a Llama 2 parameter)") from None
+            raise CheckpointError(f"{files[0]}: unexpected key {meta_key!r} (not a Llama parameter)") from None
         for file, shard in zip(files, shards):
             if meta_key not in shard:
                 raise CheckpointError(f"{file}: missing key {meta_key!r} present in {files[0].name}")
@@ -133,7 +156,8 @@ def detect(path: Path) -> bool:
 
 
 def read_config(path: Path) -> tuple[ModelConfig, bool]:
-    return load_meta_config(path), False  # Meta's checkpoints always hold their output weight
+    config = load_meta_config(path)
+    return config, config.tie_word_embeddings
 
 
 def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entry]:

@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_tune.checkpoint.load import checkpoint_directory
-from lightning_tune.checkpoint.tensors import Entry, assign_tensor, check_entries, first_names, load_state_dict_file
+from lightning_tune.checkpoint.tensors import Entry, assign_tensor, check_entries, first_names, fuse_lora_for_peft, load_state_dict_file
+from lightning_tune.families import hf_mapping
+from lightning_tune.families.config import ModelConfig
 from lightning_tune.io.files import CheckpointError, atomic_directory, check_disk_space, check_export_target, existing_parent, read_json, require
 from lightning_tune.layers.lora import (
     apply_lora,
@@ -74,6 +76,12 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
     if meta:
         raise CheckpointError(f"{output_dir}: {first_names(meta)} are on the meta device (never initialised); nothing to save")
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state.items()}
+    rank_pattern: dict = {}
+    alpha_pattern: dict = {}
+    config = getattr(model, "config", None)
+    if isinstance(config, ModelConfig) and hf_mapping(config.model_type).fused_projections:
+        # Phi-3 / 4: transformers holds q/k/v and gate/up as one layer each; PEFT adapts those (rank n x r).
+        tensors, targets, rank_pattern, alpha_pattern = fuse_lora_for_peft(tensors, targets, rank, alpha, config)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -88,8 +96,8 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
         "use_rslora": False,
         "use_dora": use_dora,  # then the tensors include PEFT's `<layer>.lora_magnitude_vector`
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "base_model_name_or_path": base_model_name_or_path,
     }
     check_export_target(output_dir, "peft")

@@ -123,3 +123,95 @@ def check_config_matches(path: Path, model: nn.Module, config: ModelConfig) -> N
 def tie_embeddings(model: nn.Module) -> None:
     """lm_head's weight becomes the embedding's (the parameter object itself, as transformers ties)."""
     model.get_submodule("lm_head").weight = model.get_submodule("model.embed_tokens").weight
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused projections (Phi-3 / 4): the checkpoint's qkv_proj = [q; k; v] rows and gate_up_proj = [gate; up]
+# rows (transformers' Phi3Attention / Phi3MLP slice them so), ours separate, as torchtune and litgpt
+# convert them.
+
+
+def fused_parts(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """Fused name (after `layers.N.`) -> its parts in row order: (our name, rows)."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {
+        "self_attn.qkv_proj.weight": [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv), ("self_attn.v_proj.weight", kv)],
+        "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", config.intermediate_dim), ("mlp.up_proj.weight", config.intermediate_dim)],
+    }
+
+
+def split_fused(entries: list[Entry], config: ModelConfig) -> list[Entry]:
+    """Each fused entry of a Phi-3 checkpoint becomes its parts (read by slicing the fused tensor);
+    a fused tensor of the wrong height is left whole, for `check_entries` to name."""
+    parts = fused_parts(config)
+    out = []
+    for entry in entries:
+        prefix, _, name = entry.key.partition(".self_attn.") if ".self_attn." in entry.key else entry.key.partition(".mlp.")
+        fused = ("self_attn." if ".self_attn." in entry.key else "mlp.") + name
+        rows = parts.get(fused)
+        if rows is None or len(entry.shape) != 2 or entry.shape[0] != sum(n for _, n in rows):
+            out.append(entry)
+            continue
+        start = 0
+        for part, n in rows:
+            read = None if entry.read is None else (lambda r=entry.read, a=start, b=start + n: r()[a:b])
+            out.append(Entry(f"{prefix}.{part}", (n, entry.shape[1]), entry.file, read))
+            start += n
+    return out
+
+
+def fuse_split(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Ours -> a Phi-3 checkpoint's: each layer's parts joined into the fused tensor, in the layer's key order."""
+    parts = fused_parts(config)
+    first = {names[0][0]: fused for fused, names in parts.items()}
+    part_names = {name for names in parts.values() for name, _ in names}
+    out = {}
+    for key, tensor in tensors.items():
+        prefix, _, rest = key.partition(".self_attn.") if ".self_attn." in key else key.partition(".mlp.")
+        name = ("self_attn." if ".self_attn." in key else "mlp.") + rest
+        if name in first:
+            out[f"{prefix}.{first[name]}"] = torch.cat([tensors[f"{prefix}.{part}"] for part, _ in parts[first[name]]])
+        elif name not in part_names:
+            out[key] = tensor
+    return out
+
+
+def fuse_lora_for_peft(tensors: dict[str, Tensor], targets: list[str], rank: int, alpha: float, config: ModelConfig) -> tuple[dict[str, Tensor], list[str], dict, dict]:
+    """A PEFT adapter of our split q/k/v and gate/up LoRA layers -> one on Phi-3's fused layers:
+    (tensors, target_modules, rank_pattern, alpha_pattern).
+
+    Per layer, A_fused = [A_q; A_k; A_v] and B_fused = blockdiag(B_q, B_k, B_v), so B_fused A_fused
+    stacks the parts' B A exactly; a part without an adapter contributes zero blocks. The fused rank
+    is n * rank with n * alpha (rank_pattern / alpha_pattern), so PEFT's scale alpha / r is unchanged.
+    DoRA's magnitude is per output row: the parts' magnitudes stacked (every part must then be adapted).
+    `tensors` are keyed as PEFT's (`...layers.N.self_attn.q_proj.lora_A.weight`).
+    """
+    parts = fused_parts(config)
+    out = dict(tensors)
+    fused_targets = set(targets)
+    for fused, names in parts.items():
+        short = fused.split(".")[-2]
+        part_shorts = [name.split(".")[-2] for name, _ in names]
+        if not set(part_shorts) & set(targets):
+            continue
+        fused_targets -= set(part_shorts)
+        fused_targets.add(short)
+        layers = sorted({k.rpartition(f".{p}.")[0] for k in tensors for p in part_shorts if f".{p}.lora_A." in k})
+        for layer in layers:
+            a_parts, b_parts, magnitudes = [], [], []
+            for (_, rows), p in zip(names, part_shorts):
+                a, b = out.pop(f"{layer}.{p}.lora_A.weight", None), out.pop(f"{layer}.{p}.lora_B.weight", None)
+                magnitude = out.pop(f"{layer}.{p}.lora_magnitude_vector", None)
+                if a is None:
+                    a, b = torch.zeros(rank, config.embed_dim), torch.zeros(rows, rank)
+                a_parts.append(a)
+                b_parts.append(b.to(a.dtype))
+                magnitudes.append(magnitude)
+            out[f"{layer}.{short}.lora_A.weight"] = torch.cat(a_parts)
+            out[f"{layer}.{short}.lora_B.weight"] = torch.block_diag(*b_parts)
+            if any(m is not None for m in magnitudes):
+                if any(m is None for m in magnitudes):
+                    raise CheckpointError(f"{layer}.{short}: DoRA on only some of {', '.join(part_shorts)} cannot be fused for PEFT; adapt all of them")
+                out[f"{layer}.{short}.lora_magnitude_vector"] = torch.cat(magnitudes)
+    fused_ranks = {fused.split(".")[-2]: len(names) for fused, names in parts.items() if fused.split(".")[-2] in fused_targets}
+    return out, sorted(fused_targets), {k: n * rank for k, n in fused_ranks.items()}, {k: n * alpha for k, n in fused_ranks.items()}

@@ -46,6 +46,19 @@ class HFMapping:
             layer (Mistral); "per_layer": only under `use_sliding_window`, above `max_window_layers`
             (Qwen; refused when any layer would use it).
         mlp_bias: whether config.json's `mlp_bias` is read (Llama); else the MLP has no bias.
+        block: the `ModelConfig.block` of this model_type (its layer class).
+        activation_key: the config.json key of the MLP's activation (`hidden_activation`: Gemma).
+        rope_types: the rotary types read (others are refused in one line).
+        Sliding window "layer_types": `layer_types` (else every `defaults["sliding_window_pattern"]`-th
+        layer full, the rest sliding, as transformers derives it) says which layers use `sliding_window`
+        (Gemma 2 / 3). `rope_per_layer_type`: the rotary parameters are given per layer type
+        (`rope_parameters: {full_attention: ..., sliding_attention: ...}`; transformers 4: `rope_theta`,
+        `rope_scaling` for the full layers, `rope_local_base_freq` for the sliding ones; Gemma 3).
+        gemma_scores: `query_pre_attn_scalar` and the two soft-caps are read (Gemma 2 / 3).
+        partial_rotary: `partial_rotary_factor` is read (Phi-3 / 4); else it must be 1.
+        query_scale: `rope_parameters.llama_4_scaling_beta` is read (Ministral 3).
+        fused_projections: the checkpoint holds `self_attn.qkv_proj` and `mlp.gate_up_proj` (Phi-3 / 4),
+            split into our q/k/v and gate/up on load and fused again on export (`checkpoint/tensors.py`).
     """
 
     model_type: str
@@ -53,8 +66,16 @@ class HFMapping:
     defaults: dict
     attention_bias: Literal["flag", "qkv", "never"] = "flag"
     qk_norm: bool = False
-    sliding_window: Literal["none", "all", "per_layer"] = "none"
+    sliding_window: Literal["none", "all", "per_layer", "layer_types"] = "none"
     mlp_bias: bool = False
+    block: Literal["llama", "gemma", "olmo2"] = "llama"
+    activation_key: str = "hidden_act"
+    rope_types: tuple[str, ...] = ("default", "llama3", "linear")
+    rope_per_layer_type: bool = False
+    gemma_scores: bool = False
+    partial_rotary: bool = False
+    query_scale: bool = False
+    fused_projections: bool = False
 
 
 @dataclass(frozen=True)

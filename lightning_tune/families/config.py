@@ -5,8 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-RopeType = Literal["default", "llama3", "linear"]
+RopeType = Literal["default", "llama3", "linear", "longrope", "yarn"]
+ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 AttentionBias = Literal["none", "qkv", "all"]
+Block = Literal["llama", "gemma", "olmo2"]
+Activation = Literal["silu", "gelu_pytorch_tanh"]
+LayerType = Literal["full_attention", "sliding_attention"]
+BLOCKS = ("llama", "gemma", "olmo2")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 # Upper bounds, far above every released model (the largest today: 126 layers, embed 16384, MLP 53248, a
@@ -24,6 +31,12 @@ LIMITS = {
 }
 
 
+def repeat_pattern(layer_types: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
+    """`layer_types` continued (or cut) to `num_layers` by its shortest period (Gemma 3: 5 sliding, 1 full)."""
+    period = next(p for p in range(1, len(layer_types) + 1) if all(t == layer_types[i % p] for i, t in enumerate(layer_types)))
+    return layer_types if len(layer_types) == num_layers else tuple(layer_types[i % period] for i in range(num_layers))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of one decoder; the first nine are Llama 2's (Meta's names), the rest switches.
@@ -35,6 +48,28 @@ class ModelConfig:
     (transformers' `_compute_llama3_parameters`). `sliding_window` None: full causal attention;
     else each token attends to itself and the `sliding_window - 1` tokens before it (Mistral).
     `model_type` is the Hugging Face `model_type` exports write (families/ maps it).
+
+    The block switches (transformers' names in brackets):
+    `block` picks the layer class: "llama" (pre-norm), "gemma" (Gemma 2 / 3: (1 + w) RMSNorm with
+    zero-initialised weights, embedding times sqrt(embed_dim), four norms per layer) or "olmo2"
+    (OLMo 2: norms after attention and MLP inside the residual, q/k norm over the whole projection).
+    `hidden_act` [hidden_act / hidden_activation]: the gated MLP's activation.
+    `query_pre_attn_scalar`: attention scores scaled by its -1/2 power instead of head_dim's.
+    `attn_logit_softcap` / `final_logit_softcap` [attn_logit_softcapping / final_logit_softcapping]:
+    scores, or the output logits, become cap * tanh(x / cap) (Gemma 2).
+    `layer_types`: one "full_attention" / "sliding_attention" per layer (a list of another length is
+    continued by its shortest period); None means every layer uses `sliding_window` (None: none). `rope_local_base`: the rotary base of the sliding layers,
+    with the default (unscaled) rotary type (Gemma 3's two bases); None: the same rotary as the
+    full layers. `rope_partial_factor` [partial_rotary_factor]: the rotary embedding turns the first
+    int(head_dim * factor) features of each head, the rest pass through (Phi-4-mini: 0.75).
+    `longrope` (Phi-3 / 4 long-context): the frequencies are divided per frequency by
+    `rope_short_factor`, or by `rope_long_factor` in a forward whose largest position reaches
+    `rope_original_max_seq_len`; cos and sin are multiplied by `rope_attention_factor` (resolved
+    from config.json as transformers resolves it). `yarn` (Ministral 3): transformers'
+    `_compute_yarn_parameters` with `rope_factor`, `rope_original_max_seq_len`, `rope_beta_fast` /
+    `rope_beta_slow` and `rope_truncate`; cos and sin times `rope_attention_factor` too.
+    `query_scale_beta` [rope_parameters.llama_4_scaling_beta]: after the rotary embedding, q is
+    multiplied by 1 + beta * log(1 + floor(position / rope_original_max_seq_len)) (Ministral 3).
     """
 
     vocab_size: int = 32000
@@ -58,6 +93,21 @@ class ModelConfig:
     rope_original_max_seq_len: int = 8192
     sliding_window: int | None = None
     model_type: str = "llama"
+    block: Block = "llama"
+    hidden_act: Activation = "silu"
+    query_pre_attn_scalar: int | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    rope_local_base: float | None = None
+    rope_partial_factor: float = 1.0
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_attention_factor: float = 1.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    query_scale_beta: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "max_seq_len"):
@@ -79,14 +129,56 @@ class ModelConfig:
             raise ValueError(f"ModelConfig head dim ({self.head_dim}) must be even for rotary embeddings")
         if self.attention_bias not in ("none", "qkv", "all"):
             raise ValueError(f"ModelConfig.attention_bias must be 'none', 'qkv' or 'all', got {self.attention_bias!r}")
-        if self.rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"ModelConfig.rope_type {self.rope_type!r} is not supported; supported: default, llama3, linear")
-        if self.rope_type != "default" and self.rope_factor <= 0:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"ModelConfig.rope_type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        if not 0 < self.rope_partial_factor <= 1 or self.rotary_dim % 2 or not self.rotary_dim:
+            raise ValueError(f"ModelConfig.rope_partial_factor must be in (0, 1] and turn an even number of features, got {self.rope_partial_factor} of {self.head_dim}")
+        for name in ("rope_short_factor", "rope_long_factor"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
+        if self.rope_type == "longrope":
+            for name in ("rope_short_factor", "rope_long_factor"):
+                factors = getattr(self, name)
+                if factors is None or len(factors) != self.rotary_dim // 2 or not all(f > 0 for f in factors):
+                    raise ValueError(f"ModelConfig.{name} must hold {self.rotary_dim // 2} positive factors for longrope, got {factors}")
+        if self.rope_type in ("linear", "llama3", "yarn") and self.rope_factor <= 0:
             raise ValueError(f"ModelConfig.rope_factor must be > 0, got {self.rope_factor}")
         if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise ValueError(f"ModelConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed rope_low_freq_factor ({self.rope_low_freq_factor})")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window must be a positive integer or None, got {self.sliding_window}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"ModelConfig.block must be one of {', '.join(BLOCKS)}, got {self.block!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "rope_local_base"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0 or None, got {getattr(self, name)}")
+        if self.layer_types is not None:
+            if not self.layer_types or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"ModelConfig.layer_types must list {', '.join(LAYER_TYPES)} per layer, got {list(self.layer_types)}")
+            # a tuple (a list from YAML / JSON: hashable, comparable); another length than num_layers (a size
+            # with fewer layers for a demo, one layer measured) continues its shortest period (Gemma 3: 6)
+            object.__setattr__(self, "layer_types", repeat_pattern(tuple(self.layer_types), self.num_layers))
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many features of each head the rotary embedding turns."""
+        return int(self.head_dim * self.rope_partial_factor)
+
+    def layer_window(self, index: int) -> int | None:
+        """The attention window of layer `index` (None: full causal attention)."""
+        if self.layer_types is None or self.layer_types[index] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def layer_rope_base(self, index: int) -> float | None:
+        """The rotary base of layer `index` when it is `rope_local_base` (a sliding layer's own), else None."""
+        if self.rope_local_base is not None and self.layer_window(index) is not None:
+            return self.rope_local_base
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -51,6 +51,12 @@ FAMILY = Family(
         # 80 layers, 64 query heads sharing 8 KV heads (GQA), dim 8192, MLP 28672
         "llama2_70b": Size({**_BASE, "num_layers": 80, "num_heads": 64, "num_kv_heads": 8, "embed_dim": 8192, "intermediate_dim": 28672}, 68_976_648_192, "meta-llama/Llama-2-70b-hf"),
         # Not a Meta size: a few-MB model with GQA for CPU demos and tests (vocabulary of the demo tokenizer set by the recipe).
+        # Code Llama 7B (2023): Llama 2 7B with rotary base 1e6, a 16384-token context and 16 more (infilling) tokens.
+        "code_llama2_7b": Size(
+            {**_BASE, "vocab_size": 32016, "rope_base": 1000000.0, "max_seq_len": 16384, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32, "embed_dim": 4096, "intermediate_dim": 11008},
+            6_738_546_688,
+            "codellama/CodeLlama-7b-hf",
+        ),
         "tiny_llama2": Size({**_BASE, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 128, "intermediate_dim": 352, "max_seq_len": 1024}, 8_930_432, None),
     },
     special_tokens={"bos": ("<s>", 1), "eos": ("</s>", 2)},

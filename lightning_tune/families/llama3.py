@@ -4,14 +4,14 @@ Same blocks as Llama 2 (`model_type: llama`); Llama 3.1+ scales the rotary frequ
 32 for 3.2, over an original context of 8192; see `model.rope_inv_freq`), and 3.2's 1B / 3B tie the
 output head to the embedding. Values from each repository's config.json (linked per size) as
 litgpt's `config.py` and torchtune's `llama3_1` / `llama3_2` builders also record them.
-Meta's original `consolidated.*.pth` + tiktoken `tokenizer.model` downloads are not read: use the
-Hugging Face repository (config.json, safetensors, tokenizer.json), which `download` fetches.
+Meta's original folders (`original/consolidated.*.pth` + `params.json` + the tiktoken `tokenizer.model`)
+load too (`checkpoint/meta.py`, `tokenizer/tiktoken.py`), as torchtune reads them.
 """
 
 from __future__ import annotations
 
 from lightning_tune.families.base import Family, Size
-from lightning_tune.families.llama2 import LLAMA_HF
+from lightning_tune.families.llama2 import LLAMA_HF, META_KEYS
 
 _ROPE_3_1 = dict(rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_seq_len=8192)
 _ROPE_3_2 = {**_ROPE_3_1, "rope_factor": 32.0}
@@ -21,6 +21,9 @@ FAMILY = Family(
     name="llama3",
     hf=LLAMA_HF,
     sizes={
+        # Llama 3 (April 2024): the same blocks without rotary scaling, an 8192-token context.
+        "llama3_8b": Size({**_BASE, "max_seq_len": 8192, "num_layers": 32, "num_heads": 32, "embed_dim": 4096, "intermediate_dim": 14336}, 8_030_261_248, "meta-llama/Meta-Llama-3-8B"),
+        "llama3_70b": Size({**_BASE, "max_seq_len": 8192, "num_layers": 80, "num_heads": 64, "embed_dim": 8192, "intermediate_dim": 28672}, 70_553_706_496, "meta-llama/Meta-Llama-3-70B"),
         "llama3_1_8b": Size({**_BASE, **_ROPE_3_1, "num_layers": 32, "num_heads": 32, "embed_dim": 4096, "intermediate_dim": 14336}, 8_030_261_248, "meta-llama/Llama-3.1-8B"),
         "llama3_1_70b": Size({**_BASE, **_ROPE_3_1, "num_layers": 80, "num_heads": 64, "embed_dim": 8192, "intermediate_dim": 28672}, 70_553_706_496, "meta-llama/Llama-3.1-70B"),
         "llama3_2_1b": Size(
@@ -48,5 +51,5 @@ FAMILY = Family(
     # generation_config.json of the 3.1 Instruct models: eos_token_id [128001, 128008, 128009].
     stop_tokens=("eos", "end_of_message", "end_of_turn"),
     chat_template="llama3",
-    meta_note="Meta's original Llama 3 checkpoints (consolidated.*.pth with a tiktoken tokenizer.model) are not supported; download the Hugging Face repository instead (e.g. meta-llama/Llama-3.1-8B: config.json, model*.safetensors, tokenizer.json)",
+    meta_keys=META_KEYS,  # the same names as Llama 2's
 )

@@ -1,4 +1,4 @@
-"""The network: the decoder every family shares (`CausalLM`, whose `logits` is the one place the head is\napplied), its attention kernels, and the builders by name."""
+"""The network: the decoder every family shares (`CausalLM`, whose `logits` is the one place the head is\napplied), its layers (the Llama block\nand the families' own: `gemma`, `olmo2`), its attention kernels, and the builders by name."""
 
 from lightning_tune.families.config import AttentionBias, ModelConfig, RopeType
 from lightning_tune.model import builders
@@ -17,20 +17,29 @@ from lightning_tune.model.attention import (
     varlen_attention,
 )
 from lightning_tune.model.builders import Llama, LlamaConfig, llama2, llama2_7b, llama2_13b, llama2_70b, llama2_config, model_config, tiny_llama2
-from lightning_tune.model.decoder import Attention, CausalLM, Decoder, DecoderLayer, FeedForward, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from lightning_tune.model.decoder import BLOCKS, CausalLM, Decoder
+from lightning_tune.model.gemma import GemmaDecoderLayer, GemmaRMSNorm
+from lightning_tune.model.layers import Attention, DecoderLayer, FeedForward, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from lightning_tune.model.olmo2 import Olmo2Attention, Olmo2DecoderLayer, Olmo2RMSNorm
 
 __all__ = [
     "Attention",
     "AttentionBias",
+    "BLOCKS",
     "CPU_FP32_ATTENTION_MAX_LEN",
     "CausalLM",
     "Decoder",
     "DecoderLayer",
     "FeedForward",
+    "GemmaDecoderLayer",
+    "GemmaRMSNorm",
     "KVCache",
     "Llama",
     "LlamaConfig",
     "ModelConfig",
+    "Olmo2Attention",
+    "Olmo2DecoderLayer",
+    "Olmo2RMSNorm",
     "PackedRows",
     "RMSNorm",
     "RopeType",

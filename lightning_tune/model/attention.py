@@ -61,7 +61,7 @@ def varlen_attention() -> Callable | None:
     return varlen_attn
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool) -> Tensor:
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool, scale: float | None = None) -> Tensor:
     """Causal attention within each packed sample: q [B, H, T, D], k/v [B, K, T, D] -> [B, H, T, D].
 
     Equal to SDPA with the block-diagonal causal mask without building it. On CUDA in fp16/bf16, one
@@ -69,17 +69,18 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enabl
     says where each ends): no Python loop over samples, no host sync. Elsewhere (the CPU) each
     sample is its own causal SDPA call: the cost is sum(n_i^2) instead of T^2 and every call takes
     the fused kernel that `is_causal` allows; on a CPU the per-call overhead is small next to the work.
+    `scale` multiplies the scores (None: head_dim ** -0.5).
     """
     if packed.cu_seqlens is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        return _varlen_causal_attention(q, k, v, packed, enable_gqa)
+        return _varlen_causal_attention(q, k, v, packed, enable_gqa, scale)
     dtype, fp32 = q.dtype, cpu_attention_in_fp32(q, v, packed.max_len)
     if fp32:
         q, k, v = q.float(), k.float(), v.float()
     with no_cpu_autocast() if fp32 else contextlib.nullcontext():
         if len(packed.lengths) == 1:
-            out = _split_causal_attention(q, k, v, packed.lengths[0], enable_gqa)
+            out = _split_causal_attention(q, k, v, packed.lengths[0], enable_gqa, scale)
         else:
-            out = torch.cat([_split_causal_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths, enable_gqa) for b, lengths in enumerate(packed.lengths)])
+            out = torch.cat([_split_causal_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], lengths, enable_gqa, scale) for b, lengths in enumerate(packed.lengths)])
     return out.to(dtype)
 
 
@@ -107,12 +108,12 @@ def no_cpu_autocast() -> torch.autocast:
     return torch.autocast("cpu", enabled=False)
 
 
-def _varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool) -> Tensor:
+def _varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedRows, enable_gqa: bool, scale: float | None = None) -> Tensor:
     """All samples in one `varlen_attn` call on tokens flattened to [B * T, heads, D]; returned as
     a [B, H, T, D] view of [B, T, H, D] memory, so the caller's transpose(1, 2).reshape is free."""
     B, H, T, D = q.shape
     flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]  # [B*T, heads, D]
-    out = varlen_attention()(*flat, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len, window_size=(-1, 0), enable_gqa=enable_gqa)
+    out = varlen_attention()(*flat, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len, scale=scale, window_size=(-1, 0), enable_gqa=enable_gqa)
     return out.view(B, T, H, D).transpose(1, 2)
 
 
@@ -139,11 +140,11 @@ def packed_positions(seq_lens: list[list[int]]) -> Tensor:
     return rows[0] if len(rows) == 1 else torch.stack(rows)
 
 
-def _split_causal_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], enable_gqa: bool) -> Tensor:
+def _split_causal_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], enable_gqa: bool, scale: float | None = None) -> Tensor:
     qs, ks, vs = (t.split(lengths, dim=2) for t in (q, k, v))
     # Joined as [B, T, H, D] and handed back as a transposed view: the caller's
     # transpose(1, 2).reshape is then free, as after a single SDPA call.
-    parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=enable_gqa).transpose(1, 2) for qi, ki, vi in zip(qs, ks, vs)]
+    parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(1, 2) for qi, ki, vi in zip(qs, ks, vs)]
     return torch.cat(parts, dim=1).transpose(1, 2)
 
 
@@ -182,3 +183,20 @@ def sliding_window_band(query_slots: Tensor, kv_len: int, window: int) -> Tensor
     """Boolean [T, kv_len]: query at slot q may see key slot k iff q - k < window (transformers'
     `sliding_window_overlay`: itself and the window - 1 slots before it; causality is the mask's job)."""
     return (query_slots[:, None] - torch.arange(kv_len, device=query_slots.device)[None, :]) < window
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float) -> Tensor:
+    """Attention whose scores pass through cap * tanh(s / cap) before the mask (Gemma 2's soft-capping).
+
+    q [B, H, T, D], k/v [B, K, S, D], `mask` boolean [B or 1, 1, T, S] (True: may attend) -> [B, H, T, D].
+    No fused kernel applies a function to the scores, so this is transformers' eager attention step
+    for step: scores * scale, the cap, masked with the dtype's lowest value, softmax in fp32.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA: each K/V head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)

@@ -1,11 +1,13 @@
-"""One decoder for the Llama-like families, switched by its config: RMSNorm, rotary embeddings,
-grouped-query attention, SwiGLU, KV cache.
+"""One decoder for every family, switched by its config: the embedding, a stack of layers, the final norm and
+the output head (`CausalLM.logits`, the one place it is applied), with a KV cache.
 
 Llama 2 / 3.x, Qwen 2.5, Qwen 3, Mistral and SmolLM2 differ only in data (`ModelConfig`): head_dim
 decoupled from embed_dim / num_heads, tied input/output embeddings, bias on q/k/v or on every
 projection, per-head RMSNorm on q and k before the rotary embedding (Qwen 3), the rotary type
-(`default`, `llama3`, `linear`) and a sliding attention window (Mistral). Sizes and the Hugging Face
-config mapping of each family live in `lightning_tune/families/`.
+(`default`, `llama3`, `linear`) and a sliding attention window (Mistral). Gemma 2 / 3 and OLMo 2
+have their own layer class (`ModelConfig.block`: `gemma.py`, `olmo2.py`); sliding and full layers
+may alternate, each kind with its own mask and rotary base (`layer_types`, `rope_local_base`).
+Sizes and the Hugging Face config mapping of each family live in `lightning_tune/families/`.
 
 Parameter names follow Hugging Face's `*ForCausalLM` exactly (`model.embed_tokens`,
 `model.layers.N.self_attn.q_proj`, ..., `lm_head`), so a Hugging Face state dict loads with no
@@ -18,176 +20,26 @@ K key/value heads, D head dim, E embed dim.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_tune.families.config import ModelConfig
-from lightning_tune.model.attention import KVCache, PackedRows, check_seq_lens, cpu_attention_in_fp32, packed_causal_mask, packed_positions, segment_attention, sliding_window_band
+from lightning_tune.model.attention import KVCache, PackedRows, check_seq_lens, packed_causal_mask, packed_positions, sliding_window_band
+from lightning_tune.model.gemma import GemmaDecoderLayer, GemmaRMSNorm
+from lightning_tune.model.layers import Attention, DecoderLayer, FeedForward, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from lightning_tune.model.olmo2 import Olmo2DecoderLayer, Olmo2RMSNorm
 
+__all__ = ["Attention", "CausalLM", "Decoder", "DecoderLayer", "FeedForward", "RMSNorm", "apply_rope", "rope_cos_sin", "rope_inv_freq"]
 
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in fp32 like Meta's and Hugging Face's reference."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-
-def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
-    """The rotary inverse frequencies [D/2] of `config.rope_type`, as transformers computes them.
-
-    `default`: 1 / base^(2i/D). `linear`: those divided by `rope_factor` (positions stretched).
-    `llama3`: Llama 3.1's per-frequency rule, step for step as transformers'
-    `_compute_llama3_parameters` (long wavelengths divided by the factor, short ones kept, the band
-    between interpolated), so the fp32 results are the same bits. No type rescales cos/sin.
-    """
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    if config.rope_type == "linear":
-        return inv_freq / config.rope_factor
-    if config.rope_type == "llama3":
-        factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
-        old_context_len = config.rope_original_max_seq_len
-        low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
-        wavelen = 2 * math.pi / inv_freq
-        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth_factor = (old_context_len / wavelen - low) / (high - low)
-        smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
-        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-        return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
-    return inv_freq
-
-
-def rope_cos_sin(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype, inv_freq: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Rotary cos/sin tables for `positions` ([T] or [B, T]) -> two tensors [..., T, D].
-
-    Computed per call from the positions rather than cached in a buffer: it costs O(T * D), keeps
-    meta-device construction free of buffers to re-materialise, and lets every row of a batch use
-    its own positions (left-padded generation, packed samples). The arithmetic mirrors Hugging
-    Face's rotary embedding in fp32 so logits agree to the last bit that fp32 allows. `inv_freq`
-    (from `rope_inv_freq`, for a scaled rotary type) replaces the default frequencies of `base`.
-    """
-    if inv_freq is None:
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # [..., T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [..., T, D]: "rotate half" layout
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, heads, T, D] by position; cos/sin are [T, D] or [B, T, D]."""
-    if cos.dim() == 3:  # per-row positions: add the heads axis
-        cos, sin = cos[:, None], sin[:, None]
-    return x * cos + _rotate_half(x) * sin
-
-
-class Attention(nn.Module):
-    """Causal self-attention with grouped-query attention (K key/value heads shared by H query heads).
-
-    Switches (`ModelConfig`): bias on q/k/v (`attention_bias` "qkv", Qwen 2.5) or on o too ("all");
-    `qk_norm`: an RMSNorm over each head's D features of q and of k, before the rotary embedding
-    (Qwen 3; the order matters: rotating first would give other numbers).
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        qkv_bias, o_bias = config.attention_bias in ("qkv", "all"), config.attention_bias == "all"
-        self.q_proj = nn.Linear(config.embed_dim, config.num_heads * config.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(config.embed_dim, config.num_kv_heads * config.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(config.embed_dim, config.num_kv_heads * config.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.embed_dim, bias=o_bias)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
-        self.qk_norm = config.qk_norm
-        self.kv_cache: KVCache | None = None
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, packed: PackedRows | None = None) -> Tensor:
-        """x [B, T, E] -> [B, T, E].
-
-        Without a cache and without `attn_mask`, attention is causal over x itself (training with
-        right padding: real tokens precede the padding, so they never see it), or with `packed`
-        (packed samples: where each row's samples end, from `collate_packed`'s `seq_lens`) causal
-        within each sample. With a cache, the caller passes `cache_pos` [T], `kv_len` and a boolean
-        `attn_mask` [B or 1, 1, T, kv_len]. `enable_gqa` lets SDPA share each K/V head across its
-        query heads without copying.
-        """
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        if self.qk_norm:  # per head, over D; before the rotation
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [B, H or K, T, D]
-        if self.kv_cache is not None:
-            if cache_pos is None:
-                raise ValueError("Attention has a KV cache: pass cache_pos (the cache slots of the new tokens)")
-            k, v = self.kv_cache.update(cache_pos, k, v, kv_len)  # [B, K, S, D]
-        # GQA: each K/V head serves H/K query heads; SDPA broadcasts them without copying K/V.
-        gqa = self.num_kv_heads != self.num_heads
-        if packed is not None:
-            out = segment_attention(q, k, v, packed, gqa)
-        elif attn_mask is None and cpu_attention_in_fp32(q, v, T):  # training's causal rows (generation keeps its dtype)
-            out = segment_attention(q, k, v, PackedRows([[T]]), gqa)  # each row one sample: the same fp32 path
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Meta calls these w1 (gate), w3 (up), w2 (down)."""
-
-    def __init__(self, embed_dim: int, intermediate_dim: int, bias: bool = False) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(embed_dim, intermediate_dim, bias=bias)
-        self.up_proj = nn.Linear(embed_dim, intermediate_dim, bias=bias)
-        self.down_proj = nn.Linear(intermediate_dim, embed_dim, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
-        self.mlp = FeedForward(config.embed_dim, config.intermediate_dim, config.mlp_bias)
-
-    def forward(self, x: Tensor, *, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, packed: PackedRows | None = None) -> Tensor:
-        """x [B, T, E] -> [B, T, E]; the attention inputs by keyword (`Attention.forward`), so a family's
-        own layer class can take more without shifting anyone's arguments.
-
-            x ──┬─► input_layernorm ─► self_attn ─► (+) ─► h ──┬─► post_attention_layernorm ─► mlp ─► (+) ─► out
-                └────────────────────────────────────┘          └───────────────────────────────────────┘
-        """
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_pos, kv_len, packed)
-        return h + self.mlp(self.post_attention_layernorm(h))
+# `ModelConfig.block` -> (its layer class, its norm class: the final norm's).
+BLOCKS: dict[str, tuple[type[nn.Module], type[RMSNorm]]] = {
+    "llama": (DecoderLayer, RMSNorm),
+    "gemma": (GemmaDecoderLayer, GemmaRMSNorm),
+    "olmo2": (Olmo2DecoderLayer, Olmo2RMSNorm),
+}
 
 
 class Decoder(nn.Module):
@@ -196,9 +48,10 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        layer, norm = BLOCKS[config.block]
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.layers = nn.ModuleList(layer(config) for _ in range(config.num_layers))
+        self.norm = norm(config.embed_dim, config.norm_eps)
         # Recompute each layer's activations in backward instead of storing them: memory for time.
         self.activation_checkpointing = False
 
@@ -206,18 +59,18 @@ class Decoder(nn.Module):
         """tokens [B, T] -> hidden states [B, T, E]; see `CausalLM.forward` for the arguments.
 
         The attention inputs (rotary tables, mask or packed lengths, window) are built once here
-        and shared by every layer:
+        for each kind of layer (its window and rotary base; one kind unless `layer_types` mixes
+        sliding and full layers) and shared by every layer of that kind:
 
             seq_lens ─► segments ──► packed rows (one sample per attention call) ─┐
             cache_pos ─► kv_len, causal mask over the cache slots ────────────────┤ (+ sliding band past the window)
-            positions (given, per packed sample from 0, cache_pos, or 0..T-1) ─► cos, sin
-            tokens ─► embed_tokens ─► x ─► layer 0 ... layer N-1 (each: x, cos, sin, mask, packed) ─► norm ─► hidden
+            positions (given, per packed sample from 0, cache_pos, or 0..T-1) ─► cos, sin (per rotary base)
+            tokens ─► embed_tokens (× sqrt(E) for Gemma) ─► x ─► layer 0 ... layer N-1 (each: x + its kind's inputs) ─► norm ─► hidden
         """
         T = tokens.shape[1]
         device = tokens.device
         segments = check_seq_lens(seq_lens, tokens.shape, attn_mask, cache_pos)
         kv_len = 0
-        window = self.config.sliding_window
         if cache_pos is not None:
             # The new tokens occupy slots cache_pos; attention looks at every slot up to the last.
             # A given mask says how many (no GPU sync); else read it off cache_pos, causal.
@@ -226,29 +79,58 @@ class Decoder(nn.Module):
             else:
                 kv_len = int(cache_pos[-1]) + 1
                 attn_mask = (torch.arange(kv_len, device=device) <= cache_pos[:, None])[None, None]
-            if window is not None and kv_len > window:  # slots differ as positions do, padding or not
-                attn_mask = attn_mask & sliding_window_band(cache_pos, kv_len, window)
-        elif window is not None and (T if segments is None else max(max(row) for row in segments)) > window:
-            # Some sequence is longer than the window: an explicit mask (rare; the window is 4096+).
-            if segments is not None:
-                attn_mask, segments = packed_causal_mask(segments, T, device), None
-            elif attn_mask is None:
-                attn_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
-            attn_mask = attn_mask & sliding_window_band(torch.arange(T, device=device), T, window)
         if positions is None:
             if segments is not None:  # each packed sample counts its positions from 0
                 positions = packed_positions(segments).to(device)
             else:
                 positions = cache_pos if cache_pos is not None else torch.arange(T, device=device)
-        packed = None if segments is None else PackedRows.build(segments, tokens.shape[0], device)
         x = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, x.dtype, rope_inv_freq(self.config, device))
-        for layer in self.layers:
+        if self.config.block == "gemma":  # sqrt(E) rounded to the weights' dtype first, as transformers
+            x = x * torch.tensor(self.config.embed_dim**0.5, dtype=x.dtype, device=device)
+        packed = None if segments is None else PackedRows.build(segments, tokens.shape[0], device)
+        q_scale = None
+        if self.config.query_scale_beta is not None:  # Ministral 3: 1 + beta * log(1 + floor(position / original context))
+            scale = 1 + self.config.query_scale_beta * torch.log(1 + torch.floor(positions / self.config.rope_original_max_seq_len))
+            q_scale = scale.view(-1, 1, positions.shape[-1], 1)  # [B or 1, 1, T, 1]
+        rotary: dict[float | None, tuple[Tensor, Tensor]] = {}
+        seq_len = int(positions.max()) + 1 if self.config.rope_type == "longrope" else 0  # longrope's factors depend on it (a sync)
+        kinds: dict[tuple[int | None, float | None], dict] = {}
+        for index, layer in enumerate(self.layers):
+            window, base = self.config.layer_window(index), self.config.layer_rope_base(index)
+            if base not in rotary:  # None: the config's rotary (type, scaling); else a sliding layer's own base, unscaled
+                inv_freq = rope_inv_freq(self.config, device, seq_len) if base is None else None
+                scale = self.config.rope_attention_factor if base is None else 1.0
+                rotary[base] = rope_cos_sin(positions, self.config.rotary_dim, base or self.config.rope_base, x.dtype, inv_freq, scale)
+            if (window, base) not in kinds:
+                mask, rows = self._windowed(window, T, segments, packed, attn_mask, cache_pos, kv_len, device)
+                cos, sin = rotary[base]
+                kinds[window, base] = dict(cos=cos, sin=sin, attn_mask=mask, cache_pos=cache_pos, kv_len=kv_len, packed=rows, q_scale=q_scale)
+            inputs = kinds[window, base]
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False, cos=cos, sin=sin, attn_mask=attn_mask, cache_pos=cache_pos, kv_len=kv_len, packed=packed)
+                x = checkpoint(layer, x, use_reentrant=False, **inputs)
             else:
-                x = layer(x, cos=cos, sin=sin, attn_mask=attn_mask, cache_pos=cache_pos, kv_len=kv_len, packed=packed)
+                x = layer(x, **inputs)
         return self.norm(x)
+
+    @staticmethod
+    def _windowed(
+        window: int | None, T: int, segments: list[list[int]] | None, packed: PackedRows | None, attn_mask: Tensor | None, cache_pos: Tensor | None, kv_len: int, device: torch.device
+    ) -> tuple[Tensor | None, PackedRows | None]:
+        """(mask, packed rows) of a layer with attention `window` (None: full): the band is added only
+        where some query could see past the window; then packed samples become one explicit mask."""
+        if window is None:
+            return attn_mask, packed
+        if cache_pos is not None:
+            # slots differ as positions do, padding or not
+            return (attn_mask & sliding_window_band(cache_pos, kv_len, window) if kv_len > window else attn_mask), None
+        if (T if segments is None else max(max(row) for row in segments)) <= window:
+            return attn_mask, packed
+        # Some sequence is longer than the window: an explicit mask (rare for Mistral's 4096+; Gemma's layers alternate).
+        if segments is not None:
+            attn_mask = packed_causal_mask(segments, T, device)
+        elif attn_mask is None:
+            attn_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+        return attn_mask & sliding_window_band(torch.arange(T, device=device), T, window), None
 
 
 class CausalLM(nn.Module):
@@ -298,15 +180,26 @@ class CausalLM(nn.Module):
 
         Whatever a family does after the head (a logit soft-cap, a scale) goes here, so training,
         DPO, evaluation and generation all compute it; none of them touches `lm_head` itself.
+        Gemma 2's final soft-cap: cap * tanh(logits / cap), as transformers computes it.
         """
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def plain_head_weight(self) -> Tensor | None:
         """The head's [V, E] weight W when `logits(h)` is exactly `h @ W.T` (a bias-free `nn.Linear`, no
         adapter, nothing applied after it), so a chunked kernel may compute the logits itself
-        (`training/loss.py`); None when only `logits` computes them (e.g. a LoRA-adapted head)."""
+        (`training/loss.py`); None when only `logits` computes them (e.g. a LoRA-adapted head, or a
+        soft-capped one: Gemma 2)."""
         head = self.lm_head
-        return head.weight if type(head) is nn.Linear and head.bias is None else None
+        plain = type(head) is nn.Linear and head.bias is None and self.config.final_logit_softcap is None
+        return head.weight if plain else None
+
+    def capped_head(self) -> tuple[Tensor, float] | None:
+        """(W, cap) when `logits(h)` is exactly cap * tanh(h @ W.T / cap): a plain head under a final soft-cap
+        (Gemma 2), which the training loss's chunked kernel applies itself (`training/loss.py`); else None."""
+        head, cap = self.lm_head, self.config.final_logit_softcap
+        return (head.weight, cap) if cap is not None and type(head) is nn.Linear and head.bias is None else None
 
     def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None, seq_lens: list[list[int]] | None = None) -> Tensor:
         """tokens [B, T] -> the final norm's output [B, T, E], before the output head.
@@ -355,5 +248,5 @@ class CausalLM(nn.Module):
                     apply(module.weight, lambda w: nn.init.normal_(w, mean=0.0, std=std))
                 if getattr(module, "bias", None) is not None:
                     apply(module.bias, nn.init.zeros_)
-            elif isinstance(module, RMSNorm):
-                apply(module.weight, nn.init.ones_)
+            elif isinstance(module, RMSNorm):  # 1, or 0 for a (1 + w) norm (Gemma), as transformers initialises them
+                apply(module.weight, lambda w, value=module.init_value: nn.init.constant_(w, value))

@@ -12,11 +12,14 @@ from lightning_tune.tokenizer.base import TokenizerError
 from lightning_tune.tokenizer.gguf import load_gguf_tokenizer
 from lightning_tune.tokenizer.hf import HFTokenizer
 from lightning_tune.tokenizer.sentencepiece import Tokenizer
+from lightning_tune.tokenizer.tiktoken import TiktokenTokenizer, is_tiktoken_file
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
+def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer | TiktokenTokenizer:
     """The tokenizer at `path`: a SentencePiece `.model`, a `tokenizer.json`, or a directory holding
     either (`tokenizer.json` preferred: it is what transformers reads, and it carries the added tokens).
+    A `tokenizer.model` that is Meta's tiktoken ranks file (Llama 3's original/ folder) is read as that
+    (`tokenizer/tiktoken.py`), any other as SentencePiece.
 
     Returns an object with `encode(text, add_bos=, add_eos=)`, `encode_with_offsets`, `decode`,
     `bos_id`, `eos_id`, `eos_ids`, `pad_id`, `vocab_size`, `chat_template`, `special_tokens` and
@@ -30,13 +33,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
         if (path / "tokenizer.json").is_file():
             return HFTokenizer.from_file(path / "tokenizer.json")
         if (path / "tokenizer.model").is_file():
-            return Tokenizer(path / "tokenizer.model")
+            path = path / "tokenizer.model"
+            return TiktokenTokenizer(path) if is_tiktoken_file(path) else Tokenizer(path)
         raise TokenizerError(f"tokenizer {path}: the directory holds neither tokenizer.json nor tokenizer.model")
     if not path.exists():
         raise TokenizerError(f"tokenizer {path}: no such file or directory (expected a SentencePiece .model, a tokenizer.json or a directory holding either)")
     if path.suffix == ".json":
         return HFTokenizer.from_file(path)
-    return Tokenizer(path)
+    return TiktokenTokenizer(path) if is_tiktoken_file(path) else Tokenizer(path)
 
 
 def tokenizer_files(path: str | Path) -> list[Path]:

@@ -25,10 +25,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     hidden and weight (softmax - onehot, times the inputs) are computed right there, chunk by
     chunk, and `backward` only scales them by the incoming scalar. So the full [N, V] logits never
     exist and nothing is recomputed: the same three matmuls as an unchunked head, less memory.
+    With `softcap` (Gemma 2's final cap), each chunk's logits become cap * tanh(logits / cap) in fp32
+    and the gradient through the cap is (softmax - onehot) * (1 - tanh^2).
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, softcap: float | None = None) -> Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -40,11 +42,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             # a fresh buffer this large costs its page faults on every chunk (glibc maps allocations
             # over 32 MiB anew each time), more than the kernel itself on a CPU
             log_probs = logits.float()  # the logits themselves when they are fp32
+            if softcap is not None:
+                slope = (log_probs / softcap).tanh_()  # its own buffer: the logits' is overwritten next
+                torch.mul(slope, softcap, out=log_probs)
+                slope = 1.0 - slope.square_()  # d capped / d logits
             torch.log_softmax(log_probs, dim=-1, out=log_probs)
             loss -= log_probs.gather(1, t[:, None]).sum()
             if need_hidden or need_weight:
                 grad = log_probs.exp_()  # softmax, in place
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d logits
+                if softcap is not None:
+                    grad *= slope
                 if grad.dtype != logits.dtype:
                     grad = logits.copy_(grad)  # rounded once to the compute dtype, into the logits' buffer
                 if need_hidden:
@@ -62,15 +70,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, softcap: float | None = None) -> Tensor:
     """Summed cross-entropy of the logits `hidden @ weight.T` ([N, E] x [V, E]) against `targets` [N].
 
     Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` in value
     and gradients, but the logits exist `chunk_size` rows at a time (see `_LinearCrossEntropySum`).
     Under autocast both operands are cast to the autocast dtype first, as `F.linear` would do.
+    `softcap`: the logits are cap * tanh(logits / cap) (computed in fp32), as `CausalLM.logits` caps them.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -78,7 +87,7 @@ def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, ch
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_size)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_size, softcap)
 
 
 def sequence_logprobs(
@@ -148,6 +157,9 @@ def head_cross_entropy_sum(model: CausalLM, hidden: Tensor, targets: Tensor, chu
     A plain head runs chunked (`linear_cross_entropy_sum`: the [N, V] logits never exist at once);
     `chunk_size` 0 or an adapted head: `F.cross_entropy` on the model's logits. Same loss and gradients.
     """
+    capped = model.capped_head() if chunk_size > 0 else None
+    if capped is not None:  # a plain head with a final soft-cap (Gemma 2): the cap inside the chunks
+        return linear_cross_entropy_sum(hidden, capped[0], targets, chunk_size, capped[1])
     inputs, weight = head_inputs(model, hidden, chunk_size)
     if weight is not None:
         return linear_cross_entropy_sum(inputs, weight, targets, chunk_size)
