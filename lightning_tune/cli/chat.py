@@ -116,9 +116,10 @@ def main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
     from lightning_tune.cli.generate import bare_flags
+    from lightning_tune.cli.parser import summary_of
 
     argv = bare_flags(argv)  # `--compile` alone means `--compile=true`
-    parser = ArgumentParser(prog="python -m lightning_tune chat", description=chat_command.__doc__, exit_on_error=False, default_env=False)
+    parser = ArgumentParser(prog="python -m lightning_tune chat", description=summary_of(chat_command.__doc__), exit_on_error=False, default_env=False)
     parser.add_function_arguments(chat_command, as_positional=False)
     cfg = parser.parse_args(argv)
     return chat_command(**cfg.as_dict())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_tune.cli.errors import UsageError, condense_parse_error
+from lightning_tune.cli.parser import CONFIG_OPTIONS_HELP
 
 # A tiny random-init model on the CPU with the bundled demo data (its tokenizer has 512 ids).
 TINY_MODEL_ARGS = "{vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}"
@@ -111,7 +112,9 @@ def check_config(path: str | Path, *overrides: str, root: str | Path | None = No
 def main(argv: list[str]) -> int:
     """`check-config FILE [--KEY VALUE ...]`: the three checks, one line each."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lightning_tune check-config FILE_OR_NAME [--KEY VALUE ...]\n\n" + __doc__)
+        print(
+            "usage: python -m lightning_tune check-config FILE_OR_NAME [--KEY VALUE ...]\n\n" + __doc__ + "\n" + CONFIG_OPTIONS_HELP.replace("  --config FILE_OR_NAME ", "  FILE_OR_NAME          ", 1)
+        )
         return 0
     if argv[0].startswith("-"):
         raise UsageError("check-config: give the config file first: check-config FILE [--KEY VALUE ...]")

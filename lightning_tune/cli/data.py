@@ -8,8 +8,15 @@ data module `fit` would build; only the data module is instantiated (no model, n
 from __future__ import annotations
 
 from lightning_tune.cli.errors import UsageError
+from lightning_tune.cli.parser import CONFIG_OPTIONS_HELP
 
-USAGE = "usage: python -m lightning_tune data --config FILE_OR_NAME [--data.KEY VALUE ...] [--n N]\n\n" + __doc__
+USAGE = (
+    "usage: python -m lightning_tune data --config FILE_OR_NAME [--data.KEY VALUE ...] [--n N]\n\n"
+    + __doc__
+    + "\n"
+    + CONFIG_OPTIONS_HELP
+    + "\n  --n N                   how many samples to print (default 3)"
+)
 
 
 def split_n(argv: list[str]) -> tuple[int, list[str]]:

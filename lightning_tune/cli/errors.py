@@ -69,9 +69,16 @@ def one_line(err: BaseException) -> str:
     if type(err).__name__ == "DivergenceError":
         return f"error: {err}"
     if type(err).__name__ == UNKNOWN_KEY_ERROR and err.args:  # str(KeyError) would quote it
-        return f"error: {err.args[0]}: a key no parameter has (check its spelling in the config files; `fit --help` lists every key)"
+        from lightning_tune.cli.suggest import did_you_mean
+
+        text = f"{err.args[0]}: a key no parameter has"
+        return f"error: {text}{did_you_mean(text)} (check its spelling in the config files; `fit --help` lists every key)"
     text = str(err) if isinstance(err, UsageError) else condense_parse_error(str(err))
     text = text.strip() or type(err).__name__
+    if not isinstance(err, UsageError):
+        from lightning_tune.cli.suggest import did_you_mean  # a close key or class name, for a misspelt one
+
+        text += did_you_mean(text)
     return "error: " + " ".join(text.split("\n"))
 
 

@@ -107,7 +107,9 @@ def _write_json(results: dict, path: Path) -> None:
 def main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="python -m lightning_tune eval", description=eval_command.__doc__, exit_on_error=False, default_env=False)
+    from lightning_tune.cli.parser import summary_of
+
+    parser = ArgumentParser(prog="python -m lightning_tune eval", description=summary_of(eval_command.__doc__), exit_on_error=False, default_env=False)
     parser.add_function_arguments(eval_command, as_positional=False)
     cfg = parser.parse_args(argv)
     eval_command(**cfg.as_dict())

@@ -47,7 +47,9 @@ def export_command(argv: list[str]):
     (the CLI's error policy prints them)."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="python -m lightning_tune export", description=export.__doc__, exit_on_error=False, default_env=False)
+    from lightning_tune.cli.parser import summary_of
+
+    parser = ArgumentParser(prog="python -m lightning_tune export", description=summary_of(export.__doc__), exit_on_error=False, default_env=False)
     parser.add_function_arguments(export, as_positional=False)
     cfg = parser.parse_args(argv)
     return export(**cfg.as_dict())

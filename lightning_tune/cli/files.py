@@ -13,6 +13,9 @@ def ls(argv: list[str]) -> int:
     """`ls`: every recipe (bundled and registered) and every config folder with its configs."""
     from lightning_tune.cli.recipes import config_folders, recipes
 
+    if argv in (["-h"], ["--help"]):
+        print("usage: python -m lightning_tune ls\n\nList the recipes (bundled and registered by installed packages) and the configs of every config folder, with each config's first comment line.")
+        return 0
     if argv:
         raise UsageError("ls: takes no arguments")
     print("recipes:")
@@ -22,13 +25,31 @@ def ls(argv: list[str]) -> int:
         configs = sorted(folder.glob("*.yaml"))
         print(f"{label} configs ({folder}):" + ("" if configs else " none"))
         for path in configs:
-            first = next((line[1:].strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "")
-            print(f"  {path.name:<28} {first}")
+            print(f"  {path.name:<28} {summary(path.read_text(encoding='utf-8'))}")
     return 0
+
+
+def summary(config_text: str) -> str:
+    """A config's description: its first comment lines up to one that ends a sentence, joined (never cut mid-sentence)."""
+    lines = []
+    for line in config_text.splitlines():
+        if not line.startswith("#") or not line[1:].strip():
+            if lines:
+                break
+            continue
+        lines.append(line[1:].strip())
+        if lines[-1].endswith("."):  # a sentence ends with the line: enough for a listing
+            break
+    return " ".join(lines)
 
 
 def cp(argv: list[str]) -> int:
     """`cp NAME DEST`: copy a config (bundled, or from a config folder) to DEST for editing."""
+    if argv in (["-h"], ["--help"]):
+        print(
+            "usage: python -m lightning_tune cp NAME DEST\n\nCopy the config NAME (a name python -m lightning_tune ls lists, or a path) to DEST (a file, or a folder to copy it into); an existing file is never overwritten."
+        )
+        return 0
     if len(argv) != 2:
         raise UsageError("cp: usage: python -m lightning_tune cp NAME DEST")
     source = find_config(argv[0])

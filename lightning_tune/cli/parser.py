@@ -29,6 +29,24 @@ CONFIG_ENTRY_POINTS = "lightning_tune.configs"
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
+# The options of every verb that reads a recipe config (`fit`'s, and `validate`, `data`, `check-config`), for their --help.
+CONFIG_OPTIONS_HELP = """options:
+  --config FILE_OR_NAME   a config file, or a config's name (python -m lightning_tune ls lists them);
+                          repeat to merge several, later wins
+  --KEY VALUE             any key of the config, overriding it: --trainer.max_steps 100,
+                          --model.init_args.lr 1e-4 (or --model.lr 1e-4), --data.max_seq_len 256
+                          (python -m lightning_tune fit --help lists every trainer and data key;
+                          fit --model.help lightning_tune.LoRAFinetune a recipe's keys)"""
+
+
+def summary_of(doc: str | None) -> str:
+    """A verb function's docstring without its `Args:` section, for `--help`'s description (jsonargparse
+    lists each parameter with its own line of that section already)."""
+    import inspect
+
+    return inspect.cleandoc(doc or "").split("\nArgs:")[0].strip()
+
+
 def entry_point_config_dirs() -> list[Path]:
     """Folders registered by installed packages (`lightning_tune.configs` entry points).
 
@@ -226,6 +244,34 @@ def default_tokenizer_to_checkpoint(config: Any) -> None:
     data_args.tokenizer_path = str(checkpoint_dir)
 
 
+# What a finished run leaves in its default_root_dir (`FinetuneModule.export_to`).
+EXPORT_DIRS = ("adapter", "merged")
+
+
+def checkpoint_callbacks(trainer: Any) -> list:
+    """The trainer's ModelCheckpoint callbacks that know their folder (ours: `derive_run_dirs` sets it)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+
+
+def last_checkpoint_exists(trainer: Any) -> bool:
+    """Whether `--ckpt_path last` finds something to resume: a last*.ckpt (file, or a sharded directory) in a
+    ModelCheckpoint's folder. True when no callback names its folder (Lightning then searches itself)."""
+    callbacks = checkpoint_callbacks(trainer)
+    return not callbacks or any(any(Path(cb.dirpath).glob(f"{cb.CHECKPOINT_NAME_LAST}*.ckpt")) for cb in callbacks)
+
+
+def check_no_finished_run(root: Path) -> None:
+    """Refuse, in one line, a new run whose exports would replace a finished run's adapter/ or merged/ in `root`."""
+    found = [name for name in EXPORT_DIRS if (root / name).exists()]
+    if found:
+        raise UsageError(
+            f"trainer.default_root_dir: {root} holds a finished run's {' and '.join(f'{name}/' for name in found)}, which this run's exports would replace;"
+            " give this run its own --trainer.default_root_dir (or resume that run with --ckpt_path last)"
+        )
+
+
 def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
     """The LightningCLI of the recipes. With `run=False`, argv holds no verb and the CLI only parses
     and instantiates (model, data, trainer): what `validate` and notebooks-from-configs need. With
@@ -289,9 +335,31 @@ def make_cli(argv: list[str], run: bool = True, instantiate: bool = True):
                 if check is not None:  # before the Trainer saves the config: a refused run writes nothing
                     check(self.datamodule)
 
+        def before_fit(self) -> None:
+            """Before anything is written: `--ckpt_path last` with no last checkpoint yet says so in one line
+            (and starts the new run it would start anyway); a new run into a folder holding a finished
+            run's exports is refused (it would replace them)."""
+            fit_args = self.config_init["fit"]
+            if fit_args.get("ckpt_path") == "last" and not last_checkpoint_exists(self.trainer):
+                dirs = ", ".join(str(cb.dirpath) for cb in checkpoint_callbacks(self.trainer))
+                print(f"fit: --ckpt_path last: no last checkpoint in {dirs} to resume; starting a new run", file=sys.stderr)
+                fit_args["ckpt_path"] = None
+            if fit_args.get("ckpt_path") is None and getattr(self.model, "export", False):
+                check_no_finished_run(Path(self.trainer.default_root_dir))
+
         def instantiate_trainer(self, **kwargs: Any):
             from lightning.fabric.utilities.exceptions import MisconfigurationException
+            from lightning.pytorch.callbacks import ProgressBar
 
+            from lightning_tune.training.progress import progress_bar
+
+            # Progress by optimiser step with an ETA (training/progress.py), unless the config turns the bar
+            # off or names its own.
+            trainer = self._get(self.config_init, "trainer", default={})
+            callbacks = trainer.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if trainer.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+                trainer["callbacks"] = [*callbacks, progress_bar()]
             try:
                 return super().instantiate_trainer(**kwargs)
             except MisconfigurationException as err:  # e.g. accelerator cuda on a machine without a GPU

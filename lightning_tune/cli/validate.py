@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_tune.cli.parser import CONFIG_OPTIONS_HELP
+
 if TYPE_CHECKING:
     from lightning_tune.training.memory import MemoryEstimate
 
-USAGE = "usage: python -m lightning_tune validate --config FILE_OR_NAME [--KEY VALUE ...]\n\n" + __doc__
+USAGE = "usage: python -m lightning_tune validate --config FILE_OR_NAME [--KEY VALUE ...]\n\n" + __doc__ + "\n" + CONFIG_OPTIONS_HELP
 
 # The trainer validate instantiates in place of the configured one: it builds on any machine.
 CPU_TRAINER = {"accelerator": "cpu", "strategy": "auto", "devices": 1, "precision": 32, "logger": False}
@@ -64,6 +66,16 @@ def _tokenizer_exists(spec: str) -> bool:
         return resolve_path(spec).exists()
     except ValueError:  # a pkg:// path whose package is not installed
         return False
+
+
+def download_hint(checkpoint_dir: str) -> str:
+    """The `download` command that fetches a missing `checkpoints/OWNER/NAME` (where `download` puts a Hub repository), or ""."""
+    parts = Path(checkpoint_dir).parts
+    if len(parts) >= 3 and parts[-3] == "checkpoints":
+        repo = f"{parts[-2]}/{parts[-1]}"
+        where = "" if Path(checkpoint_dir) == Path("checkpoints", repo) else f" --output_dir {checkpoint_dir}"
+        return f"; fetch it with: python -m lightning_tune download {repo}{where}"
+    return ""
 
 
 def data_path_problems(data: dict[str, Any]) -> list[str]:
@@ -136,12 +148,31 @@ def strategy_problems(trainer: dict[str, Any]) -> list[str]:
     return []
 
 
+def device_problems(trainer: dict[str, Any]) -> list[str]:
+    """What `fit` refuses about the devices on this machine (e.g. accelerator gpu where there is none, more
+    GPUs than it has), found as `fit` finds it: Lightning's Trainer given the configured accelerator,
+    devices and nodes (strategy left to Lightning; `strategy_problems` checks ours). Run `validate` on the
+    machine that will train: another machine's GPUs cannot be checked."""
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    settings = {key: trainer[key] for key in ("accelerator", "devices", "num_nodes") if trainer.get(key) is not None}
+    try:
+        with quiet_lightning():
+            pl.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        message = " ".join(str(err).split())
+        return [f"{'trainer.devices' if 'requested' in message.lower() else 'trainer.accelerator'}: {message} (fit refuses this on this machine)"]
+    return []
+
+
 def instantiate(cli: Any, missing: set[str]) -> tuple[Any, Any]:
     """(model, datamodule) of the parsed config, with a CPU trainer standing in for the real one and
     the recipe's path arguments that name a `missing` path passed as None. The recipe's tokenizer_path
     is linked from the data module's at instantiation, so it is nulled where the recipe is built."""
     from lightning.pytorch.cli import LightningCLI
 
+    from lightning_tune.data.base import DEMO, TokenizedDataModule
     from lightning_tune.recipes import FinetuneModule
 
     for key, value in CPU_TRAINER.items():
@@ -150,7 +181,13 @@ def instantiate(cli: Any, missing: set[str]) -> tuple[Any, Any]:
     def recipe(class_type: type, *args: Any, **kwargs: Any) -> Any:
         return class_type(*args, **{k: None if k in RECIPE_PATHS and v in missing else v for k, v in kwargs.items()})
 
+    def data(class_type: type, *args: Any, **kwargs: Any) -> Any:
+        # A missing local data file is reported by `data_path_problems`; the estimate needs only the
+        # module's batch shape, so it is built on the bundled demo records instead.
+        return class_type(*args, **{**kwargs, "source": DEMO} if kwargs.get("source") in missing else kwargs)
+
     cli.parser.add_instantiator(recipe, FinetuneModule, subclasses=True, prepend=True)
+    cli.parser.add_instantiator(data, TokenizedDataModule, subclasses=True, prepend=True)
     LightningCLI.instantiate_classes(cli)  # the CLI was made with instantiate=False: this is its own step
     return cli.model, cli.datamodule
 
@@ -182,13 +219,15 @@ def check(argv: list[str]) -> Check:
     data_section = resolved.get("data") or {}
     data_section = data_section.get("init_args") or data_section  # `data: {class_path, init_args}` (ChatDataModule)
     checkpoint_dir = model_args.get("checkpoint_dir")
-    missing = [f"model.checkpoint_dir: checkpoint directory {checkpoint_dir!r} does not exist"] if path_missing(checkpoint_dir) else []
+    missing = [f"model.checkpoint_dir: checkpoint directory {checkpoint_dir!r} does not exist{download_hint(checkpoint_dir)}"] if path_missing(checkpoint_dir) else []
     data_problems = data_path_problems(data_section)  # the recipe's tokenizer_path is data's: reported once, under data
     trainer = resolved.get("trainer") or {}
-    problems = strategy_problems(trainer) + missing + data_problems
+    problems = device_problems(trainer) + strategy_problems(trainer) + data_problems + missing  # the download command last
     if missing and model_args.get("model_name") is None and model_args.get("model") is None:  # no size named (`model:` is its old spelling)
         return Check(None, None, trainer, {}, problems, None)  # no architecture to build the recipe from
     nulled = {p for p in (checkpoint_dir, data_section.get("tokenizer_path")) if path_missing(p)}
+    if any(problem.startswith("data.source:") for problem in data_problems):
+        nulled.add(data_section.get("source"))  # built on the demo records (see `instantiate`)
     with quiet_lightning():
         model, data = instantiate(cli, nulled)
     config = model.model_config()  # the checkpoint's config.json, else the named size: no weights read

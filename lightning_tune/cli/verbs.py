@@ -22,7 +22,7 @@ VERBS: dict[str, Verb] = {
     "fit": Verb(
         "lightning_tune.cli.fit:fit",
         "fit",
-        "run a recipe through LightningCLI: --config FILE_OR_NAME, --print_config, --KEY VALUE overrides (fit --help lists every key); --ckpt_path last resumes a run",
+        "run a recipe through LightningCLI: --config FILE_OR_NAME, --print_config, --KEY VALUE overrides (fit --help lists the trainer and data keys, fit --model.help lightning_tune.LoRAFinetune a recipe's); --ckpt_path last resumes a run",
     ),
     "test": Verb("lightning_tune.cli.fit:test", "test", "the recipe's loss on the held-out split (LightningCLI, like fit)"),
     "validate": Verb("lightning_tune.cli.validate:main", "validate", "check a config without training: paths, parameters, memory per device"),

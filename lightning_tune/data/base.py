@@ -26,7 +26,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_tune.data.collate import collate, collate_packed
+from lightning_tune.data.collate import IGNORE_INDEX, collate, collate_packed
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
 from lightning_tune.tokenizer import TokenizerProtocol, load_tokenizer, tokenizer_files
@@ -54,6 +54,9 @@ class TokenizedDataModule(LightningDataModule):
     """
 
     record_kind = "records"  # for messages: "expected <record_kind>"
+    # The Jinja chat template the samples were rendered with, known once set up (None: no chat template);
+    # a fit exports it with the model so every consumer renders conversations as the run trained on them.
+    chat_template_used: str | None = None
     demo_data: Path = ASSETS / "demo.jsonl"
     encoding_version = 1  # bump in a subclass when its encoding changes meaning (old caches unused)
     rows_per_sample = 1  # batch rows per sample (memory estimates count rows)
@@ -90,6 +93,8 @@ class TokenizedDataModule(LightningDataModule):
             pack: Concatenate each batch's samples into one unpadded row with per-sample positions; attention runs within each sample, so no compute goes to padding and each sample's loss is what it is padded (false: right-pad each batch to its longest sample).
         """
         super().__init__()
+        if source != DEMO and Path(source).suffix.lower() in LOADERS and not Path(source).expanduser().exists():
+            raise DataError(f"{source}: no such file")  # before the tokenizer: the file is what is wrong
         if tokenizer_path is None and source != DEMO:
             raise DataError(
                 f"tokenizer_path is required for source {source!r}: a tokenizer file or a checkpoint directory (the CLI takes model.checkpoint_dir's when one is set; only source 'demo' has a bundled tokenizer)"
@@ -265,6 +270,9 @@ class TokenizedDataModule(LightningDataModule):
             desc=f"Tokenizing {self.source}",
         )
         self._check(data, records)
+        untrained = [name for name in data.column_names if name.endswith("labels") and not _has_trained_token(data, name)]
+        if untrained:  # every sample cut to its prompt (e.g. instructions longer than max_seq_len): a run would train on nothing
+            raise DataError(f"{self.source}: no sample has a trained token left within max_seq_len={self.max_seq_len}; raise max_seq_len")
         return data
 
     def _load_records(self) -> datasets.Dataset:
@@ -330,6 +338,14 @@ class TokenizedDataModule(LightningDataModule):
         """For a JSON file `datasets` cannot type (e.g. a number where other records have text): the
         first record the subclass finds wrong, as "record N ...: problem"; None if it finds none."""
         return None
+
+
+def _has_trained_token(data: datasets.Dataset, column: str) -> bool:
+    """Whether any label of `column` (a list per sample) is trained, i.e. not IGNORE_INDEX; counted in Arrow, not Python."""
+    import pyarrow.compute as pc
+
+    labels = pc.list_flatten(data.with_format("arrow")[column])
+    return len(labels) > 0 and pc.any(pc.not_equal(labels, IGNORE_INDEX)).as_py() is True
 
 
 def _files_sha256(paths: list[Path]) -> str:

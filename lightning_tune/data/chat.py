@@ -98,6 +98,10 @@ class ChatDataModule(TokenizedDataModule):
         return self._resolved()[0]
 
     @property
+    def chat_template_used(self) -> str:  # TokenizedDataModule's attribute: known before setup here
+        return self.template
+
+    @property
     def template_name(self) -> str:
         """Which template that is, in words ("the tokenizer's own", "built-in 'chatml'", a file)."""
         return self._resolved()[1]

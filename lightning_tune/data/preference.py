@@ -150,9 +150,10 @@ class PreferenceDataModule(TokenizedDataModule):
         if not self._conversational(records):
             return None
         try:
-            return resolve_template(self.chat_template, self.tokenizer.chat_template, where="data.chat_template")[0]
+            self.chat_template_used = resolve_template(self.chat_template, self.tokenizer.chat_template, where="data.chat_template")[0]
         except ChatTemplateError as error:
             raise DataError(str(error)) from None
+        return self.chat_template_used
 
     def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:
         return {"template": asdict(self.template), "chat_template": self._chat_template(records), "columns": self._columns(records), "truncation": self.truncation}

@@ -188,9 +188,10 @@ class PromptDataModule(TokenizedDataModule):
         if is_text and not self.as_chat:
             return None
         try:
-            return resolve_template(self.chat_template, self.tokenizer.chat_template, where="data.chat_template")[0]
+            self.chat_template_used = resolve_template(self.chat_template, self.tokenizer.chat_template, where="data.chat_template")[0]
         except ChatTemplateError as error:
             raise DataError(str(error)) from None
+        return self.chat_template_used
 
     def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ The tokenizer is ours (SentencePiece or tokenizer.json), the one the model was t
 differs from transformers' (transformers 5's Llama tokenizer encodes a text that *starts* with a space
 without SentencePiece's extra "▁"), our ids are the SentencePiece ones.
 
-This module needs lm-eval (`pip install 'lightning_tune[eval]'`); importing it without raises one line.
+This module needs lm-eval (`pip install 'lm-eval[hf]>=0.4.13'`, or `pip install -e '.[eval]'` in a checkout); importing it without raises one line.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from lightning_tune.generate import generate
 from lightning_tune.model import CausalLM
 from lightning_tune.tokenizer.chat_template import ChatTemplateError
 
-INSTALL_HINT = "lm-eval is not installed: pip install 'lightning_tune[eval]' (lm-eval[hf]>=0.4.13)"
+INSTALL_HINT = "lm-eval is not installed: pip install 'lm-eval[hf]>=0.4.13' (in a lightning_tune checkout: pip install -e '.[eval]')"
 # The offline demo tasks shipped with the package (lightning_tune_choice / _generate / _text and the
 # group lightning_tune that runs all three).
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"

@@ -26,7 +26,7 @@ def import_gguf():
     try:
         import gguf
     except ImportError:
-        raise GGUFError("reading or writing GGUF needs the gguf package: install lightning_tune[gguf] (pip install 'gguf>=0.19')") from None
+        raise GGUFError("reading or writing GGUF needs the gguf package: pip install 'gguf>=0.19' (in a checkout: pip install -e '.[gguf]')") from None
     return gguf
 
 

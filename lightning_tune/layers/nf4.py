@@ -48,7 +48,7 @@ def require_bitsandbytes():
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
-        raise QuantizationError("quantize_base: nf4 needs bitsandbytes, which is not installed: pip install lightning_tune[qlora]") from None
+        raise QuantizationError("quantize_base: nf4 needs bitsandbytes, which is not installed: pip install bitsandbytes (in a checkout: pip install -e '.[qlora]')") from None
     return bnb_functional
 
 

@@ -45,6 +45,9 @@ def check_path(key: str, path: str | None, kind: str) -> None:
         raise ValueError(f"{key}: {kind} {path!r} does not exist")
 
 
+CHAT_TEMPLATE_KEY = "lightning_tune_chat_template"  # in a fit's .ckpt: the chat template its data used
+
+
 class TokenMeanGradients(pl.Callback):
     """Turns the step's accumulated gradients into per-token means (`FinetuneModule.scale_gradients`)
     in `on_before_optimizer_step`. The recipe puts it first among the trainer's callbacks, because
@@ -176,6 +179,7 @@ class FinetuneModule(pl.LightningModule):
         self.compile = compile
         self.model: CausalLM | None = None
         self.tuning: Tuning = Full()  # a recipe with adapters sets its own after this __init__
+        self.chat_template: str | None = None  # the Jinja the run's chat data used (`setup`), exported with the model
         self.check_context_length()
         # Here, not in the recipes: Lightning collects the arguments of every __init__ frame up the
         # call chain from this one, so the recipe's own parameters and these (defaults included) are saved.
@@ -233,6 +237,13 @@ class FinetuneModule(pl.LightningModule):
             if differ:
                 raise CheckpointMismatchError(f"checkpoint: saved with other settings than this run: {'; '.join(differ)}; resume with the checkpoint's values or start a new run")
         self.tuning.on_load_checkpoint(checkpoint, self.state_dict())
+        if isinstance(checkpoint.get(CHAT_TEMPLATE_KEY), str) and self.chat_template is None:
+            self.chat_template = checkpoint[CHAT_TEMPLATE_KEY]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the run's chat template in its checkpoints, so `export --ckpt_path` writes it too."""
+        if self.chat_template is not None:
+            checkpoint[CHAT_TEMPLATE_KEY] = self.chat_template
 
     # ---- model -------------------------------------------------------------------------------
 
@@ -274,6 +285,9 @@ class FinetuneModule(pl.LightningModule):
         self.check_data_module(self.trainer.datamodule)
         if not any(isinstance(callback, TokenMeanGradients) for callback in self.trainer.callbacks):
             self.trainer.callbacks.insert(0, TokenMeanGradients())  # first: see its docstring
+        template = getattr(self.trainer.datamodule, "chat_template_used", None)  # the data modules' Jinja, once set up (chat, pairs, prompts)
+        if isinstance(template, str):
+            self.chat_template = template
 
     def configure_model(self) -> None:
         """Build on the meta device (allocating nothing), then load or randomly initialise.
@@ -521,7 +535,7 @@ class FinetuneModule(pl.LightningModule):
         `state_dict` is the model's full state dict (default: `self.model.state_dict()`).
         """
         self.tuning.export_to(self.model, output_dir, state_dict, self.checkpoint_dir)
-        save_hf_checkpoint(self.export_state_dict(state_dict), self.model.config, output_dir / "merged", tokenizer_path=self.tokenizer_path)
+        save_hf_checkpoint(self.export_state_dict(state_dict), self.model.config, output_dir / "merged", tokenizer_path=self.tokenizer_path, chat_template=self.chat_template)
 
     def export_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The base model's weights to export (adapters folded in), from the model's full state dict

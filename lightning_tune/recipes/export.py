@@ -112,7 +112,7 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
         if not module.tuning.frozen_base:  # full fine-tuning (and full DPO): no adapters
             raise CheckpointError(f"{ckpt_path}: a full fine-tuning checkpoint has no adapters; use --format hf")
         return save_peft_adapter(module.model, output, base_model_name_or_path=module.checkpoint_dir)
-    return save_hf_checkpoint(module.export_state_dict(), module.model.config, output, tokenizer_path=module.tokenizer_path)
+    return save_hf_checkpoint(module.export_state_dict(), module.model.config, output, tokenizer_path=module.tokenizer_path, chat_template=module.chat_template)
 
 
 def export_gguf(
@@ -133,10 +133,12 @@ def export_gguf(
     """
     check_outtype(outtype)
     check_gguf_target(resolve_path(output).absolute(), modelfile=True)  # before the model is built: a refused output costs nothing
+    chat_template = None  # the tokenizer's own (a fit's merged/ holds the run's)
     if ckpt_path is not None:
         module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path)
         state, config = module.export_state_dict(), module.model.config
         tokenizer = tokenizer_path or module.tokenizer_path or module.checkpoint_dir
+        chat_template = module.chat_template  # the one the run's chat data used
     elif checkpoint_dir is not None:
         model = from_pretrained(checkpoint_dir)
         state, config = model.state_dict(), model.config
@@ -145,4 +147,4 @@ def export_gguf(
         raise GGUFError("export --format gguf: give --ckpt_path (a fit's checkpoint) or --checkpoint_dir (a Hugging Face directory or a .gguf)")
     if tokenizer is None:
         raise GGUFError(f"{output}: the run has no tokenizer to write into the GGUF; pass --tokenizer_path")
-    return save_gguf(state, config, output, outtype=outtype, tokenizer=tokenizer)
+    return save_gguf(state, config, output, outtype=outtype, tokenizer=tokenizer, chat_template=chat_template)

@@ -63,7 +63,7 @@ class GRPOFinetune(FinetuneModule):
         scale_rewards: group (divide by the group's std), batch (the batch's std, Lite-PPO) or none (Dr. GRPO).
         num_iterations: μ, optimiser steps per sampled batch; > 1 keeps the sampling policy's log-probabilities as the old policy.
         mask_truncated_completions: Leave completions without an end token out of the loss (DAPO).
-        reward_funcs: Reward functions: built-ins (accuracy, format, overlong, numeric) or import paths (my_rewards.correct) of f(prompts, completions, completion_ids, **columns) -> list[float | None]. Imported when training starts, only from the config or command line, never from a checkpoint.
+        reward_funcs: Reward functions: built-ins (accuracy, format, overlong, numeric), reward model directories (a RewardModel export or a transformers sequence classifier) or import paths (my_rewards.correct) of f(prompts, completions, completion_ids, **columns) -> list[float | None]. Imported when training starts, only from the config or command line, never from a checkpoint.
         reward_weights: One weight per reward function (null: all 1.0).
         sampling_seed: Seeds the rollouts; each step's generator is derived from it and the step, so a resumed run samples what the uninterrupted run sampled.
         lr: Peak learning rate (TRL's 1e-6).
@@ -76,7 +76,7 @@ class GRPOFinetune(FinetuneModule):
         lora_attn_modules: Attention projections to adapt: q_proj, k_proj, v_proj, o_proj.
         apply_lora_to_mlp: Also adapt the MLP (gate_proj, up_proj, down_proj).
         apply_lora_to_output: Also adapt the output head (lm_head).
-        quantize_base: nf4 = QLoRA (the frozen linears in 4-bit NF4; needs lightning_tune[qlora]); null = the compute dtype.
+        quantize_base: nf4 = QLoRA (the frozen linears in 4-bit NF4; needs bitsandbytes (pip install bitsandbytes; in a checkout pip install -e ".[qlora]")); null = the compute dtype.
         use_dora: DoRA: also train a magnitude per output row of each adapted layer (PEFT's formula).
         **kwargs: The parameters of `FinetuneModule` (model_name, checkpoint_dir, ...).
     """

@@ -27,7 +27,7 @@ class LoRAFinetune(FinetuneModule):
         apply_lora_to_output: Also adapt the output head (lm_head).
         quantize_base: nf4 = QLoRA: store the adapted layers' frozen weights in 4-bit NF4 (bitsandbytes'
             format, blocks of 64, double-quantised absmax), dequantised per forward; needs
-            lightning_tune[qlora]. null = keep them in the compute dtype.
+            bitsandbytes (pip install bitsandbytes; in a checkout pip install -e ".[qlora]"). null = keep them in the compute dtype.
         use_dora: DoRA: also train a magnitude per output row of each adapted layer (PEFT's formula).
         **kwargs: The parameters of `FinetuneModule` (model_name, checkpoint_dir, lr, ...).
     """

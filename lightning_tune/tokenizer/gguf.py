@@ -15,6 +15,7 @@ from lightning_tune.io.paths import resolve_path
 if TYPE_CHECKING:
     import tokenizers
 from lightning_tune.io.gguf import GGUFError, check_architecture, is_gguf, open_gguf, read_metadata
+from lightning_tune.tokenizer.base import find_chat_template
 from lightning_tune.tokenizer.hf import HFTokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type / gguf-py TokenType).
@@ -377,8 +378,11 @@ def vocab_metadata(source: str | Path) -> VocabMetadata:
     if path.suffix == ".json":
         return _vocab_from_tokenizer_json(path)
     config_file = path.parent / "tokenizer_config.json"
-    template = json.loads(config_file.read_text()).get("chat_template") if config_file.is_file() else None
-    return _vocab_from_sentencepiece(path, template if isinstance(template, str) else None)
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return _vocab_from_sentencepiece(path, find_chat_template(path.parent, config if isinstance(config, dict) else {}))  # chat_template.jinja first, as transformers
+
+
+CHAT_TEMPLATE_FIELD = "tokenizer.chat_template"
 
 
 def write_vocab(writer: Any, vocab: VocabMetadata, vocab_size: int, path: Path) -> None:
@@ -386,17 +390,15 @@ def write_vocab(writer: Any, vocab: VocabMetadata, vocab_size: int, path: Path) 
     if len(vocab.tokens) > vocab_size:
         raise GGUFError(f"{path}: the tokenizer has {len(vocab.tokens)} tokens but the model only {vocab_size} embedding rows")
     padding = [f"[PAD{i}]" for i in range(len(vocab.tokens), vocab_size)]
-    if vocab.raw_fields is not None and not padding:
-        for key, value, vtype, sub_type in vocab.raw_fields:
-            writer.add_key_value(key, value, vtype, sub_type=sub_type)
-        return
-    if vocab.raw_fields is not None:  # a GGUF source with fewer tokens than rows: rewrite the list fields
-        copied = {key: (value, vtype, sub_type) for key, value, vtype, sub_type in vocab.raw_fields}
+    if vocab.raw_fields is not None:  # a GGUF source: its fields copied (the lists padded to the rows), the chat template ours
+        copied = {key: (value, vtype, sub_type) for key, value, vtype, sub_type in vocab.raw_fields if key != CHAT_TEMPLATE_FIELD}
         for key, (value, vtype, sub_type) in copied.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            if padding and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
                 extra = padding if key.endswith("tokens") else [UNUSED] * len(padding) if key.endswith("type") else [-1000.0] * len(padding)
                 value = list(value) + extra
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        if vocab.chat_template is not None:
+            writer.add_chat_template(vocab.chat_template)
         return
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre is not None:

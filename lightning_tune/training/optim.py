@@ -30,7 +30,7 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         module = importlib.import_module(module_name)
     except ImportError as err:
         if module_name.split(".")[0] == "bitsandbytes":
-            raise ValueError(f"optimizer: {name} needs bitsandbytes: install lightning_tune[qlora]") from None
+            raise ValueError(f"optimizer: {name} needs bitsandbytes: pip install bitsandbytes (in a checkout: pip install -e '.[qlora]')") from None
         raise ValueError(f"optimizer: cannot import {module_name!r} for {name!r} ({err}); expected a class path such as torch.optim.AdamW") from None
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):

@@ -215,3 +215,106 @@ def test_lora_run_on_a_random_base_exports_its_adapter_only(tmp_path) -> None:
     assert not (tmp_path / "merged").exists()
     adapter = export_command(["--ckpt_path", ckpt, "--format", "peft", "--output", str(tmp_path / "adapter")])
     assert (Path(adapter) / "adapter_config.json").is_file()
+
+
+# A fit's exports carry the chat template its data used (#30): `chat --checkpoint_dir out/RUN/merged` needs no
+# --chat_template, transformers' apply_chat_template on merged/ gives the trained ids, the GGUF carries it.
+
+RUN_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
+CONVERSATIONS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the tea"}, {"role": "assistant", "content": "hot"}],
+    [{"role": "user", "content": "then?"}, {"role": "assistant", "content": "the end"}, {"role": "user", "content": "the"}, {"role": "assistant", "content": "tea"}],
+]
+
+
+def byte_level_tokenizer(folder: Path) -> Path:
+    """A byte-level BPE tokenizer.json (what GGUF and transformers both read) of 256 ids and no chat template of its own."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from lightning_tune.tokenizer.gguf import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    vocab = {table[b]: b for b in range(253)}  # bytes 253..255 never occur in UTF-8 text
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory) -> tuple[Path, object]:
+    import json
+
+    import lightning_tune as lt
+
+    root = tmp_path_factory.mktemp("chat_run")
+    tokenizer = byte_level_tokenizer(root / "tokenizer")
+    source = root / "chats.jsonl"
+    source.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in CONVERSATIONS))
+    data = lt.ChatDataModule(source=str(source), tokenizer_path=str(tokenizer), chat_template=RUN_TEMPLATE, max_seq_len=64, batch_size=2, shuffle=False, cache_dir=str(root / "cache"))
+    torch.manual_seed(0)
+    module = FullFinetune(model_name="tiny_llama2", model_args={**TINY, "vocab_size": 256}, tokenizer_path=str(tokenizer), lr=1e-3, warmup_steps=0)  # the CLI links it from data
+    checkpoints = ModelCheckpoint(dirpath=root / "run" / "checkpoints", save_last=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root / "run", callbacks=[checkpoints], plugins=[AtomicCheckpointIO()]
+    )
+    trainer.fit(module, datamodule=data)
+    return root / "run", data
+
+
+def test_merged_carries_the_runs_chat_template_as_transformers_reads_it(chat_run) -> None:
+    transformers = pytest.importorskip("transformers")
+    from lightning_tune.tokenizer import load_tokenizer
+
+    run, data = chat_run
+    merged = run / "merged"
+    assert (merged / "chat_template.jinja").read_text() == RUN_TEMPLATE  # transformers 5's file
+    assert load_tokenizer(merged).chat_template == RUN_TEMPLATE  # what chat / generate --template chat use
+    theirs = transformers.AutoTokenizer.from_pretrained(merged)
+    assert theirs.chat_template == RUN_TEMPLATE
+    for index, messages in enumerate(CONVERSATIONS):  # shuffle=False, no validation split: sample i is record i
+        ids = theirs.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert ids == data.train_dataset[index]["input_ids"], index
+
+
+def test_chat_on_merged_needs_no_chat_template(chat_run, monkeypatch, capsys) -> None:
+    """The README's `chat --checkpoint_dir out/tiny_chat/merged` exited 2 ("no chat template") before #30."""
+    import io
+
+    from lightning_tune.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("the tea\n/exit\n"))
+    assert main(["chat", "--checkpoint_dir", str(chat_run[0] / "merged"), "--max_new_tokens", "2", "--device", "cpu"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_exports_from_the_checkpoint_carry_the_chat_template_too(chat_run, tmp_path) -> None:
+    """`export --ckpt_path` (hf and gguf) and a GGUF of merged/ write the run's template, though the tokenizer has none."""
+    gguf = pytest.importorskip("gguf")
+    from lightning_tune.recipes.export import export_gguf
+
+    run, _ = chat_run
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    out = export_command(["--ckpt_path", ckpt, "--format", "hf", "--output", str(tmp_path / "hf")])
+    assert (Path(out) / "chat_template.jinja").read_text() == RUN_TEMPLATE
+    for name, kwargs in (("from_ckpt", {"ckpt_path": ckpt}), ("from_merged", {"checkpoint_dir": str(run / "merged")})):
+        path = export_gguf(tmp_path / name / "model.gguf", outtype="f32", **kwargs)
+        field = gguf.GGUFReader(path).fields["tokenizer.chat_template"]
+        assert field.contents() == RUN_TEMPLATE, name
+        modelfile = (path.parent / "Modelfile").read_text()  # ChatML's tokens in another layout: no ChatML TEMPLATE for Ollama
+        assert "TEMPLATE" not in modelfile.replace("# TEMPLATE", "") and 'PARAMETER stop "<|im_end|>"' in modelfile, name
+
+
+def test_modelfile_says_chatml_only_for_templates_that_render_as_chatml() -> None:
+    from lightning_tune.checkpoint.gguf import renders_as_chatml
+    from lightning_tune.tokenizer.chat_template import CHATML, LLAMA2
+
+    spelled_out = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    assert renders_as_chatml(CHATML) and renders_as_chatml(spelled_out)
+    assert not renders_as_chatml(RUN_TEMPLATE) and not renders_as_chatml(LLAMA2) and not renders_as_chatml(None)

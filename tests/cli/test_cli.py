@@ -309,3 +309,100 @@ def test_tokenizer_path_defaults_to_the_checkpoint(config, tokenizer_key, tmp_pa
     assert parsed("--model.init_args.checkpoint_dir=null")[tokenizer_key] is None
     (tmp_path / "bare").mkdir()  # a checkpoint without a tokenizer: left unset (source demo: the demo tokenizer)
     assert parsed(f"--model.init_args.checkpoint_dir={tmp_path / 'bare'}")[tokenizer_key] is None
+
+
+def test_no_silent_wrong_runs(tmp_path):
+    """#30 item 5, each exit 0 before: instruction data whose max_seq_len leaves no trained token is refused
+    (as chat and preference data are); `--ckpt_path last` with nothing to resume says so in one line; a new
+    run into a finished run's folder is refused instead of replacing its merged/ (resuming it is not)."""
+    tiny = "--model.init_args.model_args={vocab_size: 512, num_layers: 1, num_heads: 2, num_kv_heads: 2, embed_dim: 16, intermediate_dim: 32}"
+    run = tmp_path / "run"
+    quick = [
+        tiny,
+        "--data.batch_size=2",
+        "--data.val_size=0",
+        "--trainer.limit_val_batches=0",
+        "--trainer.val_check_interval=null",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={run}",
+    ]
+    cases = [
+        [*TINY_FIT, "--data.max_seq_len=30", f"--trainer.default_root_dir={tmp_path / 'short_instruct'}"],
+        ["fit", "--config", "tiny_chat.yaml", "--data.init_args.max_seq_len=8", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path / 'short_chat'}"],
+        ["fit", "--config", "tiny_dpo.yaml", "--data.init_args.max_seq_len=8", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path / 'short_dpo'}"],
+        [*TINY_FIT, *quick, "--data.max_seq_len=64", "--ckpt_path=last"],  # nothing to resume yet: one line, then a new run
+        [*TINY_FIT, *quick, "--data.max_seq_len=64"],  # a new run into the finished one: refused
+        [*TINY_FIT, *quick, "--data.max_seq_len=64", "--ckpt_path=last"],  # resuming the finished run: allowed
+    ]
+    (short_instruct, short_chat, short_dpo, fresh, again, resumed) = run_cases(cases)
+    for (code, lines), expected in ((short_instruct, "max_seq_len=30"), (short_chat, "max_seq_len=8"), (short_dpo, "max_seq_len=8")):
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and expected in errors[0] and ("no sample has a trained token" in errors[0] or "leaving nothing of" in errors[0]), lines
+    assert not any((tmp_path / name).exists() for name in ("short_instruct", "short_chat", "short_dpo"))
+    code, lines = fresh
+    assert code == 0 and f"fit: --ckpt_path last: no last checkpoint in {run / 'checkpoints'} to resume; starting a new run" in lines, lines
+    assert not any("no last checkpoint available" in line for line in lines)  # Lightning's own multi-line warning: replaced
+    assert not [line for line in lines if any(noise in line for noise in ("litlogger", "LeafSpec", "set_vital"))], lines  # item 6: filtered
+    merged = {p.name: p.read_bytes() for p in (run / "merged").iterdir()}
+    code, lines = again
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "holds a finished run's adapter/ and merged/" in errors[0], lines
+    assert {p.name: p.read_bytes() for p in (run / "merged").iterdir()} == merged
+    assert resumed[0] == 0, resumed
+
+
+def test_known_third_party_noise_is_filtered_and_nothing_else(caplog):
+    """#30 item 6: exactly the messages `cli/noise.py` lists are dropped, as the entry point installs them;
+    a different message from the same logger, or the same text as another warning category, still shows."""
+    import logging
+    import warnings
+
+    from lightning_tune.cli.noise import LOG_LINES, WARNINGS, filter_known_noise
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filter_known_noise()
+        for start, category in WARNINGS:
+            warnings.warn(start + " (the rest of the message)", category, stacklevel=1)
+            warnings.warn("an unrelated " + category.__name__, category, stacklevel=1)
+            warnings.warn(start, DeprecationWarning, stacklevel=1)  # another category: not ours to hide
+    assert sorted(str(w.message) for w in seen) == sorted([*(f"an unrelated {c.__name__}" for _, c in WARNINGS), *(s for s, _ in WARNINGS)])
+    caplog.set_level(logging.INFO)
+    for name, starts in LOG_LINES.items():
+        for start in starts:
+            logging.getLogger(name).warning(start + " and the rest")
+        logging.getLogger(name).warning("a real problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"] * len(LOG_LINES)
+
+
+def test_every_verb_has_help_with_its_options(capsys):
+    """#30 item 8: `ls --help` and `cp --help` exited 2; data, validate and check-config listed no options;
+    generate --help printed each parameter's doc twice (in the description and in its option)."""
+    for verb in ("ls", "cp", "data", "validate", "check-config"):
+        assert main([verb, "--help"]) == 0, verb
+        out = capsys.readouterr().out
+        assert out.startswith("usage: python -m lightning_tune " + verb), verb
+        if verb not in ("ls", "cp"):
+            assert "--KEY VALUE" in out and "--model.help" in out, verb
+    assert "--n N" in (main(["data", "--help"]), capsys.readouterr().out)[1]
+    for verb in ("generate", "chat", "eval", "export"):
+        with pytest.raises(SystemExit) as exit:
+            main([verb, "--help"])
+        assert exit.value.code == 0
+        out = capsys.readouterr().out
+        assert "Args:" not in out and out.count("Random seed") <= 1 and out.count("Tensor type") + out.count("type of the 2-D weights") <= 1, verb
+
+
+def test_misspelt_keys_and_classes_get_a_close_match(capsys):
+    """#30 item 8: "did you mean" for a key or class name one edit away, in the same one error line."""
+    from lightning_tune.cli.suggest import did_you_mean
+
+    assert did_you_mean("model: Option 'lora_rnak' is not accepted") == "; did you mean lora_rank?"
+    assert did_you_mean("unrecognized arguments: --trainer.max_stepz 3") == "; did you mean trainer.max_steps?"
+    assert did_you_mean("unrecognized arguments: --data.max_seq_lne 4") == "; did you mean data.max_seq_len?"
+    assert did_you_mean("model: Expected a path but LoraFinetune either not accessible or invalid") == "; did you mean lightning_tune.LoRAFinetune?"
+    assert did_you_mean("model: Option 'zzzz' is not accepted") == ""  # nothing close: no guess
+    assert did_you_mean("lr: must be > 0, got -1") == ""
+    assert main(["validate", "--config", "tiny_lora.yaml", "--model.lora_rnak", "4"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: model: Option 'lora_rnak' is not accepted; did you mean lora_rank?"], lines

@@ -209,3 +209,14 @@ def test_model_parallel_strategy_with_tensor_parallelism_is_reported():
     assert strategy_problems(dp_only) == []
     assert strategy_problems({"strategy": "fsdp2", "devices": 8, "num_nodes": 4}) == []
     assert strategy_problems({"strategy": "ddp", "devices": 8}) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a GPU")
+def test_validate_checks_the_devices_fit_checks(tmp_path, capsys, monkeypatch):
+    """#30: validate said "config OK" for accelerator gpu on a machine without one, which fit refuses."""
+    monkeypatch.chdir(tmp_path)
+    assert validate_command(["--config", "tiny_lora.yaml", "--trainer.accelerator=gpu", "--trainer.devices=2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: trainer.accelerator: ") and "fit refuses this on this machine" in errors[0], errors
+    assert validate_command(["--config", "tiny_lora.yaml", "--trainer.devices=2"]) == 0  # two CPU processes: fit runs them
+    assert not any(tmp_path.iterdir())

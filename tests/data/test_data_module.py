@@ -284,12 +284,15 @@ def test_bad_files(llama2_tokenizer_path, tmp_path) -> None:
 def test_bad_settings_fail_in_init(tmp_path, llama2_tokenizer_path) -> None:
     text = tmp_path / "data.txt"
     text.write_text("hello")
+    (tmp_path / "real.json").write_text("[]")
     tok = str(llama2_tokenizer_path)
     cases = [
         (dict(source=str(text), tokenizer_path=tok), f"{text}: unsupported file type '.txt'; use .json, .jsonl, .csv or .parquet"),
         (dict(source="missing.tsv", tokenizer_path=tok), "unsupported file type '.tsv'"),
         (dict(source="demo", template="alpaka"), "unknown prompt template 'alpaka'; choose one of: alpaca, none"),
-        (dict(source="data.json"), "tokenizer_path is required for source 'data.json'"),
+        (dict(source=str(text.with_suffix(".json"))), f"{text.with_suffix('.json')}: no such file"),  # not "tokenizer_path is required"
+        (dict(source=str(text.with_suffix(".json")), tokenizer_path=tok), f"{text.with_suffix('.json')}: no such file"),
+        (dict(source=str(tmp_path / "real.json")), f"tokenizer_path is required for source '{tmp_path / 'real.json'}'"),
         (dict(source="demo", column_map={"response": "x"}), "column_map: unknown field(s) ['response']"),
         (dict(source="demo", max_seq_len=1), "max_seq_len must be at least 2"),
         (dict(source="demo", batch_size=0), "batch_size must be at least 1"),

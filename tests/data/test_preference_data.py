@@ -60,3 +60,20 @@ def test_conversational_pairs_train_what_trl_trains(name: str, tmp_path: Path) -
             trailing += reference.decode(theirs[side]).endswith("<|im_end|>\n")
     # Qwen 3's template ends every turn with "<|im_end|>\n": the test covers the case that differed.
     assert trailing == (2 * len(PAIRS) if name == "qwen3_tokenizer" else 0)
+
+
+def test_the_chat_template_the_pairs_used_is_known_for_the_export(tmp_path: Path) -> None:
+    """A fit exports the template its data was rendered with (#30): conversational pairs name theirs once set
+    up, string pairs (no chat template) none."""
+    from lightning_tune.data.base import DEMO_TOKENIZER
+    from lightning_tune.tokenizer.chat_template import resolve_template
+
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
+    chat = PreferenceDataModule(source=str(source), tokenizer_path=str(DEMO_TOKENIZER), chat_template="llama2", max_seq_len=128, val_size=0, cache_dir=str(tmp_path / "c"))
+    assert chat.chat_template_used is None  # known once set up
+    chat.setup("fit")
+    assert chat.chat_template_used == resolve_template("llama2", None)[0]
+    strings = PreferenceDataModule(source="demo", max_seq_len=64, val_size=0, cache_dir=str(tmp_path / "c"))
+    strings.setup("fit")
+    assert strings.chat_template_used is None
