@@ -31,6 +31,11 @@ _EXPORTS = {
     "DPOFinetune": "lightning_tune.recipes",
     "GRPOFinetune": "lightning_tune.recipes",
     "grpo_loss": "lightning_tune.training.grpo",
+    "ORPOFinetune": "lightning_tune.recipes",
+    "SimPOFinetune": "lightning_tune.recipes",
+    "RewardModel": "lightning_tune.recipes",
+    "KTOFinetune": "lightning_tune.recipes",
+    "UnpairedDataModule": "lightning_tune.data",
     "PreferenceDataModule": "lightning_tune.data",
     "PromptDataModule": "lightning_tune.data",
     "InstructDataModule": "lightning_tune.data",
@@ -43,11 +48,11 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from lightning_tune.checkpoint import from_pretrained
     from lightning_tune.cli.check import check_config
-    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule, PromptDataModule
+    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule, PromptDataModule, UnpairedDataModule
     from lightning_tune.evaluation.callback import LMEvalCallback
     from lightning_tune.layers.onednn import use_onednn_linears_
     from lightning_tune.model import CausalLM, Llama, LlamaConfig, ModelConfig, llama2, llama2_7b, llama2_13b, llama2_70b, model_config
-    from lightning_tune.recipes import DPOFinetune, FullFinetune, GRPOFinetune, LoRAFinetune
+    from lightning_tune.recipes import DPOFinetune, FullFinetune, GRPOFinetune, KTOFinetune, LoRAFinetune, ORPOFinetune, RewardModel, SimPOFinetune
     from lightning_tune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
     from lightning_tune.training.grpo import grpo_loss
 

@@ -61,18 +61,25 @@ def describe(cls: type, prefix: str, doc_source, package: str) -> str:
 
 def render() -> str:
     """The whole reference as markdown."""
-    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule
-    from lightning_tune.recipes import DPOFinetune, FullFinetune, LoRAFinetune
+    from lightning_tune.data import ChatDataModule, InstructDataModule, PreferenceDataModule, PromptDataModule, UnpairedDataModule
+    from lightning_tune.recipes import DPOFinetune, FullFinetune, GRPOFinetune, KTOFinetune, LoRAFinetune, ORPOFinetune, RewardModel, SimPOFinetune
 
     sections = [
         "# `model:` recipes\n\nSet `model.class_path` to one of these; the keys below go under `model.init_args`.\n",
         describe(LoRAFinetune, "model.init_args.", LoRAFinetune, "lightning_tune"),
         describe(FullFinetune, "model.init_args.", FullFinetune, "lightning_tune"),
         describe(DPOFinetune, "model.init_args.", DPOFinetune, "lightning_tune"),
+        describe(ORPOFinetune, "model.init_args.", ORPOFinetune, "lightning_tune"),
+        describe(SimPOFinetune, "model.init_args.", SimPOFinetune, "lightning_tune"),
+        describe(KTOFinetune, "model.init_args.", KTOFinetune, "lightning_tune"),
+        describe(RewardModel, "model.init_args.", RewardModel, "lightning_tune"),
+        describe(GRPOFinetune, "model.init_args.", GRPOFinetune, "lightning_tune"),
         "# `data:`\n\nA flat `data:` section is the instruction data module; the others are named with\n`data: {class_path: lightning_tune.ChatDataModule, init_args: {...}}`.\n",
         describe(InstructDataModule, "data.", InstructDataModule.__init__, "lightning_tune.data"),
         describe(ChatDataModule, "data.init_args.", ChatDataModule.__init__, "lightning_tune.data"),
         describe(PreferenceDataModule, "data.init_args.", PreferenceDataModule.__init__, "lightning_tune.data"),
+        describe(UnpairedDataModule, "data.init_args.", UnpairedDataModule.__init__, "lightning_tune.data"),
+        describe(PromptDataModule, "data.init_args.", PromptDataModule.__init__, "lightning_tune.data"),
     ]
     return HEADER + "\n" + "\n".join(sections)
 

@@ -11,6 +11,7 @@ from lightning_tune.data.preference import PreferenceDataModule
 from lightning_tune.data.prompts import PromptDataModule
 from lightning_tune.data.sampler import LengthGroupedSampler
 from lightning_tune.data.templates import PromptTemplate, get_template
+from lightning_tune.data.unpaired import UnpairedDataModule, collate_unpaired
 
 __all__ = [
     "ChatDataModule",
@@ -22,9 +23,11 @@ __all__ = [
     "PromptDataModule",
     "PromptTemplate",
     "TokenizedDataModule",
+    "UnpairedDataModule",
     "collate",
     "collate_packed",
     "collate_pairs",
+    "collate_unpaired",
     "encode_conversation",
     "encode_sample",
     "get_template",

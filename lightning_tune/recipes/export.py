@@ -20,6 +20,7 @@ from lightning_tune.io.files import CheckpointError, check_export_target
 from lightning_tune.io.gguf import GGUFError
 from lightning_tune.io.paths import resolve_path
 from lightning_tune.recipes.base import FinetuneModule
+from lightning_tune.recipes.reward_model import RewardModel
 
 # Hyper-parameters LightningCLI adds beside the recipe's own arguments.
 CLI_KEYS = ("_class_path", "_instantiator")
@@ -108,6 +109,10 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
     """
     check_export_target(output, format)  # before the model is built: a refused output costs nothing
     module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path, need_base=format != "peft")
+    if isinstance(module, RewardModel):  # a sequence classifier (score head), not a causal LM
+        if format == "peft":
+            raise CheckpointError(f"{ckpt_path}: a reward model's adapter alone would lack its score head; use --format hf (a sequence-classification directory)")
+        return module.save_merged(output)
     if format == "peft":
         if not module.tuning.frozen_base:  # full fine-tuning (and full DPO): no adapters
             raise CheckpointError(f"{ckpt_path}: a full fine-tuning checkpoint has no adapters; use --format hf")
@@ -136,6 +141,8 @@ def export_gguf(
     chat_template = None  # the tokenizer's own (a fit's merged/ holds the run's)
     if ckpt_path is not None:
         module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path)
+        if isinstance(module, RewardModel):
+            raise GGUFError(f"{ckpt_path}: a reward model exports as a transformers sequence classifier (--format hf), not as GGUF")
         state, config = module.export_state_dict(), module.model.config
         tokenizer = tokenizer_path or module.tokenizer_path or module.checkpoint_dir
         chat_template = module.chat_template  # the one the run's chat data used

@@ -205,3 +205,57 @@ def dpo_loss(
         flipped = -label_smoothing * F.logsigmoid(-beta * delta)
         losses = (clean - flipped) / (1 - 2 * label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (branch at -ln 2, as TRL's ORPO)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_odds_ratio(chosen_avg: Tensor, rejected_avg: Tensor) -> tuple[Tensor, Tensor]:
+    """ORPO's per-pair odds-ratio term log sigmoid(log-odds(y_w) - log-odds(y_l)) and the log odds ratio
+    itself, on average per-token log-probabilities, log-odds(y) = logp - log(1 - exp(logp)) (TRL 1.16's
+    `ORPOTrainer.odds_ratio_loss`, arXiv 2403.07691 eqs. 4 and 7). The loss subtracts beta times the first."""
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    return F.logsigmoid(log_odds), log_odds
+
+
+def simpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, beta: float, gamma: float, label_smoothing: float = 0.0) -> Tensor:
+    """SimPO's per-pair loss -log sigmoid(beta (avg logp_w - avg logp_l) - gamma), with TRL's conservative
+    label smoothing (`CPOTrainer(loss_type="simpo").cpo_loss`, AlphaPO off)."""
+    margin = beta * (chosen_avg - rejected_avg - gamma / beta)  # TRL's order of operations
+    return -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None, center_coefficient: float | None = None) -> Tensor:
+    """A reward model's loss on a batch of pairs' scores, as TRL 1.16's `RewardTrainer.compute_loss`:
+    mean(-log sigmoid(r_c - r_r - margin)) + c * mean((r_c + r_r)^2) (centring, arXiv 2312.09244) when given."""
+    delta = chosen - rejected if margin is None else chosen - rejected - margin
+    loss = -F.logsigmoid(delta).mean()
+    if center_coefficient is not None:
+        loss = loss + center_coefficient * torch.mean((chosen + rejected) ** 2)
+    return loss
+
+
+KTOLoss = Literal["kto", "apo_zero_unpaired"]
+
+
+def kto_loss(
+    logratios: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    beta: float,
+    loss_type: KTOLoss = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """Per-sample losses of unpaired completions, as TRL 1.16's `KTOTrainer`: with the log-ratio
+    r = log pi(y|x) - log ref(y|x) and the (detached, clamped) KL estimate z, kto gives desirable
+    w_d (1 - sigmoid(beta (r - z))) and undesirable w_u (1 - sigmoid(beta (z - r))) (arXiv 2402.01306
+    eq. 7); apo_zero_unpaired gives w_d (1 - sigmoid(beta r)) and w_u sigmoid(beta r) (arXiv 2408.06266).
+    `desirable` is a bool [B]."""
+    if loss_type == "kto":
+        losses = torch.where(desirable, 1 - torch.sigmoid(beta * (logratios - kl)), 1 - torch.sigmoid(beta * (kl - logratios)))
+    else:
+        losses = torch.where(desirable, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
+    return losses * torch.where(desirable, desirable_weight, undesirable_weight)

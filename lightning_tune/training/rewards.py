@@ -16,7 +16,12 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from lightning_tune.training.reward_scorer import RewardModelScorer
 
 RewardFunc = Callable[..., list]
 
@@ -131,7 +136,9 @@ BUILTIN = ("accuracy", "format", "numeric", "overlong")
 
 
 def resolve_reward_funcs(names: Sequence[str], max_completion_len: int) -> list[tuple[str, RewardFunc]]:
-    """(name, callable) of each configured reward: a built-in short name, or an import path `package.module.func`
+    """(name, callable) of each configured reward: a built-in short name, a reward model directory
+    (`training/reward_scorer.py`: a `RewardModel` export or any one-label transformers sequence classifier),
+    or an import path `package.module.func`
     (imported here: call this only with names a user gave, never with ones read from a file). `overlong`
     punishes the last fifth of `max_completion_len` (DAPO's 4096 of 20480)."""
     funcs = []
@@ -140,6 +147,9 @@ def resolve_reward_funcs(names: Sequence[str], max_completion_len: int) -> list[
             funcs.append((name, soft_overlong_punishment(max_completion_len, max(1, max_completion_len // 5))))
         elif name in BUILTIN:
             funcs.append((name, globals()[name]))
+        elif Path(name).expanduser().is_dir():  # a reward model (a RewardModel export or a transformers sequence classifier)
+            device = "cuda" if torch.cuda.is_available() else None  # each rank's own GPU once Lightning has set it
+            funcs.append((Path(name).name, RewardModelScorer(Path(name).expanduser(), device=device)))
         else:
             module_name, _, attr = name.rpartition(".")
             if not module_name:
