@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_tune.checkpoint.load import checkpoint_directory
 from lightning_tune.checkpoint.tensors import Entry, assign_tensor, check_entries, first_names, fuse_lora_for_peft, load_state_dict_file
+from lightning_tune.checkpoint.torchtune import torchtune_adapter_file, torchtune_adapter_to_hf
 from lightning_tune.families import hf_mapping
 from lightning_tune.families.config import ModelConfig
 from lightning_tune.io.files import CheckpointError, atomic_directory, check_disk_space, check_export_target, existing_parent, read_json, require
@@ -108,7 +109,13 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
     return output_dir
 
 
-def _read_adapter_weights(path: Path) -> tuple[Path, dict[str, Tensor]]:
+def _read_adapter_weights(path: Path, config: ModelConfig) -> tuple[Path, dict[str, Tensor]]:
+    # torchtune's own adapter_model.pt first (only torchtune writes it): torchtune 0.6's PEFT copy beside
+    # it has Qwen 2's q/k lora_B rows permuted as if Llama's (checkpoint/torchtune.py)
+    torchtune_file = torchtune_adapter_file(path)
+    if torchtune_file is not None:
+        tensors = torchtune_adapter_to_hf(load_state_dict_file(torchtune_file), config, torchtune_file)
+        return torchtune_file, {PEFT_PREFIX + k: v for k, v in tensors.items()}
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         file = path / name
         if file.is_file():
@@ -119,7 +126,7 @@ def _read_adapter_weights(path: Path) -> tuple[Path, dict[str, Tensor]]:
                     return file, {k: handle.get_tensor(k) for k in handle.keys()}  # adapters are small
             except Exception as err:  # noqa: BLE001
                 raise CheckpointError(f"{file}: cannot read as safetensors ({err})") from None
-    raise CheckpointError(f"{path}: no adapter weights (expected adapter_model.safetensors or adapter_model.bin)")
+    raise CheckpointError(f"{path}: no adapter weights (expected adapter_model.safetensors, adapter_model.bin, or torchtune's adapter_model.pt)")
 
 
 def load_peft_adapter(model: CausalLM, adapter_dir: str | Path) -> list[str]:
@@ -156,7 +163,7 @@ def load_peft_adapter(model: CausalLM, adapter_dir: str | Path) -> list[str]:
     if absent:
         raise CheckpointError(f"{file}: target_modules {absent} are not linear layers of the model")
 
-    weights_file, tensors = _read_adapter_weights(path)
+    weights_file, tensors = _read_adapter_weights(path, model.config)
     expected = {}
     for name, m in linears.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.Size([rank, m.in_features])

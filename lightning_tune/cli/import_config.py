@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
         default_env=False,
     )
     parser.add_argument("tool", type=str, help="Where the config comes from: torchtune.")
-    parser.add_argument("config", type=str, help="The config file, e.g. llama3_1/8B_lora_single_device.yaml from torchtune's recipes/configs.")
+    parser.add_argument("config", type=str, help="The config file, or the name of one torchtune ships (as `tune ls` lists it, e.g. llama3_1/8B_lora_single_device) when torchtune is installed.")
     parser.add_argument("-o", "--output", type=str | None, default=None, help="Write the translated config here (default: print it).")
     parser.add_argument(
         "--recipe",
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"tool: {cfg.tool!r}; expected one of {', '.join(SOURCES)}")
     source = Path(cfg.config)
     if not source.is_file():
-        raise UsageError(f"config: {source} is not a file")
+        source = shipped_config(cfg.config)
     recipe = cfg.recipe or recipe_from_file_name(source.stem)
     translation = translate(read_torchtune_config(source), recipe)
     text = translation.to_yaml(str(source))
@@ -54,3 +54,19 @@ def main(argv: list[str]) -> int:
     atomic_write_text(output, text)
     print(f"wrote {output} ({translation.recipe}); run it with: python -m lightning_tune validate --config {output}", file=sys.stderr)
     return 0
+
+
+def shipped_config(name: str) -> Path:
+    """The config file torchtune ships under `name` (llama3_1/8B_lora_single_device), found in the installed
+    wheel's recipes/configs without importing torchtune; a one-line UsageError where there is none."""
+    import importlib.metadata
+
+    try:
+        folder = Path(str(importlib.metadata.distribution("torchtune").locate_file("recipes/configs")))
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"config: {name} is not a file (and torchtune is not installed, so it is not one of its configs either)") from None
+    stem = name.removesuffix(".yaml")
+    path = (folder / f"{stem}.yaml").resolve()
+    if ".." in Path(stem).parts or not path.is_relative_to(folder.resolve()) or not path.is_file():
+        raise UsageError(f"config: {name} is neither a file nor a config torchtune ships (see `tune ls`, or {folder})")
+    return path

@@ -31,7 +31,7 @@ class TranslationError(ValueError):
 
 
 # torchtune model builders whose architecture is one of our sizes under another name.
-SIZE_ALIASES = {"phi3_mini": "phi3_mini_4k", "mistral_7b": None}  # None: no equivalent (torchtune's is Mistral 7B v0.1)
+SIZE_ALIASES = {"phi3_mini": "phi3_mini_4k", "mistral_7b": "mistral_7b_v0_1"}  # None: no equivalent
 # torchtune's data set builders -> (our data module, its fixed arguments, torchtune's train_on_input default).
 DATASETS = {
     "alpaca_dataset": ("lightning_tune.InstructDataModule", {"source": "tatsu-lab/alpaca", "template": "alpaca"}, True),
@@ -48,6 +48,8 @@ DATASETS = {
 }
 LORA_ARGS = ("lora_rank", "lora_alpha", "lora_dropout", "apply_lora_to_mlp", "apply_lora_to_output", "use_dora")
 TORCHTUNE_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
+# torchtune tokenizers whose prompt_template defaults to a chat template (the others' default is none).
+DEFAULT_PROMPT_TEMPLATES = {"llama2_tokenizer": "Llama2ChatTemplate", "mistral_tokenizer": "MistralChatTemplate"}
 PRECISIONS = {"bf16": "bf16-true", "fp32": "32", "float32": "32", "bfloat16": "bf16-true"}
 # Top-level keys that only steer torchtune's own bookkeeping, each with what takes its place here.
 REPLACED = {
@@ -219,8 +221,15 @@ def translate(torchtune: dict[str, Any], recipe: str | None = None) -> Translati
     max_seq_len = tokenizer.pop("max_seq_len", None)
     if max_seq_len is not None:
         data["max_seq_len"] = int(max_seq_len)
+        notes.append(
+            f"tokenizer.max_seq_len: {max_seq_len}: a longer sample keeps its first {max_seq_len} tokens on both sides, but torchtune then replaces the last one with EOS (and trains it); here a cut sample ends without EOS"
+        )
     else:
         notes.append("tokenizer.max_seq_len: null (torchtune: no limit); data.max_seq_len keeps its default (512 for instructions and chats, 1024 for pairs): raise it for longer samples")
+    if tokenizer_name in DEFAULT_PROMPT_TEMPLATES and "prompt_template" not in tokenizer:
+        notes.append(
+            f"tokenizer.prompt_template: absent, so torchtune's {tokenizer_name} wraps each user message in {DEFAULT_PROMPT_TEMPLATES[tokenizer_name]}'s `[INST] ... [/INST]` (also around an Alpaca prompt); not carried over: data.template alone shapes the prompt here"
+        )
     prompt_template = tokenizer.pop("prompt_template", None)
     if prompt_template is not None:
         notes.append(f"tokenizer.prompt_template: {prompt_template!r} (set data.template or data.chat_template)")
@@ -238,6 +247,12 @@ def translate(torchtune: dict[str, Any], recipe: str | None = None) -> Translati
     for key in ("source", "split"):
         if key in dataset_args:
             data[key] = dataset_args.pop(key)
+    files = dataset_args.get("data_files")
+    files = files[0] if isinstance(files, list) and len(files) == 1 else files
+    if data.get("source") in ("json", "csv", "parquet") and isinstance(files, str):
+        # torchtune's local files (`source: json, data_files: x.json`) are our `source: x.json`
+        data["source"] = files
+        dataset_args.pop("data_files")
     if data_class.endswith("InstructDataModule"):
         data["train_on_input"] = train_on_input
         column_map = dataset_args.pop("column_map", None)
@@ -286,6 +301,11 @@ def translate(torchtune: dict[str, Any], recipe: str | None = None) -> Translati
             model[key] = float(optimizer.pop(key))
     if "betas" in optimizer:
         model["betas"] = [float(b) for b in optimizer.pop("betas")]
+    elif "Adam" in optimizer_name:  # torch's and bitsandbytes' Adam default; FullFinetune's own is (0.9, 0.95)
+        model["betas"] = [0.9, 0.999]
+    decay = model.get("weight_decay", 0.01)  # AdamW's default (torch's and bitsandbytes')
+    if decay > 0 and not lora and "Adam" in optimizer_name:
+        notes.append(f"optimizer.weight_decay: {decay}: torchtune decays every parameter; here norm weights and biases are not decayed")
     if optimizer:
         model["optimizer_args"] = dict(optimizer)
     scheduler_name, scheduler = _component(config.pop("lr_scheduler", None))

@@ -50,9 +50,21 @@ def test_every_shipped_config_translates_or_is_refused_in_one_line(tmp_path: Pat
         assert all("\n" not in note for note in result.notes)
         translated.append(file)
     # What a torchtune user finds: every LoRA/full/DPO config of the families we support translates ...
-    for file in ("llama2/7B_lora_single_device.yaml", "llama3_1/8B_full_single_device.yaml", "llama3_1/8B_lora_dpo_single_device.yaml", "llama3_3/70B_qlora.yaml", "qwen2_5/7B_lora.yaml"):
+    for file in (
+        "llama2/7B_lora_single_device.yaml",
+        "llama3/8B_lora_single_device.yaml",
+        "llama3_1/8B_full_single_device.yaml",
+        "llama3_1/8B_lora_dpo_single_device.yaml",
+        "llama3_3/70B_qlora.yaml",
+        "qwen2/7B_lora.yaml",
+        "qwen2_5/7B_lora.yaml",
+        "mistral/7B_full.yaml",
+        "code_llama2/7B_lora_single_device.yaml",
+        "gemma2/9B_lora_single_device.yaml",
+        "phi3/mini_lora.yaml",
+    ):
         assert file in translated, file
-    assert len(translated) >= 50, len(translated)
+    assert len(translated) >= 100, len(translated)  # 108 of torchtune 0.6.1's configs
     # ... and the others say why: not a fine-tuning/DPO recipe, or a model without a size here yet.
     reasons = ("is not a recipe lightning_tune translates", "is not a size lightning_tune supports yet", "has no equivalent size here", "no `_component_` model builder")
     for file, message in refused:
@@ -245,3 +257,13 @@ def test_the_verb_writes_only_its_own_files(tmp_path: Path, capsys) -> None:
     assert "tool: 'axolotl'; expected one of torchtune" in capsys.readouterr().err
     assert main(["import-config", "torchtune", str(source)]) == 0
     assert capsys.readouterr().out.startswith("# Translated from the torchtune config")
+
+
+def test_a_shipped_config_by_its_name(tmp_path: Path, capsys) -> None:
+    torchtune_configs()
+    out = tmp_path / "out.yaml"
+    assert main(["import-config", "torchtune", "llama3_1/8B_lora_single_device", "-o", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["model"]["init_args"]["model_name"] == "llama3_1_8b"
+    for name in ("llama3_1/no_such_config", "../../no_such_folder/x"):  # no file there; never outside recipes/configs
+        assert main(["import-config", "torchtune", name]) == 2
+        assert "is neither a file nor a config torchtune ships" in capsys.readouterr().err
