@@ -51,9 +51,17 @@ def meta_intermediate_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float 
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# torchtune's FullModelMetaCheckpointer writes Meta's key names in one file under its own name, beside a
+# copy of params.json (its SHARD_FNAME "model-{cpt_idx}-of-{num_shards}" with .bin; always one shard).
+TORCHTUNE_META_FILE = "model-00001-of-00001.bin"
+
+
 def _meta_shards(path: Path) -> list[Path]:
-    """consolidated.00.pth ... consolidated.NN.pth in shard order, or [] if there are none."""
+    """consolidated.00.pth ... consolidated.NN.pth in shard order (or torchtune's one Meta-format file), or
+    [] if there are none."""
     shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards and (path / TORCHTUNE_META_FILE).is_file() and not (path / "config.json").is_file():
+        return [path / TORCHTUNE_META_FILE]
     expected = [path / f"consolidated.{i:02d}.pth" for i in range(len(shards))]
     if shards != expected:
         raise CheckpointError(f"{path}: Meta shards must be consolidated.00.pth ... consolidated.{len(shards) - 1:02d}.pth, found {[s.name for s in shards]}")
@@ -117,7 +125,7 @@ def meta_entries(path: Path, config: ModelConfig) -> list[Entry]:
     """Merge Meta's model-parallel shards tensor by tensor, renamed and with wq/wk un-interleaved."""
     files = _meta_shards(path)
     if not files:
-        raise CheckpointError(f"{path}: no weight files (expected consolidated.00.pth ...)")
+        raise CheckpointError(f"{path}: no weight files (expected consolidated.00.pth ..., or torchtune's {TORCHTUNE_META_FILE})")
     shards = [load_state_dict_file(f) for f in files]
     entries = []
     for meta_key in shards[0]:

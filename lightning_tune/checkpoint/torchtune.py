@@ -9,7 +9,7 @@ What torchtune 0.6's checkpointers write and how each loads here:
   `peft.load_peft_adapter` reads first (through `torchtune_adapter_to_hf` here): for Qwen 2 only it
   is right. A PEFT file alone loads as any PEFT adapter.
 - FullModelMetaCheckpointer: `epoch_N/model-00001-of-00001.bin` beside a copy of params.json holds
-  Meta's key names under torchtune's file name; renamed to `consolidated.00.pth` it is a Meta directory.
+  Meta's key names under torchtune's file name; `meta.py` reads that folder as a Meta directory.
 - `recipe_state.pt` (`recipe_state/` beside `epoch_N/`) holds the optimiser state and counters, no
   weights: `read_recipe_state` says which epoch's weights a run resumes from; the optimiser state is
   not carried over (a new run here starts its own).

@@ -179,10 +179,9 @@ def test_recipe_state_points_at_the_weights_to_resume(written: dict, tmp_path: P
         read_recipe_state(tmp_path / "recipe_state.pt")
 
 
-def test_meta_output_loads_once_named_as_meta_names_it(written: dict) -> None:
+def test_meta_output_loads_as_torchtune_wrote_it(written: dict) -> None:
     """FullModelMetaCheckpointer's epoch_0/ (Meta's key names in model-00001-of-00001.bin beside a copy of
-    params.json) gives torchtune's logits once the file has Meta's name, consolidated.00.pth (as
-    docs/torchtune.md says); under torchtune's name it is refused in one line naming the folder."""
+    params.json) loads as it is, with torchtune's logits, and equally under Meta's own name."""
     import json
 
     training = import_torchtune_training()
@@ -203,14 +202,16 @@ def test_meta_output_loads_once_named_as_meta_names_it(written: dict) -> None:
     checkpointer.save_checkpoint(state, epoch=0)
     folder = root / "out" / "epoch_0"
     assert sorted(p.name for p in folder.iterdir()) == ["model-00001-of-00001.bin", "params.json"]
+    with torch.no_grad():
+        expected = model.eval()(TOKENS)
+        assert rel_error(expected, written["logits"]) <= 1e-5
+        assert rel_error(from_pretrained(folder)(TOKENS), expected) <= 1e-5
+        (folder / "model-00001-of-00001.bin").rename(folder / "consolidated.00.pth")
+        assert rel_error(from_pretrained(folder)(TOKENS), expected) <= 1e-5
+    (folder / "consolidated.00.pth").unlink()
     with pytest.raises(CheckpointError, match="no weight files") as error:
         from_pretrained(folder)
     assert str(folder) in str(error.value) and "\n" not in str(error.value)
-    (folder / "model-00001-of-00001.bin").rename(folder / "consolidated.00.pth")
-    with torch.no_grad():
-        expected = model.eval()(TOKENS)
-        assert rel_error(from_pretrained(folder)(TOKENS), expected) <= 1e-5
-        assert rel_error(expected, written["logits"]) <= 1e-5
 
 
 def test_qwen2_adapter_loads_from_torchtunes_own_file(tmp_path: Path) -> None:
