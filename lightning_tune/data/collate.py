@@ -75,9 +75,12 @@ def collate_packed(samples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, 
 def collate_pairs(samples: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Tensor]:
     """[chosen of every pair; rejected of every pair] as one right-padded batch of 2 x len(samples) rows,
     with each pair's `pair_index` ([len(samples)], its record's index in the source) when the samples
-    have one: the key of a precomputed reference (`DPOFinetune(precompute_reference=True)`)."""
+    have one: the key of a precomputed reference (`DPOFinetune(precompute_reference=True)`), and each
+    pair's `margin` ([len(samples)], float32) when the data has that column (`RewardModel`'s loss)."""
     rows = [{"input_ids": s[f"{side}_input_ids"], "labels": s[f"{side}_labels"]} for side in SIDES for s in samples]
     batch = collate(rows, pad_id)
     if samples and all("pair_index" in s for s in samples):
         batch["pair_index"] = torch.tensor([s["pair_index"] for s in samples], dtype=torch.long)
+    if samples and all("margin" in s for s in samples):
+        batch["margin"] = torch.tensor([s["margin"] for s in samples], dtype=torch.float32)
     return batch

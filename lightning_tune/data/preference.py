@@ -13,6 +13,7 @@ forward scores both sides of every pair (`collate_pairs`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict
 from functools import partial
@@ -32,6 +33,9 @@ from lightning_tune.tokenizer.chat_template import ChatTemplateError, resolve_te
 
 DEMO_PREFERENCES = ASSETS / "preference_demo.jsonl"
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+# Optional per-pair fields, used where a column holds them: `margin` (TRL's reward-model column), the
+# amount by which chosen should out-score rejected, subtracted inside RewardModel's Bradley-Terry loss.
+OPTIONAL_FIELDS = ("margin",)
 
 
 def _assistant_reply(value: Any, where: str) -> list[dict]:
@@ -60,12 +64,18 @@ def _encode_pair(
     record's index, unique over train and validation); bad pairs raise naming the record."""
     where = f"{source}: record {index} (counting from 0)"
     values = {field: record[column] for field, column in columns.items()}
+    if "margin" in values:
+        margin = values["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise DataError(f"{where}: 'margin' (column {columns['margin']!r}) must be a finite number, got {margin!r}")
     for field in PAIR_FIELDS:
         if values[field] is None or (isinstance(values[field], (str, list)) and not values[field]):
             raise DataError(f"{where}: {field!r} is missing or empty (column {columns[field]!r}); a pair needs a prompt, a chosen and a rejected completion")
     if values["chosen"] == values["rejected"]:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair needs two different completions")
     out: dict[str, Any] = {"truncated": False, "pair_index": index}
+    if "margin" in values:
+        out["margin"] = float(values["margin"])
     for side in SIDES:
         if conversational:
             if not isinstance(values["prompt"], (list, tuple)):
@@ -117,7 +127,7 @@ class PreferenceDataModule(TokenizedDataModule):
         """
         Args:
             source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file, or "demo" for the bundled demo pairs.
-            column_map: Our field name (prompt, chosen, rejected) -> the data's column name.
+            column_map: Our field name (prompt, chosen, rejected; optional margin, the per-pair margin `RewardModel` subtracts in its loss, read from a `margin` column when there is one) -> the data's column name.
             template: Prompt template of string pairs: "none" (the prompt as raw text) or "alpaca".
             chat_template: Chat template of conversational pairs: the tokenizer's own if not given, else a built-in ("llama2", "chatml", "alpaca"), a Jinja file or a Jinja string. Source "demo" (strings) does not use it.
             max_seq_len: Longest sample (prompt + one completion) in tokens; longer ones keep their first max_seq_len tokens (a warning gives the count); a prompt that fills it all is an error.
@@ -126,9 +136,9 @@ class PreferenceDataModule(TokenizedDataModule):
         """
         self.template: PromptTemplate = get_template(template)
         if column_map is not None:
-            unknown = sorted(set(column_map) - set(PAIR_FIELDS))
+            unknown = sorted(set(column_map) - set(PAIR_FIELDS) - set(OPTIONAL_FIELDS))
             if unknown:
-                raise DataError(f"column_map: unknown field(s) {unknown}; the fields are {list(PAIR_FIELDS)}")
+                raise DataError(f"column_map: unknown field(s) {unknown}; the fields are {list(PAIR_FIELDS + OPTIONAL_FIELDS)}")
         super().__init__(source=source, max_seq_len=max_seq_len, group_by_length=False, pack=False, **kwargs)
         self.column_map = dict(column_map or {})
         self.chat_template = chat_template
@@ -136,6 +146,8 @@ class PreferenceDataModule(TokenizedDataModule):
 
     def _columns(self, records: datasets.Dataset) -> dict[str, str]:
         columns = {field: self.column_map.get(field, field) for field in PAIR_FIELDS}
+        # an optional field is read where its column is there, and must be there where column_map names it
+        columns |= {field: self.column_map.get(field, field) for field in OPTIONAL_FIELDS if field in self.column_map or field in records.column_names}
         for field, column in columns.items():
             if column not in records.column_names:
                 raise DataError(f"{self.source}: no column {column!r} for field {field!r} (columns: {', '.join(records.column_names)}); set column_map to name it")

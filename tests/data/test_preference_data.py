@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import asset
 
 from lightning_tune.data import PreferenceDataModule
@@ -77,3 +78,35 @@ def test_the_chat_template_the_pairs_used_is_known_for_the_export(tmp_path: Path
     strings = PreferenceDataModule(source="demo", max_seq_len=64, val_size=0, cache_dir=str(tmp_path / "c"))
     strings.setup("fit")
     assert strings.chat_template_used is None
+
+
+def test_a_margin_column_reaches_the_reward_models_batch(tmp_path: Path) -> None:
+    """TRL's optional per-pair `margin` column (RewardTrainer subtracts it inside the sigmoid) is read where
+    the data has it, or where column_map names it, and each batch carries its pairs' margins in their order."""
+    from lightning_tune.data.base import DEMO_TOKENIZER
+    from lightning_tune.data.errors import DataError
+
+    tokenizer = str(DEMO_TOKENIZER)
+
+    pairs = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad {i}.", "score_gap": i / 4} for i in range(6)]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    data = PreferenceDataModule(source=str(source), column_map={"margin": "score_gap"}, tokenizer_path=tokenizer, max_seq_len=64, val_size=0, batch_size=3, shuffle=True, cache_dir=str(tmp_path / "c"))
+    data.setup("fit")
+    seen = 0
+    for batch in data.train_dataloader():
+        assert batch["margin"].dtype == torch.float32 and batch["input_ids"].shape[0] == 2 * len(batch["margin"])
+        assert batch["margin"].tolist() == [pairs[i]["score_gap"] for i in batch["pair_index"].tolist()]
+        seen += len(batch["margin"])
+    assert seen == len(pairs)
+
+    plain = PreferenceDataModule(source="demo", max_seq_len=64, val_size=0, batch_size=2, cache_dir=str(tmp_path / "c"))
+    plain.setup("fit")
+    assert "margin" not in next(iter(plain.train_dataloader()))  # no column: no margin, DPO's batches as before
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({**pair, "margin": "large" if i == 4 else 1.0}) + "\n" for i, pair in enumerate(pairs)))
+    with pytest.raises(DataError, match=r"bad.jsonl: record 4 \(counting from 0\): 'margin' \(column 'margin'\) must be a finite number, got 'large'"):
+        PreferenceDataModule(source=str(bad), tokenizer_path=tokenizer, max_seq_len=64, val_size=0, cache_dir=str(tmp_path / "c")).setup("fit")
+    with pytest.raises(DataError, match="no column 'gap' for field 'margin'"):
+        PreferenceDataModule(source=str(source), column_map={"margin": "gap"}, tokenizer_path=tokenizer, max_seq_len=64, val_size=0, cache_dir=str(tmp_path / "c")).setup("fit")
