@@ -163,6 +163,23 @@ def test_checkpoint_from_before_the_relayout_exports(tmp_path: Path) -> None:
         assert len(match) == 1 and match[0].equal(tensor), key
 
 
+def test_a_run_whose_tokenizer_moved_exports_hf_with_tokenizer_path(tmp_path: Path, capsys) -> None:
+    """The fixture's run recorded a tokenizer_path that no longer exists (it was made in another folder):
+    the peft export above needs none; an hf export says so in one line and takes --tokenizer_path (after
+    which it stops at the next problem of this run: its random-init base is not in the checkpoint)."""
+    from lightning_tune.cli import main
+
+    args = ["export", "--ckpt_path", str(FIXTURE / "last.ckpt"), "--format", "hf", "--output", str(tmp_path / "hf")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tokenizer_path" in err and "no longer exists" in err and "last.ckpt" in err, err
+    assert not (tmp_path / "hf").exists()
+    assert main([*args, "--tokenizer_path", str(PACKAGE / "data" / "assets" / "demo_tokenizer.model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "random-init base" in err and "tokenizer" not in err, err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_run_from_before_the_relayout_resumes(tmp_path: Path) -> None:
     """`fit --config <the old run's config.yaml> --ckpt_path <its last.ckpt>` trains on from step 2."""
     from lightning_tune.checkpoint import load_training_checkpoint

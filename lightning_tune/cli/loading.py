@@ -98,7 +98,7 @@ def load_for_eval(
     if path.is_file() and path.suffix == ".ckpt":
         from lightning_tune.recipes.export import load_recipe_from_checkpoint
 
-        module = load_recipe_from_checkpoint(path)  # refuses a LoRA run on a random-init base (not stored)
+        module = load_recipe_from_checkpoint(path, tokenizer_path=tokenizer_path)  # refuses a LoRA run on a random-init base (not stored)
         tokenizer_path = tokenizer_path or module.tokenizer_path
         if tokenizer_path is None:
             raise UsageError(f"{path}: the run recorded no tokenizer_path; pass --tokenizer_path")

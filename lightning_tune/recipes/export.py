@@ -45,7 +45,7 @@ def _float_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
     return next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
 
 
-def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | None = None, tokenizer_path: str | None = None, need_base: bool = True) -> FinetuneModule:
+def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | None = None, tokenizer_path: str | None = None, need_base: bool = True, need_tokenizer: bool = True) -> FinetuneModule:
     """The run's recipe with the checkpoint's weights, on the CPU, in eval mode.
 
     Args:
@@ -55,6 +55,9 @@ def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | Non
         need_base: The caller uses the base weights (not only the adapters): refuse a LoRA run on a
             random-init base, whose checkpoints store the adapters only, so a rebuilt base would hold
             other weights than the run trained on.
+        need_tokenizer: The caller uses the run's tokenizer: a recorded `tokenizer_path` that no longer
+            exists (the run was made on another machine or folder) is one line asking for
+            `--tokenizer_path`; without this the recipe is rebuilt without it (a PEFT adapter needs none).
     """
     ckpt_path = Path(ckpt_path).expanduser()
     checkpoint = load_training_checkpoint(ckpt_path)
@@ -68,6 +71,10 @@ def load_recipe_from_checkpoint(ckpt_path: str | Path, checkpoint_dir: str | Non
         kwargs["checkpoint_dir"] = checkpoint_dir
     if tokenizer_path is not None:
         kwargs["tokenizer_path"] = tokenizer_path
+    elif isinstance(kwargs.get("tokenizer_path"), str) and not resolve_path(kwargs["tokenizer_path"]).exists():
+        if need_tokenizer:
+            raise CheckpointError(f"{ckpt_path}: the run's tokenizer_path {kwargs['tokenizer_path']!r} no longer exists; pass --tokenizer_path")
+        kwargs["tokenizer_path"] = None
     kwargs["export"] = False
     optimizer = kwargs.get("optimizer")
     if isinstance(optimizer, str) and "." in optimizer and not optimizer.startswith("torch.optim."):
@@ -108,7 +115,7 @@ def export_checkpoint(ckpt_path: str, format: Literal["peft", "hf"], output: str
         tokenizer_path: Tokenizer copied into an hf export; default: the run's.
     """
     check_export_target(output, format)  # before the model is built: a refused output costs nothing
-    module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path, need_base=format != "peft")
+    module = load_recipe_from_checkpoint(ckpt_path, checkpoint_dir, tokenizer_path, need_base=format != "peft", need_tokenizer=format != "peft")
     if isinstance(module, RewardModel):  # a sequence classifier (score head), not a causal LM
         if format == "peft":
             raise CheckpointError(f"{ckpt_path}: a reward model's adapter alone would lack its score head; use --format hf (a sequence-classification directory)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_8bit_adamw_trains_on_cpu_with_uint8_state():
 def test_8bit_adamw_without_bitsandbytes_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
-    with pytest.raises(ValueError, match=r"optimizer: bitsandbytes.optim.AdamW8bit needs bitsandbytes: install lightning_tune\[qlora\]"):
+    with pytest.raises(ValueError, match=re.escape("optimizer: bitsandbytes.optim.AdamW8bit needs bitsandbytes: pip install bitsandbytes (in a checkout: pip install -e '.[qlora]')")):
         FullFinetune(model_name="tiny_llama2", optimizer="bitsandbytes.optim.AdamW8bit")
 
 
