@@ -80,14 +80,15 @@ def download_hint(checkpoint_dir: str) -> str:
 
 def data_path_problems(data: dict[str, Any]) -> list[str]:
     """Missing data files: the tokenizer, and a local source (hub names cannot be checked offline)."""
-    from lightning_tune.data.base import DEMO, LOADERS
+    from lightning_tune.data.base import LOADERS, source_file
 
     problems = []
     tokenizer = data.get("tokenizer_path")
     if tokenizer is not None and not _tokenizer_exists(tokenizer):  # a .model, a tokenizer.json, a checkpoint directory, a .gguf or pkg://
         problems.append(f"data.tokenizer_path: tokenizer file {tokenizer!r} does not exist")
     source = data.get("source")
-    if source != DEMO and Path(source).suffix.lower() in LOADERS and not Path(source).is_file():
+    file = source_file(source) if isinstance(source, str) else None
+    if file is not None and file.suffix.lower() in LOADERS and not file.is_file():
         problems.append(f"data.source: data file {source!r} does not exist")
     return problems
 

