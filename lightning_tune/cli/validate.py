@@ -253,6 +253,7 @@ def check(argv: list[str]) -> Check:
         optimizer=model.optimizer,  # its state is counted as measured (8-bit AdamW: a quarter of AdamW's)
         optimizer_args=model.optimizer_args,
         reference_copy=bool(getattr(model, "keeps_reference_copy", False)),
+        rollout=model.train_batch_shape(data.batch_size, data.max_seq_len) if hasattr(model, "train_batch_shape") else None,  # sampled into a KV cache of the same shape
     )
     estimate = estimate_memory(config, model.adapt_model, **settings)
     return Check(model, data, trainer, settings, problems, estimate)

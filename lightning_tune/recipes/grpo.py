@@ -28,6 +28,7 @@ from lightning_tune.tokenizer.base import end_of_turn_ids
 from lightning_tune.training.grpo import GRPOLossType, ImportanceSamplingLevel, ScaleRewards, combine_rewards, completion_token_logprobs, group_advantages, grpo_loss, nanstd
 from lightning_tune.training.optim import LRSchedule
 from lightning_tune.training.rewards import BUILTIN, resolve_reward_funcs, score
+from lightning_tune.training.sharding import gathered_for_decoding
 
 
 class GRPOFinetune(FinetuneModule):
@@ -200,8 +201,9 @@ class GRPOFinetune(FinetuneModule):
 
     def train_batch_shape(self, batch_size: int, max_seq_len: int) -> tuple[int, int]:
         """(rows, tokens per row) of the largest training forward, for memory estimates (`validate`): each
-        prompt's num_generations completions, as long as the longest prompt plus max_completion_len. The
-        rollouts' KV cache (no gradients) is smaller than that forward's saved activations."""
+        prompt's num_generations completions, as long as the longest prompt plus max_completion_len; also the
+        shape of the rollouts' KV cache, which the estimate counts in its own phase (under FSDP2 with the
+        model gathered for decoding)."""
         return batch_size * self.num_generations, max_seq_len + self.max_completion_len
 
     def setup(self, stage: str) -> None:
@@ -230,20 +232,22 @@ class GRPOFinetune(FinetuneModule):
     # ---- rollouts ----------------------------------------------------------------------------
 
     def sample(self, prompt_ids: list[list[int]], seed: int | None) -> Rollouts:
-        """G completions of each prompt, sampled by the policy as it is now."""
+        """G completions of each prompt, sampled by the policy as it is now (under FSDP2 with its parameters
+        gathered for the rollout: `sharding.gathered_for_decoding`)."""
         tokenizer = self.tokenizer
-        return rollout(
-            self.model,
-            prompt_ids,
-            self.num_generations,
-            self.max_completion_len,
-            temperature=self.temperature,
-            top_p=self.top_p if self.top_p < 1 else None,
-            top_k=self.top_k or None,
-            eos_id=end_of_turn_ids(tokenizer),
-            pad_id=max(tokenizer.pad_id, 0),
-            seed=seed,
-        )
+        with gathered_for_decoding(self.model):
+            return rollout(
+                self.model,
+                prompt_ids,
+                self.num_generations,
+                self.max_completion_len,
+                temperature=self.temperature,
+                top_p=self.top_p if self.top_p < 1 else None,
+                top_k=self.top_k or None,
+                eos_id=end_of_turn_ids(tokenizer),
+                pad_id=max(tokenizer.pad_id, 0),
+                seed=seed,
+            )
 
     def rollout_tensors(self, rollouts: Rollouts) -> dict[str, Tensor]:
         """Rows `prompt + completion` right-padded [B, L], the completions [B, C], their loss mask (end token

@@ -38,6 +38,11 @@ devices x num_nodes under FSDP, else 1):
                          the weight norm
     peak = weights + optimizer + max(activations + (gradients if accumulate_grad_batches > 1),
                                      gradients + optimizer-step temporaries)
+    and, for a recipe that samples before it trains (GRPO), at least its rollout phase:
+    rollout     = weights as stored (no training all-gathers) + optimizer (+ gradients if accumulating)
+                + the KV cache of rows x (prompt + completion) tokens: 2 x layers x kv_heads x head_dim, a bytes each
+                + the next-token logits [rows, vocab] (float32, and one copy for sampling)
+                + FSDP: the whole model gathered in the compute dtype (`sharding.gathered_for_decoding`)
 
 The per-layer activations are not a hand-written formula: one and two decoder layers of the real model
 (with the recipe's LoRA adapters and frozen parameters) run forward on the meta device under
@@ -80,6 +85,7 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     total: int
+    rollout: int = 0  # GRPO: the peak while sampling (counted in total when it is the larger phase)
 
     def lines(self, device_memory: int | None = None) -> list[str]:
         """Human-readable summary, compared with `device_memory` bytes when given."""
@@ -92,6 +98,7 @@ class MemoryEstimate:
             f"  gradients           {self.gradients / GIB:8.2f} GiB",
             f"  optimizer state     {self.optimizer / GIB:8.2f} GiB",
             f"  activations         {self.activations / GIB:8.2f} GiB",
+            *([f"  while sampling      {self.rollout / GIB:8.2f} GiB (rollouts: KV cache; under FSDP the gathered model)"] if self.rollout else []),
             f"  peak (estimate)     {self.total / GIB:8.2f} GiB",
         ]
         if device_memory is not None:
@@ -199,13 +206,15 @@ def estimate_memory(
     optimizer: str = "torch.optim.AdamW",
     optimizer_args: dict | None = None,
     reference_copy: bool = False,
+    rollout: tuple[int, int] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory per device of a training step (see the module docstring for the formula).
 
     `adapt(model)` is the recipe's `adapt_model` (LoRA / freezing); `strategy` is "fsdp", "ddp" or
     anything else (single device); `devices` is per node; `fsdp_wrapped_layers` says whether FSDP
     wraps each decoder layer (always true for `fsdp2`); `reference_copy`: a frozen copy of the whole
-    model is held too (full DPO's reference without `precompute_reference`).
+    model is held too (full DPO's reference without `precompute_reference`); `rollout`: (rows, tokens per
+    row) the recipe samples before each training forward (GRPO), whose phase may be the peak.
     """
     dtype = compute_dtype(precision)
     a = dtype.itemsize
@@ -226,6 +235,7 @@ def estimate_memory(
     weights = stored_bytes // shards
     if reference_copy:  # a deep copy of the model as it was built: every parameter in its stored dtype
         weights += total * b
+    stored_weights = weights  # before the all-gathers of training
     if fsdp:  # parameters gathered for compute, in the compute dtype
         weights += (root_params + 2 * layer_params if fsdp_wrapped_layers else total) * a
     elif precision in MIXED_PRECISIONS:  # autocast's cached copies of the trainable linear weights
@@ -250,8 +260,15 @@ def estimate_memory(
 
     held_grads = gradients if accumulate_grad_batches > 1 else 0
     peak = weights + optimizer_bytes + max(activations + held_grads, gradients + step_temp)
+    sampling = 0
+    if rollout is not None:
+        rows, tokens = rollout
+        kv_cache = rows * tokens * config.num_layers * 2 * config.num_kv_heads * config.head_dim * a
+        logits = 2 * rows * config.vocab_size * 4
+        sampling = stored_weights + optimizer_bytes + held_grads + kv_cache + logits + (total * a if fsdp else 0)
+        peak = max(peak, sampling)
     parameters = total + sum(m.base_nf4.shape.numel() for m in model.modules() if isinstance(m, QLinear) and m.quantized)
-    return MemoryEstimate(parameters, trainable, weights, gradients, optimizer_bytes, activations, peak)
+    return MemoryEstimate(parameters, trainable, weights, gradients, optimizer_bytes, activations, peak, sampling)
 
 
 def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:

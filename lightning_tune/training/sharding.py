@@ -8,7 +8,8 @@ this rank into its shard, one tensor at a time. So a 70B model never exists whol
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from lightning_tune.checkpoint import load_shard_
@@ -74,10 +75,46 @@ def shard_model(model: CausalLM, mesh: DeviceMesh, mp_policy: MixedPrecisionPoli
     """
     layers = model.model.layers
     for index, layer in enumerate(layers):
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=index < len(layers) - 1)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshards_after_forward(index, len(layers)))
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     # Training calls `hidden_states` (the head runs only on labelled positions), not `forward`.
     register_fsdp_forward_method(model, "hidden_states")
+
+
+def reshards_after_forward(index: int, num_layers: int) -> bool:
+    """Layer `index` gives its gathered parameters back after forward, except the last (backward needs it at once)."""
+    return index < num_layers - 1
+
+
+@contextmanager
+def gathered_for_decoding(model: CausalLM) -> Iterator[None]:
+    """Every parameter of a sharded `model` gathered for the duration, then sharded again as `shard_model` left
+    it; a model that is not sharded is left as it is.
+
+    Decoding (GRPO's rollouts) calls the decoder's pieces directly and one step per token, and each rank stops
+    when its own rows have ended: gathered per layer per step, the ranks' collectives would not pair up (and
+    cost an all-gather of every layer per token). So the whole model is gathered once (a whole unsharded
+    copy per rank for the rollout) and no unit reshards until the end. A one-token pass through the root
+    comes first: FSDP2 makes the first unit that runs forward the root.
+    """
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if not units:
+        yield
+        return
+    with torch.no_grad():
+        model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device))
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        layers = model.model.layers
+        for index, layer in enumerate(layers):
+            if isinstance(layer, FSDPModule):
+                layer.set_reshard_after_forward(reshards_after_forward(index, len(layers)), recurse=False)
+        for unit in units:
+            unit.reshard()
 
 
 def is_sharded(module: nn.Module) -> bool:

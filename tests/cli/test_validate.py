@@ -221,3 +221,17 @@ def test_validate_checks_the_devices_fit_checks(tmp_path, capsys, monkeypatch):
     assert validate_command(["--config", "tiny_lora.yaml", "--trainer.devices=2"]) == 0  # two CPU processes: fit runs them
     assert not any(tmp_path.iterdir())
 
+
+def test_grpo_estimate_counts_the_rollout_phase(tmp_path, monkeypatch) -> None:
+    """GRPO samples before it trains. Under FSDP2 its rollouts gather the whole model on every process
+    (`sharding.gathered_for_decoding`), so the estimate's peak per GPU is at least the whole model in bf16 plus
+    the KV cache of the rollouts, though training alone needs far less per GPU; on one GPU training is the peak."""
+    monkeypatch.chdir(tmp_path)
+    single = check(["--config", "grpo_qwen3_8b_lora.yaml"]).estimate
+    sharded = check(["--config", "grpo_qwen3_8b_lora.yaml", "--trainer.strategy", "fsdp2", "--trainer.devices", "8"]).estimate
+    whole_bf16 = single.parameters * 2
+    rows, tokens = 2 * 8, 256 + 256  # batch_size prompts x num_generations, max_seq_len + max_completion_len
+    kv_cache = rows * tokens * 36 * 2 * 8 * 128 * 2  # Qwen 3 8B: 36 layers, 8 KV heads of 128, bf16
+    assert single.rollout < single.total == single.weights + single.optimizer + single.activations + single.gradients
+    assert sharded.total == sharded.rollout >= whole_bf16 + kv_cache
+    assert sharded.weights + sharded.optimizer + sharded.activations + sharded.gradients < whole_bf16  # training alone would fit in less

@@ -210,6 +210,27 @@ def test_dora_trains_sharded_as_one_process(tmp_path: Path, base_checkpoint: Pat
     assert_same_training(runs["fsdp"], runs["single"], base_checkpoint)
 
 
+def test_grpo_under_fsdp2_trains_as_under_ddp(tmp_path: Path, base_checkpoint: Path) -> None:
+    """GRPO on 2 processes. Under FSDP2 each rollout gathers the whole model once (each rank stops decoding when
+    its own completions end, so decoding must issue no collective), then trains sharded. Each rank samples its
+    own prompts with its own seed (optimiser step, micro-batch, rank) under either strategy, so the FSDP2 run
+    samples what the DDP run samples: the same rewards, and losses and exported weights within the reordering
+    bound (SGD, as above)."""
+    runs = {"ddp": tmp_path / "ddp", "fsdp": tmp_path / "fsdp"}
+    for strategy, root in runs.items():
+        fit("tiny_grpo.yaml", strategy, root, base_checkpoint)
+
+    def logged(root: Path) -> dict[str, list[float]]:
+        rows = list(csv.DictReader(next((root / "logs").glob("version_*/metrics.csv")).open()))
+        return {name: [float(r[name]) for r in rows if r.get(name)] for name in ("reward", "train_loss", "completions/mean_length")}
+
+    want, got = logged(runs["ddp"]), logged(runs["fsdp"])
+    assert len(want["reward"]) == STEPS and want["reward"] == got["reward"] and want["completions/mean_length"] == got["completions/mean_length"]
+    loss_scale = max(abs(v) for v in want["train_loss"])
+    assert all(abs(g - w) <= REORDER_RTOL * loss_scale for g, w in zip(got["train_loss"], want["train_loss"], strict=True)), (got, want)
+    assert_same_training(runs["fsdp"], runs["ddp"], base_checkpoint)
+
+
 def test_ranks_split_each_global_batch(tmp_path: Path) -> None:
     """The data module under a 2-process Trainer: rank r with batch b gets indices that, batch by batch,
     together form the 1-process batch of 2b (no Trainer: one process)."""
