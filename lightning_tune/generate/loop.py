@@ -57,6 +57,7 @@ def generate(
     on_tokens: Callable[[Tensor], None] | None = None,
     compile: bool = False,
     compile_backend: str | Callable[..., Any] = "inductor",
+    num_samples: int = 1,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return only the new tokens per row.
 
@@ -80,23 +81,29 @@ def generate(
             `torch.compile` once per (model, batch, cache length rounded up to 256) and reused by
             later calls; the same greedy tokens as eager. The prefill stays eager.
         compile_backend: the `torch.compile` backend for `compile` (tests count compilations with one).
+        num_samples: continue each prompt this many times (GRPO's completions of a prompt): the returned
+            rows are prompt-major, row r continues prompt r // num_samples. Each prompt is prefilled once and
+            its keys and values are copied to its rows' caches, not computed num_samples times.
     """
     check_sampling(temperature, top_k, top_p)
     _check_prompts(model, prompts, max_new_tokens)
     stop = end_tokens(eos_id)
     _, device = activation_dtype_device(model)  # not the head's: an int8 head holds codes
-    B, T, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+    if num_samples < 1:
+        raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
+    U, T, N = len(prompts), max(len(p) for p in prompts), max_new_tokens  # U prompts -> B rows
+    B = U * num_samples
     # The compiled step attends over a fixed, rounded-up cache; eager over the slots in use only.
     S = cache_length(T + N, model.config.max_seq_len) if compile else T + N
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    # Left padding: row b's prompt fills the last len(prompt) columns of [B, T].
-    tokens = torch.full((B, T), pad_id, dtype=torch.long)
-    real = torch.zeros(B, S, dtype=torch.bool)  # key padding mask over every cache slot: True = real token
+    # Left padding: prompt u fills the last len(prompt) columns of row u of [U, T].
+    tokens = torch.full((U, T), pad_id, dtype=torch.long)
+    real = torch.zeros(U, S, dtype=torch.bool)  # key padding mask over every cache slot: True = real token
     real[:, T:] = True  # generated tokens are always attended to (ended rows' pads too, as HF does)
-    for b, prompt in enumerate(prompts):
-        tokens[b, T - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        real[b, T - len(prompt) : T] = True
+    for u, prompt in enumerate(prompts):
+        tokens[u, T - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        real[u, T - len(prompt) : T] = True
     tokens, real = tokens.to(device), real.to(device)
 
     # Rotary positions count real tokens only (HF: cumsum(mask) - 1; pads get 0, they are never seen).
@@ -106,7 +113,7 @@ def generate(
     # next layer, so every query may also attend to itself (harmless: pad outputs are never used).
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=device)
-    prefill_mask = (causal & real[:, None, None, :T]) | eye  # [B, 1, T, T]
+    prefill_mask = (causal & real[:, None, None, :T]) | eye  # [U, 1, T, T]
     slots = torch.arange(S, device=device)  # cache slot ids; decode steps take [p : p + 1] views
 
     out = torch.full((B, N), pad_id, dtype=torch.long, device=device)  # new tokens, filled per step
@@ -114,12 +121,18 @@ def generate(
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     step = decode_step(model, B, S, compile=True, backend=compile_backend) if compile else None
     try:
-        if step is not None:
-            step.install()  # the step's own caches: the same tensors every call, so its graph is reused
-        else:
-            install_kv_caches(model, new_kv_caches(model, B, S))
-        hidden = model.model(tokens, positions, prefill_mask, slots[:T])  # [B, T, E]
-        logits = model.logits(hidden[:, -1])  # [B, V]: the head only where the next token comes from
+        caches = step.caches if step is not None else new_kv_caches(model, B, S)  # the step's own: the same tensors every call, so its graph is reused
+        prefill_caches = caches if num_samples == 1 else new_kv_caches(model, U, T)
+        install_kv_caches(model, prefill_caches)
+        hidden = model.model(tokens, positions, prefill_mask, slots[:T])  # [U, T, E]
+        logits = model.logits(hidden[:, -1])  # [U, V]: the head only where the next token comes from
+        if num_samples > 1:  # each prompt's keys and values to its num_samples rows
+            for cache, prefilled in zip(caches, prefill_caches, strict=True):
+                cache.k[:, :, :T].copy_(prefilled.k.repeat_interleave(num_samples, dim=0))
+                cache.v[:, :, :T].copy_(prefilled.v.repeat_interleave(num_samples, dim=0))
+            del prefill_caches
+            install_kv_caches(model, caches)
+            logits, real, positions = (t.repeat_interleave(num_samples, dim=0) for t in (logits, real, positions))
         pos = positions[:, -1:] + 1  # [B, 1]: rotary position of the next token of each row
         steps = 0
         for i in range(N):

@@ -52,7 +52,10 @@ def rollout(
     was_training = model.training
     model.eval()
     try:
-        completions = generate(model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id, seed=seed)
+        # Each prompt prefilled once, its cache copied to its G rows (`num_samples`).
+        completions = generate(
+            model, [list(p) for p in prompts], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id, seed=seed, num_samples=num_generations
+        )
     finally:
         model.train(was_training)
     stop = end_tokens(eos_id)

@@ -66,3 +66,21 @@ def test_sampled_rollouts_are_reproducible_by_seed(models) -> None:
     c = rollout(ours, PROMPTS, 4, NEW, temperature=1.0, top_k=50, top_p=0.95, seed=8)
     assert a.completion_ids == b.completion_ids and a.completion_ids != c.completion_ids
     assert len({tuple(x) for x in a.completion_ids[:4]}) > 1
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_each_prompt_is_prefilled_once_and_samples_as_its_rows_repeated(models, compile: bool) -> None:
+    """generate(..., num_samples=G) prefills each prompt once and copies its keys and values to its G rows:
+    with the same seed it samples what the G-times repeated prompts sample, token for token (eager, and the
+    static-shape decode step, compiled here with the eager backend), and every row keeps its own end."""
+    from lightning_tune.generate.loop import generate
+
+    ours, _ = models
+    G = 4
+    repeated = [list(p) for p in PROMPTS for _ in range(G)]
+    kwargs = dict(temperature=1.0, top_k=50, seed=11, eos_id=5, compile=compile, compile_backend="eager")
+    shared = generate(ours.eval(), PROMPTS, NEW, num_samples=G, **kwargs)
+    assert shared == generate(ours, repeated, NEW, **kwargs)
+    assert len(shared) == len(repeated) and len({tuple(r) for r in shared}) > 2  # sampled: the rows differ
+    greedy = generate(ours, PROMPTS, NEW, num_samples=G, temperature=0.0)
+    assert greedy == [row for row in generate(ours, PROMPTS, NEW, temperature=0.0) for _ in range(G)]
