@@ -23,7 +23,7 @@ from lightning_tune.data.base import ASSETS, DEMO, TokenizedDataModule, source_f
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.templates import PromptTemplate, get_template
 from lightning_tune.tokenizer import TokenizerProtocol
-from lightning_tune.tokenizer.chat_template import ChatTemplateError, render, resolve_template
+from lightning_tune.tokenizer.chat_template import ChatTemplateError, render, resolve_template, with_defaults
 
 DEMO_PROMPTS = ASSETS / "preference_demo.jsonl"  # the preference demo's prompts; its `chosen` reply holds the answer
 PROMPT_COLUMNS = ("prompt", "question", "problem")  # where the prompt is when column_map does not say
@@ -188,10 +188,13 @@ class PromptDataModule(TokenizedDataModule):
         if is_text and not self.as_chat:
             return None
         try:
-            self.chat_template_used = resolve_template(self.chat_template, self.tokenizer.chat_template, where="data.chat_template")[0]
+            template = resolve_template(self.chat_template, self.tokenizer.chat_template, where="data.chat_template")[0]
+            # Exported with the model: the system prompt and template variables the prompts were rendered with
+            # become the template's defaults, so `chat` and every other consumer prompt the model as it was trained.
+            self.chat_template_used = with_defaults(template, self.system_prompt, self.chat_template_kwargs)
         except ChatTemplateError as error:
             raise DataError(str(error)) from None
-        return self.chat_template_used
+        return template
 
     def _cache_fields(self, records: datasets.Dataset) -> dict[str, Any]:
         return {

@@ -151,6 +151,23 @@ def has_generation_blocks(template: str) -> bool:
     return re.search(r"\{\%-?\s*generation\s*-?\%\}", template) is not None
 
 
+def with_defaults(template: str, system: str | None = None, variables: Mapping[str, Any] | None = None) -> str:
+    """`template` with a run's defaults written in front of it, so that every consumer that renders it without
+    them (transformers' `apply_chat_template`, llama.cpp, our `chat`) renders what the run rendered: `system`
+    becomes the first message of a conversation that has no system message, and each of `variables` (e.g.
+    Qwen 3's `enable_thinking: false`) is set unless the caller sets it. A conversation that brings its own
+    system message, or a caller that sets the variable, renders as with `template` alone."""
+    preamble = []
+    for name, value in (variables or {}).items():
+        if not name.isidentifier():
+            raise ChatTemplateError(f"chat_template_kwargs: {name!r} is not a template variable name")
+        preamble.append(f"{{%- if {name} is not defined %}}{{%- set {name} = {json.dumps(value)} %}}{{%- endif %}}")
+    if system is not None:
+        message = json.dumps({"role": "system", "content": system})
+        preamble.append(f"{{%- if not messages or messages[0]['role'] != 'system' %}}{{%- set messages = [{message}] + messages %}}{{%- endif %}}")
+    return "".join(preamble) + template
+
+
 # The rendering in progress: (blocks so far, generation spans); `{% generation %}` appends to it.
 _TRACKING: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("chat_template_tracking", default=None)
 

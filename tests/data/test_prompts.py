@@ -12,6 +12,7 @@ from conftest import asset
 
 from lightning_tune.data import DataError, PromptDataModule
 from lightning_tune.data.base import DEMO_TOKENIZER
+from lightning_tune.tokenizer.chat_template import render
 
 
 def write(path: Path, records: list[dict]) -> Path:
@@ -58,6 +59,18 @@ def test_chat_prompts_equal_transformers_apply_chat_template(tmp_path: Path) -> 
     messages = [{"role": "system", "content": "Think first."}, {"role": "user", "content": "What is 2 + 3?"}]
     want = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, enable_thinking=False)["input_ids"]
     assert ids == want and want != reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+    # Exported with the model (a fit writes chat_template_used into merged/ and the GGUF): rendered without the
+    # system prompt and enable_thinking, by transformers and by our `chat`'s renderer, it prompts as the run did;
+    # a caller's own system message and variables still win.
+    exported, plain = data.chat_template_used, [{"role": "user", "content": "What is 2 + 3?"}]
+    assert reference.apply_chat_template(plain, chat_template=exported, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == ids
+    assert data.tokenizer.encode_with_offsets(render(exported, plain, special_tokens=data.tokenizer.special_tokens, add_generation_prompt=True).text, chat=True)[0] == ids
+    other = [{"role": "system", "content": "Other."}, *plain]
+    assert (
+        reference.apply_chat_template(other, chat_template=exported, add_generation_prompt=True, tokenize=True, return_dict=True, enable_thinking=True)["input_ids"]
+        == reference.apply_chat_template(other, add_generation_prompt=True, tokenize=True, return_dict=True, enable_thinking=True)["input_ids"]
+    )
 
 
 def test_long_prompts_are_left_out_and_bad_records_named(tmp_path: Path) -> None:
