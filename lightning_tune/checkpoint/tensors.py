@@ -17,6 +17,7 @@ from lightning_tune.families.config import ModelConfig
 from lightning_tune.families.hf_config import CONFIG_KEYS
 from lightning_tune.io.files import CheckpointError, torch_load_weights_only
 from lightning_tune.layers.lora import (
+    LazyWeight,
     QLinear,
 )
 
@@ -160,8 +161,10 @@ def split_fused(entries: list[Entry], config: ModelConfig) -> list[Entry]:
     return out
 
 
-def fuse_split(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Ours -> a Phi-3 checkpoint's: each layer's parts joined into the fused tensor, in the layer's key order."""
+def fuse_split(tensors: dict[str, Tensor | LazyWeight], config: ModelConfig) -> dict[str, Tensor | LazyWeight]:
+    """Ours -> a Phi-3 checkpoint's: each layer's parts joined into the fused tensor, in the layer's key order.
+    Parts that are `LazyWeight`s (QLoRA's merge, read from the base checkpoint when written) stay lazy: the
+    fused weight is computed when it is written, one at a time."""
     parts = fused_parts(config)
     first = {names[0][0]: fused for fused, names in parts.items()}
     part_names = {name for names in parts.values() for name, _ in names}
@@ -170,7 +173,12 @@ def fuse_split(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Ten
         prefix, _, rest = key.partition(".self_attn.") if ".self_attn." in key else key.partition(".mlp.")
         name = ("self_attn." if ".self_attn." in key else "mlp.") + rest
         if name in first:
-            out[f"{prefix}.{first[name]}"] = torch.cat([tensors[f"{prefix}.{part}"] for part, _ in parts[first[name]]])
+            group = [tensors[f"{prefix}.{part}"] for part, _ in parts[first[name]]]
+            if any(isinstance(t, LazyWeight) for t in group):
+                shape = torch.Size([sum(t.shape[0] for t in group), *group[0].shape[1:]])
+                out[f"{prefix}.{first[name]}"] = LazyWeight(shape, group[0].dtype, lambda group=group: torch.cat([t.to(t.dtype) for t in group]))
+            else:
+                out[f"{prefix}.{first[name]}"] = torch.cat(group)
         elif name not in part_names:
             out[key] = tensor
     return out

@@ -233,6 +233,37 @@ def test_exports_adapter_for_peft_on_4bit_and_merged_from_the_original_weights(b
         torch.testing.assert_close(value, peft_merged[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_phi3_merged_export_fuses_the_merged_weights_as_peft_does(tmp_path):
+    """Phi-3 holds q/k/v and gate/up fused. QLoRA's merged/ reads each original part from the checkpoint,
+    merges its adapter and fuses the parts again, lazily (one weight in memory at a time): the result equals
+    PEFT's merge_and_unload of our adapter/ (fused adapters) on the unquantised base."""
+    from hf_helpers import tiny_hf
+
+    base = tmp_path / "base"
+    tiny_hf("phi3", vocab_size=96, pad_token_id=0, eos_token_id=2).save_pretrained(base)
+    pl.seed_everything(0)
+    module = LoRAFinetune(
+        checkpoint_dir=str(base),
+        lr=1e-2,
+        warmup_steps=0,
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_attn_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        apply_lora_to_mlp=True,
+        quantize_base="nf4",
+    )
+    fit(module, tmp_path / "run")
+    merged, original = load_file(tmp_path / "run" / "merged" / "model.safetensors"), load_file(base / "model.safetensors")
+    fused = ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"]
+    assert all(not torch.equal(merged[k], original[k]) for k in fused)  # the adapters moved them
+    full = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_merged = peft.PeftModel.from_pretrained(full, tmp_path / "run" / "adapter").merge_and_unload().state_dict()
+    assert set(merged) <= set(peft_merged)
+    for key, value in merged.items():
+        torch.testing.assert_close(value, peft_merged[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 # ---- memory ------------------------------------------------------------------------------------
 
 
@@ -328,7 +359,12 @@ def test_unsupported_dtype_is_one_line(base_dir):
     assert "\n" not in str(info.value)
 
 
-QLORA_CONFIGS = ["alpaca_llama2_7b_qlora.yaml", "alpaca_llama2_70b_qlora.yaml", "alpaca_llama3_1_8b_qlora.yaml"]
+QLORA_CONFIGS = [
+    "alpaca_llama2_7b_qlora.yaml",
+    "alpaca_llama2_70b_qlora.yaml",
+    "alpaca_llama3_1_8b_qlora.yaml",
+    *(f"chat_{family}_qlora.yaml" for family in ("gemma3_4b", "gemma2_9b", "phi3_mini", "phi4_14b", "olmo2_7b")),
+]
 
 
 @pytest.mark.parametrize("name", QLORA_CONFIGS)
