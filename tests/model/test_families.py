@@ -273,6 +273,11 @@ FAMILY_CONFIGS = [
     "alpaca_qwen3_8b_full.yaml",
     "alpaca_qwen2_5_7b_lora.yaml",
     "alpaca_smollm2_1_7b_lora.yaml",
+    "chat_gemma3_4b_lora.yaml",
+    "chat_gemma2_9b_lora.yaml",
+    "chat_phi3_mini_lora.yaml",
+    "chat_phi4_14b_lora.yaml",
+    "chat_olmo2_7b_lora.yaml",
 ]
 
 
