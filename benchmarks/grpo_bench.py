@@ -17,7 +17,7 @@ included, and 4 per trained token, forward and input gradients, the base being f
 weight per completion token; the adapters' 6 per weight per token; attention scores left out: short rows)
 over the step time, against the best fp32 matmul rate measured on this machine.
 
-    python benchmarks/grpo_bench.py                       # 6 steps x 2 rounds per side, ~12 minutes on 2 cores
+    python benchmarks/grpo_bench.py                       # 6 steps x 2 rounds per side, ~10 minutes on 2 cores
     python benchmarks/grpo_bench.py --steps 4 --repeats 1 --max-new 16
 """
 
@@ -132,7 +132,6 @@ def run_trl(args: argparse.Namespace) -> dict:
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
     )  # fmt: skip
     generate = trainer.model.generate
-    pad = tokenizer.pad_token_id
 
     def timed_generate(*a, **kw):
         start = time.perf_counter()
@@ -141,7 +140,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         prompt_ids = kw.get("input_ids", a[0] if a else None)
         width = prompt_ids.shape[1]
         completion = out[:, width:]
-        completion_tokens.append(int(_until_first_end(completion, tokenizer.eos_token_id, pad)))
+        completion_tokens.append(_until_first_end(completion, tokenizer.eos_token_id))
         prompt_tokens.append(int(kw["attention_mask"].sum()) if "attention_mask" in kw else prompt_ids.numel())
         return out
 
@@ -152,7 +151,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     return {"step_s": steps, "rollout_s": rollout_s, "completion_tokens": completion_tokens, "prompt_tokens": prompt_tokens}
 
 
-def _until_first_end(completion: torch.Tensor, eos_id: int, pad_id: int | None) -> int:
+def _until_first_end(completion: torch.Tensor, eos_id: int) -> int:
     """Completion tokens up to and including each row's first end token (what TRL's mask keeps)."""
     is_end = completion == eos_id
     first = torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1) + 1, torch.full((completion.shape[0],), completion.shape[1]))
@@ -232,7 +231,7 @@ def main() -> None:
     if "trl" in sides and importlib.util.find_spec("trl") is None:
         print("trl not installed: its rows skipped", file=sys.stderr)
         sides.remove("trl")
-    forward = [a for a in sys.argv[1:]]
+    forward = sys.argv[1:]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     peak = matmul_peak_fp32()
     for _ in range(args.repeats):

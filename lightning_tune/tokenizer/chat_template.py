@@ -152,8 +152,9 @@ def has_generation_blocks(template: str) -> bool:
 
 
 def with_defaults(template: str, system: str | None = None, variables: Mapping[str, Any] | None = None) -> str:
-    """`template` with a run's defaults written in front of it, so that every consumer that renders it without
-    them (transformers' `apply_chat_template`, llama.cpp, our `chat`) renders what the run rendered: `system`
+    """`template` with a run's defaults written in front of it, so that a consumer that renders it without them
+    (transformers' `apply_chat_template` and our `chat`, tested; llama.cpp's Jinja has the same `set` and
+    `is defined`, not run here) renders what the run rendered: `system`
     becomes the first message of a conversation that has no system message, and each of `variables` (e.g.
     Qwen 3's `enable_thinking: false`) is set unless the caller sets it. A conversation that brings its own
     system message, or a caller that sets the variable, renders as with `template` alone."""

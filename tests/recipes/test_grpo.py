@@ -327,10 +327,11 @@ def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(tmp_path: Path)
     assert resumed == straight[2:], (straight, resumed)
     assert len({r for r, _ in straight}) > 1  # the steps sampled different batches
     # The checkpoint rebuilds the recipe (export, generate, eval) without importing the reward paths it names.
+    from lightning_tune.checkpoint import load_training_checkpoint
     from lightning_tune.recipes.export import load_recipe_from_checkpoint
 
     ckpt = next((tmp_path / "a" / "checkpoints").glob("*step=2.ckpt"))
-    checkpoint = torch.load(ckpt, weights_only=False)  # written by this test
+    checkpoint = load_training_checkpoint(ckpt)  # weights only, as every checkpoint is read
     checkpoint["hyper_parameters"].update(reward_funcs=["no_such_module_xyz.reward"], _class_path="lightning_tune.GRPOFinetune")  # as LightningCLI saves it
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     module = load_recipe_from_checkpoint(tmp_path / "edited.ckpt", need_base=False)
