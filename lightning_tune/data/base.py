@@ -13,16 +13,25 @@ the `**kwargs` to them for `--help` and `--print_config`.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import importlib
+import inspect
 import json
 import logging
-from collections.abc import Callable
+import math
+import re
+from collections.abc import Callable, Mapping
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -41,6 +50,131 @@ DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Extensions that are clearly files, so a missing "data.txt" is not mistaken for a hub dataset name.
 OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz", ".yaml", ".yml", ".md"}
+# The loading keys a `mixture` entry may set for itself (the batch and tokenizer settings are the mixture's).
+LOAD_KEYS = ("source", "name", "revision", "data_files", "split")
+# The kinds of SFT sample a `mixture` entry may name as its `format` (the module classes, imported when named).
+FORMATS = {"instruct": ("lightning_tune.data.instruct", "InstructDataModule"), "chat": ("lightning_tune.data.chat", "ChatDataModule")}
+STREAM_HEAD = 8  # records of a stream read at setup to check its columns before training
+
+
+def check_split(split: str, key: str) -> list[str]:
+    """The split names in a `datasets` split spec ("train", "train[:10%]", "train[10:20]+test"); a spec
+    `datasets` cannot read is one line naming `key`."""
+    try:
+        instruction = datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as error:
+        raise DataError(f"{key}: {split!r} is not a split datasets can read ({_first_line(error)}); e.g. train, train[:10%], train[100:200]") from None
+    del instruction  # read: the spec is valid; its names are what precedes each slice
+    return [part.split("[")[0].strip() for part in split.split("+")]
+
+
+def _parameters(cls: type) -> list[str]:
+    """The named `__init__` parameters of `cls` and of its bases up to `TokenizedDataModule`."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" in klass.__dict__ and issubclass(klass, TokenizedDataModule):
+            init = inspect.unwrap(klass.__dict__["__init__"])
+            names += [n for n, p in inspect.signature(init).parameters.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in names]
+    return names
+
+
+def mixture_format(name: str, key: str = "format") -> type:
+    """The data module class of a `format` name (instruct, chat)."""
+    if name not in FORMATS:
+        raise DataError(f"{key}: unknown format {name!r}; one of {', '.join(FORMATS)}")
+    module, attribute = FORMATS[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
+def check_mixture(mixture: list[dict[str, Any]], cls: type) -> list[dict[str, Any]]:
+    """The `mixture` entries checked: each a mapping with a source, known keys, a positive `weight` (every entry
+    or none) or a whole `count` (not with weights), a readable split. One line naming the entry otherwise."""
+    if not isinstance(mixture, list) or not mixture:
+        raise DataError("mixture: expected a list of sources ({source: ..., weight: ...}), got " + (repr(mixture)[:40] if mixture != [] else "an empty list"))
+    entries = []
+    own = set(_parameters(cls)) - set(_parameters(TokenizedDataModule))
+    for i, entry in enumerate(mixture):
+        where = f"mixture[{i}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("source"), str) or not entry["source"]:
+            raise DataError(f"{where}: expected a mapping with a source (e.g. {{source: tatsu-lab/alpaca, weight: 0.7}}), got {str(entry)[:60]!r}")
+        keys = own if "format" not in entry else set(_parameters(mixture_format(entry["format"], f"{where}.format"))) - set(_parameters(TokenizedDataModule))
+        allowed = set(LOAD_KEYS) | {"weight", "count", "format"} | keys
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {unknown}; an entry takes {', '.join(sorted(allowed))}")
+        if "weight" in entry and "count" in entry:
+            raise DataError(f"{where}: give weight (a proportion) or count (a number of samples), not both")
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise DataError(f"{where}.weight: expected a positive number, got {weight!r}")
+        count = entry.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise DataError(f"{where}.count: expected a whole number of samples, 1 or more, got {count!r}")
+        check_split(entry.get("split", "train"), f"{where}.split")
+        entries.append(dict(entry))
+    weighted = [i for i, entry in enumerate(entries) if "weight" in entry]
+    if weighted and len(weighted) != len(entries):
+        missing = [i for i in range(len(entries)) if i not in weighted]
+        raise DataError(f"mixture: entries {missing} have no weight; give every entry a weight (proportions) or none (each its count, or all its samples)")
+    return entries
+
+
+def mixture_counts(available: list[int], entries: list[dict[str, Any]]) -> list[int]:
+    """How many samples each entry contributes. With weights: proportions p_i = w_i / sum(w), and the largest
+    mixture that keeps them without repeating a sample (as TRL's mixtures: no oversampling): N = min_i(a_i / p_i)
+    and n_i = floor(p_i N), in exact fractions, so the limiting source gives all of its samples. Without: each
+    entry's `count` (more than the source has repeats it: `draw`), else all of its samples."""
+    if entries and "weight" in entries[0]:
+        weights = [Fraction(entry["weight"]) for entry in entries]
+        shares = [w / sum(weights) for w in weights]
+        total = min(Fraction(a) / p for a, p in zip(available, shares))
+        return [math.floor(p * total) for p in shares]
+    return [entry.get("count", a) for entry, a in zip(entries, available)]
+
+
+def draw(available: int, count: int, generator: torch.Generator) -> list[int]:
+    """`count` indices of `available` samples: a seeded random subset when count <= available (no repeats), else
+    every sample count // available times and a seeded subset of the rest."""
+    whole, rest = divmod(count, available)
+    return list(range(available)) * whole + torch.randperm(available, generator=generator)[:rest].tolist()
+
+
+def token_counts(data: datasets.Dataset) -> tuple[int, int]:
+    """(tokens, trained tokens) of tokenised samples: over every `*input_ids` and `*labels` column, in Arrow."""
+    import pyarrow.compute as pc
+
+    table = data.with_format("arrow")[:]
+    tokens = sum(pc.sum(pc.list_value_length(table[name])).as_py() or 0 for name in data.column_names if name.endswith("input_ids"))
+    trained = sum(pc.sum(pc.not_equal(pc.list_flatten(table[name]), IGNORE_INDEX)).as_py() or 0 for name in data.column_names if name.endswith("labels"))
+    return tokens, trained
+
+
+def _cache_file(records: datasets.Dataset, fingerprint: str) -> Path | None:
+    """Where `datasets.map` keeps the tokenised data of `fingerprint` (beside the loaded records' own cache), None
+    for records held only in memory."""
+    if not records.cache_files:
+        return None
+    return Path(records.cache_files[0]["filename"]).parent / f"cache-{fingerprint}.arrow"
+
+
+def _offline(error: BaseException) -> bool:
+    """Whether a failed Hub load failed for want of a network (HF_HUB_OFFLINE, no connection)."""
+    text = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
+    return bool(re.search(r"offline|connection|resolve|network|timed out|HF_HUB_OFFLINE", text, re.IGNORECASE))
+
+
+def _recording_init(init: Callable) -> Callable:
+    """`init` that first records the keyword arguments of the outermost call (a mixture builds its entries' modules from them)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> None:
+        if "_given" not in self.__dict__:
+            bound = inspect.signature(init).bind(self, *args, **kwargs).arguments
+            bound.pop("self")
+            self.__dict__["_given"] = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 def source_file(source: str) -> Path | None:
@@ -75,12 +209,24 @@ class TokenizedDataModule(LightningDataModule):
     demo_data: Path = ASSETS / "demo.jsonl"
     encoding_version = 1  # bump in a subclass when its encoding changes meaning (old caches unused)
     rows_per_sample = 1  # batch rows per sample (memory estimates count rows)
+    mixture_stats: list[dict[str, Any]] | None = None  # per mixture source: available, drawn, tokens, trained (after setup)
+    cache_file: Path | None = None  # the tokenised cache file (after setup; None for a stream or in-memory data)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__dict__["__init__"])
 
     def __init__(
         self,
         *,  # keywords only: a parameter inserted here can never shift a subclass's values into the wrong one
         source: str,
+        name: str | None = None,
+        revision: str | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
         split: str = "train",
+        streaming: bool = False,
+        mixture: list[dict[str, Any]] | None = None,
         tokenizer_path: str | None = None,
         max_seq_len: int = 512,
         batch_size: int = 4,
@@ -94,8 +240,13 @@ class TokenizedDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            source: Hugging Face Hub data set name, a local .json/.jsonl/.csv/.parquet file (pkg://PACKAGE/FILE: one inside an installed package), or "demo" for the bundled demo data.
-            split: Split to load from a hub data set (local files have only "train").
+            source: Hugging Face Hub data set name, a local folder laid out as one (its configs and splits), a local .json/.jsonl/.csv/.parquet file (pkg://PACKAGE/FILE: one inside an installed package), or "demo" for the bundled demo data.
+            name: The Hub data set's configuration (`load_dataset`'s `name`, e.g. "main" of openai/gsm8k); null: its default.
+            revision: The Hub data set's revision: a commit hash (reproducible), tag or branch; null: the main branch.
+            data_files: Which files of a Hub data set or folder to read (`load_dataset`'s `data_files`: a path or glob, a list, or {split: paths}).
+            split: The split to train on, sliceable as `datasets` slices it: "train", "train[:10%]", "train[100:200]", "train+validation" (a single local file's split is "train").
+            streaming: Read the data as a stream (`datasets` IterableDataset), tokenised as batches are drawn, for data too big to tokenise up front; in file order (no shuffle: a shuffle buffer would not resume exactly), one source, val_size a count; a resumed run continues at the next sample.
+            mixture: Several sources mixed into one training set, each a dict with `source` and any loading key (name, revision, data_files, split), this module's own keys (column_map, template, ...), `format` (instruct or chat: another kind of SFT data), and `weight` (all entries: proportions, the largest mixture that keeps them without repeating a sample) or `count` (samples taken, repeated only if more than the source has; left out: all of them). Samples are drawn with `seed`; `source` is then not read.
             tokenizer_path: SentencePiece .model, tokenizer.json, or a directory holding either (a checkpoint's); left out, the CLI uses model.checkpoint_dir (its tokenizer); else only source "demo" may leave it out (the bundled demo tokenizer).
             max_seq_len: Longest sample in tokens; longer ones are cut as `truncation` says (a warning gives the count).
             batch_size: Samples per batch (a preference pair is one sample of two rows: 2 x batch_size rows).
@@ -124,10 +275,26 @@ class TokenizedDataModule(LightningDataModule):
         if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
             raise DataError(f"val_size must be 0, a fraction below 1, or a whole count of records, got {val_size}")
         suffix = Path(source).suffix.lower()
-        if source != DEMO and (suffix in OTHER_FILE_SUFFIXES or (Path(source).is_file() and suffix not in LOADERS)):
+        if mixture is None and source != DEMO and (suffix in OTHER_FILE_SUFFIXES or (Path(source).is_file() and suffix not in LOADERS)):
             raise DataError(f"{source}: unsupported file type {suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
+        splits = check_split(split, "split")
+        if mixture is None and (file is not None and file.is_file() or source == DEMO):
+            if set(splits) != {"train"}:
+                raise DataError(f"split: a single file has one split, train (sliceable: train[:10%]), got {split!r}")
+            given = [key for key, value in (("name", name), ("revision", revision), ("data_files", data_files)) if value is not None]
+            if given:
+                raise DataError(f"{', '.join(given)}: only for a Hub data set or a folder laid out as one; source {source!r} is a single file")
+        if streaming and mixture is not None:
+            raise DataError("streaming: takes one source, not a mixture (mix the files of one source with data_files instead)")
+        if streaming and 0 < val_size < 1:
+            raise DataError(f"val_size: a stream has no known length, so hold out a count of records (e.g. 100), not the fraction {val_size}")
         self.source = source
+        self.name = name
+        self.revision = revision
+        self.data_files = data_files
         self.split = split
+        self.streaming = streaming
+        self.mixture = None if mixture is None else check_mixture(mixture, type(self))
         self.tokenizer_path = str(DEMO_TOKENIZER) if tokenizer_path is None else tokenizer_path
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
@@ -172,15 +339,33 @@ class TokenizedDataModule(LightningDataModule):
         return self._tokenizer
 
     def prepare_data(self) -> None:
-        """Download and tokenise once (rank 0 only under DDP); `setup` then reads the cache."""
-        self._tokenized()
+        """Download and tokenise once (rank 0 only under DDP); `setup` then reads the cache. A stream is
+        tokenised as it is read: nothing to prepare."""
+        if not self.streaming:
+            for module in self.mixture_modules() or [self]:
+                module._tokenized()
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenised data (from the cache after `prepare_data`), report truncation once, leave
-        out the samples marked so, and split off validation."""
+        out the samples marked so, mix the sources of a `mixture`, and split off validation."""
         if self.train_dataset is not None:
             return
-        data = self._tokenized()
+        if self.streaming:
+            self._setup_stream()
+            return
+        data = self._mixed() if self.mixture is not None else self._kept(self._tokenized())
+        if self.val_size == 0:
+            self.train_dataset = data
+            return
+        # A fraction becomes a count here so the split sizes are explicit (and the same on every rank).
+        val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * len(data))
+        if not 1 <= val_count < len(data):
+            raise DataError(f"{self.source}: val_size={self.val_size} leaves no training or no validation records out of {len(data)}")
+        parts = data.train_test_split(test_size=val_count, shuffle=True, seed=self.seed)
+        self.train_dataset, self.val_dataset = parts["train"], parts["test"]
+
+    def _kept(self, data: datasets.Dataset) -> datasets.Dataset:
+        """The tokenised samples less those marked `keep: False`, truncation reported once."""
         total = len(data)
         self.num_truncated = sum(data["truncated"])
         keep = data["keep"] if "keep" in data.column_names else [True] * total
@@ -192,15 +377,81 @@ class TokenizedDataModule(LightningDataModule):
                 raise DataError(f"{self.source}: no sample has a trained token left within max_seq_len={self.max_seq_len}; raise max_seq_len")
             log.warning(f"{self.source}: {self.num_left_out} of {total} samples are left out: nothing to train on within max_seq_len={self.max_seq_len}")
             data = data.select([i for i, k in enumerate(keep) if k])
-        if self.val_size == 0:
-            self.train_dataset = data
-            return
-        # A fraction becomes a count here so the split sizes are explicit (and the same on every rank).
-        val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * len(data))
-        if not 1 <= val_count < len(data):
-            raise DataError(f"{self.source}: val_size={self.val_size} leaves no training or no validation records out of {len(data)}")
-        parts = data.train_test_split(test_size=val_count, shuffle=True, seed=self.seed)
-        self.train_dataset, self.val_dataset = parts["train"], parts["test"]
+        return data
+
+    # --- mixtures ---------------------------------------------------------------------------------------
+
+    def mixture_modules(self) -> list[TokenizedDataModule]:
+        """One data module per `mixture` entry ([] without a mixture): the entry's keys over this module's
+        settings (its own keys only where the entry keeps this module's format), validation left to the mixture."""
+        if self.mixture is None:
+            return []
+        if getattr(self, "_mixture_modules", None) is None:
+            given = {key: value for key, value in getattr(self, "_given", {}).items() if key not in ("mixture", "val_size", "streaming", *LOAD_KEYS)}
+            shared = set(_parameters(TokenizedDataModule))
+            modules = []
+            for entry in self.mixture:
+                cls = mixture_format(entry["format"]) if "format" in entry else type(self)
+                settings = given if cls is type(self) else {key: value for key, value in given.items() if key in shared}
+                own = {key: value for key, value in entry.items() if key not in ("weight", "count", "format")}
+                modules.append(cls(**{**settings, **own}))
+            self._mixture_modules = modules
+        return self._mixture_modules
+
+    def _mixed(self) -> datasets.Dataset:
+        """The `mixture`'s sources tokenised (each through its own cache), their kept samples drawn as the
+        entries say (`mixture_counts`, `draw`: seeded by `seed`), concatenated. `mixture_stats` records per
+        source the samples available and drawn, their tokens and trained tokens."""
+        modules = self.mixture_modules()
+        kept = [module._kept(module._tokenized()) for module in modules]
+        self.num_truncated = sum(module.num_truncated for module in modules)
+        self.num_left_out = sum(module.num_left_out for module in modules)
+        self.chat_template_used = next((module.chat_template_used for module in modules if module.chat_template_used is not None), None)
+        counts = mixture_counts([len(data) for data in kept], self.mixture)
+        generator = torch.Generator().manual_seed(self.seed)
+        parts, self.mixture_stats = [], []
+        for entry, data, count in zip(self.mixture, kept, counts):
+            part = data.select(draw(len(data), count, generator))
+            part = part.remove_columns([name for name in ("keep",) if name in part.column_names])
+            tokens, trained = token_counts(part)
+            self.mixture_stats.append({"source": entry["source"], "available": len(data), "drawn": count, "tokens": tokens, "trained": trained})
+            parts.append(part)
+        columns = [sorted(part.column_names) for part in parts]
+        if any(names != columns[0] for names in columns):
+            which = next(i for i, names in enumerate(columns) if names != columns[0])
+            raise DataError(f"mixture[{which}]: its samples have columns {columns[which]} where mixture[0]'s have {columns[0]}; mix sources of one kind of sample")
+        try:
+            data = datasets.concatenate_datasets(parts)
+        except ValueError as error:
+            raise DataError(f"mixture: the sources' samples do not have the same types ({_first_line(error)})") from error
+        for name in ("pair_index", "prompt_index"):  # one index per sample of the mixture (the reference table is indexed by it)
+            if name in data.column_names:
+                data = data.remove_columns(name).add_column(name, list(range(len(data))))
+        return data
+
+    # --- streaming --------------------------------------------------------------------------------------
+
+    def _setup_stream(self) -> None:
+        """A `datasets` IterableDataset tokenised as it is read, this rank's share (`split_dataset_by_node`),
+        the first `val_size` records held out; its `state_dict` travels in the loader's for exact resume."""
+        records = self._load_records()
+        head = datasets.Dataset.from_list(list(records.take(STREAM_HEAD)), features=records.features)
+        if len(head) == 0:
+            raise DataError(f"{self.source}: has no records (expected {self.record_kind})")
+        self._check_stream_head(head)
+        names = records.column_names or head.column_names
+        samples = records.map(self._encoder(head), with_indices=True, remove_columns=names)
+        samples = samples.filter(lambda sample: sample.get("keep", True))
+        replicas, rank = self.data_parallel_rank()
+        count = int(self.val_size)
+        if count:
+            self.val_dataset = samples.take(count)
+            samples = samples.skip(count)
+        self.train_dataset = split_dataset_by_node(samples, rank=rank, world_size=replicas) if replicas > 1 else samples
+
+    def _check_stream_head(self, head: datasets.Dataset) -> None:
+        """The first records of a stream through the usual column checks (a bad column map fails at setup)."""
+        self._cache_fields(head)
 
     def data_parallel_rank(self) -> tuple[int, int]:
         """(number of data-parallel processes, this one's index): from the Trainer's strategy under
@@ -224,6 +475,8 @@ class TokenizedDataModule(LightningDataModule):
         """
         if self.train_dataset is None:
             self.setup("fit")
+        if self.streaming:  # the stream's own state (file, record) is the position; no sampler
+            return StatefulDataLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn())
         replicas, rank = self.data_parallel_rank()
         if self.group_by_length:
             # Buckets of similar length in shuffled order; its iterator is Stateful for mid-epoch resume.
@@ -277,6 +530,10 @@ class TokenizedDataModule(LightningDataModule):
             **self._cache_fields(records),
         }
         fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        cached = _cache_file(records, fingerprint)
+        if cached is not None:
+            state = "reused" if cached.exists() else "building"
+            rank_zero_info(f"{self.source}: tokenised cache {state}: {cached}")
         # A failing record raises inside `map`; `datasets` then deletes its temporary file, so no partial cache remains.
         data = records.map(
             self._encoder(records),
@@ -285,26 +542,42 @@ class TokenizedDataModule(LightningDataModule):
             new_fingerprint=fingerprint,
             desc=f"Tokenizing {self.source}",
         )
+        self.cache_file = cached
         self._check(data, records)
         untrained = [name for name in data.column_names if name.endswith("labels") and not _has_trained_token(data, name)]
         if untrained:  # every sample cut to its prompt (e.g. instructions longer than max_seq_len): a run would train on nothing
             raise DataError(f"{self.source}: no sample has a trained token left within max_seq_len={self.max_seq_len}; raise max_seq_len")
         return data
 
-    def _load_records(self) -> datasets.Dataset:
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments `datasets.load_dataset` gets beside the source, as given (None left out)."""
+        options = {"name": self.name, "revision": self.revision, "data_files": self.data_files, "split": self.split, "cache_dir": self.cache_dir}
+        return {key: value for key, value in options.items() if value is not None} | ({"streaming": True} if self.streaming else {})
+
+    def _load_records(self) -> datasets.Dataset | datasets.IterableDataset:
         """The raw records through `datasets`, any failure turned into one `DataError` line."""
         path = self.demo_data if self.source == DEMO else source_file(self.source)
-        if path is None:
+        if path is None or path.is_dir():
+            where = "this folder" if path is not None else "this data set from the Hugging Face Hub"
+            options = self.load_options()
             try:
-                records = datasets.load_dataset(self.source, split=self.split, cache_dir=self.cache_dir)
+                records = datasets.load_dataset(str(path or self.source), **options)
             except Exception as error:
-                raise DataError(
-                    f"{self.source}: cannot load this data set from the Hugging Face Hub ({_first_line(error)}); if you are offline, pass a local .json/.jsonl/.csv/.parquet file as source"
-                ) from error
+                hint = ""
+                if path is None and _offline(error):
+                    hint = "; you are offline: point source at a local copy (a folder laid out as on the Hub, with name/split/data_files, or a .json/.jsonl/.csv/.parquet file)"
+                elif path is None:
+                    hint = "; if you are offline, point source at a local folder or a .json/.jsonl/.csv/.parquet file"
+                named = "".join(f", {key} {options[key]!r}" for key in ("name", "revision", "data_files", "split") if key in options and options[key] != "train")
+                raise DataError(f"{self.source}{named}: cannot load {where} ({_first_line(error)}){hint}") from error
         else:
             records = self._load_file(path)
+        if self.streaming:
+            if not isinstance(records, datasets.IterableDataset):
+                raise DataError(f"{self.source}: expected one split of records, got {type(records).__name__}")
+            return records
         if not isinstance(records, datasets.Dataset):
-            raise DataError(f"{self.source}: expected one split of records, got {type(records).__name__}")
+            raise DataError(f"{self.source}: expected one split of records, got {type(records).__name__}; name one with split")
         if len(records) == 0:
             raise DataError(f"{self.source}: has no records (expected {self.record_kind})")
         return records
@@ -333,7 +606,7 @@ class TokenizedDataModule(LightningDataModule):
                 header = next(csv.reader(file), [])
             options = {"features": datasets.Features({name: datasets.Value("string") for name in header}), "na_filter": False}
         try:
-            return datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=self.cache_dir, **options)
+            return datasets.load_dataset(loader, data_files=str(path), split=self.split, cache_dir=self.cache_dir, streaming=self.streaming, **options)
         except Exception as error:
             # `datasets`' own messages name no line (pyarrow counts "rows" within a block) or say
             # 'Instruction "train" corresponds to no data!' for a file without records: look ourselves.

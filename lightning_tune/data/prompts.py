@@ -19,7 +19,7 @@ from typing import Any
 
 import datasets
 
-from lightning_tune.data.base import ASSETS, DEMO, TokenizedDataModule, source_file
+from lightning_tune.data.base import ASSETS, DEMO, TokenizedDataModule
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.templates import PromptTemplate, get_template
 from lightning_tune.tokenizer import TokenizerProtocol
@@ -128,7 +128,7 @@ class PromptDataModule(TokenizedDataModule):
         """
         Args:
             source: Hugging Face Hub data set name (e.g. openai/gsm8k with subset main), a local .json/.jsonl/.csv/.parquet file, or "demo" (the bundled demo's prompts: sums of two digits and word tasks; the answer in column `answer`).
-            subset: The Hub data set's configuration (openai/gsm8k: main or socratic); null for none.
+            subset: The Hub data set's configuration (openai/gsm8k: main or socratic); the same as `name` (kept for older configs).
             column_map: Our name -> the data's column: {prompt: text} reads prompts from `text` (default: the first of prompt, question, problem the data has); any other entry renames a column the reward functions receive (e.g. {answer: solution}).
             template: Prompt template of string prompts: "none" (the prompt as raw text) or "alpaca".
             chat_template: Chat template of message prompts (and of string prompts with as_chat): the tokenizer's own if not given, else a built-in ("llama2", "chatml", "alpaca"), a Jinja file or a Jinja string.
@@ -146,6 +146,10 @@ class PromptDataModule(TokenizedDataModule):
         clash = sorted(set(column_map) & set(RESERVED))
         if clash:
             raise DataError(f"column_map: {clash} are names of our own columns; choose other names")
+        if subset is not None and kwargs.get("name") not in (None, subset):
+            raise DataError(f"subset {subset!r} and name {kwargs['name']!r}: both name the configuration; give name only")
+        if subset is not None:
+            kwargs["name"] = subset
         super().__init__(source=source, max_seq_len=max_seq_len, group_by_length=False, pack=False, **kwargs)
         self.subset = subset
         self.column_map = column_map
@@ -153,15 +157,6 @@ class PromptDataModule(TokenizedDataModule):
         self.as_chat = as_chat
         self.system_prompt = system_prompt
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-
-    def _load_records(self) -> datasets.Dataset:
-        """A Hub data set with a `subset` (its configuration) is loaded here; everything else by the base."""
-        if self.subset is None or self.source == DEMO or source_file(self.source) is not None:
-            return super()._load_records()
-        try:
-            return datasets.load_dataset(self.source, self.subset, split=self.split, cache_dir=self.cache_dir)
-        except Exception as error:
-            raise DataError(f"{self.source} ({self.subset}): cannot load this data set from the Hugging Face Hub ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
 
     def _prompt_column(self, records: datasets.Dataset) -> str:
         """column_map's prompt column, else the first of prompt, question (GSM8K), problem (MATH) the data has."""

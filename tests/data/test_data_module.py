@@ -313,7 +313,24 @@ def test_every_parameter_resolves_through_kwargs() -> None:
 
     from lightning_tune.data import ChatDataModule, PreferenceDataModule
 
-    shared = dict(split="train", tokenizer_path=None, max_seq_len=512, batch_size=4, num_workers=0, shuffle=True, seed=42, val_size=0.0, cache_dir=None, group_by_length=False, pack=True)
+    shared = dict(
+        name=None,
+        revision=None,
+        data_files=None,
+        split="train",
+        streaming=False,
+        mixture=None,
+        tokenizer_path=None,
+        max_seq_len=512,
+        batch_size=4,
+        num_workers=0,
+        shuffle=True,
+        seed=42,
+        val_size=0.0,
+        cache_dir=None,
+        group_by_length=False,
+        pack=True,
+    )
     resolved = {cls: get_signature_parameters(cls, "__init__") for cls in (InstructDataModule, ChatDataModule, PreferenceDataModule)}
     defaults = {cls: {p.name: p.default for p in params} for cls, params in resolved.items()}
     assert defaults[InstructDataModule] == dict(source="tatsu-lab/alpaca", column_map=None, template="alpaca", train_on_input=False, truncation="keep_start", **shared)
@@ -351,7 +368,7 @@ def test_unreachable_hub_fails_fast_with_advice(tmp_path, llama2_tokenizer_path,
     message = str(outcome[0])
     assert "\n" not in message
     assert message.startswith("tatsu-lab/alpaca: cannot load this data set from the Hugging Face Hub")
-    assert "pass a local .json/.jsonl/.csv/.parquet file as source" in message
+    assert "you are offline: point source at a local copy" in message and ".json/.jsonl/.csv/.parquet file" in message
 
 
 def test_lightning_resumes_mid_epoch_without_replaying_batches(tmp_path) -> None:
