@@ -1,5 +1,6 @@
-"""GGUF weights in and out (llama.cpp's single-file format, Llama architecture): config and tensors read
-(dequantised by the gguf package), a model written as llama.cpp names and types it, with its Modelfile."""
+"""GGUF weights in and out (llama.cpp's single-file format; its llama, gemma2, gemma3, phi3 and olmo2
+architectures): config and tensors read (dequantised by the gguf package), a model written as llama.cpp's
+converter names, lays out and types it (gguf's own architecture names, tensor names and keys), with its Modelfile."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +28,7 @@ from lightning_tune.model.decoder import CausalLM
 if TYPE_CHECKING:
     pass
 from lightning_tune.io.files import atomic_file, atomic_write_text
-from lightning_tune.io.gguf import ARCHITECTURE, GGUFError, check_architecture, import_gguf, metadata_value, open_gguf, read_metadata
+from lightning_tune.io.gguf import GGUFError, check_architecture, import_gguf, metadata_value, open_gguf, read_metadata
 from lightning_tune.tokenizer.chat_template import CHATML, ChatTemplateError, render
 from lightning_tune.tokenizer.gguf import VocabMetadata, vocab_metadata, write_vocab
 
@@ -36,54 +38,76 @@ READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 
-# llama.cpp's tensor names (gguf-py `constants.py`, MODEL_ARCH.LLAMA) -> ours (Hugging Face's).
-TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+# Our model_type (transformers') -> the llama.cpp architecture a GGUF of it is written as (gguf's MODEL_ARCH_NAMES).
+GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2"}
+MODEL_TYPES = {"llama": "llama", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2"}
+# llama.cpp's sliding / full layers (llama-model.cpp, set_swa_pattern(n)): layer i slides unless (i + 1) % n == 0.
+SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+# llama.cpp takes a Gemma with this many layers for its 27B and scales scores by (embed // heads) ** -0.5, any
+# other by head_dim ** -0.5 (llama-model.cpp: f_attention_scale); query_pre_attn_scalar itself is not in the file.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+GEMMA3_SWA_BASE = 10000.0  # llama.cpp's rotary base of Gemma 3's sliding layers (rope_freq_base_train_swa), fixed
+# The tensors whose GGUF copy is ours + 1 (convert_hf_to_gguf's Gemma2Model / Gemma3Model: every *norm.weight).
+GEMMA_NORM_SHIFT = 1.0
+
+
+def gemma_score_scalar(arch: str, num_layers: int, embed_dim: int, num_heads: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp's `arch` (gemma2 / gemma3) uses for a model of this shape."""
+    return embed_dim // num_heads if num_layers == GEMMA_27B_LAYERS[arch] else head_dim
+
+
+def gguf_arch(config: ModelConfig) -> str | None:
+    """The llama.cpp architecture a model of `config` is exported as (None: none of ours)."""
+    return GGUF_ARCHES.get(config.model_type)
 
 
 def gguf_config(path: str | Path) -> tuple[ModelConfig, bool]:
     """(ModelConfig, tied embeddings) from a GGUF file's metadata; tied when it has no output.weight (as transformers decides)."""
     path, reader = open_gguf(path)
     metadata = read_metadata(reader)
-    return _config_from_metadata(path, metadata, [t.name for t in reader.tensors])
+    factors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    return _config_from_metadata(path, metadata, [t.name for t in reader.tensors], factors)
 
 
-def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: list[str]) -> tuple[ModelConfig, bool]:
-    check_architecture(path, metadata)
-    arch = ARCHITECTURE
+def _rope_factors(path: Path, tensor: Any, count: int) -> tuple[float, ...]:
+    """A Phi-3 rope_factors_* tensor: `count` F32 values (the size is checked before anything is read)."""
+    if tensor.tensor_type.name != "F32" or int(tensor.n_elements) != count:
+        raise GGUFError(f"{path}: {tensor.name} must hold {count} F32 values (half the rotary features), it holds {int(tensor.n_elements)} of type {tensor.tensor_type.name}")
+    return tuple(float(f) for f in tensor.data.tolist())
+
+
+def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: list[str], factors: dict[str, Any] | None = None) -> tuple[ModelConfig, bool]:
+    arch = check_architecture(path, metadata)
     rope_scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if rope_scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
+    linear = arch == "gemma3" and rope_scaling == "linear"  # Gemma 3 4B and up: the full layers' positions divided by the factor
+    if (rope_scaling not in ("none", None) and not linear) or "rope_freqs.weight" in tensor_names:
         what = f"rope scaling {rope_scaling!r}" if rope_scaling not in ("none", None) else "a rope_freqs tensor (Llama 3.1 rotary scaling)"
-        raise GGUFError(f"{path}: {what} is not supported; only the default rotary embedding is")
+        raise GGUFError(f"{path}: {what} is not supported; only the default rotary embedding is (and Gemma 3's linear scaling, Phi-3's LongRoPE factors)")
     for key in (f"{arch}.expert_count",):
         if metadata.get(key):
             raise GGUFError(f"{path}: {key} = {metadata[key]}: mixture-of-experts GGUF files are not supported")
     heads = int(metadata_value(path, metadata, f"{arch}.attention.head_count"))
     embed_dim = int(metadata_value(path, metadata, f"{arch}.embedding_length"))
-    # The head size: key_length where the file gives it, else rope.dimension_count (as transformers reads
-    # it for llama), else embedding_length / head_count. The rotary must span the whole head.
-    head_dim = int(metadata.get(f"{arch}.attention.key_length", metadata.get(f"{arch}.rope.dimension_count", embed_dim // heads if heads else 0)))
-    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
-        if key in metadata and int(metadata[key]) != head_dim:
-            raise GGUFError(f"{path}: {key} = {metadata[key]}, but the head size is {head_dim}; only a rotary over the whole head, and values of the keys' size, are supported")
+    if heads <= 0 or embed_dim <= 0:
+        raise GGUFError(f"{path}: {arch}.attention.head_count ({heads}) and {arch}.embedding_length ({embed_dim}) must be positive")
+    # The head size: key_length where the file gives it, else (llama) rope.dimension_count, as transformers
+    # reads it, else embedding_length / head_count. Phi-3's rotary may turn part of the head (Phi-4-mini).
+    fallback = metadata.get(f"{arch}.rope.dimension_count", embed_dim // heads) if arch == "llama" else embed_dim // heads
+    head_dim = int(metadata.get(f"{arch}.attention.key_length", fallback))
+    rope_dims = int(metadata.get(f"{arch}.rope.dimension_count", head_dim))
+    if arch != "phi3" and rope_dims != head_dim:
+        raise GGUFError(f"{path}: {arch}.rope.dimension_count = {rope_dims}, but the head size is {head_dim}; only a rotary over the whole head is supported for {arch!r}")
+    if f"{arch}.attention.value_length" in metadata and int(metadata[f"{arch}.attention.value_length"]) != head_dim:
+        raise GGUFError(f"{path}: {arch}.attention.value_length = {metadata[f'{arch}.attention.value_length']}, but the head size is {head_dim}; only values of the keys' size are supported")
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab_size = metadata.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
     if vocab_size is None:
         raise GGUFError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens tells the vocabulary size")
     tied = "output.weight" not in tensor_names
-    values = {
+    num_layers = int(metadata_value(path, metadata, f"{arch}.block_count"))
+    values: dict[str, Any] = {
         "vocab_size": int(vocab_size),
-        "num_layers": int(metadata_value(path, metadata, f"{arch}.block_count")),
+        "num_layers": num_layers,
         "num_heads": heads,
         "num_kv_heads": int(metadata.get(f"{arch}.attention.head_count_kv", heads)),
         "embed_dim": embed_dim,
@@ -93,32 +117,114 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
         "rope_base": float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
         "head_dim": head_dim,
         "tie_word_embeddings": tied,
+        "model_type": MODEL_TYPES[arch],
     }
+    window = metadata.get(f"{arch}.attention.sliding_window")
+    if arch in SWA_PERIOD:  # Gemma: GeGLU, (1 + w) norms, llama.cpp's score scale and layer pattern
+        values |= {"block": "gemma", "hidden_act": "gelu_pytorch_tanh"}
+        if arch == "gemma2":  # llama.cpp's defaults where the file leaves them out: window 4096, caps 50 and 30
+            window = int(metadata.get(f"{arch}.attention.sliding_window", 4096))
+            values |= {"attn_logit_softcap": float(metadata.get(f"{arch}.attn_logit_softcapping", 50.0)), "final_logit_softcap": float(metadata.get(f"{arch}.final_logit_softcapping", 30.0))}
+        else:
+            values |= {"qk_norm": True}
+            if metadata.get(f"{arch}.final_logit_softcapping"):
+                values["final_logit_softcap"] = float(metadata[f"{arch}.final_logit_softcapping"])
+            if linear:
+                values |= {"rope_type": "linear", "rope_factor": float(metadata_value(path, metadata, f"{arch}.rope.scaling.factor"))}
+        if window:
+            period = SWA_PERIOD[arch]
+            values |= {"sliding_window": int(window), "layer_types": tuple("sliding_attention" if (i + 1) % period else "full_attention" for i in range(min(num_layers, period)))}
+            if arch == "gemma3":
+                values["rope_local_base"] = GEMMA3_SWA_BASE
+        values["query_pre_attn_scalar"] = gemma_score_scalar(arch, num_layers, embed_dim, heads, head_dim)
+    elif arch == "olmo2":
+        values |= {"block": "olmo2", "qk_norm": True}
+    elif arch == "phi3":
+        if window:  # 0 (the converter's "none", Phi-4) or absent: full attention
+            values["sliding_window"] = int(window)
+        if rope_dims != head_dim:
+            if not 0 < rope_dims < head_dim:
+                raise GGUFError(f"{path}: phi3.rope.dimension_count = {rope_dims}, it must be in (0, {head_dim}] (the head size)")
+            values["rope_partial_factor"] = rope_dims / head_dim
+        long, short = (factors or {}).get("rope_factors_long.weight"), (factors or {}).get("rope_factors_short.weight")
+        if (long is None) != (short is None):
+            raise GGUFError(f"{path}: has only one of rope_factors_long.weight and rope_factors_short.weight; LongRoPE needs both")
+        if long is not None:
+            original = int(metadata_value(path, metadata, f"{arch}.rope.scaling.original_context_length"))
+            scale = values["max_seq_len"] / original
+            # the converter's factor where the file has none: transformers' default for longrope
+            default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+            values |= {
+                "rope_type": "longrope",
+                "rope_original_max_seq_len": original,
+                "rope_attention_factor": float(metadata.get(f"{arch}.rope.scaling.attn_factor", default)),
+                "rope_long_factor": _rope_factors(path, long, rope_dims // 2),
+                "rope_short_factor": _rope_factors(path, short, rope_dims // 2),
+            }
+    elif window:
+        raise GGUFError(f"{path}: {arch}.attention.sliding_window = {window} is not supported for {arch!r} files")
     try:
-        return ModelConfig(**values), tied
+        config = ModelConfig(**values)
     except (ValueError, TypeError) as err:
         raise GGUFError(f"{path}: {err}") from None
+    if arch == "phi3" and config.rotary_dim != rope_dims:
+        raise GGUFError(f"{path}: phi3.rope.dimension_count = {rope_dims} is not a fraction of the head size {head_dim} that turns exactly that many features")
+    return config, tied
 
 
-def gguf_to_hf_key(name: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; KeyError if not a Llama tensor."""
-    base, _, suffix = name.rpartition(".")
-    if suffix != "weight":
-        raise KeyError(name)
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match:
-        return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.weight"
-    return f"{TOP_LEVEL_NAMES[base]}.weight"
+def _hf_names(config: ModelConfig) -> list[str]:
+    """Our tensor names for `config` (transformers'), with Phi-3's fused projections in place of their parts."""
+    with torch.device("meta"):
+        keys = list(CausalLM(config).state_dict())
+    if GGUF_ARCHES.get(config.model_type) != "phi3":
+        return keys
+    out = []
+    for key in keys:
+        for parts, fused in ((PHI3_QKV, "self_attn.qkv_proj"), (PHI3_GATE_UP, "mlp.gate_up_proj")):
+            if any(key.endswith(f".{p}.weight") for p in parts):
+                key = key.rsplit(".", 3)[0] + f".{fused}.weight"
+        if key not in out:
+            out.append(key)
+    return out
 
 
-def hf_to_gguf_key(key: str) -> str:
-    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (the inverse of `gguf_to_hf_key`)."""
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
-    if match:
-        inverse = {v: k for k, v in LAYER_NAMES.items()}
-        return f"blk.{match.group(1)}.{inverse[match.group(2)]}.weight"
-    inverse = {v: k for k, v in TOP_LEVEL_NAMES.items()}
-    return f"{inverse[key.removesuffix('.weight')]}.weight"
+PHI3_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+PHI3_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def gguf_name_map(config: ModelConfig) -> dict[str, str]:
+    """Our tensor name -> its llama.cpp name, by gguf's `TensorNameMap` for the architecture (as convert_hf_to_gguf
+    maps it); Phi-3's q/k/v and gate/up under their fused names (`attn_qkv`, `ffn_up`)."""
+    gguf = import_gguf()
+    arch = GGUF_ARCHES[config.model_type]
+    ids = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+    names = gguf.get_tensor_name_map(ids[arch], config.num_layers)
+    out = {}
+    for key in _hf_names(config):
+        base = key.removesuffix(".weight")
+        name = names.get_name(base) or ("output" if key == "lm_head.weight" else None)  # gemma2: always tied, never written
+        if name is None:  # gguf's map holds only the architecture's own tensors (MODEL_TENSORS)
+            raise GGUFError(f"{key}: llama.cpp's {arch!r} architecture has no tensor for it")
+        out[key] = f"{name}.weight"
+    return out
+
+
+def _llama_names(name: str) -> dict[str, str]:
+    """Llama's name map, for as many layers as `name` (ours or llama.cpp's) needs."""
+    match = re.search(r"(?:blk|layers)\.(\d+)\.", name)
+    layers = int(match.group(1)) + 1 if match else 1
+    return gguf_name_map(ModelConfig(vocab_size=8, num_layers=layers, num_heads=1, num_kv_heads=1, embed_dim=2, intermediate_dim=2))
+
+
+def gguf_to_hf_key(name: str, config: ModelConfig | None = None) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (Llama's names without a config); KeyError if not one."""
+    names = gguf_name_map(config) if config is not None else _llama_names(name)
+    return {v: k for k, v in names.items()}[name]
+
+
+def hf_to_gguf_key(key: str, config: ModelConfig | None = None) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (Llama's names without a config); KeyError if not one."""
+    return (gguf_name_map(config) if config is not None else _llama_names(key))[key]
 
 
 def hf_to_meta_rotary(w: Tensor, n_heads: int) -> Tensor:
@@ -130,34 +236,62 @@ def hf_to_meta_rotary(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 
 
+def _parts(config: ModelConfig, key: str) -> list[tuple[str, int, int]]:
+    """(our key, first row, rows) of each part of a tensor stored fused (Phi-3), or the tensor itself."""
+    prefix = key.rsplit(".", 2)[0]
+    if key.endswith("self_attn.qkv_proj.weight"):
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        prefix = prefix.removesuffix(".qkv_proj")
+        return [(f"{prefix}.q_proj.weight", 0, q), (f"{prefix}.k_proj.weight", q, kv), (f"{prefix}.v_proj.weight", q + kv, kv)]
+    if key.endswith("mlp.gate_up_proj.weight"):
+        prefix = prefix.removesuffix(".gate_up_proj")
+        return [(f"{prefix}.gate_proj.weight", 0, config.intermediate_dim), (f"{prefix}.up_proj.weight", config.intermediate_dim, config.intermediate_dim)]
+    return [(key, 0, -1)]
+
+
 def gguf_entries(path: str | Path, config: ModelConfig) -> list[Entry]:
     """The tensors of a GGUF file as checkpoint entries (our names, shapes), each dequantised to fp32 when read.
 
     Every tensor's type is checked here, before anything is read, so an unsupported one fails in one
-    line and leaves the model untouched.
+    line and leaves the model untouched. Per architecture, as llama.cpp's converter wrote them: Llama's
+    q/k rows back from Meta's rotary layout, Gemma's norms minus the 1 the converter added, Phi-3's
+    fused `attn_qkv` / `ffn_up` split into q/k/v and gate/up (rows sliced before dequantising).
     """
     gguf = import_gguf()
     path, reader = open_gguf(path)
+    arch = GGUF_ARCHES[config.model_type]
+    inverse = {v: k for k, v in gguf_name_map(config).items()}
     entries = []
     for tensor in reader.tensors:
-        try:
-            key = gguf_to_hf_key(tensor.name)
-        except KeyError:
-            raise GGUFError(f"{path}: unexpected tensor {tensor.name!r} (not part of a Llama model)") from None
+        if arch == "phi3" and tensor.name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+            continue  # read into the config (gguf_config)
+        if tensor.name not in inverse:
+            raise GGUFError(f"{path}: unexpected tensor {tensor.name!r} (not part of a {arch!r} model of this config)")
         type_name = tensor.tensor_type.name
         if type_name not in READ_TYPES:
             raise GGUFError(f"{path}: tensor {tensor.name} has type {type_name}, which is not supported; supported: {', '.join(READ_TYPES)}")
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # ggml lists the fastest axis first
-        heads = config.num_heads if ".attn_q." in tensor.name else config.num_kv_heads if ".attn_k." in tensor.name else None
+        parts = _parts(config, inverse[tensor.name])
+        if len(parts) > 1 and shape[0] != sum(rows for _, _, rows in parts):
+            raise GGUFError(f"{path}: tensor {tensor.name} has {shape[0]} rows, the config's fused parts need {sum(rows for _, _, rows in parts)}")
+        for key, first, rows in parts:
+            heads = None
+            if arch == "llama":
+                heads = config.num_heads if ".attn_q." in tensor.name else config.num_kv_heads if ".attn_k." in tensor.name else None
+            shift = GEMMA_NORM_SHIFT if arch in SWA_PERIOD and key.endswith("norm.weight") else 0.0
+            part_shape = shape if rows < 0 else (rows, *shape[1:])
 
-        def read(tensor=tensor, shape=shape, heads=heads) -> Tensor:
-            # gguf.dequantize gives float32 for every type; np.array copies out of the read-only memory map.
-            import numpy as np
+            def read(tensor=tensor, shape=part_shape, heads=heads, first=first, rows=rows, shift=shift) -> Tensor:
+                # gguf.dequantize gives float32 for every type; np.array copies out of the read-only memory map.
+                import numpy as np
 
-            w = torch.from_numpy(np.array(gguf.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)).reshape(shape)
-            return meta_to_hf_rotary(w, heads) if heads else w
+                data = tensor.data if rows < 0 else tensor.data[first : first + rows]  # whole rows: whole quant blocks
+                w = torch.from_numpy(np.array(gguf.dequantize(data, tensor.tensor_type), dtype=np.float32)).reshape(shape)
+                if shift:
+                    w = w - shift
+                return meta_to_hf_rotary(w, heads) if heads else w
 
-        entries.append(Entry(key, shape, path, read))
+            entries.append(Entry(key, part_shape, path, read))
     return entries
 
 
@@ -166,24 +300,62 @@ def check_outtype(outtype: str) -> None:
         raise GGUFError(f"--outtype {outtype!r} is not supported; supported: {', '.join(OUTTYPES)}")
 
 
-def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, path: Path) -> list[tuple[str, str, Any]]:
-    """(GGUF name, our key, ggml type) in llama.cpp's order; output.weight left out when it equals the embedding (tied)."""
-    gguf = import_gguf()
-    # What llama.cpp's "llama" architecture cannot express (other families have their own GGUF architectures).
-    unsupported = [
-        what
-        for what, present in (
-            (f"model_type {config.model_type!r}", config.model_type not in ("llama", "mistral")),
-            (f"attention_bias {config.attention_bias!r}", config.attention_bias != "none"),
-            ("mlp_bias", config.mlp_bias),
-            ("qk_norm", config.qk_norm),
-            (f"rope_type {config.rope_type!r}", config.rope_type != "default"),
-            (f"sliding_window {config.sliding_window}", config.sliding_window is not None),
-        )
-        if present
+def _unsupported(config: ModelConfig, arch: str) -> list[str]:
+    """What llama.cpp's `arch` cannot express of `config` (each as the switch and its value)."""
+    gemma = arch in SWA_PERIOD
+    rope_types = {"gemma3": ("default", "linear"), "phi3": ("default", "longrope")}.get(arch, ("default",))
+    block = {"gemma2": "gemma", "gemma3": "gemma", "olmo2": "olmo2"}.get(arch, "llama")
+    qk_norm = arch in ("gemma3", "olmo2")
+    checks = [
+        (f"attention_bias {config.attention_bias!r}", config.attention_bias != "none"),
+        ("mlp_bias", config.mlp_bias),
+        (f"block {config.block!r}", config.block != block),
+        (f"hidden_act {config.hidden_act!r}", config.hidden_act != ("gelu_pytorch_tanh" if gemma else "silu")),
+        ("qk_norm" if config.qk_norm else "model without qk_norm", config.qk_norm != qk_norm),
+        (f"rope_type {config.rope_type!r}", config.rope_type not in rope_types),
+        (f"rope_partial_factor {config.rope_partial_factor}", arch != "phi3" and config.rope_partial_factor != 1.0),
+        (f"query_scale_beta {config.query_scale_beta}", config.query_scale_beta is not None),
+        (f"attn_logit_softcap {config.attn_logit_softcap}", arch != "gemma2" and config.attn_logit_softcap is not None),
+        (f"final_logit_softcap {config.final_logit_softcap}", not gemma and config.final_logit_softcap is not None),
+        (f"query_pre_attn_scalar {config.query_pre_attn_scalar}", not gemma and config.query_pre_attn_scalar is not None),
+        (f"rope_local_base {config.rope_local_base}", arch != "gemma3" and config.rope_local_base is not None),
+        (f"sliding_window {config.sliding_window}", arch in ("llama", "olmo2") and config.sliding_window is not None),
+        (f"layer_types {config.layer_types and list(config.layer_types)}", arch in ("llama", "olmo2", "phi3") and config.layer_types is not None),
     ]
+    if gemma:
+        period = SWA_PERIOD[arch]
+        pattern = tuple("sliding_attention" if (i + 1) % period else "full_attention" for i in range(config.num_layers))
+        scalar = gemma_score_scalar(arch, config.num_layers, config.embed_dim, config.num_heads, config.head_dim)
+        slides = config.sliding_window is not None
+        checks += [
+            (f"query_pre_attn_scalar {config.query_pre_attn_scalar} (at this shape it scales scores by {scalar} ** -0.5)", (config.query_pre_attn_scalar or config.head_dim) != scalar),
+            (f"layer_types {config.layer_types and list(config.layer_types)} (its layers slide unless (i + 1) % {period} == 0)", slides and config.layer_types != pattern),
+        ]
+    if arch == "gemma2":
+        checks += [
+            ("model without a sliding window (every other layer slides)", config.sliding_window is None),
+            ("model without attention and final logit soft-capping", config.attn_logit_softcap is None or config.final_logit_softcap is None),
+            ("untied output weight", not config.tie_word_embeddings),
+        ]
+    if arch == "gemma3":
+        checks.append(
+            (f"rope_local_base {config.rope_local_base} (its sliding layers turn with base {GEMMA3_SWA_BASE:g})", config.sliding_window is not None and config.rope_local_base != GEMMA3_SWA_BASE)
+        )
+    return [what for what, present in checks if present]
+
+
+def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, path: Path) -> list[tuple[str, tuple[int, ...], Any, Callable[[], Tensor]]]:
+    """(GGUF name, shape, ggml type, the tensor as llama.cpp stores it) in llama.cpp's order; output.weight left
+    out when it equals the embedding (tied). As convert_hf_to_gguf writes each architecture: Llama's q/k in
+    Meta's rotary layout, Gemma's norms plus 1, Phi-3's q/k/v and gate/up fused, its LongRoPE factors."""
+    gguf = import_gguf()
+    arch = gguf_arch(config)
+    if arch is None:
+        names = ", ".join(repr(a) for a in dict.fromkeys(GGUF_ARCHES.values()))
+        raise GGUFError(f"{path}: GGUF export writes llama.cpp's {names} architectures, which have no model_type {config.model_type!r}")
+    unsupported = _unsupported(config, arch)
     if unsupported:
-        raise GGUFError(f"{path}: GGUF export writes llama.cpp's 'llama' architecture, which has no {', '.join(unsupported)}")
+        raise GGUFError(f"{path}: GGUF export writes llama.cpp's {arch!r} architecture, which has no {', '.join(unsupported)}")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in CausalLM(config).state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -197,33 +369,85 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
     wanted = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0}[outtype]
     block = gguf.GGML_QUANT_SIZES[q.Q8_0][0]
     tied = torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    if arch == "gemma2" and not tied:
+        raise GGUFError(f"{path}: GGUF export writes llama.cpp's 'gemma2' architecture, which has no output weight of its own; lm_head.weight differs from the embedding")
     plan = []
-    for key in expected:
+    for key, name in gguf_name_map(config).items():
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp uses token_embd for the output when output.weight is absent
-        t = state[key]
-        kind = wanted if t.dim() == 2 else q.F32  # llama.cpp keeps 1-D norms in F32 for every file type
-        if kind == q.Q8_0 and t.shape[-1] % block:
+        parts = [part for part, _, _ in _parts(config, key)] if arch == "phi3" else [key]
+        shape = (sum(expected[k][0] for k in parts), *expected[parts[0]][1:])
+        heads = None
+        if arch == "llama":
+            heads = config.num_heads if key.endswith("q_proj.weight") else config.num_kv_heads if key.endswith("k_proj.weight") else None
+        shift = GEMMA_NORM_SHIFT if arch in SWA_PERIOD and key.endswith("norm.weight") else 0.0
+
+        def make(parts=parts, heads=heads, shift=shift) -> Tensor:
+            t = torch.cat([state[k].detach().to("cpu") for k in parts]) if len(parts) > 1 else state[parts[0]].detach().to("cpu")
+            if shift:
+                t = t.float() + shift  # the converter adds in the checkpoint's dtype; ours is fp32 first, then cast once
+            return hf_to_meta_rotary(t, heads) if heads else t
+
+        kind = wanted if len(shape) == 2 else q.F32  # llama.cpp keeps 1-D norms in F32 for every file type
+        if kind == q.Q8_0 and shape[-1] % block:
             kind = q.F16  # as convert_hf_to_gguf: a row that is not whole blocks cannot be Q8_0
-        plan.append((hf_to_gguf_key(key), key, kind))
+        plan.append((name, shape, kind, make))
+    if arch == "phi3" and config.rope_type == "longrope":  # convert_hf_to_gguf's Phi3MiniModel.generate_extra_tensors
+        for name, factors in (("rope_factors_long", config.rope_long_factor), ("rope_factors_short", config.rope_short_factor)):
+            plan.append((f"{name}.weight", (len(factors),), q.F32, lambda f=factors: torch.tensor(f, dtype=torch.float32)))
     return plan
 
 
-def _gguf_array(t: Tensor, kind: Any, heads: int | None) -> Any:
-    """One tensor as the bytes GGUF stores: Meta's rotary layout for q/k, then cast or quantised."""
+def _gguf_array(t: Tensor, kind: Any) -> Any:
+    """One tensor (already in llama.cpp's layout) as the bytes GGUF stores: cast or quantised."""
     import numpy as np
 
     gguf = import_gguf()
     q = gguf.GGMLQuantizationType
-    t = t.detach().to("cpu")
-    if heads is not None:
-        t = hf_to_meta_rotary(t, heads)
     if kind == q.BF16:  # torch's own rounding to bf16, then its 16-bit patterns as bytes
         return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
     if kind == q.F16:
         return t.to(torch.float16).contiguous().numpy()
     x = t.to(torch.float32).contiguous().numpy()
     return gguf.quants.quantize(x, q.Q8_0) if kind == q.Q8_0 else x
+
+
+def _write_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
+    """The architecture's hyper-parameters under gguf's keys, as convert_hf_to_gguf writes them for `arch`."""
+    gguf = import_gguf()
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.embed_dim)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_dim)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    if arch in ("llama", "phi3"):
+        writer.add_rope_dimension_count(config.rotary_dim)  # Phi-3: int(partial_rotary_factor * n_embd) // n_head
+    # Gemma's converter always writes the head size; elsewhere llama.cpp assumes embed / heads unless told
+    if arch in SWA_PERIOD or config.head_dim * config.num_heads != config.embed_dim:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_base)  # Gemma 3: the full layers' base (its sliding layers' is llama.cpp's fixed 10000)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcap)
+        writer.add_final_logit_softcapping(config.final_logit_softcap)
+        writer.add_sliding_window(config.sliding_window)
+    if arch == "gemma3":
+        if config.final_logit_softcap:
+            writer.add_final_logit_softcapping(config.final_logit_softcap)
+        if config.sliding_window is not None:
+            writer.add_sliding_window(config.sliding_window)
+        if config.rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(config.rope_factor)
+    if arch == "phi3":
+        longrope = config.rope_type == "longrope"
+        writer.add_rope_scaling_orig_ctx_len(config.rope_original_max_seq_len if longrope else config.max_seq_len)
+        writer.add_sliding_window(config.sliding_window or 0)  # the converter's 0: none (Phi-4)
+        if longrope:
+            writer.add_rope_scaling_attn_factors(config.rope_attention_factor)
 
 
 # Written into every GGUF we export: the mark that lets a later export replace the file (llama.cpp ignores it).
@@ -337,28 +561,17 @@ def save_gguf(
     if chat_template is not None:
         vocab = dataclasses.replace(vocab, chat_template=chat_template)
     plan = _tensor_plan(state_dict, config, outtype, output)
-    sizes = {key: state_dict[key].numel() * {"F32": 4, "F16": 2, "BF16": 2}.get(kind.name, 34 / 32) for _, key, kind in plan}
+    arch = gguf_arch(config)
+    sizes = {name: math.prod(shape) * {"F32": 4, "F16": 2, "BF16": 2}.get(kind.name, 34 / 32) for name, shape, kind, _ in plan}
     output.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(existing_parent(output.parent), int(sum(sizes.values())) + 2**24)
 
     with atomic_file(output) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=ARCHITECTURE)
+        writer = gguf.GGUFWriter(tmp, arch=arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or output.stem)
         writer.add_string(EXPORT_KEY, "1")  # ours: a later export may replace this file (check_gguf_target)
-        writer.add_context_length(config.max_seq_len)
-        writer.add_embedding_length(config.embed_dim)
-        writer.add_block_count(config.num_layers)
-        writer.add_feed_forward_length(config.intermediate_dim)
-        writer.add_head_count(config.num_heads)
-        writer.add_head_count_kv(config.num_kv_heads)
-        writer.add_rope_dimension_count(config.head_dim)
-        if config.head_dim * config.num_heads != config.embed_dim:  # llama.cpp assumes embed / heads otherwise
-            writer.add_key_length(config.head_dim)
-            writer.add_value_length(config.head_dim)
-        writer.add_rope_freq_base(config.rope_base)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        _write_hparams(writer, config, arch)
         file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
         writer.add_file_type(file_type)
         if outtype == "q8_0":
@@ -366,8 +579,7 @@ def save_gguf(
         write_vocab(writer, vocab, config.vocab_size, output)
         # Tensor infos first (shapes and types), then the data one tensor at a time: memory stays
         # at one converted tensor, not a second copy of the model.
-        for gguf_name, key, kind in plan:
-            rows_cols = tuple(state_dict[key].shape)
+        for gguf_name, rows_cols, kind, _ in plan:
             if kind.name in ("F32", "F16"):
                 dtype = np.dtype(np.float32 if kind.name == "F32" else np.float16)
                 writer.add_tensor_info(gguf_name, rows_cols, dtype, math.prod(rows_cols) * dtype.itemsize)
@@ -377,9 +589,8 @@ def save_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for gguf_name, key, kind in plan:
-            heads = config.num_heads if gguf_name.endswith("attn_q.weight") else config.num_kv_heads if gguf_name.endswith("attn_k.weight") else None
-            writer.write_tensor_data(_gguf_array(state_dict[key], kind, heads))
+        for _, _, kind, make in plan:
+            writer.write_tensor_data(_gguf_array(make(), kind))
         writer.close()
     if modelfile:
         atomic_write_text(output.parent / "Modelfile", modelfile_text(output.name, vocab))

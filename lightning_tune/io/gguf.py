@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 
 ARCHITECTURE = "llama"
+# llama.cpp architectures (gguf's MODEL_ARCH_NAMES) read and written: Llama-like files, Gemma 2 / 3, Phi-3 / 4, OLMo 2.
+ARCHITECTURES = ("llama", "gemma2", "gemma3", "phi3", "olmo2")
 
 
 class GGUFError(CheckpointError):
@@ -144,10 +146,13 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
-def check_architecture(path: Path, metadata: dict[str, Any]) -> None:
+def check_architecture(path: Path, metadata: dict[str, Any]) -> str:
+    """The file's llama.cpp architecture, one of `ARCHITECTURES`; one line for any other."""
     arch = metadata.get("general.architecture")
-    if arch != ARCHITECTURE:
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported; only {ARCHITECTURE!r} GGUF files (Llama 2/3, SmolLM2, TinyLlama, Mistral 7B) can be read")
+    if arch not in ARCHITECTURES:
+        names = ", ".join(repr(a) for a in ARCHITECTURES)
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported; GGUF files of {names} (Llama 2/3, SmolLM2, Mistral 7B, Gemma 2/3, Phi-3/4, OLMo 2) can be read")
+    return arch
 
 
 def metadata_value(path: Path, metadata: dict[str, Any], key: str, default: Any = ...) -> Any:

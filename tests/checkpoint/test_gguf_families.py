@@ -1,0 +1,298 @@
+"""GGUF export and read of Gemma 2, Gemma 3, Phi-3 / Phi-4-mini and OLMo 2 (llama.cpp's gemma2, gemma3, phi3, olmo2).
+
+References no one here wrote:
+- transformers: each tiny reference is a random transformers checkpoint (`save_pretrained`). Our export of
+  it, read back by our reader, gives transformers' logits; transformers' own GGUF loader
+  (`from_pretrained(..., gguf_file=)`, which knows gemma2, gemma3 and phi3, not olmo2) gives ours.
+- gguf / llama.cpp's converter: the file holds exactly the tensors that gguf's `TensorNameMap` names for
+  transformers' own state dict (Phi-3's fused `qkv_proj` / `gate_up_proj` as the checkpoint stores them),
+  the checkpoint's values bit for bit in f32 (Gemma's norms plus 1, as convert_hf_to_gguf adds), and the
+  metadata its model classes derive from config.json (the formulas restated here from the converter).
+- llama.cpp itself (llama-cpp-python, skipped where it is not installed): greedy tokens equal ours.
+
+Tolerance: fp32, relative 1e-5 as in test_families_2026.py (the same operations in another order: a few
+ulps per layer; Gemma's norms go through w + 1 - 1, one more rounding of 2^-24 relative to 1 per weight,
+~1e-7 on the logits). A wrong operation (a norm without its 1, a swapped q/k, a missing cap) gives 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+from hf_helpers import tiny_hf  # noqa: E402
+
+from lightning_tune.checkpoint import from_pretrained, load_config  # noqa: E402
+from lightning_tune.checkpoint.gguf import gguf_config, save_gguf  # noqa: E402
+from lightning_tune.io.gguf import GGUFError  # noqa: E402
+from lightning_tune.tokenizer.gguf import bytes_to_unicode  # noqa: E402
+
+VOCAB = 256  # the byte tokenizer's 253 tokens + 3 specials
+LENGTH = 24  # crosses the sliding windows (8) and Phi-3's original context (16)
+PHI3_LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+# family -> (model_type, llama.cpp architecture, transformers config overrides), every switch on that llama.cpp
+# can hold. query_pre_attn_scalar = head_dim: llama.cpp scales by head_dim ** -0.5 below the 27B's layer count.
+CASES = {
+    "gemma2": ("gemma2", "gemma2", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": ("gemma3_text", "gemma3", dict(num_hidden_layers=6, hidden_size=32, head_dim=16, intermediate_size=64, query_pre_attn_scalar=16, sliding_window=8, rope_parameters=GEMMA3_ROPE)),
+    # Phi-4-mini's switches: a quarter of the head turns, LongRoPE past an original context of 16 (of 64), tied head.
+    "phi3": ("phi3", "phi3", dict(partial_rotary_factor=0.5, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, original_max_position_embeddings=16, rope_scaling=PHI3_LONGROPE)),
+    "phi3_window": ("phi3", "phi3", dict(sliding_window=8, pad_token_id=0, eos_token_id=2)),
+    "olmo2": ("olmo2", "olmo2", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+}
+# Configs whose every value transformers' GGUF loader reads or defaults to (it reads no soft-caps, no
+# query_pre_attn_scalar, no rotary scaling or partial rotary, no Phi-3 window): 256 = Gemma's default scalar.
+TRANSFORMERS_CASES = {
+    "gemma2": ("gemma2", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3": ("gemma3_text", dict(num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=8)),
+    "phi3": ("phi3", dict(pad_token_id=0, eos_token_id=2)),
+}
+
+
+def as_stored(config):
+    """`config` with its float hyper-parameters rounded to float32, as GGUF metadata holds them (llama.cpp's f32)."""
+    import dataclasses
+
+    f32 = {k: float(np.float32(v)) for k, v in dataclasses.asdict(config).items() if isinstance(v, float)}
+    tuples = {k: tuple(float(np.float32(f)) for f in v) for k, v in dataclasses.asdict(config).items() if k.startswith("rope_") and isinstance(v, tuple)}
+    return dataclasses.replace(config, **f32, **tuples)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tokens(length: int = LENGTH, batch: int = 2) -> torch.Tensor:
+    return torch.randint(3, VOCAB - 3, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _checkpoint(model_type: str, kwargs: dict, folder: Path):
+    hf = tiny_hf(model_type, vocab_size=VOCAB, **kwargs)
+    with torch.no_grad():  # Gemma's norms are (1 + w): noise around 0, not tiny_hf's 1 + noise
+        for name, p in hf.named_parameters():
+            if model_type.startswith("gemma") and name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer.json of VOCAB ids (what the export writes as llama.cpp's 'gpt2' vocabulary)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    table = bytes_to_unicode()
+    vocab = {table[b]: b for b in range(250)} | {"Ġt": 250, "he": 251, "Ġthe": 252}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("h", "e"), ("Ġt", "he")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "<bos>", "<eos>")])
+    folder = tmp_path_factory.mktemp("byte_tokenizer")
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "bos_token": "<bos>", "pad_token": "<pad>", "add_bos_token": False}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, byte_tokenizer) -> dict:
+    """family -> (transformers' model, its directory, our model read from it, our f32 GGUF of that)."""
+    out = {}
+    for family, (model_type, _, kwargs) in CASES.items():
+        folder = tmp_path_factory.mktemp(family)
+        hf = _checkpoint(model_type, kwargs, folder / "hf")
+        ours = from_pretrained(folder / "hf")
+        path = save_gguf(ours.state_dict(), ours.config, folder / "gguf" / "model.gguf", outtype="f32", tokenizer=byte_tokenizer)
+        out[family] = (hf, folder / "hf", ours, path)
+    return out
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_our_reader_gives_transformers_logits_from_our_export(family: str, exported) -> None:
+    hf, folder, ours, path = exported[family]
+    back = from_pretrained(path)
+    assert back.config == as_stored(ours.config)  # every switch survives the file: windows, caps, bases, LongRoPE factors, partial rotary
+    x = tokens()
+    with torch.no_grad():
+        assert rel_error(back(x), hf(x).logits) <= 1e-5
+
+
+def _converter_metadata(arch: str, hf_config) -> dict:
+    """What convert_hf_to_gguf's model class for `arch` writes for these keys, restated from its code
+    (conversion/gemma.py Gemma2Model / Gemma3Model, phi.py Phi3MiniModel, olmo.py Olmo2Model on TextModel)."""
+    c = hf_config
+    meta = {
+        f"{arch}.context_length": c.max_position_embeddings,
+        f"{arch}.embedding_length": c.hidden_size,
+        f"{arch}.block_count": c.num_hidden_layers,
+        f"{arch}.feed_forward_length": c.intermediate_size,
+        f"{arch}.attention.head_count": c.num_attention_heads,
+        f"{arch}.attention.head_count_kv": c.num_key_value_heads,
+    }
+    rope = c.rope_parameters
+    if arch == "gemma2":
+        meta |= {f"{arch}.attention.key_length": c.head_dim, f"{arch}.attention.value_length": c.head_dim}
+        meta |= {f"{arch}.attn_logit_softcapping": c.attn_logit_softcapping, f"{arch}.final_logit_softcapping": c.final_logit_softcapping, f"{arch}.attention.sliding_window": c.sliding_window}
+    if arch == "gemma3":
+        meta |= {f"{arch}.attention.key_length": c.head_dim, f"{arch}.attention.value_length": c.head_dim, f"{arch}.attention.sliding_window": c.sliding_window}
+        meta |= {f"{arch}.rope.freq_base": rope["full_attention"]["rope_theta"], f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": rope["full_attention"]["factor"]}
+    if arch == "phi3":
+        rot_pct = rope.get("partial_rotary_factor", 1.0)
+        meta |= {f"{arch}.rope.dimension_count": int(rot_pct * c.hidden_size) // c.num_attention_heads, f"{arch}.attention.sliding_window": c.sliding_window or 0}
+        meta |= {f"{arch}.rope.scaling.original_context_length": rope.get("original_max_position_embeddings", c.max_position_embeddings), f"{arch}.rope.freq_base": rope["rope_theta"]}
+        if rope.get("long_factor"):
+            scale = c.max_position_embeddings / rope["original_max_position_embeddings"]
+            meta[f"{arch}.rope.scaling.attn_factor"] = math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"]))
+    if arch == "olmo2":
+        meta |= {f"{arch}.rope.freq_base": rope["rope_theta"]}
+    return meta
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_the_file_holds_what_llama_cpps_converter_writes(family: str, exported) -> None:
+    hf, folder, ours, path = exported[family]
+    _, arch, _ = CASES[family]
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    assert meta["general.architecture"] == arch
+    for key, value in _converter_metadata(arch, hf.config).items():
+        assert meta[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-7)), key
+    if arch in ("gemma2", "olmo2") or family == "phi3_window":
+        assert f"{arch}.rope.scaling.type" not in meta
+    # Tensor names: gguf's TensorNameMap over transformers' own keys (the fused Phi-3 ones as stored), as the
+    # converter's map_tensor_name; a tied head writes no output.weight.
+    ids = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+    names = gguf.get_tensor_name_map(ids[arch], hf.config.num_hidden_layers)
+    hf_state = hf.state_dict()
+    tied = hf.config.tie_word_embeddings
+    expected = {names.get_name(k.removesuffix(".weight")) + ".weight": k for k in hf_state if not (tied and k == "lm_head.weight")}
+    stored = {t.name: t for t in reader.tensors}
+    extra = {"rope_factors_long.weight", "rope_factors_short.weight"} if family == "phi3" else set()
+    assert set(stored) == set(expected) | extra
+    for name, key in expected.items():
+        w = hf_state[key]
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            w = w + 1  # the converter: data_torch + 1 for every *norm.weight
+        t = stored[name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and list(reversed(t.shape.tolist())) == list(w.shape)
+        assert np.array_equal(np.asarray(t.data).reshape(w.shape), w.numpy()), name
+    if extra:
+        rope = hf.config.rope_parameters
+        assert np.asarray(stored["rope_factors_long.weight"].data).tolist() == rope["long_factor"]
+        assert np.asarray(stored["rope_factors_short.weight"].data).tolist() == rope["short_factor"]
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS_CASES)
+def test_transformers_gguf_loader_gives_our_logits(family: str, tmp_path, byte_tokenizer) -> None:
+    model_type, kwargs = TRANSFORMERS_CASES[family]
+    hf = _checkpoint(model_type, kwargs, tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    path = save_gguf(ours.state_dict(), ours.config, tmp_path / "gguf" / "model.gguf", outtype="f32", tokenizer=byte_tokenizer)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    x = tokens()
+    with torch.no_grad():
+        expected = ours(x)
+        assert rel_error(theirs(x).logits, expected) <= 1e-5
+        assert rel_error(hf(x).logits, expected) <= 1e-5  # and the checkpoint they all came from
+
+
+def test_quantised_gemma_export_reads_back_within_the_types_rounding(exported, tmp_path, byte_tokenizer) -> None:
+    """q8_0 / bf16: our reader gives the logits of the rounded weights: the norms' +1 is undone after dequantising."""
+    hf, folder, ours, _ = exported["gemma3"]
+    x = tokens()
+    with torch.no_grad():
+        exact = hf(x).logits
+        for outtype in ("q8_0", "bf16"):
+            path = save_gguf(ours.state_dict(), ours.config, tmp_path / outtype / "m.gguf", outtype=outtype, tokenizer=byte_tokenizer)
+            back = from_pretrained(path)
+            norms = {k: v for k, v in back.state_dict().items() if k.endswith("norm.weight")}
+            for key, value in norms.items():  # stored F32, so exactly w + 1 - 1
+                assert torch.allclose(value, ours.state_dict()[key], rtol=0, atol=2**-23), key
+            # bf16 keeps 8 bits, q8_0 about 8: ~0.4% per weight, a few tenths of a percent on the logits
+            assert 1e-6 < rel_error(back(x), exact) < 3e-2, outtype
+
+
+def test_what_an_architecture_cannot_hold_is_one_line(exported, tmp_path, byte_tokenizer) -> None:
+    import dataclasses
+
+    _, _, gemma2, _ = exported["gemma2"]
+    _, _, gemma3, _ = exported["gemma3"]
+    _, _, olmo2, _ = exported["olmo2"]
+    cases = [
+        (gemma2, {"query_pre_attn_scalar": 24}, r"llama\.cpp's 'gemma2' architecture, which has no query_pre_attn_scalar 24 \(at this shape it scales scores by 16 \*\* -0\.5\)"),
+        (gemma2, {"final_logit_softcap": None}, "which has no final_logit_softcap None|without attention and final logit soft-capping"),
+        (gemma3, {"rope_local_base": 20000.0}, r"'gemma3' architecture, which has no rope_local_base 20000\.0 \(its sliding layers turn with base 10000\)"),
+        (gemma3, {"layer_types": ("sliding_attention", "full_attention")}, "'gemma3' architecture, which has no layer_types"),
+        (olmo2, {"sliding_window": 4}, "'olmo2' architecture, which has no sliding_window 4"),
+        (olmo2, {"model_type": "qwen3"}, "architectures, which have no model_type 'qwen3'"),
+    ]
+    for model, change, message in cases:
+        config = dataclasses.replace(model.config, **change)
+        with pytest.raises(GGUFError, match=message) as err:
+            save_gguf(model.state_dict(), config, tmp_path / "x.gguf", tokenizer=byte_tokenizer)
+        assert "\n" not in str(err.value)
+    untied = {k: v.clone() for k, v in gemma2.state_dict().items()}
+    untied["lm_head.weight"] += 1
+    with pytest.raises(GGUFError, match="'gemma2' architecture, which has no output weight of its own"):
+        save_gguf(untied, gemma2.config, tmp_path / "x.gguf", tokenizer=byte_tokenizer)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_phi3_rope_factors_are_one_line(exported, tmp_path) -> None:
+    """Sizes read from the file are checked against the file: a rope_factors tensor of the wrong length."""
+    _, _, _, source = exported["phi3"]
+    reader = gguf.GGUFReader(source)
+    path = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(path, arch="phi3")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, kind)
+    for t in reader.tensors:
+        data = np.asarray(t.data).reshape(list(reversed(t.shape.tolist())))
+        writer.add_tensor(t.name, data[:3] if t.name == "rope_factors_long.weight" else data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFError, match=r"bad\.gguf: rope_factors_long\.weight must hold 4 F32 values \(half the rotary features\), it holds 3"):
+        gguf_config(path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed (it builds llama.cpp from source)")
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "olmo2"])
+def test_llama_cpp_loads_each_export_and_generates_our_tokens(family: str, exported) -> None:
+    """Greedy tokens within the shortest window / original context (8): llama.cpp disables Phi-3's window and
+    picks LongRoPE's factors by its context size, not by the sequence's length as transformers does."""
+    from llama_cpp import Llama as LlamaCpp
+
+    from lightning_tune.generate import generate
+
+    _, _, ours, path = exported[family]
+    prompt = [5, 17, 42]
+    llm = LlamaCpp(model_path=str(path), n_ctx=16, verbose=False)
+    theirs = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 4:
+            break
+    assert generate(ours, [prompt], max_new_tokens=4, temperature=0.0)[0] == theirs
+
+
+def test_load_config_of_an_export_names_the_family(exported) -> None:
+    for family, (model_type, _, _) in CASES.items():
+        _, _, ours, path = exported[family]
+        assert load_config(path).model_type == model_type == ours.config.model_type
