@@ -138,8 +138,12 @@ def vocab_from_metadata(path: Path, metadata: dict[str, Any]) -> GGUFVocab:
                 raise GGUFError(f"{path}: a SentencePiece tokenizer needs tokenizer.ggml.scores or tokenizer.ggml.merges")
             merges = merges_from_scores(vocab, dict(zip(tokens, scores)))
         tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-        tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+        # llama.cpp's add_space_prefix (default true): a "▁" before the text, as sentencepiece's add_dummy_prefix;
+        # Gemma's tokenizers have none (convert_hf_to_gguf writes false for them)
+        prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] if prefix else steps)
         add_bos_default = True  # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
 
     # Control tokens stay whole and are special; user-defined ones stay whole (llama.cpp matches them
@@ -312,9 +316,12 @@ def _vocab_from_sentencepiece(path: Path, chat_template: str | None) -> VocabMet
             kind = BYTE
         types.append(kind)
     ids = {name: i for name, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unknown", sp.unk_id()), ("padding", sp.pad_id())) if i >= 0}
+    # The model's add_dummy_prefix (Llama 2: true; Gemma: false, which convert_hf_to_gguf writes as
+    # add_space_prefix false): with it, the normalised text of "a" starts with "▁", so its first piece does.
+    space_prefix = "".join(sp.encode("a", out_type=str)).startswith("▁")
     return VocabMetadata(
         model="llama", tokens=tokens, token_types=types, pre="default", scores=scores, special_ids=ids,
-        add_bos=True, add_eos=False, add_space_prefix=True, chat_template=chat_template,
+        add_bos=True, add_eos=False, add_space_prefix=space_prefix, chat_template=chat_template,
     )  # fmt: skip
 
 

@@ -296,3 +296,44 @@ def test_load_config_of_an_export_names_the_family(exported) -> None:
     for family, (model_type, _, _) in CASES.items():
         _, _, ours, path = exported[family]
         assert load_config(path).model_type == model_type == ours.config.model_type
+
+
+def _sentencepiece(add_dummy_prefix: bool) -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    lines = ["hello world this is a test", "another line of text here", "abc def ghi"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=300, byte_fallback=True, unk_id=3, bos_id=2, eos_id=1, pad_id=0,
+        add_dummy_prefix=add_dummy_prefix, normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=1.0, minloglevel=2, num_threads=1,
+    )  # fmt: skip
+    return model.getvalue()
+
+
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+def test_a_gemma_style_sentencepiece_tokenizer_keeps_its_missing_space_prefix(dummy_prefix: bool, exported, tmp_path) -> None:
+    """Gemma's tokenizer.model has no dummy prefix (convert_hf_to_gguf writes add_space_prefix false for Gemma);
+    the export says so and the tokenizer read back encodes as sentencepiece does, BOS first."""
+    import dataclasses
+
+    import sentencepiece as spm
+
+    from lightning_tune.model import CausalLM
+    from lightning_tune.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(_sentencepiece(dummy_prefix))
+    _, _, gemma3, _ = exported["gemma3"]
+    config = dataclasses.replace(gemma3.config, vocab_size=320)
+    torch.manual_seed(0)
+    model = CausalLM(config)
+    model.init_weights()
+    out = save_gguf(model.state_dict(), config, tmp_path / "out" / "m.gguf", outtype="f16", tokenizer=tmp_path / "tokenizer.model")
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items()}
+    assert meta["tokenizer.ggml.add_space_prefix"] is dummy_prefix
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    ours = load_tokenizer(out)
+    for text in ["hello world", "a test here", "this is\nanother line", "abc  def"]:
+        assert ours.encode(text) == [2, *sp.encode(text)], text
+        assert ours.decode(ours.encode(text)[1:]) == text
