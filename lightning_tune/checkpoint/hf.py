@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_tune.checkpoint.tensors import Entry, check_entries, first_names, fuse_split, load_state_dict_file, split_fused
+from lightning_tune.checkpoint.tensors import Entry, check_entries, first_names, fuse_split, load_state_dict_file, split_fused, stack_experts, unstack_experts
 from lightning_tune.families import hf_mapping
 from lightning_tune.families.config import ModelConfig
 from lightning_tune.families.hf_config import config_from_hf, config_to_hf
@@ -143,6 +143,8 @@ def save_hf_checkpoint(
     tensors = {key: state[key].detach() for key in expected}  # our canonical order: shards hold layers in sequence
     if hf_mapping(config.model_type).fused_projections:  # Phi-3: q/k/v and gate/up joined as transformers holds them
         tensors = fuse_split(tensors, config)
+    if hf_mapping(config.model_type).experts != "none":  # each expert's projections as their own tensors, as the Hub has them
+        tensors = unstack_experts(tensors, hf_mapping(config.model_type).experts)
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
         raise CheckpointError(f"{output_dir}: {first_names(meta)} are on the meta device (never loaded); nothing to save")
@@ -232,4 +234,7 @@ def read_config(path: Path) -> tuple[ModelConfig, bool]:
 
 def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entry]:
     entries = hf_entries(path, stack)
-    return split_fused(entries, config) if hf_mapping(config.model_type).fused_projections else entries
+    mapping = hf_mapping(config.model_type)
+    if mapping.experts != "none":
+        entries = stack_experts(entries, mapping.experts, config.num_experts)
+    return split_fused(entries, config) if mapping.fused_projections else entries

@@ -22,6 +22,7 @@ from lightning_tune.layers.lora import (
     lora_modules,
 )
 from lightning_tune.model.decoder import CausalLM
+from lightning_tune.model.moe import EXPERT_TARGETS, add_expert_adapters, expert_adapters, expert_adapters_from_peft, expert_adapters_to_peft
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (ours)
 
@@ -76,6 +77,12 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
     meta = [k for k, v in lora_state.items() if v.is_meta]
     if meta:
         raise CheckpointError(f"{output_dir}: {first_names(meta)} are on the meta device (never initialised); nothing to save")
+    experts = expert_adapters(model)
+    if experts and {(a.rank, a.alpha) for a in experts.values()} != {(rank, alpha)}:
+        raise CheckpointError(f"{output_dir}: PEFT needs the experts' adapters to have the linear layers' rank and alpha ({rank}, {alpha})")
+    if experts and dropout:
+        raise CheckpointError(f"{output_dir}: PEFT's expert adapters (target_parameters) need lora_dropout 0, got {dropout}")
+    lora_state = expert_adapters_to_peft(lora_state, experts)
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state.items()}
     rank_pattern: dict = {}
     alpha_pattern: dict = {}
@@ -97,6 +104,8 @@ def save_peft_adapter(model: nn.Module, output_dir: str | Path, *, base_model_na
         "use_rslora": False,
         "use_dora": use_dora,  # then the tensors include PEFT's `<layer>.lora_magnitude_vector`
         "modules_to_save": None,
+        # the stacked expert tensors (PEFT wraps them in this order: gate_up_proj's adapter inside down_proj's)
+        "target_parameters": list(EXPERT_TARGETS) if experts else None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "base_model_name_or_path": base_model_name_or_path,
@@ -141,7 +150,14 @@ def load_peft_adapter(model: CausalLM, adapter_dir: str | Path) -> list[str]:
     cfg = read_json(file)
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{file}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+    target_parameters = cfg.get("target_parameters")
+    if target_parameters is not None and list(target_parameters) != list(EXPERT_TARGETS):
+        raise CheckpointError(f"{file}: target_parameters {target_parameters!r} is not supported (expected {list(EXPERT_TARGETS)}: a mixture of experts' stacked projections, or none)")
+    if target_parameters and not model.config.num_experts:
+        raise CheckpointError(f"{file}: target_parameters adapts experts, but the model has none (model_type {model.config.model_type!r})")
     for option, plain in PEFT_PLAIN_LORA.items():
+        if option == "target_parameters":
+            continue
         value = cfg.get(option)
         if value not in (None, plain) and (bool(value) or bool(plain)):
             raise CheckpointError(f"{file}: {option}={value!r} is not supported (plain LoRA needs {plain!r})")
@@ -164,16 +180,25 @@ def load_peft_adapter(model: CausalLM, adapter_dir: str | Path) -> list[str]:
         raise CheckpointError(f"{file}: target_modules {absent} are not linear layers of the model")
 
     weights_file, tensors = _read_adapter_weights(path, model.config)
+    if target_parameters:  # into our stacked layout (shapes checked below)
+        tensors = {PEFT_PREFIX + k: v for k, v in expert_adapters_from_peft({k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}, model, rank).items()}
     expected = {}
     for name, m in linears.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.Size([rank, m.in_features])
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.Size([m.out_features, rank])
         if use_dora:
             expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = torch.Size([m.out_features])
+    if target_parameters:
+        with torch.device("meta"):
+            probe = CausalLM(model.config)
+            add_expert_adapters(probe, rank, alpha)
+        expected |= {PEFT_PREFIX + k: v.shape for k, v in probe.state_dict().items() if "_lora." in k}
     entries = [Entry(k, tuple(v.shape), weights_file) for k, v in tensors.items()]
     check_entries(weights_file, entries, expected, skip=set())
 
     wrapped = apply_lora(model, targets, rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), use_dora=use_dora)
+    if target_parameters:
+        wrapped += add_expert_adapters(model, rank, alpha)
     for key, tensor in tensors.items():
         assign_tensor(model, key.removeprefix(PEFT_PREFIX), tensor, None, None)
     return wrapped

@@ -223,3 +223,75 @@ def fuse_lora_for_peft(tensors: dict[str, Tensor], targets: list[str], rank: int
                 out[f"{layer}.{short}.lora_magnitude_vector"] = torch.cat(magnitudes)
     fused_ranks = {fused.split(".")[-2]: len(names) for fused, names in parts.items() if fused.split(".")[-2] in fused_targets}
     return out, sorted(fused_targets), {k: n * rank for k, n in fused_ranks.items()}, {k: n * alpha for k, n in fused_ranks.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Experts (Qwen3-MoE, Mixtral): the Hub stores each expert's projections as its own 2-D tensor, transformers 5
+# and we one stacked tensor per projection (`model/moe.py`); Mixtral's Hub names the layer block_sparse_moe.
+
+# HFMapping.experts -> (the layer's name on the Hub, per-expert names of gate, up, down)
+EXPERT_NAMES = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")), "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+
+
+def stack_experts(entries: list[Entry], kind: str, num_experts: int) -> list[Entry]:
+    """The per-expert entries of each layer become its stacked `mlp.experts.gate_up_proj` ([gate_x; up_x]
+    rows per expert x) and `mlp.experts.down_proj` (read and stacked when read, one layer at a time);
+    Mixtral's `block_sparse_moe.gate` becomes `mlp.gate`. Entries already stacked pass as they are.
+    A layer whose experts are incomplete or of unequal shapes is left per expert, for `check_entries` to name."""
+    hub, (gate, up, down) = EXPERT_NAMES[kind]
+    marker = f".{hub}.experts."
+    groups: dict[str, dict[tuple[str, int], Entry]] = {}
+    out = []
+    for entry in entries:
+        key = entry.key
+        if hub != "mlp" and f".{hub}.gate." in key:
+            key = key.replace(f".{hub}.gate.", ".mlp.gate.")
+            out.append(Entry(key, entry.shape, entry.file, entry.read))
+            continue
+        prefix, found, rest = key.partition(marker)
+        index, _, name = rest.partition(".")
+        if found and index.isdigit() and name in (f"{gate}.weight", f"{up}.weight", f"{down}.weight") and len(entry.shape) == 2:
+            groups.setdefault(prefix, {})[name.removesuffix(".weight"), int(index)] = entry
+        else:
+            out.append(entry)
+    for prefix, parts in groups.items():
+        complete = all((n, x) in parts for n in (gate, up, down) for x in range(num_experts)) and len(parts) == 3 * num_experts
+        shapes = {n: {parts[n, x].shape for x in range(num_experts) if (n, x) in parts} for n in (gate, up, down)}
+        if not complete or any(len(s) != 1 for s in shapes.values()) or shapes[gate] != shapes[up]:
+            out.extend(parts.values())
+            continue
+        (rows, cols), down_shape = next(iter(shapes[gate])), next(iter(shapes[down]))
+
+        def gate_up(parts=parts) -> Tensor:
+            return torch.stack([torch.cat([parts[gate, x].read(), parts[up, x].read()]) for x in range(num_experts)])
+
+        def down_proj(parts=parts) -> Tensor:
+            return torch.stack([parts[down, x].read() for x in range(num_experts)])
+
+        reads = all(e.read is not None for e in parts.values())
+        file = parts[gate, 0].file
+        out.append(Entry(f"{prefix}.mlp.experts.gate_up_proj", (num_experts, 2 * rows, cols), file, gate_up if reads else None))
+        out.append(Entry(f"{prefix}.mlp.experts.down_proj", (num_experts, *down_shape), file, down_proj if reads else None))
+    return out
+
+
+def unstack_experts(tensors: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
+    """Ours -> the Hub's per-expert keys (what transformers' `save_pretrained` writes, and what vLLM and
+    llama.cpp's converter read), in each layer's place."""
+    hub, (gate, up, down) = EXPERT_NAMES[kind]
+    out = {}
+    for key, tensor in tensors.items():
+        prefix, found, name = key.partition(".mlp.experts.")
+        if found and name == "gate_up_proj":
+            rows = tensor.shape[1] // 2
+            for x in range(tensor.shape[0]):
+                out[f"{prefix}.{hub}.experts.{x}.{gate}.weight"] = tensor[x, :rows]
+                out[f"{prefix}.{hub}.experts.{x}.{up}.weight"] = tensor[x, rows:]
+        elif found and name == "down_proj":
+            for x in range(tensor.shape[0]):
+                out[f"{prefix}.{hub}.experts.{x}.{down}.weight"] = tensor[x]
+        elif ".mlp.gate." in key and hub != "mlp":
+            out[key.replace(".mlp.gate.", f".{hub}.gate.")] = tensor
+        else:
+            out[key] = tensor
+    return out

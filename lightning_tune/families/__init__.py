@@ -11,13 +11,28 @@ A new family is one new file here with a `FAMILY`, added to `FAMILIES` below.
 
 from __future__ import annotations
 
-from lightning_tune.families import gemma2, gemma3, llama2, llama3, ministral3, mistral, olmo2, phi3, phi4, qwen2, qwen3, smollm2
+from lightning_tune.families import gemma2, gemma3, llama2, llama3, ministral3, mistral, mixtral, olmo2, phi3, phi4, qwen2, qwen3, qwen3_moe, smollm2
 from lightning_tune.families.base import Family, HFMapping, Size
 from lightning_tune.families.config import ModelConfig
 
 FAMILIES: dict[str, Family] = {
     f.name: f
-    for f in (llama2.FAMILY, llama3.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, smollm2.FAMILY, gemma3.FAMILY, gemma2.FAMILY, olmo2.FAMILY, phi3.FAMILY, phi4.FAMILY, ministral3.FAMILY)
+    for f in (
+        llama2.FAMILY,
+        llama3.FAMILY,
+        qwen2.FAMILY,
+        qwen3.FAMILY,
+        mistral.FAMILY,
+        smollm2.FAMILY,
+        gemma3.FAMILY,
+        gemma2.FAMILY,
+        olmo2.FAMILY,
+        phi3.FAMILY,
+        phi4.FAMILY,
+        ministral3.FAMILY,
+        qwen3_moe.FAMILY,
+        mixtral.FAMILY,
+    )
 }
 SIZES: dict[str, Size] = {name: size for family in FAMILIES.values() for name, size in family.sizes.items()}
 _FAMILY_OF_SIZE: dict[str, Family] = {name: family for family in FAMILIES.values() for name in family.sizes}

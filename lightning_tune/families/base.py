@@ -59,6 +59,11 @@ class HFMapping:
         query_scale: `rope_parameters.llama_4_scaling_beta` is read (Ministral 3).
         fused_projections: the checkpoint holds `self_attn.qkv_proj` and `mlp.gate_up_proj` (Phi-3 / 4),
             split into our q/k/v and gate/up on load and fused again on export (`checkpoint/tensors.py`).
+        experts: how config.json and the checkpoint describe a mixture of experts (`model/moe.py`):
+            "qwen3_moe" (`num_experts` / `num_local_experts`, `moe_intermediate_size`, `norm_topk_prob`,
+            `decoder_sparse_step`, `mlp_only_layers`; per-expert `mlp.experts.{i}.gate_proj` keys),
+            "mixtral" (`num_local_experts`, experts of `intermediate_size`, always renormalised;
+            `block_sparse_moe.experts.{i}.w1` keys), or "none".
     """
 
     model_type: str
@@ -76,6 +81,7 @@ class HFMapping:
     partial_rotary: bool = False
     query_scale: bool = False
     fused_projections: bool = False
+    experts: Literal["none", "qwen3_moe", "mixtral"] = "none"
 
 
 @dataclass(frozen=True)

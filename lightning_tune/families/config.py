@@ -14,6 +14,8 @@ LayerType = Literal["full_attention", "sliding_attention"]
 BLOCKS = ("llama", "gemma", "olmo2")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+Router = Literal["softmax_topk", "topk_softmax"]
+ROUTERS = ("softmax_topk", "topk_softmax")
 
 
 # Upper bounds, far above every released model (the largest today: 126 layers, embed 16384, MLP 53248, a
@@ -28,6 +30,7 @@ LIMITS = {
     "intermediate_dim": 2**20,
     "max_seq_len": 2**24,
     "head_dim": 2048,
+    "num_experts": 4096,
 }
 
 
@@ -70,6 +73,15 @@ class ModelConfig:
     `rope_beta_slow` and `rope_truncate`; cos and sin times `rope_attention_factor` too.
     `query_scale_beta` [rope_parameters.llama_4_scaling_beta]: after the rotary embedding, q is
     multiplied by 1 + beta * log(1 + floor(position / rope_original_max_seq_len)) (Ministral 3).
+
+    Mixture of experts (`model/moe.py`; 0 experts: every MLP dense):
+    `num_experts` [num_experts / num_local_experts] experts of `moe_intermediate_dim`
+    [moe_intermediate_size; Mixtral: intermediate_size] per sparse layer, `num_experts_per_tok` of them
+    per token. `router`: "softmax_topk" (Qwen3-MoE, Mixtral: softmax over every expert, the top k
+    kept, renormalised to sum 1 when `norm_topk_prob`) or "topk_softmax" (gpt-oss: the top k logits,
+    then a softmax over them). `router_aux_loss_coef`: the load-balancing loss's weight in training.
+    A layer is sparse unless listed in `mlp_only_layers`, and only every `decoder_sparse_step`-th
+    (Qwen3-MoE's rule); the others keep a dense MLP of `intermediate_dim`.
     """
 
     vocab_size: int = 32000
@@ -108,6 +120,14 @@ class ModelConfig:
     rope_beta_slow: float = 1.0
     rope_truncate: bool = True
     query_scale_beta: float | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_dim: int = 0
+    router: Router = "softmax_topk"
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "max_seq_len"):
@@ -162,6 +182,28 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", repeat_pattern(tuple(self.layer_types), self.num_layers))
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if not self.num_experts:
+            return
+        if not 0 < self.num_experts <= LIMITS["num_experts"]:
+            raise ValueError(f"ModelConfig.num_experts must be between 0 (dense) and {LIMITS['num_experts']:,}, got {self.num_experts}")
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"ModelConfig.num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), got {self.num_experts_per_tok}")
+        if not 0 <= self.moe_intermediate_dim <= LIMITS["intermediate_dim"]:
+            raise ValueError(f"ModelConfig.moe_intermediate_dim must be between 0 (= intermediate_dim) and {LIMITS['intermediate_dim']:,}, got {self.moe_intermediate_dim}")
+        if not self.moe_intermediate_dim:
+            object.__setattr__(self, "moe_intermediate_dim", self.intermediate_dim)
+        if self.router not in ROUTERS:
+            raise ValueError(f"ModelConfig.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.decoder_sparse_step <= 0:
+            raise ValueError(f"ModelConfig.decoder_sparse_step must be a positive integer, got {self.decoder_sparse_step}")
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"ModelConfig.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        if self.block != "llama" or self.hidden_act != "silu":
+            raise ValueError(f"ModelConfig: experts (num_experts {self.num_experts}) are built for the llama block with silu, got block {self.block!r}, hidden_act {self.hidden_act!r}")
 
     @property
     def rotary_dim(self) -> int:
@@ -179,6 +221,10 @@ class ModelConfig:
         if self.rope_local_base is not None and self.layer_window(index) is not None:
             return self.rope_local_base
         return None
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` has experts (else a dense MLP): transformers' Qwen3-MoE rule."""
+        return self.num_experts > 0 and index not in self.mlp_only_layers and (index + 1) % self.decoder_sparse_step == 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,6 +30,13 @@ CONFIG_KEYS = (
     "attn_logit_softcap",
     "final_logit_softcap",
     "layer_types",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_dim",
+    "router",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
 )
 ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 
@@ -206,7 +213,35 @@ def config_from_hf(cfg: dict, file: str | Path = "config.json") -> ModelConfig:
         **(_hf_layer_types(cfg, mapping, num_layers, file) if mapping.sliding_window == "layer_types" else {"sliding_window": _hf_sliding_window(cfg, mapping, num_layers, file)}),
         **(_gemma_scores(cfg, mapping) if mapping.gemma_scores else {}),
         **_hf_rope(cfg, mapping, max_seq_len, file),
+        **_hf_experts(cfg, mapping, file),
     )
+
+
+def _hf_experts(cfg: dict, mapping: HFMapping, file: Path) -> dict:
+    """The mixture-of-experts fields (`HFMapping.experts`); transformers 4 names Qwen3-MoE's count
+    `num_experts`, 5 writes `num_local_experts` (Mixtral's name in both)."""
+    if mapping.experts == "none":
+        return {}
+    d = mapping.defaults
+    count = cfg.get("num_local_experts", cfg.get("num_experts", d.get("num_experts", d.get("num_local_experts"))))
+    values = {
+        "num_experts": count,
+        "num_experts_per_tok": cfg.get("num_experts_per_tok", d["num_experts_per_tok"]),
+        "router_aux_loss_coef": float(cfg.get("router_aux_loss_coef", d["router_aux_loss_coef"])),
+    }
+    if mapping.experts == "mixtral":
+        if cfg.get("router_jitter_noise"):
+            raise CheckpointError(f"{file}: router_jitter_noise {cfg['router_jitter_noise']} is not supported (it multiplies training inputs by noise); set it to 0")
+        return values | {"norm_topk_prob": True}
+    only = cfg.get("mlp_only_layers", d["mlp_only_layers"])
+    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+        raise CheckpointError(f"{file}: mlp_only_layers must be a list of layer indices, got {only!r}")
+    return values | {
+        "moe_intermediate_dim": cfg.get("moe_intermediate_size", d["moe_intermediate_size"]),
+        "norm_topk_prob": bool(cfg.get("norm_topk_prob", d["norm_topk_prob"])),
+        "decoder_sparse_step": cfg.get("decoder_sparse_step", d["decoder_sparse_step"]),
+        "mlp_only_layers": tuple(only),
+    }
 
 
 def _gemma_scores(cfg: dict, mapping: HFMapping) -> dict:
@@ -251,6 +286,10 @@ def config_to_hf(config: ModelConfig, torch_dtype: torch.dtype = torch.float32, 
     for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
         if getattr(config, name) is not None and not mapping.gemma_scores:
             problems.append(f"{name}={getattr(config, name)}")
+    if config.num_experts and mapping.experts == "none":
+        problems.append(f"num_experts={config.num_experts}")
+    if mapping.experts == "mixtral" and (not config.norm_topk_prob or config.moe_intermediate_dim != config.intermediate_dim or config.mlp_only_layers or config.decoder_sparse_step != 1):
+        problems.append("experts other than Mixtral's (renormalised, every layer sparse, intermediate_dim)")
     if problems:
         raise CheckpointError(f"model_type {config.model_type!r} cannot express {', '.join(problems)}; choose the model_type of a family that has them")
     rope_scaling = None
@@ -330,6 +369,25 @@ def config_to_hf(config: ModelConfig, torch_dtype: torch.dtype = torch.float32, 
     if mapping.partial_rotary:  # Phi-3: transformers 4 reads these two at the top level
         out["partial_rotary_factor"] = config.rope_partial_factor
         out["original_max_position_embeddings"] = config.rope_original_max_seq_len if config.rope_type == "longrope" else config.max_seq_len
+    if mapping.experts == "qwen3_moe":  # transformers 4's names (5 reads them too)
+        out |= {
+            "num_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.moe_intermediate_dim,
+            "norm_topk_prob": config.norm_topk_prob,
+            "decoder_sparse_step": config.decoder_sparse_step,
+            "mlp_only_layers": list(config.mlp_only_layers),
+            "router_aux_loss_coef": config.router_aux_loss_coef,
+            "output_router_logits": False,
+        }
+    elif mapping.experts == "mixtral":
+        out |= {
+            "num_local_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "router_aux_loss_coef": config.router_aux_loss_coef,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+        }
     if mapping.gemma_scores:
         out |= {
             "query_pre_attn_scalar": config.query_pre_attn_scalar if config.query_pre_attn_scalar is not None else config.head_dim,

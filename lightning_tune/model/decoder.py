@@ -30,6 +30,7 @@ from lightning_tune.families.config import ModelConfig
 from lightning_tune.model.attention import KVCache, PackedRows, check_seq_lens, packed_causal_mask, packed_positions, sliding_window_band
 from lightning_tune.model.gemma import GemmaDecoderLayer, GemmaRMSNorm
 from lightning_tune.model.layers import Attention, DecoderLayer, FeedForward, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from lightning_tune.model.moe import Experts, Router, SparseMoE, load_balancing_loss
 from lightning_tune.model.olmo2 import Olmo2DecoderLayer, Olmo2RMSNorm
 
 __all__ = ["Attention", "CausalLM", "Decoder", "DecoderLayer", "FeedForward", "RMSNorm", "apply_rope", "rope_cos_sin", "rope_inv_freq"]
@@ -50,7 +51,7 @@ class Decoder(nn.Module):
         self.config = config
         layer, norm = BLOCKS[config.block]
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.layers = nn.ModuleList(layer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(layer(config, index) for index in range(config.num_layers))
         self.norm = norm(config.embed_dim, config.norm_eps)
         # Recompute each layer's activations in backward instead of storing them: memory for time.
         self.activation_checkpointing = False
@@ -210,6 +211,18 @@ class CausalLM(nn.Module):
         """
         return self.model(tokens, positions, attn_mask, seq_lens=seq_lens)
 
+    def router_aux_loss(self, mask: Tensor | None = None) -> Tensor | None:
+        """The load-balancing loss of the router logits the sparse layers kept in the last training forward
+        (`moe.load_balancing_loss`, transformers' `router_aux_loss`), unweighted; they are released.
+        `mask` [B, T]: 1 for real tokens, 0 for padding. None for a dense model or after no training forward."""
+        layers = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+        logits = [moe.router_logits for moe in layers if moe.router_logits is not None]
+        for moe in layers:
+            moe.router_logits = None
+        if not logits:
+            return None
+        return load_balancing_loss(logits, self.config.num_experts, self.config.num_experts_per_tok, mask)
+
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         """Give every attention layer a preallocated cache for `batch_size` rows of `max_seq_len` tokens."""
         ref = self.lm_head.weight
@@ -250,3 +263,6 @@ class CausalLM(nn.Module):
                     apply(module.bias, nn.init.zeros_)
             elif isinstance(module, RMSNorm):  # 1, or 0 for a (1 + w) norm (Gemma), as transformers initialises them
                 apply(module.weight, lambda w, value=module.init_value: nn.init.constant_(w, value))
+            elif isinstance(module, (Experts, Router)):  # stacked expert weights and the router: normal, biases zero
+                for name, param in module.named_parameters(recurse=False):
+                    apply(param, nn.init.zeros_ if name.endswith("bias") else (lambda w: nn.init.normal_(w, mean=0.0, std=std)))

@@ -36,7 +36,7 @@ class GemmaDecoderLayer(nn.Module):
     same name is the MLP's input norm), so checkpoints load with no renaming.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int = 0) -> None:
         super().__init__()
         dim, eps = config.embed_dim, config.norm_eps
         self.input_layernorm = GemmaRMSNorm(dim, eps)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_tune.families.config import ModelConfig
 from lightning_tune.model.attention import KVCache, PackedRows, cpu_attention_in_fp32, packed_causal_mask, segment_attention, softcapped_attention
+from lightning_tune.model.moe import SparseMoE
 
 
 class RMSNorm(nn.Module):
@@ -233,14 +234,18 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h)); the MLP of layer `index` is the
+    sparse mixture of experts (`moe.py`) where the config says so (`ModelConfig.is_moe_layer`)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
-        self.mlp = FeedForward(config.embed_dim, config.intermediate_dim, config.mlp_bias, config.hidden_act)
+        if config.is_moe_layer(index):
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = FeedForward(config.embed_dim, config.intermediate_dim, config.mlp_bias, config.hidden_act)
 
     def forward(
         self, x: Tensor, *, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None, cache_pos: Tensor | None = None, kv_len: int = 0, packed: PackedRows | None = None, q_scale: Tensor | None = None

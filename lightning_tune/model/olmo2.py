@@ -43,7 +43,7 @@ class Olmo2Attention(Attention):
 class Olmo2DecoderLayer(nn.Module):
     """h = x + post_attention_layernorm(attn(x)); out = h + post_feedforward_layernorm(mlp(h))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.self_attn = Olmo2Attention(config)
         self.post_attention_layernorm = Olmo2RMSNorm(config.embed_dim, config.norm_eps)

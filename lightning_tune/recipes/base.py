@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from lightning_tune.checkpoint import load_config, load_weights, save_hf_checkpoint
-from lightning_tune.data.collate import label_index
+from lightning_tune.data.collate import IGNORE_INDEX, label_index
 from lightning_tune.families import SIZES, ModelConfig, model_config
 from lightning_tune.hardware import warn_if_bf16_emulated
 from lightning_tune.io.paths import resolve_path
@@ -188,6 +188,7 @@ class FinetuneModule(pl.LightningModule):
         self.hparams["model_name"] = model_name  # resolved from the old spelling
         self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers record: the same
         self._step_loss_sum = torch.zeros(())
+        self._step_aux_sum = torch.zeros(())  # mixture of experts: the load-balancing loss, times tokens
         self._step_tokens = torch.zeros((), dtype=torch.long)
         self._step_started = 0.0
         self._step_seen_tokens = 0
@@ -410,7 +411,33 @@ class FinetuneModule(pl.LightningModule):
         self._step_loss_sum = self._step_loss_sum.to(loss.device) + loss.detach()
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
         self._step_seen_tokens += int(batch["input_ids"].numel())
-        return loss
+        aux = self.router_aux_loss(batch)
+        if aux is None:
+            return loss
+        # As transformers adds coef * aux to the mean loss: times this micro-batch's tokens here, since
+        # the summed loss is divided by the step's tokens (one micro-batch: transformers' loss exactly).
+        self._step_aux_sum = self._step_aux_sum.to(aux.device) + aux.detach() * tokens
+        return loss + self.model.config.router_aux_loss_coef * aux * tokens
+
+    def router_aux_loss(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """A mixture of experts' load-balancing loss of this forward (`CausalLM.router_aux_loss`, transformers'
+        `router_aux_loss`), over the real tokens: a padded row's end is its last labelled position
+        (packed rows have no padding). None for a dense model."""
+        if not self.model.config.num_experts:
+            return None
+        mask = None
+        if batch.get("seq_lens") is None:
+            labels = batch["labels"]
+            positions = torch.arange(labels.shape[1], device=labels.device)
+            last = torch.where(labels != IGNORE_INDEX, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]
+            mask = positions[None] <= last
+        return self.model.router_aux_loss(mask)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Release the router logits a recipe's loss did not take (every recipe but SFT's: as TRL, their losses
+        leave the load-balancing term out)."""
+        if self.model is not None and self.model.config.num_experts:
+            self.model.router_aux_loss()
 
     def on_fit_start(self) -> None:
         """With `compile`, compile each decoder layer in place (state-dict keys unchanged).
@@ -458,6 +485,7 @@ class FinetuneModule(pl.LightningModule):
                 "lr": optimizer.param_groups[0]["lr"],
                 "tokens_per_s": self._step_seen_tokens * self.trainer.world_size / max(elapsed, 1e-9),
                 "peak_memory_gib": peak_memory_gib(self.device),
+                **({"router_aux_loss": self.trainer.strategy.reduce(self._step_aux_sum.float(), reduce_op="sum") / tokens.clamp(min=1)} if self.model.config.num_experts else {}),
             },
             prog_bar=True,
             on_step=True,
@@ -465,6 +493,7 @@ class FinetuneModule(pl.LightningModule):
             batch_size=1,
         )
         self._step_loss_sum = torch.zeros_like(self._step_loss_sum)
+        self._step_aux_sum = torch.zeros_like(self._step_aux_sum)
         self._step_tokens = torch.zeros_like(self._step_tokens)
         self._step_seen_tokens = 0
         self._step_started = 0.0

@@ -77,6 +77,8 @@ class GRPOFinetune(FinetuneModule):
         lora_attn_modules: Attention projections to adapt: q_proj, k_proj, v_proj, o_proj.
         apply_lora_to_mlp: Also adapt the MLP (gate_proj, up_proj, down_proj).
         apply_lora_to_output: Also adapt the output head (lm_head).
+        apply_lora_to_experts: Also adapt the experts of a mixture-of-experts model (their stacked
+            gate_up_proj and down_proj: one low-rank pair per expert, PEFT's target_parameters); needs lora_dropout 0.
         quantize_base: nf4 = QLoRA (the frozen linears in 4-bit NF4; needs bitsandbytes (pip install bitsandbytes; in a checkout pip install -e ".[qlora]")); null = the compute dtype.
         use_dora: DoRA: also train a magnitude per output row of each adapted layer (PEFT's formula).
         **kwargs: The parameters of `FinetuneModule` (model_name, checkpoint_dir, ...).
@@ -115,12 +117,13 @@ class GRPOFinetune(FinetuneModule):
         lora_attn_modules: list[str] = ["q_proj", "v_proj"],  # noqa: B006
         apply_lora_to_mlp: bool = False,
         apply_lora_to_output: bool = False,
+        apply_lora_to_experts: bool = False,
         quantize_base: Literal["nf4"] | None = None,
         use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule, **kwargs)
-        lora = LoRA.from_arguments(lora_rank, lora_alpha, lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, quantize_base, use_dora)
+        lora = LoRA.from_arguments(lora_rank, lora_alpha, lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, quantize_base, use_dora, apply_lora_to_experts)
         if method == "full" and (quantize_base or use_dora):
             raise ValueError("method: full trains every weight; quantize_base and use_dora are LoRA settings (set method: lora)")
         if num_generations < 2:

@@ -45,6 +45,8 @@ class KTOFinetune(FinetuneModule):
         lora_attn_modules: Attention projections to adapt: q_proj, k_proj, v_proj, o_proj.
         apply_lora_to_mlp: Also adapt the MLP (gate_proj, up_proj, down_proj).
         apply_lora_to_output: Also adapt the output head (lm_head).
+        apply_lora_to_experts: Also adapt the experts of a mixture-of-experts model (their stacked
+            gate_up_proj and down_proj: one low-rank pair per expert, PEFT's target_parameters); needs lora_dropout 0.
         quantize_base: nf4 = QLoRA: store the adapted layers' frozen weights in 4-bit NF4 (bitsandbytes'
             format, blocks of 64, double-quantised absmax), dequantised per forward; needs
             bitsandbytes (pip install bitsandbytes; in a checkout pip install -e ".[qlora]"). null = keep them in the compute dtype.
@@ -71,12 +73,13 @@ class KTOFinetune(FinetuneModule):
         lora_attn_modules: list[str] = ["q_proj", "v_proj"],  # noqa: B006 (read only; a list reads best in --help)
         apply_lora_to_mlp: bool = False,
         apply_lora_to_output: bool = False,
+        apply_lora_to_experts: bool = False,
         quantize_base: Literal["nf4"] | None = None,
         use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, **kwargs)
-        self.tuning = tuning_for(method, lora_rank, lora_alpha, lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, quantize_base, use_dora)
+        self.tuning = tuning_for(method, lora_rank, lora_alpha, lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, quantize_base, use_dora, apply_lora_to_experts)
         if beta <= 0:
             raise ValueError(f"beta: must be > 0, got {beta}")
         for key, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):

@@ -30,9 +30,10 @@ def tuning_for(
     apply_lora_to_output: bool,
     quantize_base: Literal["nf4"] | None,
     use_dora: bool,
+    apply_lora_to_experts: bool = False,
 ) -> Tuning:
     """`LoRA` of the lora_* settings (validated whatever the method) or `Full`; one line for a LoRA-only setting with full."""
-    lora = LoRA.from_arguments(lora_rank, lora_alpha, lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, quantize_base, use_dora)
+    lora = LoRA.from_arguments(lora_rank, lora_alpha, lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, quantize_base, use_dora, apply_lora_to_experts)
     if method == "full" and (quantize_base or use_dora):
         raise ValueError("method: full trains every weight; quantize_base and use_dora are LoRA settings (set method: lora)")
     return lora if method == "lora" else Full()

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from lightning_tune.checkpoint import save_peft_adapter, weight_reader
-from lightning_tune.layers.lora import apply_lora, disable_adapters, lora_modules, mark_only_lora_trainable, merged_state_dict, quantize_linears, resolve_targets
+from lightning_tune.layers.lora import MLP_TARGETS, apply_lora, disable_adapters, lora_modules, mark_only_lora_trainable, merged_state_dict, quantize_linears, resolve_targets
 from lightning_tune.layers.nf4 import check_dtype, require_bitsandbytes
 from lightning_tune.model import CausalLM
+from lightning_tune.model.moe import add_expert_adapters, disable_expert_adapters, expert_adapters, merged_expert_tensors
 from lightning_tune.training.sharding import init_like_unsharded_
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class Full:
 
 # Of the recipes' flat LoRA arguments (`LoRA.from_arguments`), those that shape the adapters: a LoRA
 # checkpoint resumes only a run with the same values.
-LORA_CHECKPOINT_KEYS = ("lora_rank", "lora_alpha", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "use_dora", "quantize_base")
+LORA_CHECKPOINT_KEYS = ("lora_rank", "lora_alpha", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "apply_lora_to_experts", "use_dora", "quantize_base")
 
 
 class LoRA:
@@ -107,6 +108,8 @@ class LoRA:
         targets: The module names to adapt (`layers.lora.resolve_targets`: q_proj ... down_proj, lm_head).
         use_dora: DoRA: also train a magnitude per output row of each adapted layer (PEFT's formula).
         quantize_base: nf4 = QLoRA: the frozen linear weights in 4-bit NF4; needs bitsandbytes.
+        experts: Also adapt the stacked expert tensors of a mixture-of-experts model (one low-rank pair
+            per expert and projection, `model/moe.py`; PEFT's `target_parameters`).
     """
 
     frozen_base = True
@@ -120,7 +123,12 @@ class LoRA:
         targets: Sequence[str] = ("q_proj", "v_proj"),
         use_dora: bool = False,
         quantize_base: Literal["nf4"] | None = None,
+        experts: bool = False,
     ) -> None:
+        if experts and dropout:
+            raise ValueError(f"apply_lora_to_experts: PEFT's expert adapters (target_parameters) have no dropout; set lora_dropout 0, got {dropout}")
+        if experts and use_dora:
+            raise ValueError("apply_lora_to_experts: DoRA is not defined for expert tensors (nor in PEFT); set use_dora false")
         if quantize_base is not None:
             require_bitsandbytes()  # fail now, in one line, not after loading the model
         if rank <= 0:
@@ -135,6 +143,7 @@ class LoRA:
         self.targets = list(targets)
         self.use_dora = use_dora
         self.quantize_base = quantize_base
+        self.experts = experts
         self.layers: list[str] = []  # the wrapped layers' names, once `adapt` (or QLoRA's `loading`) wrapped them
 
     @classmethod
@@ -148,10 +157,11 @@ class LoRA:
         apply_lora_to_output: bool,
         quantize_base: Literal["nf4"] | None,
         use_dora: bool,
+        apply_lora_to_experts: bool = False,
     ) -> LoRA:
         """The LoRA of the recipes' flat arguments (LoRAFinetune's and DPOFinetune's, documented there)."""
         targets = resolve_targets(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output)  # validates the names
-        return cls(lora_rank, lora_alpha, lora_dropout, targets, use_dora, quantize_base)
+        return cls(lora_rank, lora_alpha, lora_dropout, targets, use_dora, quantize_base, apply_lora_to_experts)
 
     def adapt(self, model: CausalLM, sharded: bool) -> None:
         if self.quantize_base and sharded:
@@ -164,10 +174,29 @@ class LoRA:
         """Wrap the targets with adapters (QLoRA: and quantise every frozen linear); the wrapped names."""
         if self.quantize_base:
             check_dtype(torch.get_default_dtype())  # the dtype the Trainer's precision builds in
+        if model.config.num_experts and set(self.targets) & set(MLP_TARGETS):
+            # PEFT reads gate_proj / up_proj / down_proj on a mixture of experts as the experts' (transformers 4) names
+            raise ValueError("apply_lora_to_mlp: the MLPs of a mixture-of-experts model are its experts; set apply_lora_to_experts true and apply_lora_to_mlp false")
         wrapped = apply_lora(model, self.targets, self.rank, self.alpha, self.dropout, use_dora=self.use_dora, quantize_base=self.quantize_base is not None)
         if self.quantize_base:
             quantize_linears(model)  # the frozen linears without an adapter too (not lm_head), as transformers' 4-bit loading
+        if self.experts:
+            if not model.config.num_experts:
+                raise ValueError(f"apply_lora_to_experts: the model has no experts (model_type {model.config.model_type!r}, num_experts 0); set it false")
+            add_expert_adapters(model, self.rank, self.alpha)
+        log.info("LoRA: %s", self.summary(model, wrapped))
         return wrapped
+
+    def summary(self, model: CausalLM, wrapped: list[str]) -> str:
+        """One line: which kinds of layers carry adapters and how many trained numbers that is."""
+        kinds = sorted({name.rpartition(".")[2] for name in wrapped})
+        experts = expert_adapters(model)
+        if experts:
+            kinds.append(f"experts ({len(experts) // 2} layers x {model.config.num_experts} experts x gate_up_proj, down_proj)")
+        elif model.config.num_experts:
+            kinds.append(f"not the experts (apply_lora_to_experts: false; they hold most of the {model.config.num_experts}-expert model's weights)")
+        trained = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        return f"rank {self.rank} adapters on {', '.join(kinds)}: {trained:,} trained parameters"
 
     @contextmanager
     def loading(self, model: CausalLM, device: torch.device) -> Iterator[None]:
@@ -181,6 +210,8 @@ class LoRA:
         yield
         for name in self.layers:
             model.get_submodule(name).materialize_adapters_(device)
+        for adapter in expert_adapters(model).values():
+            adapter.materialize_(device)
 
     def checkpoint_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
         if "lora_attn_modules" in settings:  # Meta's names (q) and ours (q_proj) are the same target
@@ -199,6 +230,8 @@ class LoRA:
         as `apply_lora` on an unsharded model)."""
         for name in self.layers:
             model.get_submodule(name).reset_lora_parameters(apply=init_like_unsharded_)
+        for adapter in expert_adapters(model).values():
+            adapter.reset_lora_parameters(apply=init_like_unsharded_)
 
     def export_to(self, model: CausalLM, output_dir: Path, state_dict: dict[str, Tensor] | None, checkpoint_dir: str | None) -> None:
         """Write `adapter/` (PEFT format)."""
@@ -215,8 +248,11 @@ class LoRA:
                 base_weights = weight_reader(checkpoint_dir)
             else:
                 log.warning("merged/: random-init base, never stored in high precision: the adapters are merged into the dequantised NF4 weights")
-        return merged_state_dict(model, state_dict, base_weights)
+        merged = merged_state_dict(model, state_dict, base_weights)
+        return merged | merged_expert_tensors(model, model.state_dict() if state_dict is None else state_dict)
 
-    def reference(self, model: CausalLM) -> AbstractContextManager[None]:
+    @contextmanager
+    def reference(self, model: CausalLM) -> Iterator[None]:
         """The adapters off: the frozen base, which is the starting model (no second copy)."""
-        return disable_adapters(model)
+        with disable_adapters(model), disable_expert_adapters(model):
+            yield

@@ -145,7 +145,7 @@ def test_saved_hyperparameters_hold_every_parameter(recipe_cls):
 # as before the recipes delegated to a tuning (recipes/tuning.py) and DPO came off LoRAFinetune.
 BASE_PRINTED = ["model_name", "model_args", "checkpoint_dir", "optimizer", "optimizer_args"]
 BASE_PRINTED_AFTER_LR = ["weight_decay", "betas", "lr_schedule", "warmup_steps", "min_lr_ratio", "activation_checkpointing", "export", "loss_chunk_size", "compile", "model"]
-LORA_PRINTED = ["lora_rank", "lora_alpha", "lora_dropout", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "quantize_base", "use_dora"]
+LORA_PRINTED = ["lora_rank", "lora_alpha", "lora_dropout", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "apply_lora_to_experts", "quantize_base", "use_dora"]
 PRINTED_MODEL = {
     "tiny_lora.yaml": ("lightning_tune.LoRAFinetune", [*LORA_PRINTED, *BASE_PRINTED, "lr", *BASE_PRINTED_AFTER_LR]),
     "tiny_full.yaml": ("lightning_tune.FullFinetune", ["lr", "betas", *BASE_PRINTED, "weight_decay", *BASE_PRINTED_AFTER_LR[2:]]),
