@@ -125,7 +125,7 @@ def mixture_counts(available: list[int], entries: list[dict[str, Any]]) -> list[
     and n_i = floor(p_i N), in exact fractions, so the limiting source gives all of its samples. Without: each
     entry's `count` (more than the source has repeats it: `draw`), else all of its samples."""
     if entries and "weight" in entries[0]:
-        weights = [Fraction(entry["weight"]) for entry in entries]
+        weights = [Fraction(str(entry["weight"])) for entry in entries]  # decimal: 0.3 is 3/10, not the float nearest it
         shares = [w / sum(weights) for w in weights]
         total = min(Fraction(a) / p for a, p in zip(available, shares))
         return [math.floor(p * total) for p in shares]
@@ -262,6 +262,8 @@ class TokenizedDataModule(LightningDataModule):
         file = source_file(source)
         if file is not None and file.suffix.lower() in LOADERS and not file.exists():
             raise DataError(f"{source}: no such file")  # before the tokenizer: the file is what is wrong
+        if tokenizer_path is None and mixture is not None and source != DEMO:
+            raise DataError("tokenizer_path is required for a mixture: a tokenizer file or a checkpoint directory (the CLI takes model.checkpoint_dir's when one is set)")
         if tokenizer_path is None and source != DEMO:
             raise DataError(
                 f"tokenizer_path is required for source {source!r}: a tokenizer file or a checkpoint directory (the CLI takes model.checkpoint_dir's when one is set; only source 'demo' has a bundled tokenizer)"
@@ -394,7 +396,7 @@ class TokenizedDataModule(LightningDataModule):
                 cls = mixture_format(entry["format"]) if "format" in entry else type(self)
                 settings = given if cls is type(self) else {key: value for key, value in given.items() if key in shared}
                 own = {key: value for key, value in entry.items() if key not in ("weight", "count", "format")}
-                modules.append(cls(**{**settings, **own}))
+                modules.append(cls(**{**settings, "tokenizer_path": self.tokenizer_path, **own}))  # one tokenizer for all
             self._mixture_modules = modules
         return self._mixture_modules
 

@@ -27,7 +27,7 @@ def describe_samples(datamodule: Any, n: int = 3) -> str:
     trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in data["labels"])
     total = sum(lengths)
     lines = [
-        f"{datamodule.source}: {len(data)} training samples"
+        f"{'mixture' if getattr(datamodule, 'mixture', None) else datamodule.source}: {len(data)} training samples"
         + (f" ({len(datamodule.val_dataset)} held out for validation)" if datamodule.val_dataset is not None else "")
         + f", {total} tokens, {trained} trained ({100 * trained / max(total, 1):.1f}%),"
         f" {datamodule.num_truncated} truncated to max_seq_len={datamodule.max_seq_len}",
@@ -35,12 +35,25 @@ def describe_samples(datamodule: Any, n: int = 3) -> str:
     ]
     if getattr(datamodule, "template_name", None) is not None:  # chat data: say which template rendered it
         lines.insert(1, f"chat template: {datamodule.template_name}; train_on: {datamodule.train_on}")
+    if getattr(datamodule, "mixture_stats", None):  # a mixture: what each source gave, before the validation split
+        lines[1:1] = mixture_lines(datamodule.mixture, datamodule.mixture_stats)
     for index in range(min(n, len(data))):
         sample = data[index]
         trained_here = sum(label != IGNORE_INDEX for label in sample["labels"])
         lines.append(f"--- sample {index}: {len(sample['input_ids'])} tokens, {trained_here} trained ---")
         lines.append(_render(tokenizer, sample["input_ids"], sample["labels"]))
     return "\n".join(lines)
+
+
+def mixture_lines(entries: Sequence[dict[str, Any]], stats: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per mixture source: samples drawn of those it has (its share), tokens and trained tokens."""
+    drawn = sum(s["drawn"] for s in stats) or 1
+    lines = [f"mixture of {len(stats)} sources, {drawn} samples (before any validation split):"]
+    for i, (entry, s) in enumerate(zip(entries, stats)):
+        how = f"weight {entry['weight']}" if "weight" in entry else (f"count {entry['count']}" if "count" in entry else "all")
+        repeats = f", repeated {s['drawn'] / s['available']:.2f}x" if s["drawn"] > s["available"] else ""
+        lines.append(f"  [{i}] {s['source']}: {s['drawn']} of {s['available']} samples ({how}; {100 * s['drawn'] / drawn:.1f}% of the mixture{repeats}), {s['tokens']} tokens, {s['trained']} trained")
+    return lines
 
 
 def _render(tokenizer: TokenizerProtocol, input_ids: Sequence[int], labels: Sequence[int]) -> str:
