@@ -10,6 +10,7 @@ ulps over a few layers, ~1e-7 in practice; a wrong operation gives 1e-2 or more)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,58 @@ def test_a_multimodal_mistral3_checkpoint_loads_its_ministral3_decoder(tied: boo
     x = tokens()
     with torch.no_grad():
         assert rel_error(ours(x), hf(input_ids=x).logits) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Phi-4-mini (its own family in families/phi4.py: partial rotary 0.75, LongRoPE, tied head, 200064 rows)
+
+
+def test_phi4_mini_size_has_transformers_parameter_count_and_config() -> None:
+    """Ours on the meta device = the recorded count = transformers' Phi3ForCausalLM of our config.json."""
+    from lightning_tune.families.phi4 import MINI_FAMILY
+
+    size = MINI_FAMILY.sizes["phi4_mini"]
+    config = ModelConfig(**size.config)
+    hf_config = config_to_hf(config)
+    assert hf_config["model_type"] == "phi3" and hf_config["partial_rotary_factor"] == 0.75 and hf_config["tie_word_embeddings"] is True
+    with torch.device("meta"):
+        ours = CausalLM(config)
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_config))
+    assert type(theirs).__name__ == "Phi3ForCausalLM"
+    assert sum(p.numel() for p in ours.parameters()) == size.params == sum(p.numel() for p in theirs.parameters())
+    assert config_from_hf(hf_config) == config
+    assert config.rotary_dim == 96 and len(config.rope_long_factor) == 48
+    # the attention factor transformers derives for longrope from 131072 / 4096
+    assert config.rope_attention_factor == transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"](theirs.config, "cpu")[1]
+
+
+def test_phi4_mini_shape_logits_equal_transformers(tmp_path) -> None:
+    """Phi-4-mini scaled down (GQA 3:1, head 16 of which 0.75 turn: 12, LongRoPE with the first 6 real long
+    factors past an original context of 16, tied head), built by transformers from our config.json: equal logits."""
+    import dataclasses
+
+    from lightning_tune.families.phi4 import MINI_FAMILY
+
+    full = ModelConfig(**MINI_FAMILY.sizes["phi4_mini"].config)
+    tiny = dataclasses.replace(
+        full, vocab_size=96, num_layers=2, num_heads=6, num_kv_heads=2, embed_dim=96, head_dim=16, intermediate_dim=160, max_seq_len=64, sliding_window=None,
+        rope_original_max_seq_len=16, rope_long_factor=full.rope_long_factor[:6], rope_short_factor=(1.0, 1.1, 1.2, 1.3, 1.4, 1.5),
+        rope_attention_factor=math.sqrt(1 + math.log(64 / 16) / math.log(16)),
+    )  # fmt: skip
+    assert tiny.rotary_dim == 12 and tiny.head_dim == 16
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config_to_hf(tiny)), attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if name.endswith("norm.weight") else 0.1) + (1.0 if name.endswith("norm.weight") else 0.0))
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    assert ours.config == tiny
+    x = tokens()  # 24 positions: past the original 16, so the long factors act
+    with torch.no_grad():
+        assert rel_error(ours(x), hf(x).logits) <= 1e-5
+        # guards: without the partial rotary, or with the short factors, the logits differ
+        for change in ({"rope_partial_factor": 1.0, "rope_type": "default"}, {"rope_long_factor": tiny.rope_short_factor}):
+            other = CausalLM(dataclasses.replace(tiny, **change))
+            other.load_state_dict(ours.state_dict())
+            assert rel_error(other.eval()(x), hf(x).logits) > 1e-3, change
