@@ -368,7 +368,8 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
     q = gguf.GGMLQuantizationType
     wanted = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0}[outtype]
     block = gguf.GGML_QUANT_SIZES[q.Q8_0][0]
-    tied = torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    head, embedding = state["lm_head.weight"], state["model.embed_tokens.weight"]
+    tied = isinstance(head, Tensor) and isinstance(embedding, Tensor) and torch.equal(head, embedding)  # a lazily merged (QLoRA) head is its own
     if arch == "gemma2" and not tied:
         raise GGUFError(f"{path}: GGUF export writes llama.cpp's 'gemma2' architecture, which has no output weight of its own; lm_head.weight differs from the embedding")
     plan = []

@@ -204,19 +204,31 @@ def test_transformers_gguf_loader_gives_our_logits(family: str, tmp_path, byte_t
         assert rel_error(hf(x).logits, expected) <= 1e-5  # and the checkpoint they all came from
 
 
-def test_quantised_gemma_export_reads_back_within_the_types_rounding(exported, tmp_path, byte_tokenizer) -> None:
-    """q8_0 / bf16: our reader gives the logits of the rounded weights: the norms' +1 is undone after dequantising."""
-    hf, folder, ours, _ = exported["gemma3"]
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_quantised_exports_read_back_as_gguf_dequantises_them(family: str, exported, tmp_path, byte_tokenizer) -> None:
+    """q8_0 / bf16: each weight we read back is gguf's dequantisation of gguf's quantisation of ours (bf16: torch's
+    rounding), Phi-3's fused rows sliced before dequantising (Q8_0 blocks lie within a row, so a part quantises
+    as the whole does); Gemma's norms stay F32 and come back as w + 1 - 1."""
+    hf, folder, ours, _ = exported[family]
+    state = ours.state_dict()
     x = tokens()
+    Q = gguf.GGMLQuantizationType
     with torch.no_grad():
         exact = hf(x).logits
         for outtype in ("q8_0", "bf16"):
-            path = save_gguf(ours.state_dict(), ours.config, tmp_path / outtype / "m.gguf", outtype=outtype, tokenizer=byte_tokenizer)
+            path = save_gguf(state, ours.config, tmp_path / outtype / "m.gguf", outtype=outtype, tokenizer=byte_tokenizer)
             back = from_pretrained(path)
-            norms = {k: v for k, v in back.state_dict().items() if k.endswith("norm.weight")}
-            for key, value in norms.items():  # stored F32, so exactly w + 1 - 1
-                assert torch.allclose(value, ours.state_dict()[key], rtol=0, atol=2**-23), key
-            # bf16 keeps 8 bits, q8_0 about 8: ~0.4% per weight, a few tenths of a percent on the logits
+            for key, value in back.state_dict().items():
+                w = state[key]
+                if w.dim() == 1:
+                    shifted = w + 1 if family == "gemma3" else w
+                    assert torch.equal(value, (shifted - 1) if family == "gemma3" else w), key
+                elif outtype == "q8_0":
+                    expected = gguf.dequantize(gguf.quantize(w.numpy(), Q.Q8_0), Q.Q8_0)
+                    assert np.array_equal(value.numpy(), expected), key
+                else:
+                    assert torch.equal(value, w.to(torch.bfloat16).float()), key
+            # 8 bits of mantissa (bf16) or ~8 bits per block (q8_0): a few tenths of a percent on the logits
             assert 1e-6 < rel_error(back(x), exact) < 3e-2, outtype
 
 
@@ -337,3 +349,36 @@ def test_a_gemma_style_sentencepiece_tokenizer_keeps_its_missing_space_prefix(du
     for text in ["hello world", "a test here", "this is\nanother line", "abc  def"]:
         assert ours.encode(text) == [2, *sp.encode(text)], text
         assert ours.decode(ours.encode(text)[1:]) == text
+
+
+def test_export_command_converts_a_phi3_directory(exported, tmp_path, byte_tokenizer) -> None:
+    """`export --format gguf --checkpoint_dir` on a transformers directory (fused qkv_proj / gate_up_proj on disk)."""
+    from lightning_tune.recipes.export import export_gguf
+
+    hf, folder, _, _ = exported["phi3"]
+    out = export_gguf(tmp_path / "phi3.gguf", outtype="f32", checkpoint_dir=str(folder), tokenizer_path=str(byte_tokenizer))
+    x = tokens()
+    with torch.no_grad():
+        assert rel_error(from_pretrained(out)(x), hf(x).logits) <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "phi3.gguf"]
+
+
+def test_lazily_merged_weights_export_as_the_tensors_they_compute(exported, tmp_path, byte_tokenizer) -> None:
+    """QLoRA's merged/ and GGUF exports hold `LazyWeight`s (merged when written): Phi-3's fused rows of lazy parts
+    are the same file as of the computed tensors, and each is computed once."""
+    from lightning_tune.layers.lora import LazyWeight
+
+    _, _, ours, _ = exported["phi3"]
+    state = ours.state_dict()
+    calls = []
+
+    def lazy(key: str) -> LazyWeight:
+        return LazyWeight(state[key].shape, state[key].dtype, lambda: calls.append(key) or state[key].clone())
+
+    lazy_state = {k: lazy(k) if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")) else v for k, v in state.items()}
+    plain = save_gguf(state, ours.config, tmp_path / "plain" / "m.gguf", outtype="q8_0", tokenizer=byte_tokenizer)
+    merged = save_gguf(lazy_state, ours.config, tmp_path / "lazy" / "m.gguf", outtype="q8_0", tokenizer=byte_tokenizer)
+    assert sorted(calls) == sorted(k for k, v in lazy_state.items() if isinstance(v, LazyWeight))
+    plain_tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(plain).tensors}
+    merged_tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(merged).tensors}
+    assert plain_tensors.keys() == merged_tensors.keys() and all(np.array_equal(plain_tensors[n], merged_tensors[n]) for n in plain_tensors)
