@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_tune.checkpoint.tensors import Entry, check_entries, first_names, fuse_split, load_state_dict_file, split_fused, stack_experts, unstack_experts
+from lightning_tune.checkpoint.mxfp4 import dequantize_mxfp4, dequantized_shape
+from lightning_tune.checkpoint.tensors import EXPERT_NAMES, Entry, check_entries, first_names, fuse_split, load_state_dict_file, split_fused, stack_experts, unstack_experts
 from lightning_tune.families import hf_mapping
 from lightning_tune.families.config import ModelConfig
 from lightning_tune.families.hf_config import config_from_hf, config_to_hf
@@ -143,7 +144,7 @@ def save_hf_checkpoint(
     tensors = {key: state[key].detach() for key in expected}  # our canonical order: shards hold layers in sequence
     if hf_mapping(config.model_type).fused_projections:  # Phi-3: q/k/v and gate/up joined as transformers holds them
         tensors = fuse_split(tensors, config)
-    if hf_mapping(config.model_type).experts != "none":  # each expert's projections as their own tensors, as the Hub has them
+    if hf_mapping(config.model_type).experts in EXPERT_NAMES:  # each expert's projections as their own tensors, as the Hub has them
         tensors = unstack_experts(tensors, hf_mapping(config.model_type).experts)
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
@@ -223,6 +224,24 @@ def _export_tokenizer(tokenizer_path: str | Path | None, config: ModelConfig) ->
 # The format interface (`tensors.Format`), for `load.FORMATS`.
 
 
+def mxfp4_entries(entries: list[Entry]) -> list[Entry]:
+    """Each MXFP4 pair `<name>_blocks` + `<name>_scales` (gpt-oss's experts on the Hub) becomes `<name>`,
+    dequantised to bf16 when read (exact: every MXFP4 value is a bf16 value); other entries pass."""
+    by_key = {e.key: e for e in entries}
+    out = []
+    for entry in entries:
+        if entry.key.endswith("_scales") and entry.key.removesuffix("_scales") + "_blocks" in by_key:
+            continue
+        name = entry.key.removesuffix("_blocks")
+        scales = by_key.get(f"{name}_scales")
+        if not entry.key.endswith("_blocks") or scales is None or len(entry.shape) != 4 or tuple(scales.shape) != tuple(entry.shape[:-1]):
+            out.append(entry)
+            continue
+        read = None if entry.read is None else (lambda b=entry.read, s=scales.read: dequantize_mxfp4(b(), s()))
+        out.append(Entry(name, dequantized_shape(entry.shape), entry.file, read))
+    return out
+
+
 def detect(path: Path) -> bool:
     """A Hugging Face directory: config.json (after `meta.detect`: some downloads carry both configs)."""
     return path.is_dir() and (path / "config.json").is_file()
@@ -235,6 +254,8 @@ def read_config(path: Path) -> tuple[ModelConfig, bool]:
 def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entry]:
     entries = hf_entries(path, stack)
     mapping = hf_mapping(config.model_type)
-    if mapping.experts != "none":
+    if mapping.experts in EXPERT_NAMES:
         entries = stack_experts(entries, mapping.experts, config.num_experts)
+    elif mapping.experts == "gpt_oss":
+        entries = mxfp4_entries(entries)
     return split_fused(entries, config) if mapping.fused_projections else entries

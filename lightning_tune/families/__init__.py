@@ -11,7 +11,7 @@ A new family is one new file here with a `FAMILY`, added to `FAMILIES` below.
 
 from __future__ import annotations
 
-from lightning_tune.families import gemma2, gemma3, llama2, llama3, ministral3, mistral, mixtral, olmo2, phi3, phi4, qwen2, qwen3, qwen3_moe, smollm2
+from lightning_tune.families import gemma2, gemma3, gpt_oss, llama2, llama3, ministral3, mistral, mixtral, olmo2, phi3, phi4, qwen2, qwen3, qwen3_moe, smollm2
 from lightning_tune.families.base import Family, HFMapping, Size
 from lightning_tune.families.config import ModelConfig
 
@@ -29,9 +29,11 @@ FAMILIES: dict[str, Family] = {
         olmo2.FAMILY,
         phi3.FAMILY,
         phi4.FAMILY,
+        phi4.MINI_FAMILY,
         ministral3.FAMILY,
         qwen3_moe.FAMILY,
         mixtral.FAMILY,
+        gpt_oss.FAMILY,
     )
 }
 SIZES: dict[str, Size] = {name: size for family in FAMILIES.values() for name, size in family.sizes.items()}

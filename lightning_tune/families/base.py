@@ -63,7 +63,9 @@ class HFMapping:
             "qwen3_moe" (`num_experts` / `num_local_experts`, `moe_intermediate_size`, `norm_topk_prob`,
             `decoder_sparse_step`, `mlp_only_layers`; per-expert `mlp.experts.{i}.gate_proj` keys),
             "mixtral" (`num_local_experts`, experts of `intermediate_size`, always renormalised;
-            `block_sparse_moe.experts.{i}.w1` keys), or "none".
+            `block_sparse_moe.experts.{i}.w1` keys), "gpt_oss" (`num_local_experts`, the router's
+            top-k-then-softmax with a bias, stacked [X, in, out] experts with biases, MXFP4 on the Hub), or "none".
+        attention_sinks: each attention head has a learned sink logit, `self_attn.sinks` (gpt-oss).
     """
 
     model_type: str
@@ -81,7 +83,8 @@ class HFMapping:
     partial_rotary: bool = False
     query_scale: bool = False
     fused_projections: bool = False
-    experts: Literal["none", "qwen3_moe", "mixtral"] = "none"
+    experts: Literal["none", "qwen3_moe", "mixtral", "gpt_oss"] = "none"
+    attention_sinks: bool = False
 
 
 @dataclass(frozen=True)

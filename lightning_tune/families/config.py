@@ -74,6 +74,8 @@ class ModelConfig:
     `query_scale_beta` [rope_parameters.llama_4_scaling_beta]: after the rotary embedding, q is
     multiplied by 1 + beta * log(1 + floor(position / rope_original_max_seq_len)) (Ministral 3).
 
+    `attention_sinks`: each head has a learned logit in its softmax that attends to nothing (gpt-oss).
+
     Mixture of experts (`model/moe.py`; 0 experts: every MLP dense):
     `num_experts` [num_experts / num_local_experts] experts of `moe_intermediate_dim`
     [moe_intermediate_size; Mixtral: intermediate_size] per sparse layer, `num_experts_per_tok` of them
@@ -120,6 +122,7 @@ class ModelConfig:
     rope_beta_slow: float = 1.0
     rope_truncate: bool = True
     query_scale_beta: float | None = None
+    attention_sinks: bool = False
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_dim: int = 0

@@ -37,6 +37,7 @@ CONFIG_KEYS = (
     "norm_topk_prob",
     "decoder_sparse_step",
     "mlp_only_layers",
+    "attention_sinks",
 )
 ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 
@@ -214,6 +215,7 @@ def config_from_hf(cfg: dict, file: str | Path = "config.json") -> ModelConfig:
         **(_gemma_scores(cfg, mapping) if mapping.gemma_scores else {}),
         **_hf_rope(cfg, mapping, max_seq_len, file),
         **_hf_experts(cfg, mapping, file),
+        attention_sinks=mapping.attention_sinks,
     )
 
 
@@ -229,6 +231,11 @@ def _hf_experts(cfg: dict, mapping: HFMapping, file: Path) -> dict:
         "num_experts_per_tok": cfg.get("num_experts_per_tok", d["num_experts_per_tok"]),
         "router_aux_loss_coef": float(cfg.get("router_aux_loss_coef", d["router_aux_loss_coef"])),
     }
+    if mapping.experts == "gpt_oss":  # the clamped SwiGLU's constants are the model's (`model/moe.py`)
+        for key, value in (("swiglu_limit", 7.0), ("swiglu_alpha", 1.702)):
+            if cfg.get(key, value) != value:
+                raise CheckpointError(f"{file}: {key} {cfg[key]} is not supported (gpt-oss uses {value})")
+        return values | {"router": "topk_softmax", "moe_intermediate_dim": require(cfg, "intermediate_size", file)}
     if mapping.experts == "mixtral":
         if cfg.get("router_jitter_noise"):
             raise CheckpointError(f"{file}: router_jitter_noise {cfg['router_jitter_noise']} is not supported (it multiplies training inputs by noise); set it to 0")
@@ -288,6 +295,10 @@ def config_to_hf(config: ModelConfig, torch_dtype: torch.dtype = torch.float32, 
             problems.append(f"{name}={getattr(config, name)}")
     if config.num_experts and mapping.experts == "none":
         problems.append(f"num_experts={config.num_experts}")
+    if config.num_experts and (config.router == "topk_softmax") != (mapping.experts == "gpt_oss"):
+        problems.append(f"router={config.router!r}")
+    if config.attention_sinks != mapping.attention_sinks:
+        problems.append(f"attention_sinks={config.attention_sinks}")
     if mapping.experts == "mixtral" and (not config.norm_topk_prob or config.moe_intermediate_dim != config.intermediate_dim or config.mlp_only_layers or config.decoder_sparse_step != 1):
         problems.append("experts other than Mixtral's (renormalised, every layer sparse, intermediate_dim)")
     if problems:
@@ -378,6 +389,15 @@ def config_to_hf(config: ModelConfig, torch_dtype: torch.dtype = torch.float32, 
             "decoder_sparse_step": config.decoder_sparse_step,
             "mlp_only_layers": list(config.mlp_only_layers),
             "router_aux_loss_coef": config.router_aux_loss_coef,
+            "output_router_logits": False,
+        }
+    elif mapping.experts == "gpt_oss":
+        out |= {
+            "num_local_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "experts_per_token": config.num_experts_per_tok,
+            "router_aux_loss_coef": config.router_aux_loss_coef,
+            "swiglu_limit": 7.0,
             "output_router_logits": False,
         }
     elif mapping.experts == "mixtral":

@@ -200,3 +200,23 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: f
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, sinks: Tensor) -> Tensor:
+    """Attention with a learned sink per head (gpt-oss): one more logit in each query's softmax, `sinks[h]`,
+    that takes probability but has no value, so a head can attend to nothing.
+
+    q [B, H, T, D], k/v [B, K, S, D], `mask` boolean [B or 1, 1, T, S], sinks [H] -> [B, H, T, D]. As
+    transformers' eager gpt-oss attention: scores * scale, masked, the sink column appended, the row
+    maximum subtracted, softmax in the scores' dtype, the sink column dropped. No fused kernel takes a
+    sink, so the [T, S] scores are formed (memory O(T * S) per head, as transformers' eager path).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    combined = torch.cat([scores, sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)

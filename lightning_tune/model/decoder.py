@@ -263,6 +263,8 @@ class CausalLM(nn.Module):
                     apply(module.bias, nn.init.zeros_)
             elif isinstance(module, RMSNorm):  # 1, or 0 for a (1 + w) norm (Gemma), as transformers initialises them
                 apply(module.weight, lambda w, value=module.init_value: nn.init.constant_(w, value))
+            elif isinstance(module, Attention) and module.attention_sinks:  # gpt-oss's sink logits: normal, as transformers
+                apply(module.sinks, lambda w: nn.init.normal_(w, mean=0.0, std=std))
             elif isinstance(module, (Experts, Router)):  # stacked expert weights and the router: normal, biases zero
                 for name, param in module.named_parameters(recurse=False):
                     apply(param, nn.init.zeros_ if name.endswith("bias") else (lambda w: nn.init.normal_(w, mean=0.0, std=std)))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_tune.families.config import ModelConfig
-from lightning_tune.model.attention import KVCache, PackedRows, cpu_attention_in_fp32, packed_causal_mask, segment_attention, softcapped_attention
+from lightning_tune.model.attention import KVCache, PackedRows, cpu_attention_in_fp32, packed_causal_mask, segment_attention, sink_attention, softcapped_attention
 from lightning_tune.model.moe import SparseMoE
 
 
@@ -138,7 +138,8 @@ class Attention(nn.Module):
     `qk_norm`: an RMSNorm over each head's D features of q and of k, before the rotary embedding
     (Qwen 3; the order matters: rotating first would give other numbers), of class `norm` (Gemma 3
     passes its own); `query_pre_attn_scalar` replaces head_dim in the score scale (Gemma);
-    `attn_logit_softcap` caps the scores (Gemma 2: no fused kernel then, `softcapped_attention`).
+    `attn_logit_softcap` caps the scores (Gemma 2: no fused kernel then, `softcapped_attention`);
+    `attention_sinks`: a learned logit per head, `sinks` (gpt-oss: `sink_attention`).
     A family whose projections differ overrides `project` (OLMo 2).
     """
 
@@ -158,6 +159,9 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar**-0.5
         self.softcap = config.attn_logit_softcap
+        if config.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(config.num_heads))
+        self.attention_sinks = config.attention_sinks
         self.kv_cache: KVCache | None = None
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,12 +199,16 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v, kv_len)  # [B, K, S, D]
         # GQA: each K/V head serves H/K query heads; SDPA broadcasts them without copying K/V.
         gqa = self.num_kv_heads != self.num_heads
-        if self.softcap is not None:
+        if self.softcap is not None or self.attention_sinks:  # no fused kernel: the scores formed, an explicit mask
             if packed is not None:
                 attn_mask = packed_causal_mask(packed.lengths, T, x.device)
             elif attn_mask is None:
                 attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
-            out = softcapped_attention(q, k, v, attn_mask, self.scale or self.head_dim**-0.5, self.softcap)
+            scale = self.scale or self.head_dim**-0.5
+            if self.attention_sinks:
+                out = sink_attention(q, k, v, attn_mask, scale, self.sinks)
+            else:
+                out = softcapped_attention(q, k, v, attn_mask, scale, self.softcap)
         elif packed is not None:
             out = segment_attention(q, k, v, packed, gqa, self.scale)
         elif attn_mask is None and cpu_attention_in_fp32(q, v, T):  # training's causal rows (generation keeps its dtype)

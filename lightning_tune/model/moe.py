@@ -52,6 +52,8 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     One fused call where PyTorch has it (CPU any float dtype; CUDA bf16 on sm90+) and the strides are
     the multiples of 16 bytes it needs (not so for an fp32 rank-2 adapter); else a loop over the groups
     that reads the offsets on the host once."""
+    if x.device.type == "meta":  # memory estimates: the grouped product's shape, and what autograd saves for it (x)
+        return x @ weight[0].to(x.dtype)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, weight = x.to(dtype), weight.to(dtype)
     fused = x.device.type == "cpu" or (x.device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0))
@@ -239,7 +241,7 @@ class SparseMoE(nn.Module):
         k = experts.shape[-1]
         pairs = experts.flatten()  # [N*k]: token n's j-th expert at n*k + j
         order = torch.argsort(pairs, stable=True)  # by expert; within one, by token
-        counts = torch.bincount(pairs, minlength=self.experts.num_experts)
+        counts = torch.zeros(self.experts.num_experts, dtype=torch.long, device=x.device).scatter_add_(0, pairs, torch.ones_like(pairs))  # bincount, also on meta (estimates)
         offsets = counts.cumsum(0).to(torch.int32)
         tokens = order // k
         out = self.experts(flat.index_select(0, tokens), offsets, pairs.index_select(0, order))  # [N*k, E]

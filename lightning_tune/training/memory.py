@@ -28,7 +28,8 @@ devices x num_nodes under FSDP, else 1):
         head           = lm_head + float32 cross-entropy on every position N = B * (T - 1): see
                          `head_activations` (chunked: O(N * E + chunk * vocab); else O(N * vocab))
         layer_backward = the gradients alive while one layer runs backward: the widest are three
-                         [N, intermediate] (SwiGLU) and two [N, E], N = B * T; with activation
+                         [N, intermediate] (SwiGLU) and two [N, E], N = B * T (a mixture of experts:
+                         three [N * k, moe_intermediate] and k + 2 [N, E], k experts per token); with activation
                          checkpointing plus that layer's recomputed activations; under FSDP plus the
                          unsharded parameter gradients before reduce-scatter: the root's trainable ones
                          (a bytes, held until the root's backward ends) and one layer's (a bytes, and
@@ -221,7 +222,7 @@ def estimate_memory(
     b = param_bytes(precision)
     model = build_meta_model(config, adapt, torch.float32)
     total, trainable = count_parameters(model)
-    layer_params, layer_trainable = count_parameters(model.model.layers[0])
+    layer_params, layer_trainable = max(count_parameters(layer) for layer in model.model.layers)  # a sparse layer where some are
     root_params, root_trainable = total - config.num_layers * layer_params, trainable - config.num_layers * layer_trainable
     processes = devices * num_nodes
     fsdp = strategy == "fsdp"
@@ -250,7 +251,10 @@ def estimate_memory(
     base, per_layer = decoder_activations(config, adapt, dtype, batch_size, seq_len, activation_checkpointing)
     stored = base + config.num_layers * per_layer
     n = batch_size * seq_len
-    layer_backward = n * (3 * config.intermediate_dim + 2 * config.embed_dim) * a + transient  # widest gradients alive
+    width = 3 * config.intermediate_dim + 2 * config.embed_dim  # widest gradients alive: SwiGLU's three, two of the residual
+    if config.num_experts:  # a sparse layer: every token's k rows of the experts' SwiGLU and their outputs
+        width = max(width, 3 * config.num_experts_per_tok * config.moe_intermediate_dim + (config.num_experts_per_tok + 2) * config.embed_dim)
+    layer_backward = n * width * a + transient
     if activation_checkpointing:  # the layer's activations, recomputed for its backward
         layer_backward += decoder_activations(config, adapt, dtype, batch_size, seq_len, False)[1]
     if fsdp:  # unsharded parameter gradients awaiting reduce-scatter (and its input buffer)

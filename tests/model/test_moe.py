@@ -33,6 +33,8 @@ MOE_CASES = {
     "qwen3_moe": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1], num_hidden_layers=3, head_dim=32)),
     "qwen3_moe_unnormalised": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=2, num_hidden_layers=4)),
     "mixtral": ("mixtral", dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=48, sliding_window=None)),
+    # sinks, biases, the clamped SwiGLU, YaRN, sliding (8) and full layers: 20 tokens cross the window
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=48, head_dim=16, sliding_window=8, num_hidden_layers=2)),
 }
 
 
@@ -43,9 +45,9 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def saved(tmp_path: Path, case: str, **extra) -> tuple[transformers.PreTrainedModel, Path]:
     model_type, kwargs = MOE_CASES[case]
     hf = tiny_hf(model_type, **{**kwargs, **extra})
-    with torch.no_grad():  # router weights larger than the init's, so the routing is decided, not a near tie
+    with torch.no_grad():  # router weights (and gpt-oss's sinks) larger than the init's: the routing decided, not a near tie
         for name, p in hf.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight", "self_attn.sinks")):
                 p.normal_(0, 0.5)
     hf.save_pretrained(tmp_path / "hf")
     return hf, tmp_path / "hf"
@@ -78,7 +80,7 @@ def test_logits_and_router_choices_equal_transformers(case: str, tmp_path: Path)
         assert torch.equal(a.topk(k).indices.sort().values, b.topk(k).indices.sort().values)  # the same experts per token
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_load_balancing_loss_equals_transformers_with_and_without_padding(case: str, tmp_path: Path) -> None:
     hf, path = saved(tmp_path, case, output_router_logits=True)
     ours = from_pretrained(path)
@@ -155,6 +157,33 @@ def test_incomplete_experts_are_named_in_one_line(tmp_path: Path) -> None:
     assert "model.layers.2.mlp.experts.0.gate_proj.weight" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_mxfp4_experts_load_dequantised_as_transformers_loads_them(tmp_path: Path) -> None:
+    """gpt-oss's Hub format: experts as MXFP4 blocks and scales; transformers' Mxfp4Config(dequantize=True) is the reference."""
+    from safetensors.torch import load_file, save_file
+
+    hf, path = saved(tmp_path, "gpt_oss", intermediate_size=64)  # blocks of 32 along both inputs (64, 64)
+    state = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        for name, (rows, cols) in (("gate_up_proj", (128, 64)), ("down_proj", (64, 64))):  # [X, out, in / 32, 16] blocks
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            del state[key]
+            state[f"{key}_blocks"] = torch.randint(0, 256, (6, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
+            state[f"{key}_scales"] = torch.randint(120, 130, (6, rows, cols // 32), dtype=torch.uint8, generator=g)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32).eval()
+    ours = from_pretrained(path).eval()
+    for layer in range(2):
+        for name in ("gate_up_proj", "down_proj"):  # every MXFP4 value is a bf16 value: equal bits
+            assert torch.equal(getattr(ours.model.layers[layer].mlp.experts, name), getattr(theirs.model.layers[layer].mlp.experts, name))
+    x = tokens()
+    with torch.no_grad():
+        assert rel_error(ours(x), theirs(x).logits) <= 1e-5
+
+
 def dense_reference(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, weighted by the router's top-k weights (0 elsewhere): no sorting, no grouping."""
     flat = x.reshape(-1, x.shape[-1])
@@ -199,14 +228,15 @@ def test_grouped_mm_fused_and_looped_paths_agree() -> None:
     assert torch.allclose(looped, expected, rtol=1e-6, atol=1e-6) and torch.allclose(fused, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_lora_on_experts_exports_an_adapter_peft_loads_and_a_merged_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["qwen3_moe", "gpt_oss"])  # [X, out, in] and gpt-oss's [X, in, out] (PEFT's is_transposed)
+def test_lora_on_experts_exports_an_adapter_peft_loads_and_a_merged_model(case: str, tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from lightning_tune.recipes import LoRAFinetune
 
-    hf, path = saved(tmp_path, "qwen3_moe")
+    hf, path = saved(tmp_path, case)
     torch.manual_seed(0)
     module = LoRAFinetune(checkpoint_dir=str(path), lr=1e-2, warmup_steps=0, lora_rank=4, lora_dropout=0.0, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_experts=True)
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path / "run")
