@@ -66,7 +66,12 @@ def gguf_config(path: str | Path) -> tuple[ModelConfig, bool]:
     path, reader = open_gguf(path)
     metadata = read_metadata(reader)
     factors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
-    return _config_from_metadata(path, metadata, [t.name for t in reader.tensors], factors)
+    try:
+        return _config_from_metadata(path, metadata, [t.name for t in reader.tensors], factors)
+    except GGUFError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as err:  # a value of the wrong type or range in the metadata
+        raise GGUFError(f"{path}: its metadata does not describe a model ({type(err).__name__}: {err})") from None
 
 
 def _rope_factors(path: Path, tensor: Any, count: int) -> tuple[float, ...]:
@@ -151,6 +156,8 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
             raise GGUFError(f"{path}: has only one of rope_factors_long.weight and rope_factors_short.weight; LongRoPE needs both")
         if long is not None:
             original = int(metadata_value(path, metadata, f"{arch}.rope.scaling.original_context_length"))
+            if original < 2:
+                raise GGUFError(f"{path}: {arch}.rope.scaling.original_context_length = {original}; LongRoPE needs an original context of at least 2")
             scale = values["max_seq_len"] / original
             # the converter's factor where the file has none: transformers' default for longrope
             default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0

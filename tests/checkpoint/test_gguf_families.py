@@ -258,28 +258,34 @@ def test_what_an_architecture_cannot_hold_is_one_line(exported, tmp_path, byte_t
     assert not list(tmp_path.iterdir())
 
 
-def test_bad_phi3_rope_factors_are_one_line(exported, tmp_path) -> None:
-    """Sizes read from the file are checked against the file: a rope_factors tensor of the wrong length."""
-    _, _, _, source = exported["phi3"]
+def _rewrite(source: Path, path: Path, fields: dict | None = None, cut: dict | None = None) -> None:
+    """`source` written again with some metadata values replaced (`fields`) and some tensors' rows cut (`cut`: name -> rows)."""
     reader = gguf.GGUFReader(source)
-    path = tmp_path / "bad.gguf"
-    writer = gguf.GGUFWriter(path, arch="phi3")
+    writer = gguf.GGUFWriter(path, arch=reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value = field.contents()
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
+        value = (fields or {}).get(key, field.contents())
+        if key in (fields or {}) and isinstance(value, str):
+            writer.add_string(key, value)
+        elif field.types[0] == gguf.GGUFValueType.ARRAY:
             writer.add_array(key, value)
         else:
-            writer.add_key_value(key, value, kind)
+            writer.add_key_value(key, value, field.types[0])
     for t in reader.tensors:
         data = np.asarray(t.data).reshape(list(reversed(t.shape.tolist())))
-        writer.add_tensor(t.name, data[:3] if t.name == "rope_factors_long.weight" else data)
+        writer.add_tensor(t.name, data[: (cut or {}).get(t.name, len(data))])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_bad_phi3_rope_factors_are_one_line(exported, tmp_path) -> None:
+    """Sizes read from the file are checked against the file: a rope_factors tensor of the wrong length."""
+    _, _, _, source = exported["phi3"]
+    path = tmp_path / "bad.gguf"
+    _rewrite(source, path, cut={"rope_factors_long.weight": 3})
     with pytest.raises(GGUFError, match=r"bad\.gguf: rope_factors_long\.weight must hold 4 F32 values \(half the rotary features\), it holds 3"):
         gguf_config(path)
 
@@ -382,3 +388,21 @@ def test_lazily_merged_weights_export_as_the_tensors_they_compute(exported, tmp_
     plain_tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(plain).tensors}
     merged_tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(merged).tensors}
     assert plain_tensors.keys() == merged_tensors.keys() and all(np.array_equal(plain_tensors[n], merged_tensors[n]) for n in plain_tensors)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("phi3.rope.scaling.original_context_length", 1, "original_context_length = 1; LongRoPE needs an original context of at least 2"),
+        ("phi3.rope.dimension_count", 40, r"phi3\.rope\.dimension_count = 40, it must be in \(0, 16\]"),
+        ("phi3.block_count", "two", "its metadata does not describe a model"),
+    ],
+)
+def test_bad_phi3_metadata_is_one_line(key: str, value, message: str, exported, tmp_path) -> None:
+    """Values read from a file that would divide by zero or are of the wrong type: one line naming the file."""
+    _, _, _, source = exported["phi3"]
+    path = tmp_path / "bad.gguf"
+    _rewrite(source, path, fields={key: value})
+    with pytest.raises(GGUFError, match=message) as err:
+        gguf_config(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
