@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from gguf import GGUFReader
 
 
-ARCHITECTURE = "llama"
 # llama.cpp architectures (gguf's MODEL_ARCH_NAMES) read and written: Llama-like files, Gemma 2 / 3, Phi-3 / 4, OLMo 2.
 ARCHITECTURES = ("llama", "gemma2", "gemma3", "phi3", "olmo2")
 

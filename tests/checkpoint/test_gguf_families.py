@@ -406,3 +406,21 @@ def test_bad_phi3_metadata_is_one_line(key: str, value, message: str, exported, 
     with pytest.raises(GGUFError, match=message) as err:
         gguf_config(path)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_every_named_size_of_these_families_is_exportable() -> None:
+    """The released shapes pass what llama.cpp can hold, the 27Bs' score scale (embed // heads at 46 / 62 layers) included."""
+    from lightning_tune.checkpoint.gguf import _unsupported, gguf_arch
+    from lightning_tune.families import FAMILIES
+    from lightning_tune.families.config import ModelConfig
+    from lightning_tune.families.phi4 import MINI_FAMILY
+
+    sizes = {name: size for family in (*FAMILIES.values(), MINI_FAMILY) for name, size in family.sizes.items()}
+    checked = []
+    for name, size in sizes.items():
+        config = ModelConfig(**size.config)
+        arch = gguf_arch(config)
+        if arch in ("gemma2", "gemma3", "phi3", "olmo2"):
+            assert _unsupported(config, arch) == [], name
+            checked.append(name)
+    assert {"gemma2_27b", "gemma3_27b", "gemma3_270m", "phi3_mini_4k", "phi4_14b", "phi4_mini", "olmo2_13b"} <= set(checked)
