@@ -12,6 +12,7 @@ the `**kwargs` to them for `--help` and `--print_config`.
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import hashlib
@@ -21,7 +22,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from datasets.distributed import split_dataset_by_node
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import IterableDataset as TorchIterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_tune.data.collate import IGNORE_INDEX, collate, collate_packed
@@ -55,6 +57,8 @@ LOAD_KEYS = ("source", "name", "revision", "data_files", "split")
 # The kinds of SFT sample a `mixture` entry may name as its `format` (the module classes, imported when named).
 FORMATS = {"instruct": ("lightning_tune.data.instruct", "InstructDataModule"), "chat": ("lightning_tune.data.chat", "ChatDataModule")}
 STREAM_HEAD = 8  # records of a stream read at setup to check its columns before training
+NEXT_PASS = "stream_next_pass"  # a stream loader's state after a pass's last batch: the pass to start
+STREAM_BATCH = "stream_batch"  # the key of a streamed batch's number (see `StreamLoader`), removed before training
 
 
 def check_split(split: str, key: str) -> list[str]:
@@ -161,6 +165,88 @@ def _offline(error: BaseException) -> bool:
     """Whether a failed Hub load failed for want of a network (HF_HUB_OFFLINE, no connection)."""
     text = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
     return bool(re.search(r"offline|connection|resolve|network|timed out|HF_HUB_OFFLINE", text, re.IGNORECASE))
+
+
+class StreamLoader(StatefulDataLoader):
+    """The `StatefulDataLoader` of a stream, whose `state_dict` is the state after the last batch *trained on*.
+
+    Lightning fetches one batch ahead of training when a loader has no length (a stream), so the loader's own
+    state at a checkpoint already counts the next batch and a resumed run would skip it. Each batch therefore
+    carries its number (`STREAM_BATCH`), the loader keeps its state as of each batch not yet trained on, and the data
+    module's `on_before_batch_transfer` (called for the batch Lightning trains on, not the one it fetched ahead)
+    marks it consumed: `state_dict` is then that batch's state. After the last batch of a pass (Lightning then
+    already knows the epoch is over) it names the next pass, which a resumed run starts from its beginning.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        self._states: dict[int, dict[str, Any]] = {}
+        self._consumed: int | None = None
+        self._last: int | None = None  # the number of the pass's last batch, once the stream has ended
+        return self._numbered(super().__iter__())
+
+    def _numbered(self, inner: Iterator[Any]) -> Iterator[Any]:
+        number = -1
+        for number, batch in enumerate(inner):
+            self._states[number] = copy.deepcopy(super().state_dict())  # the state just after this batch
+            if isinstance(batch, dict):
+                batch[STREAM_BATCH] = number
+            yield batch
+        self._last = number
+
+    def consumed(self, number: int) -> None:
+        """Batch `number` is being trained on: a checkpoint from now on resumes after it."""
+        self._consumed = number
+        for older in [n for n in self._states if n < number]:
+            del self._states[older]
+
+    def state_dict(self) -> dict[str, Any]:
+        consumed = getattr(self, "_consumed", None)
+        if consumed is not None and consumed == self._last:  # the pass is over: a resumed run starts the next
+            return {NEXT_PASS: self.dataset.stream.epoch + 1}
+        if consumed is not None and consumed in self._states:
+            return self._states[consumed]
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if NEXT_PASS in state:
+            super().load_state_dict({})
+            self.dataset.start(int(state[NEXT_PASS]))
+        else:
+            super().load_state_dict(state)
+
+
+class StreamEpochs(TorchIterableDataset):
+    """A stream read pass after pass, each pass a new `datasets` pipeline from `make` with the next epoch: Lightning
+    sets the epoch of samplers only (a stream has none), and a `datasets` IterableDataset once restored from a state
+    does not read its next pass as a new one would (datasets 5.2), so none is reused. `state_dict` is the
+    stream's (its epoch, file and record), which `StatefulDataLoader` saves beside its own; `load_state_dict` makes
+    the pass it names, which the next iteration continues."""
+
+    def __init__(self, make: Callable[[], datasets.IterableDataset]) -> None:
+        self.make = make
+        self.stream = make()
+        self.fresh = True  # the next iteration is the first of this pass (not a new pass)
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.fresh:
+            epoch = self.stream.epoch + 1
+            self.stream = self.make()
+            self.stream.set_epoch(epoch)
+        self.fresh = False
+        return iter(self.stream)
+
+    def start(self, epoch: int) -> None:
+        """The next iteration starts pass `epoch` from its beginning (`datasets` orders the files by the epoch)."""
+        self.stream = self.make()
+        self.stream.set_epoch(epoch)
+        self.fresh = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start(int(state["epoch"]))
+        self.stream.load_state_dict(state)
 
 
 def _recording_init(init: Callable) -> Callable:
@@ -442,14 +528,21 @@ class TokenizedDataModule(LightningDataModule):
             raise DataError(f"{self.source}: has no records (expected {self.record_kind})")
         self._check_stream_head(head)
         names = records.column_names or head.column_names
-        samples = records.map(self._encoder(head), with_indices=True, remove_columns=names)
-        samples = samples.filter(lambda sample: sample.get("keep", True))
+        encoder = self._encoder(head)
         replicas, rank = self.data_parallel_rank()
         count = int(self.val_size)
+
+        def samples(stream: datasets.IterableDataset) -> datasets.IterableDataset:
+            return stream.map(encoder, with_indices=True, remove_columns=names).filter(lambda sample: sample.get("keep", True))
+
+        def train() -> datasets.IterableDataset:  # a new pipeline per pass (see StreamEpochs)
+            stream = samples(self._load_records())
+            stream = stream.skip(count) if count else stream
+            return split_dataset_by_node(stream, rank=rank, world_size=replicas) if replicas > 1 else stream
+
         if count:
-            self.val_dataset = samples.take(count)
-            samples = samples.skip(count)
-        self.train_dataset = split_dataset_by_node(samples, rank=rank, world_size=replicas) if replicas > 1 else samples
+            self.val_dataset = samples(records).take(count)
+        self.train_dataset = StreamEpochs(train)
 
     def _check_stream_head(self, head: datasets.Dataset) -> None:
         """The first records of a stream through the usual column checks (a bad column map fails at setup)."""
@@ -478,7 +571,8 @@ class TokenizedDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         if self.streaming:  # the stream's own state (file, record) is the position; no sampler
-            return StatefulDataLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn())
+            self._stream_loader = StreamLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn())
+            return self._stream_loader
         replicas, rank = self.data_parallel_rank()
         if self.group_by_length:
             # Buckets of similar length in shuffled order; its iterator is Stateful for mid-epoch resume.
@@ -493,6 +587,13 @@ class TokenizedDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collate_fn(),
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning's hook on the batch it is about to train on: a stream's batch number tells its loader which
+        state a checkpoint now takes (see `StreamLoader`); every other batch passes unchanged."""
+        if isinstance(batch, dict) and STREAM_BATCH in batch:
+            self._stream_loader.consumed(batch.pop(STREAM_BATCH))
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order; an empty list (no validation) when `val_size` is 0."""

@@ -23,6 +23,16 @@ def describe_samples(datamodule: Any, n: int = 3) -> str:
         datamodule.setup("fit")
     data = datamodule.train_dataset
     tokenizer = datamodule.tokenizer
+    if getattr(datamodule, "streaming", False):  # a stream: its first n samples only, counts unknown until read
+        lines = [
+            f"{datamodule.source}: streamed (tokenised as read; counts are known only once read through); its first {n} training samples:",
+            f"(spans in {MASK_OPEN}...{MASK_CLOSE} are masked from the loss)",
+        ]
+        for index, sample in zip(range(n), data.stream):
+            trained_here = sum(label != IGNORE_INDEX for label in sample["labels"])
+            lines.append(f"--- sample {index}: {len(sample['input_ids'])} tokens, {trained_here} trained ---")
+            lines.append(_render(tokenizer, sample["input_ids"], sample["labels"]))
+        return "\n".join(lines)
     lengths = [len(ids) for ids in data["input_ids"]]
     trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in data["labels"])
     total = sum(lengths)
