@@ -1,5 +1,6 @@
-"""`data --config X [--data.KEY VALUE ...] [--n 3]`: the first training samples decoded, masked
-spans marked, and their token counts.
+"""`data --config X [--data.KEY VALUE ...] [--n 3] [--prepare]`: the first training samples decoded, masked
+spans marked, and their token counts (per source for a mixture). `--prepare` only builds the tokenised cache
+(each mixture source's) and says where it is, so the ranks of a multi-GPU run read it instead of all tokenising.
 
 The config is read by the recipe parser `fit` uses (`make_cli`, parse only), so `data` sees the
 data module `fit` would build; only the data module is instantiated (no model, no trainer).
@@ -16,6 +17,7 @@ USAGE = (
     + "\n"
     + CONFIG_OPTIONS_HELP
     + "\n  --n N                   how many samples to print (default 3)"
+    + "\n  --prepare               build the tokenised cache only (ahead of a multi-GPU run) and print where it is"
 )
 
 
@@ -43,7 +45,8 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    n, rest = split_n(argv)
+    prepare = "--prepare" in argv
+    n, rest = split_n([arg for arg in argv if arg != "--prepare"])
     cli = make_cli(rest, run=False, instantiate=False)
     config = cli.config.clone()
     group = cli.parser.groups["data"]
@@ -55,5 +58,9 @@ def main(argv: list[str]) -> int:
 
         module, _, name = config.data.class_path.rpartition(".")
         datamodule = getattr(importlib.import_module(module), name)(**config.data.init_args.as_dict())
+    if prepare:
+        datamodule.prepare_data()
+        print("\n".join(datamodule.cache_report()))
+        return 0
     print(describe_samples(datamodule, n))
     return 0

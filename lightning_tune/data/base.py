@@ -297,6 +297,7 @@ class TokenizedDataModule(LightningDataModule):
     rows_per_sample = 1  # batch rows per sample (memory estimates count rows)
     mixture_stats: list[dict[str, Any]] | None = None  # per mixture source: available, drawn, tokens, trained (after setup)
     cache_file: Path | None = None  # the tokenised cache file (after setup; None for a stream or in-memory data)
+    cache_reused = False  # whether setup found that file already built (by an earlier run or `data --prepare`)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -428,10 +429,19 @@ class TokenizedDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download and tokenise once (rank 0 only under DDP); `setup` then reads the cache. A stream is
-        tokenised as it is read: nothing to prepare."""
+        tokenised as it is read: nothing to prepare. `data --prepare` runs this ahead of a multi-GPU run."""
         if not self.streaming:
             for module in self.mixture_modules() or [self]:
                 module._tokenized()
+
+    def cache_report(self) -> list[str]:
+        """One line per tokenised cache file (each mixture source has its own), after `prepare_data` or `setup`."""
+        if self.streaming:
+            return [f"{self.source}: streamed, tokenised as read: no cache to build"]
+        return [
+            f"{module.source}: {'reused' if module.cache_reused else 'built'} {module.cache_file}" if module.cache_file is not None else f"{module.source}: held in memory, not cached"
+            for module in self.mixture_modules() or [self]
+        ]
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenised data (from the cache after `prepare_data`), report truncation once, leave
@@ -636,7 +646,7 @@ class TokenizedDataModule(LightningDataModule):
         cached = _cache_file(records, fingerprint)
         if cached is not None:
             state = "reused" if cached.exists() else "building"
-            rank_zero_info(f"{self.source}: tokenised cache {state}: {cached}")
+            rank_zero_info(f"{self.source}: tokenised cache {state}: {cached}" + ("" if state == "reused" else " (keyed by the data, tokenizer, max_seq_len and encoding settings)"))
         # A failing record raises inside `map`; `datasets` then deletes its temporary file, so no partial cache remains.
         data = records.map(
             self._encoder(records),
@@ -645,7 +655,7 @@ class TokenizedDataModule(LightningDataModule):
             new_fingerprint=fingerprint,
             desc=f"Tokenizing {self.source}",
         )
-        self.cache_file = cached
+        self.cache_file, self.cache_reused = cached, cached is not None and state == "reused"
         self._check(data, records)
         untrained = [name for name in data.column_names if name.endswith("labels") and not _has_trained_token(data, name)]
         if untrained:  # every sample cut to its prompt (e.g. instructions longer than max_seq_len): a run would train on nothing
