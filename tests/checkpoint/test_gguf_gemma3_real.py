@@ -79,3 +79,35 @@ def test_greedy_generation_equals_transformers(gemma3) -> None:
     with torch.no_grad():
         expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt) :].tolist()
     assert generate(ours, [prompt], max_new_tokens=8, temperature=0.0)[0] == expected
+
+
+def test_our_q8_0_export_of_it_loads_in_transformers_with_our_logits(gemma3, tmp_path) -> None:
+    """Our gemma3 writer on the real model: transformers' GGUF loader of our q8_0 export gives the logits our reader
+    gives from it; its tokenizer fields are the source file's; the requantised weights stay near the original's."""
+    from lightning_tune.checkpoint.gguf import save_gguf
+    from lightning_tune.io.gguf import open_gguf, read_metadata
+
+    path, ours, theirs, _, their_tokenizer = gemma3
+    out = save_gguf(ours.state_dict(), ours.config, tmp_path / "export.gguf", outtype="q8_0", tokenizer=path)
+    source, written = read_metadata(open_gguf(path)[1]), read_metadata(open_gguf(out)[1])
+    assert {k: v for k, v in written.items() if k.startswith("tokenizer.")} == {k: v for k, v in source.items() if k.startswith("tokenizer.")}
+    for key in (
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "rope.freq_base",
+        "attention.sliding_window",
+    ):
+        assert written[f"gemma3.{key}"] == source[f"gemma3.{key}"], key
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
+    x = torch.tensor([their_tokenizer(" ".join(TEXTS)).input_ids])
+    with torch.no_grad():
+        back = from_pretrained(out)(x)
+        assert ((reloaded(x).logits - back).norm() / back.norm()).item() <= 1e-5
+        original = theirs(x).logits
+        # Q8_0 of the dequantised Q4_K / Q5_0 / Q6_K weights: ~2^-8 relative per weight, a few tenths of a percent on the logits
+        assert 1e-7 < ((back - original).norm() / original.norm()).item() < 3e-2
