@@ -328,6 +328,8 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
         (f"rope_local_base {config.rope_local_base}", arch != "gemma3" and config.rope_local_base is not None),
         (f"sliding_window {config.sliding_window}", arch in ("llama", "olmo2") and config.sliding_window is not None),
         (f"layer_types {config.layer_types and list(config.layer_types)}", arch in ("llama", "olmo2", "phi3") and config.layer_types is not None),
+        (f"num_experts {getattr(config, 'num_experts', 0)} (mixture of experts)", getattr(config, "num_experts", 0) > 0),
+        ("attention_sinks", getattr(config, "attention_sinks", False)),
     ]
     if gemma:
         period = SWA_PERIOD[arch]
