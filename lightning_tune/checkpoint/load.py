@@ -17,6 +17,7 @@ from lightning_tune.io.files import CheckpointError
 from lightning_tune.io.paths import resolve_path
 from lightning_tune.layers.lora import is_lora_key, quantized_base_shapes
 from lightning_tune.model.decoder import CausalLM
+from lightning_tune.model.moe import quantized_expert_shapes
 
 # The formats a model loads from, in the order they are tried: a .gguf file, then a directory (Meta before
 # Hugging Face, since a directory holding both configs is Meta's when it holds Meta's weight files).
@@ -66,7 +67,7 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
     config, tied = fmt.read_config(path)
     check_config_matches(path, model, config)
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
-    expected |= quantized_base_shapes(model)  # NF4 bases: the checkpoint's [out, in] tensors, quantised on assignment
+    expected |= quantized_base_shapes(model) | quantized_expert_shapes(model)  # NF4 bases: the checkpoint's tensors, quantised on assignment
     skip = set()
     if tied:  # transformers ties lm_head to embed_tokens and ignores any saved lm_head
         expected.pop("lm_head.weight", None)

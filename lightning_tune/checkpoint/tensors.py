@@ -20,6 +20,7 @@ from lightning_tune.layers.lora import (
     LazyWeight,
     QLinear,
 )
+from lightning_tune.model.moe import Experts
 
 # --------------------------------------------------------------------------------------------------
 # Loading
@@ -99,6 +100,9 @@ def assign_tensor(model: nn.Module, key: str, tensor: Tensor, dtype: torch.dtype
     if attr == "weight" and isinstance(module, QLinear) and module.quantized:
         # QLoRA: quantised to NF4 as it arrives, so only one layer's high-precision weight ever exists
         module.quantize_base_(tensor.to(device if device is not None else tensor.device, dtype or tensor.dtype))
+        return
+    if isinstance(module, Experts) and attr in module.nf4:  # QLoRA's experts: the same, one stack at a time
+        module.quantize_weight_(attr, tensor.to(device if device is not None else tensor.device, dtype or tensor.dtype))
         return
     old = module._parameters[attr]
     if isinstance(old, DTensor):
@@ -275,13 +279,37 @@ def stack_experts(entries: list[Entry], kind: str, num_experts: int) -> list[Ent
     return out
 
 
+class LazySlices:
+    """Slices of a `LazyWeight` that stay lazy: `stack[x, a:b]` is a `LazyWeight` too. The stack is computed
+    for the first slice written and kept in `cache` (shared by one export's stacks, one entry) until another
+    stack is asked for, so an export writing a layer's experts in order computes each stack once and holds
+    one at a time."""
+
+    def __init__(self, lazy: LazyWeight, cache: dict) -> None:
+        self.lazy, self.shape, self.cache = lazy, lazy.shape, cache
+
+    def values(self) -> Tensor:
+        if self.cache.get("stack") is not self:
+            self.cache.clear()  # the previous stack's values go first
+            self.cache["values"] = self.lazy.to(self.lazy.dtype)
+            self.cache["stack"] = self
+        return self.cache["values"]
+
+    def __getitem__(self, index) -> LazyWeight:
+        shape = torch.empty(self.shape, device="meta")[index].shape
+        return LazyWeight(shape, self.lazy.dtype, lambda: self.values()[index])
+
+
 def unstack_experts(tensors: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
     """Ours -> the Hub's per-expert keys (what transformers' `save_pretrained` writes, and what vLLM and
     llama.cpp's converter read), in each layer's place."""
     hub, (gate, up, down) = EXPERT_NAMES[kind]
     out = {}
+    cache: dict = {}
     for key, tensor in tensors.items():
         prefix, found, name = key.partition(".mlp.experts.")
+        if isinstance(tensor, LazyWeight) and found:  # QLoRA's merge: each expert's slice computed when written
+            tensor = LazySlices(tensor, cache)
         if found and name == "gate_up_proj":
             rows = tensor.shape[1] // 2
             for x in range(tensor.shape[0]):

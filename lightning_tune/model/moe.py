@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_tune.families.config import ModelConfig
+from lightning_tune.layers.lora import LazyWeight
+from lightning_tune.layers.nf4 import NF4Weight
 
 
 class ContiguousGrad(torch.autograd.Function):
@@ -137,6 +139,46 @@ class Experts(nn.Module):
             self.down_proj = nn.Parameter(torch.empty(X, E, I))
         self.gate_up_lora: ExpertAdapter | None = None
         self.down_lora: ExpertAdapter | None = None
+        # QLoRA: the stacked weights as NF4, flattened to [X * a, b] (each expert's rows contiguous)
+        self.nf4 = nn.ModuleDict()
+        self.base_dtype = self.down_proj.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return len(self.nf4) > 0
+
+    @torch.no_grad()
+    def quantize_(self) -> None:
+        """QLoRA: store both stacked weights in NF4 (bitsandbytes' layout, as `layers.lora.QLinear`) and leave
+        empty frozen placeholders; on the meta device only the placeholders (a checkpoint fills them:
+        `quantize_weight_`). Each forward dequantises the whole stack, one layer at a time."""
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(self, name)
+            self.base_dtype = weight.dtype
+            X, a, b = weight.shape
+            self.nf4[name] = NF4Weight(X * a, b, device=weight.device)
+            if not weight.is_meta:
+                self.nf4[name].quantize_(weight.reshape(X * a, b))
+            self.nf4[name].stack_shape = torch.Size([X, a, b])
+            setattr(self, name, nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False))
+
+    @torch.no_grad()
+    def quantize_weight_(self, name: str, weight: Tensor) -> None:
+        """Quantise a checkpoint's stacked tensor `name` as it arrives (the high-precision stack never kept)."""
+        nf4 = self.nf4[name]
+        if tuple(weight.shape) != tuple(nf4.stack_shape):
+            raise ValueError(f"NF4 experts {name}: expected shape {list(nf4.stack_shape)}, got {list(weight.shape)}")
+        self.base_dtype = weight.dtype
+        self.nf4[name] = NF4Weight(*nf4.shape, device=weight.device).quantize_(weight.reshape(nf4.shape))
+        self.nf4[name].stack_shape = nf4.stack_shape
+
+    def weight(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """Stacked tensor `name` as the forward uses it: the parameter, or its NF4 storage dequantised (to
+        `dtype`, default the dtype it was quantised from)."""
+        if name not in self.nf4:
+            return getattr(self, name)
+        nf4 = self.nf4[name]
+        return nf4.dequantize(dtype or self.base_dtype).view(nf4.stack_shape)
 
     @property
     def is_transposed(self) -> bool:
@@ -157,7 +199,8 @@ class Experts(nn.Module):
 
     def _project(self, x: Tensor, name: str, offsets: Tensor, experts: Tensor) -> Tensor:
         """Rows x [R, in] (sorted by expert) through projection `name` of their experts -> [R, out]."""
-        weight = getattr(self, name)
+        device = x.device.type
+        weight = self.weight(name, torch.get_autocast_dtype(device) if device != "meta" and torch.is_autocast_enabled(device) else x.dtype)
         out = grouped_mm(x, weight if self.gpt_oss else weight.transpose(1, 2), offsets)
         if self.gpt_oss:
             out = out + getattr(self, f"{name}_bias")[experts].to(out.dtype)
@@ -270,18 +313,51 @@ def load_balancing_loss(router_logits: list[Tensor], num_experts: int, top_k: in
 
 
 @torch.no_grad()
-def merged_expert_tensors(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Every adapted stacked expert tensor with its adapter folded in (fp32 sum, cast back to the wider of
-    the base's and the adapter's dtype), keyed as in `state` (the model's full state dict)."""
-    merged = {}
+def merged_expert_tensors(model: nn.Module, state: dict[str, Tensor], base_weights=None) -> dict[str, Tensor | LazyWeight]:
+    """Every stacked expert tensor whose export differs from `state` (the model's full state dict): an adapted
+    one with its adapter folded in (fp32 sum, cast back to the wider of the base's and the adapter's dtype),
+    and every NF4 one (QLoRA). NF4 ones are `LazyWeight`s, computed when written, from `base_weights(key)`
+    (the original high-precision tensor read again from checkpoint_dir, as `layers.lora.merged_state_dict`
+    does for linears) or, without it, the dequantised NF4 stack."""
+    merged: dict[str, Tensor | LazyWeight] = {}
     for name, module in model.named_modules():
-        if isinstance(module, Experts):
-            for param, adapter in module.adapters().items():
-                key = f"{name}.{param}"
-                delta = adapter.delta(state[f"{name}.{param.removesuffix('_proj')}_lora.lora_A.weight"], state[f"{name}.{param.removesuffix('_proj')}_lora.lora_B.weight"])
-                base = state[key]
-                merged[key] = (base.float() + (delta.transpose(1, 2) if module.is_transposed else delta)).to(torch.promote_types(base.dtype, adapter.lora_A.weight.dtype))
+        if not isinstance(module, Experts):
+            continue
+        adapters = module.adapters()
+        for param in ("gate_up_proj", "down_proj"):
+            key, adapter = f"{name}.{param}", adapters.get(param)
+            factors = None
+            if adapter is not None:
+                prefix = f"{name}.{param.removesuffix('_proj')}_lora"
+                factors = (state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"])
+
+            def fold(base: Tensor, adapter=adapter, factors=factors, transposed=module.is_transposed) -> Tensor:
+                if adapter is None:
+                    return base
+                delta = adapter.delta(*factors)
+                return (base.float() + (delta.transpose(1, 2) if transposed else delta)).to(torch.promote_types(base.dtype, factors[0].dtype))
+
+            if param in module.nf4:
+                read = (lambda key=key: base_weights(key)) if base_weights is not None else (lambda module=module, param=param: module.weight(param))
+                dtype = module.base_dtype if factors is None else torch.promote_types(module.base_dtype, factors[0].dtype)
+                merged[key] = LazyWeight(module.nf4[param].stack_shape, dtype, lambda read=read, fold=fold: fold(read()))
+            elif adapter is not None:
+                merged[key] = fold(state[key])
     return merged
+
+
+def quantize_experts(model: nn.Module) -> list[str]:
+    """QLoRA: every `Experts` module's stacked weights in NF4 (`Experts.quantize_`); their names."""
+    names = [name for name, module in model.named_modules() if isinstance(module, Experts)]
+    for name in names:
+        model.get_submodule(name).quantize_()
+    return names
+
+
+def quantized_expert_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """`<experts>.<gate_up_proj | down_proj>` -> the checkpoint's stacked shape, for every NF4 stack
+    (its parameter is an empty placeholder), as `layers.lora.quantized_base_shapes` for linears."""
+    return {f"{name}.{param}": nf4.stack_shape for name, m in model.named_modules() if isinstance(m, Experts) for param, nf4 in m.nf4.items()}
 
 
 def expert_adapters(model: nn.Module) -> dict[str, ExpertAdapter]:

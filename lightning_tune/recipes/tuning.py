@@ -16,7 +16,7 @@ from lightning_tune.checkpoint import save_peft_adapter, weight_reader
 from lightning_tune.layers.lora import MLP_TARGETS, apply_lora, disable_adapters, lora_modules, mark_only_lora_trainable, merged_state_dict, quantize_linears, resolve_targets
 from lightning_tune.layers.nf4 import check_dtype, require_bitsandbytes
 from lightning_tune.model import CausalLM
-from lightning_tune.model.moe import add_expert_adapters, disable_expert_adapters, expert_adapters, merged_expert_tensors
+from lightning_tune.model.moe import add_expert_adapters, disable_expert_adapters, expert_adapters, merged_expert_tensors, quantize_experts
 from lightning_tune.training.sharding import init_like_unsharded_
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ class LoRA:
         wrapped = apply_lora(model, self.targets, self.rank, self.alpha, self.dropout, use_dora=self.use_dora, quantize_base=self.quantize_base is not None)
         if self.quantize_base:
             quantize_linears(model)  # the frozen linears without an adapter too (not lm_head), as transformers' 4-bit loading
+            quantize_experts(model)  # and the experts, most of a mixture's weights
         if self.experts:
             if not model.config.num_experts:
                 raise ValueError(f"apply_lora_to_experts: the model has no experts (model_type {model.config.model_type!r}, num_experts 0); set it false")
@@ -249,7 +250,7 @@ class LoRA:
             else:
                 log.warning("merged/: random-init base, never stored in high precision: the adapters are merged into the dequantised NF4 weights")
         merged = merged_state_dict(model, state_dict, base_weights)
-        return merged | merged_expert_tensors(model, model.state_dict() if state_dict is None else state_dict)
+        return merged | merged_expert_tensors(model, model.state_dict() if state_dict is None else state_dict, base_weights)
 
     @contextmanager
     def reference(self, model: CausalLM) -> Iterator[None]:

@@ -35,8 +35,8 @@ devices x num_nodes under FSDP, else 1):
                          (a bytes, held until the root's backward ends) and one layer's (a bytes, and
                          b bytes more for the reduce-scatter input they are copied into); one flat unit:
                          all trainable ones (a + b bytes); plus the largest per-layer temporary:
-                         QLoRA's dequantised [out, in] weight (a bytes), DoRA's three [out, in] for
-                         the weight norm
+                         QLoRA's dequantised [out, in] weight (a bytes; a mixture of experts: one
+                         dequantised stack [X, out, in]), DoRA's three [out, in] for the weight norm
     peak = weights + optimizer + max(activations + (gradients if accumulate_grad_batches > 1),
                                      gradients + optimizer-step temporaries)
     and, for a recipe that samples before it trains (GRPO), at least its rollout phase:
@@ -68,6 +68,7 @@ from torch import nn
 from lightning_tune.families import ModelConfig
 from lightning_tune.layers.lora import LoRALinear, QLinear
 from lightning_tune.model import CausalLM
+from lightning_tune.model.moe import Experts
 from lightning_tune.training.optim import state_bytes_per_parameter
 
 GIB = 2**30
@@ -272,6 +273,7 @@ def estimate_memory(
         sampling = stored_weights + optimizer_bytes + held_grads + kv_cache + logits + (total * a if fsdp else 0)
         peak = max(peak, sampling)
     parameters = total + sum(m.base_nf4.shape.numel() for m in model.modules() if isinstance(m, QLinear) and m.quantized)
+    parameters += sum(nf4.shape.numel() for m in model.modules() if isinstance(m, Experts) for nf4 in m.nf4.values())
     return MemoryEstimate(parameters, trainable, weights, gradients, optimizer_bytes, activations, peak, sampling)
 
 
@@ -293,6 +295,9 @@ def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:
             if isinstance(m, LoRALinear) and m.use_dora:
                 layer += 3 * numel * m.lora_A.weight.element_size()
             temporary = max(temporary, layer)
+        elif isinstance(m, Experts) and m.quantized:  # QLoRA's experts: NF4 stacks, each dequantised whole per forward
+            nf4 += sum(w.nbytes for w in m.nf4.values())
+            temporary = max(temporary, max(w.shape.numel() for w in m.nf4.values()) * a)
     return nf4, temporary
 
 

@@ -278,6 +278,8 @@ FAMILY_CONFIGS = [
     "chat_phi3_mini_lora.yaml",
     "chat_phi4_14b_lora.yaml",
     "chat_olmo2_7b_lora.yaml",
+    "chat_qwen3_30b_a3b_lora.yaml",
+    "chat_gpt_oss_20b_lora.yaml",
 ]
 
 

@@ -297,3 +297,51 @@ def test_a_terse_config_json_reads_as_transformers_reads_it(model_type: str) -> 
     assert ours.norm_topk_prob == getattr(theirs, "norm_topk_prob", True)
     assert ours.moe_intermediate_dim == getattr(theirs, "moe_intermediate_size", theirs.intermediate_size)
     assert ours.num_kv_heads == theirs.num_key_value_heads and ours.rope_base == theirs.rope_parameters["rope_theta"]
+
+
+def test_qlora_stores_the_experts_in_nf4_and_merges_into_the_original_weights(tmp_path: Path) -> None:
+    """QLoRA on a mixture: every expert stack in NF4 (bitsandbytes), quantised as it loads. Forward = PEFT's
+    adapter on transformers' model holding the dequantised NF4 weights; merged/ = PEFT's adapter on the
+    original (unquantised) model, as for linear layers (`layers.lora.merged_state_dict`)."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from lightning_tune.checkpoint import load_weights, save_peft_adapter
+    from lightning_tune.model.moe import Experts
+    from lightning_tune.recipes.tuning import LoRA
+
+    hf, path = saved(tmp_path, "qwen3_moe", intermediate_size=64, moe_intermediate_size=64)  # NF4 blocks of 64
+    with torch.device("meta"):
+        model = CausalLM(config_from_hf(json.loads((path / "config.json").read_text())))
+    lora = LoRA(rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], experts=True, quantize_base="nf4")
+    with lora.loading(model, torch.device("cpu")):
+        load_weights(model, path)
+    lora.adapt(model, sharded=False)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts and all(m.quantized and m.gate_up_proj.numel() == 0 for m in experts)  # no high-precision stack kept
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    x = tokens()
+    with torch.no_grad():
+        ours = model(x)
+    save_peft_adapter(model, tmp_path / "adapter")
+    save_hf_checkpoint(lora.export_state_dict(model, None, str(path)), model.config, tmp_path / "merged")
+    original = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        expected_merged = peft.PeftModel.from_pretrained(original, tmp_path / "adapter").eval()(x).logits
+        assert rel_error(merged(x).logits, expected_merged) <= 1e-5
+        for ours_layer, layer in zip(model.model.layers, hf.model.layers):  # the NF4 base, dequantised, in transformers' model
+            if isinstance(ours_layer.mlp, SparseMoE):
+                layer.mlp.experts.gate_up_proj.copy_(ours_layer.mlp.experts.weight("gate_up_proj"))
+                layer.mlp.experts.down_proj.copy_(ours_layer.mlp.experts.weight("down_proj"))
+            else:
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    getattr(layer.mlp, name).weight.copy_(getattr(ours_layer.mlp, name).base_weight())
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).weight.copy_(getattr(ours_layer.self_attn, name).base_weight())
+        adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        assert rel_error(adapted(x).logits, ours) <= 1e-5
+        assert rel_error(ours, expected_merged) > 1e-4  # NF4 rounding shows: the merge did use the original weights
