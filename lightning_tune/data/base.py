@@ -327,7 +327,7 @@ class TokenizedDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            source: Hugging Face Hub data set name, a local folder laid out as one (its configs and splits), a local .json/.jsonl/.csv/.parquet file (pkg://PACKAGE/FILE: one inside an installed package), or "demo" for the bundled demo data.
+            source: Hugging Face Hub data set name, a local folder laid out as one (its configs and splits), a local .json/.jsonl/.csv/.parquet file (pkg://PACKAGE/FILE: one inside an installed package), or "demo" for the bundled demo data (which takes a split's slice but ignores name, revision, data_files and other split names, so it can stand in for any data).
             name: The Hub data set's configuration (`load_dataset`'s `name`, e.g. "main" of openai/gsm8k); null: its default.
             revision: The Hub data set's revision: a commit hash (reproducible), tag or branch; null: the main branch.
             data_files: Which files of a Hub data set or folder to read (`load_dataset`'s `data_files`: a path or glob, a list, or {split: paths}).
@@ -367,7 +367,7 @@ class TokenizedDataModule(LightningDataModule):
         if mixture is None and source != DEMO and (suffix in OTHER_FILE_SUFFIXES or (Path(source).is_file() and suffix not in LOADERS)):
             raise DataError(f"{source}: unsupported file type {suffix or '(no extension)'!r}; use .json, .jsonl, .csv or .parquet")
         splits = check_split(split, "split")
-        if mixture is None and (file is not None and file.is_file() or source == DEMO):
+        if mixture is None and file is not None and file.is_file():  # "demo" stands in for any data (check-config): it ignores them
             if set(splits) != {"train"}:
                 raise DataError(f"split: a single file has one split, train (sliceable: train[:10%]), got {split!r}")
             given = [key for key, value in (("name", name), ("revision", revision), ("data_files", data_files)) if value is not None]
@@ -719,7 +719,8 @@ class TokenizedDataModule(LightningDataModule):
                 header = next(csv.reader(file), [])
             options = {"features": datasets.Features({name: datasets.Value("string") for name in header}), "na_filter": False}
         try:
-            return datasets.load_dataset(loader, data_files=str(path), split=self.split, cache_dir=self.cache_dir, streaming=self.streaming, **options)
+            split = self.split if self.source != DEMO or set(check_split(self.split, "split")) == {"train"} else "train"
+            return datasets.load_dataset(loader, data_files=str(path), split=split, cache_dir=self.cache_dir, streaming=self.streaming, **options)
         except Exception as error:
             # `datasets`' own messages name no line (pyarrow counts "rows" within a block) or say
             # 'Instruction "train" corresponds to no data!' for a file without records: look ourselves.

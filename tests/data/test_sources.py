@@ -149,7 +149,7 @@ def test_bad_options_are_one_line(hub, tmp_path) -> None:
         (dict(source=str(hub), split="train[:5"), "split: 'train[:5' is not a split datasets can read"),
         (dict(source=str(single), split="test"), "split: a single file has one split, train (sliceable: train[:10%]), got 'test'"),
         (dict(source=str(single), name="main", revision="abc"), "name, revision: only for a Hub data set or a folder laid out as one"),
-        (dict(source="demo", data_files="x.jsonl"), "data_files: only for a Hub data set"),
+        (dict(source=str(single), data_files="x.jsonl"), "data_files: only for a Hub data set"),
         (dict(source=str(hub), streaming=True, val_size=0.1), "val_size: a stream has no known length"),
     ]
     for kwargs, expected in at_init:
@@ -166,3 +166,11 @@ def test_cli_bad_split_is_one_line_and_exit_code(capsys) -> None:
     assert main(["data", "--config", "tiny_lora.yaml", "--data.split", "train[:5"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "split: 'train[:5' is not a split datasets can read" in err
+
+
+def test_demo_stands_in_for_any_data(tmp_path) -> None:
+    """check-config swaps a config's source for "demo": the Hub options of the config (a revision, a config name, a
+    split such as train_sft) are then ignored, a slice of train still applies."""
+    full = instruct("demo", tmp_path, name="main", revision="0123abc", split="train_sft")
+    assert len(full.train_dataset) == 1500
+    assert len(instruct("demo", tmp_path, name="main", split="train[:10]").train_dataset) == 10
