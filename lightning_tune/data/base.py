@@ -349,9 +349,10 @@ class TokenizedDataModule(LightningDataModule):
         file = source_file(source)
         if file is not None and file.suffix.lower() in LOADERS and not file.exists():
             raise DataError(f"{source}: no such file")  # before the tokenizer: the file is what is wrong
-        if tokenizer_path is None and mixture is not None and source != DEMO:
+        all_demo = isinstance(mixture, list) and all(isinstance(entry, Mapping) and entry.get("source") == DEMO for entry in mixture)
+        if tokenizer_path is None and mixture is not None and source != DEMO and not all_demo:  # source demo: the demo tokenizer
             raise DataError("tokenizer_path is required for a mixture: a tokenizer file or a checkpoint directory (the CLI takes model.checkpoint_dir's when one is set)")
-        if tokenizer_path is None and source != DEMO:
+        if tokenizer_path is None and mixture is None and source != DEMO:
             raise DataError(
                 f"tokenizer_path is required for source {source!r}: a tokenizer file or a checkpoint directory (the CLI takes model.checkpoint_dir's when one is set; only source 'demo' has a bundled tokenizer)"
             )
@@ -492,7 +493,9 @@ class TokenizedDataModule(LightningDataModule):
                 cls = mixture_format(entry["format"]) if "format" in entry else type(self)
                 settings = given if cls is type(self) else {key: value for key, value in given.items() if key in shared}
                 own = {key: value for key, value in entry.items() if key not in ("weight", "count", "format")}
-                modules.append(cls(**{**settings, "tokenizer_path": self.tokenizer_path, **own}))  # one tokenizer for all
+                # One tokenizer for all: the one given, else the demo's (a "demo" entry finds it, and its chat template, itself).
+                tokenizer = given.get("tokenizer_path") or (None if own["source"] == DEMO else self.tokenizer_path)
+                modules.append(cls(**{**settings, "tokenizer_path": tokenizer, **own}))
             self._mixture_modules = modules
         return self._mixture_modules
 
@@ -504,7 +507,8 @@ class TokenizedDataModule(LightningDataModule):
         kept = [module._kept(module._tokenized()) for module in modules]
         self.num_truncated = sum(module.num_truncated for module in modules)
         self.num_left_out = sum(module.num_left_out for module in modules)
-        self.chat_template_used = next((module.chat_template_used for module in modules if module.chat_template_used is not None), None)
+        if not isinstance(getattr(type(self), "chat_template_used", None), property):  # ChatDataModule's is its own template
+            self.chat_template_used = next((module.chat_template_used for module in modules if module.chat_template_used is not None), None)
         counts = mixture_counts([len(data) for data in kept], self.mixture)
         generator = torch.Generator().manual_seed(self.seed)
         parts, self.mixture_stats = [], []

@@ -191,3 +191,18 @@ def test_config_round_trips_and_the_data_verb_prints_each_source(sources, tmp_pa
     assert f"  [0] {sources['a']}: 40 of 40 samples (weight 0.5; 50.0% of the mixture)," in out
     assert f"  [1] {sources['b']}: 24 of 25 samples (weight 0.3; 30.0% of the mixture)," in out
     assert f"  [2] {sources['c']}: 16 of 60 samples (weight 0.2; 20.0% of the mixture)," in out
+
+
+def test_preference_and_chat_mixtures_of_the_demo(tmp_path) -> None:
+    """Mixtures of other modules: pairs get one pair_index each across the mixture (DPO's reference table is indexed
+    by it); a chat mixture of demo entries finds the demo's tokenizer and template as the module alone does."""
+    from lightning_tune.data import PreferenceDataModule
+
+    pairs = PreferenceDataModule(mixture=[{"source": "demo", "count": 30}, {"source": "demo", "split": "train[:10]"}], cache_dir=str(tmp_path / "cache"))
+    pairs.setup("fit")
+    assert len(pairs.train_dataset) == 40 and pairs.train_dataset["pair_index"] == list(range(40))
+    chat = ChatDataModule(mixture=[{"source": "demo", "split": "train[:6]"}, {"source": "demo", "split": "train[6:10]"}], cache_dir=str(tmp_path / "cache"), shuffle=False)
+    chat.setup("fit")
+    alone = ChatDataModule(source="demo", split="train[:10]", cache_dir=str(tmp_path / "cache"), shuffle=False)
+    alone.setup("fit")
+    assert sorted(chat.train_dataset["input_ids"]) == sorted(alone.train_dataset["input_ids"])
