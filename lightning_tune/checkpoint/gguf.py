@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_tune.checkpoint.meta import meta_to_hf_rotary
 from lightning_tune.checkpoint.tensors import Entry
+from lightning_tune.families import family_for
 from lightning_tune.families.config import ModelConfig
 from lightning_tune.io.files import check_disk_space, existing_parent
 from lightning_tune.io.gguf import is_gguf
@@ -490,8 +491,9 @@ def renders_as_chatml(template: str | None) -> bool:
         return False
 
 
-def modelfile_text(gguf_name: str, vocab: VocabMetadata) -> str:
-    """An Ollama Modelfile for the export: FROM the file beside it, a ChatML TEMPLATE when the chat template renders as ChatML, stop at EOS.
+def modelfile_text(gguf_name: str, vocab: VocabMetadata, stops: tuple[str, ...] = ()) -> str:
+    """An Ollama Modelfile for the export: FROM the file beside it, a ChatML TEMPLATE when the chat template renders as ChatML, stop at EOS
+    and at `stops` (the family's end-of-turn tokens: Gemma's <end_of_turn>, Phi's <|end|>).
 
     Ollama's TEMPLATE is a Go template, not Jinja. For a ChatML model (SmolLM2, Qwen) it is written
     out; for any other, Ollama matches the Jinja `tokenizer.chat_template` in the GGUF (the one the
@@ -504,9 +506,18 @@ def modelfile_text(gguf_name: str, vocab: VocabMetadata) -> str:
     else:
         if vocab.chat_template:
             lines.append("# TEMPLATE: Ollama derives it from the chat template in the .gguf; check it with: ollama show NAME --template")
-        if vocab.eos_token:
-            lines.append(f"PARAMETER stop {json.dumps(vocab.eos_token)}")
+        for token in dict.fromkeys(([vocab.eos_token] if vocab.eos_token else []) + list(stops)):
+            lines.append(f"PARAMETER stop {json.dumps(token)}")
     return "\n".join(lines) + "\n"
+
+
+def family_stops(config: ModelConfig, vocab: VocabMetadata) -> tuple[str, ...]:
+    """The family's stop tokens (`Family.stop_tokens`) that the written vocabulary holds at the family's ids."""
+    family = family_for(config)
+    if family is None:
+        return ()
+    tokens = [family.special_tokens[role] for role in family.stop_tokens if role in family.special_tokens]
+    return tuple(token for token, i in tokens if i < len(vocab.tokens) and vocab.tokens[i] == token)
 
 
 def check_gguf_target(output: Path, modelfile: bool) -> None:
@@ -603,7 +614,7 @@ def save_gguf(
             writer.write_tensor_data(_gguf_array(make(), kind))
         writer.close()
     if modelfile:
-        atomic_write_text(output.parent / "Modelfile", modelfile_text(output.name, vocab))
+        atomic_write_text(output.parent / "Modelfile", modelfile_text(output.name, vocab, family_stops(config, vocab)))
     return output
 
 

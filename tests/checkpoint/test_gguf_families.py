@@ -425,3 +425,23 @@ def test_every_named_size_of_these_families_is_exportable() -> None:
             assert _unsupported(config, arch) == [], name
             checked.append(name)
     assert {"gemma2_27b", "gemma3_27b", "gemma3_270m", "phi3_mini_4k", "phi4_14b", "phi4_mini", "olmo2_13b"} <= set(checked)
+
+
+def test_the_modelfile_stops_at_the_familys_end_of_turn_where_the_vocabulary_has_it(exported) -> None:
+    """Gemma 3 ends a turn with <end_of_turn> (106 in its vocabulary): Ollama must stop there as at <eos>;
+    a vocabulary without the token at that id (our byte tokenizer) gets no such line."""
+    import dataclasses
+
+    from lightning_tune.checkpoint.gguf import family_stops, modelfile_text
+    from lightning_tune.tokenizer.gguf import VocabMetadata
+
+    _, _, gemma3, path = exported["gemma3"]
+    config = dataclasses.replace(gemma3.config, vocab_size=262144)
+    tokens = [f"t{i}" for i in range(200)]
+    tokens[1], tokens[106] = "<eos>", "<end_of_turn>"
+    vocab = VocabMetadata(model="llama", tokens=tokens, token_types=[1] * 200, special_ids={"eos": 1})
+    assert family_stops(config, vocab) == ("<eos>", "<end_of_turn>")
+    text = modelfile_text("m.gguf", vocab, family_stops(config, vocab))
+    assert [line for line in text.splitlines() if line.startswith("PARAMETER")] == ['PARAMETER stop "<eos>"', 'PARAMETER stop "<end_of_turn>"']
+    written = (path.parent / "Modelfile").read_text()  # the byte tokenizer: <eos> at 255, nothing at 106
+    assert [line for line in written.splitlines() if line.startswith("PARAMETER")] == ['PARAMETER stop "<eos>"']

@@ -91,6 +91,9 @@ def test_our_q8_0_export_of_it_loads_in_transformers_with_our_logits(gemma3, tmp
     out = save_gguf(ours.state_dict(), ours.config, tmp_path / "export.gguf", outtype="q8_0", tokenizer=path)
     source, written = read_metadata(open_gguf(path)[1]), read_metadata(open_gguf(out)[1])
     assert {k: v for k, v in written.items() if k.startswith("tokenizer.")} == {k: v for k, v in source.items() if k.startswith("tokenizer.")}
+    # Ollama stops at the vocabulary's EOS and at Gemma's end of turn (the family's stop tokens, at their ids here)
+    stops = [line for line in (out.parent / "Modelfile").read_text().splitlines() if line.startswith("PARAMETER stop")]
+    assert stops == ['PARAMETER stop "<eos>"', 'PARAMETER stop "<end_of_turn>"']
     for key in (
         "context_length",
         "embedding_length",
