@@ -12,18 +12,14 @@ the `**kwargs` to them for `--help` and `--print_config`.
 
 from __future__ import annotations
 
-import copy
 import csv
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 import logging
-import math
 import re
-from collections.abc import Callable, Iterator, Mapping
-from fractions import Fraction
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,12 +30,13 @@ from datasets.distributed import split_dataset_by_node
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data import IterableDataset as TorchIterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_tune.data.collate import IGNORE_INDEX, collate, collate_packed
 from lightning_tune.data.errors import DataError
+from lightning_tune.data.mixture import LOAD_KEYS, check_mixture, check_split, draw, mixture_counts, mixture_format, token_counts
 from lightning_tune.data.sampler import LengthGroupedSampler, ResumableDistributedSampler
+from lightning_tune.data.stream import STREAM_BATCH, StreamEpochs, StreamLoader
 from lightning_tune.io.paths import PACKAGE_SCHEME, PackagePathError, resolve_path
 from lightning_tune.tokenizer import TokenizerProtocol, load_tokenizer, tokenizer_files
 
@@ -52,105 +49,7 @@ DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Extensions that are clearly files, so a missing "data.txt" is not mistaken for a hub dataset name.
 OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".zip", ".gz", ".yaml", ".yml", ".md"}
-# The loading keys a `mixture` entry may set for itself (the batch and tokenizer settings are the mixture's).
-LOAD_KEYS = ("source", "name", "revision", "data_files", "split")
-# The kinds of SFT sample a `mixture` entry may name as its `format` (the module classes, imported when named).
-FORMATS = {"instruct": ("lightning_tune.data.instruct", "InstructDataModule"), "chat": ("lightning_tune.data.chat", "ChatDataModule")}
 STREAM_HEAD = 8  # records of a stream read at setup to check its columns before training
-NEXT_PASS = "stream_next_pass"  # a stream loader's state after a pass's last batch: the pass to start
-STREAM_BATCH = "stream_batch"  # the key of a streamed batch's number (see `StreamLoader`), removed before training
-
-
-def check_split(split: str, key: str) -> list[str]:
-    """The split names in a `datasets` split spec ("train", "train[:10%]", "train[10:20]+test"); a spec
-    `datasets` cannot read is one line naming `key`."""
-    try:
-        instruction = datasets.ReadInstruction.from_spec(split)
-    except (ValueError, AssertionError) as error:
-        raise DataError(f"{key}: {split!r} is not a split datasets can read ({_first_line(error)}); e.g. train, train[:10%], train[100:200]") from None
-    del instruction  # read: the spec is valid; its names are what precedes each slice
-    return [part.split("[")[0].strip() for part in split.split("+")]
-
-
-def _parameters(cls: type) -> list[str]:
-    """The named `__init__` parameters of `cls` and of its bases up to `TokenizedDataModule`."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" in klass.__dict__ and issubclass(klass, TokenizedDataModule):
-            init = inspect.unwrap(klass.__dict__["__init__"])
-            names += [n for n, p in inspect.signature(init).parameters.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in names]
-    return names
-
-
-def mixture_format(name: str, key: str = "format") -> type:
-    """The data module class of a `format` name (instruct, chat)."""
-    if name not in FORMATS:
-        raise DataError(f"{key}: unknown format {name!r}; one of {', '.join(FORMATS)}")
-    module, attribute = FORMATS[name]
-    return getattr(importlib.import_module(module), attribute)
-
-
-def check_mixture(mixture: list[dict[str, Any]], cls: type) -> list[dict[str, Any]]:
-    """The `mixture` entries checked: each a mapping with a source, known keys, a positive `weight` (every entry
-    or none) or a whole `count` (not with weights), a readable split. One line naming the entry otherwise."""
-    if not isinstance(mixture, list) or not mixture:
-        raise DataError("mixture: expected a list of sources ({source: ..., weight: ...}), got " + (repr(mixture)[:40] if mixture != [] else "an empty list"))
-    entries = []
-    own = set(_parameters(cls)) - set(_parameters(TokenizedDataModule))
-    for i, entry in enumerate(mixture):
-        where = f"mixture[{i}]"
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("source"), str) or not entry["source"]:
-            raise DataError(f"{where}: expected a mapping with a source (e.g. {{source: tatsu-lab/alpaca, weight: 0.7}}), got {str(entry)[:60]!r}")
-        keys = own if "format" not in entry else set(_parameters(mixture_format(entry["format"], f"{where}.format"))) - set(_parameters(TokenizedDataModule))
-        allowed = set(LOAD_KEYS) | {"weight", "count", "format"} | keys
-        unknown = sorted(set(entry) - allowed)
-        if unknown:
-            raise DataError(f"{where}: unknown key(s) {unknown}; an entry takes {', '.join(sorted(allowed))}")
-        if "weight" in entry and "count" in entry:
-            raise DataError(f"{where}: give weight (a proportion) or count (a number of samples), not both")
-        weight = entry.get("weight", 1)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            raise DataError(f"{where}.weight: expected a positive number, got {weight!r}")
-        count = entry.get("count", 1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise DataError(f"{where}.count: expected a whole number of samples, 1 or more, got {count!r}")
-        check_split(entry.get("split", "train"), f"{where}.split")
-        entries.append(dict(entry))
-    weighted = [i for i, entry in enumerate(entries) if "weight" in entry]
-    if weighted and len(weighted) != len(entries):
-        missing = [i for i in range(len(entries)) if i not in weighted]
-        raise DataError(f"mixture: entries {missing} have no weight; give every entry a weight (proportions) or none (each its count, or all its samples)")
-    return entries
-
-
-def mixture_counts(available: list[int], entries: list[dict[str, Any]]) -> list[int]:
-    """How many samples each entry contributes. With weights: proportions p_i = w_i / sum(w), and the largest
-    mixture that keeps them without repeating a sample (as TRL's mixtures: no oversampling): N = min_i(a_i / p_i)
-    and n_i = floor(p_i N), in exact fractions, so the limiting source gives all of its samples. Without: each
-    entry's `count` (more than the source has repeats it: `draw`), else all of its samples."""
-    if entries and "weight" in entries[0]:
-        weights = [Fraction(str(entry["weight"])) for entry in entries]  # decimal: 0.3 is 3/10, not the float nearest it
-        shares = [w / sum(weights) for w in weights]
-        total = min(Fraction(a) / p for a, p in zip(available, shares))
-        return [math.floor(p * total) for p in shares]
-    return [entry.get("count", a) for entry, a in zip(entries, available)]
-
-
-def draw(available: int, count: int, generator: torch.Generator) -> list[int]:
-    """`count` indices of `available` samples: a seeded random subset when count <= available (no repeats), else
-    every sample count // available times and a seeded subset of the rest."""
-    whole, rest = divmod(count, available)
-    return list(range(available)) * whole + torch.randperm(available, generator=generator)[:rest].tolist()
-
-
-def token_counts(data: datasets.Dataset) -> tuple[int, int]:
-    """(tokens, trained tokens) of tokenised samples: over every `*input_ids` and `*labels` column, in Arrow."""
-    import pyarrow.compute as pc
-
-    table = data.with_format("arrow")[:]
-    tokens = sum(pc.sum(pc.list_value_length(table[name])).as_py() or 0 for name in data.column_names if name.endswith("input_ids"))
-    trained = sum(pc.sum(pc.not_equal(pc.list_flatten(table[name]), IGNORE_INDEX)).as_py() or 0 for name in data.column_names if name.endswith("labels"))
-    return tokens, trained
 
 
 def _cache_file(records: datasets.Dataset, fingerprint: str) -> Path | None:
@@ -165,88 +64,6 @@ def _offline(error: BaseException) -> bool:
     """Whether a failed Hub load failed for want of a network (HF_HUB_OFFLINE, no connection)."""
     text = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
     return bool(re.search(r"offline|connection|resolve|network|timed out|HF_HUB_OFFLINE", text, re.IGNORECASE))
-
-
-class StreamLoader(StatefulDataLoader):
-    """The `StatefulDataLoader` of a stream, whose `state_dict` is the state after the last batch *trained on*.
-
-    Lightning fetches one batch ahead of training when a loader has no length (a stream), so the loader's own
-    state at a checkpoint already counts the next batch and a resumed run would skip it. Each batch therefore
-    carries its number (`STREAM_BATCH`), the loader keeps its state as of each batch not yet trained on, and the data
-    module's `on_before_batch_transfer` (called for the batch Lightning trains on, not the one it fetched ahead)
-    marks it consumed: `state_dict` is then that batch's state. After the last batch of a pass (Lightning then
-    already knows the epoch is over) it names the next pass, which a resumed run starts from its beginning.
-    """
-
-    def __iter__(self) -> Iterator[Any]:
-        self._states: dict[int, dict[str, Any]] = {}
-        self._consumed: int | None = None
-        self._last: int | None = None  # the number of the pass's last batch, once the stream has ended
-        return self._numbered(super().__iter__())
-
-    def _numbered(self, inner: Iterator[Any]) -> Iterator[Any]:
-        number = -1
-        for number, batch in enumerate(inner):
-            self._states[number] = copy.deepcopy(super().state_dict())  # the state just after this batch
-            if isinstance(batch, dict):
-                batch[STREAM_BATCH] = number
-            yield batch
-        self._last = number
-
-    def consumed(self, number: int) -> None:
-        """Batch `number` is being trained on: a checkpoint from now on resumes after it."""
-        self._consumed = number
-        for older in [n for n in self._states if n < number]:
-            del self._states[older]
-
-    def state_dict(self) -> dict[str, Any]:
-        consumed = getattr(self, "_consumed", None)
-        if consumed is not None and consumed == self._last:  # the pass is over: a resumed run starts the next
-            return {NEXT_PASS: self.dataset.stream.epoch + 1}
-        if consumed is not None and consumed in self._states:
-            return self._states[consumed]
-        return super().state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if NEXT_PASS in state:
-            super().load_state_dict({})
-            self.dataset.start(int(state[NEXT_PASS]))
-        else:
-            super().load_state_dict(state)
-
-
-class StreamEpochs(TorchIterableDataset):
-    """A stream read pass after pass, each pass a new `datasets` pipeline from `make` with the next epoch: Lightning
-    sets the epoch of samplers only (a stream has none), and a `datasets` IterableDataset once restored from a state
-    does not read its next pass as a new one would (datasets 5.2), so none is reused. `state_dict` is the
-    stream's (its epoch, file and record), which `StatefulDataLoader` saves beside its own; `load_state_dict` makes
-    the pass it names, which the next iteration continues."""
-
-    def __init__(self, make: Callable[[], datasets.IterableDataset]) -> None:
-        self.make = make
-        self.stream = make()
-        self.fresh = True  # the next iteration is the first of this pass (not a new pass)
-
-    def __iter__(self) -> Iterator[dict]:
-        if not self.fresh:
-            epoch = self.stream.epoch + 1
-            self.stream = self.make()
-            self.stream.set_epoch(epoch)
-        self.fresh = False
-        return iter(self.stream)
-
-    def start(self, epoch: int) -> None:
-        """The next iteration starts pass `epoch` from its beginning (`datasets` orders the files by the epoch)."""
-        self.stream = self.make()
-        self.stream.set_epoch(epoch)
-        self.fresh = True
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.start(int(state["epoch"]))
-        self.stream.load_state_dict(state)
 
 
 def _recording_init(init: Callable) -> Callable:
@@ -487,7 +304,7 @@ class TokenizedDataModule(LightningDataModule):
             return []
         if getattr(self, "_mixture_modules", None) is None:
             given = {key: value for key, value in getattr(self, "_given", {}).items() if key not in ("mixture", "val_size", "streaming", *LOAD_KEYS)}
-            shared = set(_parameters(TokenizedDataModule))
+            shared = set(inspect.signature(TokenizedDataModule.__init__).parameters) - {"self"}
             modules = []
             for entry in self.mixture:
                 cls = mixture_format(entry["format"]) if "format" in entry else type(self)

@@ -15,7 +15,8 @@ import yaml
 from lightning_tune.cli import main
 from lightning_tune.cli.parser import print_config
 from lightning_tune.data import ChatDataModule, DataError, InstructDataModule
-from lightning_tune.data.base import DEMO_TOKENIZER, mixture_counts
+from lightning_tune.data.base import DEMO_TOKENIZER
+from lightning_tune.data.mixture import mixture_counts
 
 SIZES = {"a": 40, "b": 25, "c": 60}
 

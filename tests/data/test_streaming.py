@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lightning_tune.data import DataError, InstructDataModule
-from lightning_tune.data.base import DEMO_TOKENIZER, STREAM_BATCH
+from lightning_tune.data.base import DEMO_TOKENIZER
+from lightning_tune.data.stream import STREAM_BATCH
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
 
