@@ -234,6 +234,7 @@ def test_lora_on_experts_exports_an_adapter_peft_loads_and_a_merged_model(case: 
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
+    from lightning_tune.checkpoint.peft import load_peft_adapter
     from lightning_tune.recipes import LoRAFinetune
 
     hf, path = saved(tmp_path, case)
@@ -252,6 +253,9 @@ def test_lora_on_experts_exports_an_adapter_peft_loads_and_a_merged_model(case: 
         assert rel_error(merged(x).logits, expected) <= 1e-5
         config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
         assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        reloaded = from_pretrained(path)  # our own --adapter path reads PEFT's form back into the stacked layout
+        load_peft_adapter(reloaded, tmp_path / "run" / "adapter")
+        assert rel_error(reloaded.eval()(x), expected) <= 1e-6
         adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "adapter").eval()
         # the experts' adapters are PEFT's: without them its logits would be the attention-only model's
         assert sum(p.numel() for n, p in adapter.named_parameters() if "experts" in n and "lora_" in n) == sum(p.numel() for n, p in ours.named_parameters() if "_lora." in n)
