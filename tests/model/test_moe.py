@@ -349,3 +349,22 @@ def test_qlora_stores_the_experts_in_nf4_and_merges_into_the_original_weights(tm
         adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
         assert rel_error(adapted(x).logits, ours) <= 1e-5
         assert rel_error(ours, expected_merged) > 1e-4  # NF4 rounding shows: the merge did use the original weights
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "gpt_oss"])  # gpt-oss: sinks and sliding layers over the KV cache
+def test_greedy_generation_through_the_cli_equals_transformers(case: str, tmp_path: Path, capsys) -> None:
+    from hf_helpers import write_tiny_tokenizer
+
+    from lightning_tune.cli import main
+
+    hf, path = saved(tmp_path, case)
+    write_tiny_tokenizer(path)
+    prompt = [1, 10, 11, 12, 13]  # <bos> w10 .. w13
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint_dir", str(path), "--prompt", "w10 w11 w12 w13", "--template", "none", "--max_new_tokens", "16", "--device", "cpu"]) == 0
+    if 2 in expected:  # generation stops at <eos>, which is not printed
+        expected = expected[: expected.index(2)]
+    assert len(expected) >= 8 and all(i > 2 for i in expected)  # a real comparison: 8+ word tokens
+    assert capsys.readouterr().out.split() == [f"w{i}" for i in expected]
