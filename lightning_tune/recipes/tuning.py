@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_tune.checkpoint import save_peft_adapter, weight_reader
@@ -185,7 +186,7 @@ class LoRA:
             if not model.config.num_experts:
                 raise ValueError(f"apply_lora_to_experts: the model has no experts (model_type {model.config.model_type!r}, num_experts 0); set it false")
             add_expert_adapters(model, self.rank, self.alpha)
-        log.info("LoRA: %s", self.summary(model, wrapped))
+        rank_zero_info(f"LoRA: {self.summary(model, wrapped)}")
         return wrapped
 
     def summary(self, model: CausalLM, wrapped: list[str]) -> str:
