@@ -83,7 +83,7 @@ class ExpertAdapter(nn.Module):
     B [X, out, r] ("in"/"out" as the projection maps, whatever the tensor's storage layout).
 
     Initialised as PEFT's `ParamWrapper` (A Kaiming-uniform with a = sqrt(5) over `in`, B zeros), and
-    exported in its layout (`peft_tensors`). No dropout: PEFT's parameter adapters have none.
+    exported in its layout (`expert_adapters_to_peft`). No dropout: PEFT's parameter adapters have none.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int, alpha: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_tune.checkpoint import load_config, load_weights, save_hf_checkpoint
@@ -320,6 +321,9 @@ class FinetuneModule(pl.LightningModule):
         else:  # FSDP2: adapt and shard on meta, then each rank allocates and fills only its shards
             build_sharded(model, mesh, self.trainer.precision, device, adapt, partial(self.materialize, device=device, dtype=dtype), self.reset_adapters)
         self.model = model
+        described = self.tuning.describe(model)  # what trains, one line (LoRA: which layers, whether the experts)
+        if described:
+            rank_zero_info(described)
 
     def sharding_mesh(self):
         """The data-parallel device mesh to shard over with FSDP2, or None when not sharding.

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_tune.checkpoint import save_peft_adapter, weight_reader
@@ -58,6 +57,9 @@ class Tuning(Protocol):
     def reference(self, model: CausalLM) -> AbstractContextManager[None]:
         """Inside, `model` computes the starting model where it can (adapters off); a trained full model stays itself."""
 
+    def describe(self, model: CausalLM) -> str | None:
+        """One line for the log at setup saying what trains (None: nothing worth saying)."""
+
 
 class Full:
     """Every weight trains; checkpoints and exports hold the whole model."""
@@ -88,6 +90,9 @@ class Full:
 
     def reference(self, model: CausalLM) -> AbstractContextManager[None]:
         return nullcontext()
+
+    def describe(self, model: CausalLM) -> str | None:
+        return None
 
 
 # Of the recipes' flat LoRA arguments (`LoRA.from_arguments`), those that shape the adapters: a LoRA
@@ -186,19 +191,18 @@ class LoRA:
             if not model.config.num_experts:
                 raise ValueError(f"apply_lora_to_experts: the model has no experts (model_type {model.config.model_type!r}, num_experts 0); set it false")
             add_expert_adapters(model, self.rank, self.alpha)
-        rank_zero_info(f"LoRA: {self.summary(model, wrapped)}")
         return wrapped
 
-    def summary(self, model: CausalLM, wrapped: list[str]) -> str:
-        """One line: which kinds of layers carry adapters and how many trained numbers that is."""
-        kinds = sorted({name.rpartition(".")[2] for name in wrapped})
+    def describe(self, model: CausalLM) -> str:
+        """One line: which kinds of layers carry adapters and how many numbers train."""
+        kinds = sorted({name.rpartition(".")[2] for name in lora_modules(model)})
         experts = expert_adapters(model)
         if experts:
             kinds.append(f"experts ({len(experts) // 2} layers x {model.config.num_experts} experts x gate_up_proj, down_proj)")
         elif model.config.num_experts:
             kinds.append(f"not the experts (apply_lora_to_experts: false; they hold most of the {model.config.num_experts}-expert model's weights)")
         trained = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-        return f"rank {self.rank} adapters on {', '.join(kinds)}: {trained:,} trained parameters"
+        return f"LoRA: rank {self.rank} adapters on {', '.join(kinds)}: {trained:,} trained parameters"
 
     @contextmanager
     def loading(self, model: CausalLM, device: torch.device) -> Iterator[None]:

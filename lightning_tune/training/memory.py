@@ -88,12 +88,13 @@ class MemoryEstimate:
     activations: int
     total: int
     rollout: int = 0  # GRPO: the peak while sampling (counted in total when it is the larger phase)
+    active: int = 0  # a mixture of experts: the parameters one token computes with (0: all of them)
 
     def lines(self, device_memory: int | None = None) -> list[str]:
         """Human-readable summary, compared with `device_memory` bytes when given."""
         pct = 100 * self.trainable / max(1, self.parameters)
         out = [
-            f"parameters            {self.parameters:,}",
+            f"parameters            {self.parameters:,}" + (f" ({self.active:,} active per token)" if self.active else ""),
             f"trainable parameters  {self.trainable:,} ({pct:.2f}%)",
             "estimated peak memory per device:",
             f"  weights             {self.weights / GIB:8.2f} GiB",
@@ -274,7 +275,12 @@ def estimate_memory(
         peak = max(peak, sampling)
     parameters = total + sum(m.base_nf4.shape.numel() for m in model.modules() if isinstance(m, QLinear) and m.quantized)
     parameters += sum(nf4.shape.numel() for m in model.modules() if isinstance(m, Experts) for nf4 in m.nf4.values())
-    return MemoryEstimate(parameters, trainable, weights, gradients, optimizer_bytes, activations, peak, sampling)
+    active = 0
+    if config.num_experts:  # each sparse layer computes k of its X experts (and their adapters) per token
+        X, k = config.num_experts, config.num_experts_per_tok
+        stacks = [sum(p.numel() for p in m.parameters()) + sum(w.shape.numel() for w in m.nf4.values()) for m in model.modules() if isinstance(m, Experts)]
+        active = parameters - sum(stack * (X - k) // X for stack in stacks)
+    return MemoryEstimate(parameters, trainable, weights, gradients, optimizer_bytes, activations, peak, sampling, active)
 
 
 def nf4_and_dora_bytes(model: nn.Module, a: int) -> tuple[int, int]:

@@ -368,3 +368,16 @@ def test_greedy_generation_through_the_cli_equals_transformers(case: str, tmp_pa
         expected = expected[: expected.index(2)]
     assert len(expected) >= 8 and all(i > 2 for i in expected)  # a real comparison: 8+ word tokens
     assert capsys.readouterr().out.split() == [f"w{i}" for i in expected]
+
+
+def test_validate_counts_the_parameters_a_token_computes_with() -> None:
+    """Qwen3-30B-A3B: 30.5B parameters, of which a token uses attention, embeddings, routers and 8 of the 128
+    experts in each of 48 layers: the 3.35B its name rounds to "A3B"."""
+    from lightning_tune.families import model_config
+    from lightning_tune.training.memory import estimate_memory
+
+    config = model_config("qwen3_30b_a3b")
+    estimate = estimate_memory(config, lambda model: None, batch_size=1, seq_len=8)
+    inactive = 48 * (128 - 8) * 3 * 2048 * 768  # per layer, 120 idle experts of gate, up and down (2048 x 768 each)
+    assert estimate.parameters == 30_532_122_624 and estimate.active == 30_532_122_624 - inactive == 3_353_032_704
+    assert "(3,353,032,704 active per token)" in estimate.lines()[0]
