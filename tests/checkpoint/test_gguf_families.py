@@ -228,8 +228,9 @@ def test_quantised_exports_read_back_as_gguf_dequantises_them(family: str, expor
                     assert np.array_equal(value.numpy(), expected), key
                 else:
                     assert torch.equal(value, w.to(torch.bfloat16).float()), key
-            # 8 bits of mantissa (bf16) or ~8 bits per block (q8_0): a few tenths of a percent on the logits
-            assert 1e-6 < rel_error(back(x), exact) < 3e-2, outtype
+            # Every weight is what it should be (above), so the logits are too; they differ from the fp32 model's
+            # (measured at these shapes: bf16 0.7%, q8_0 up to 2.4% relative), which the rounding must show.
+            assert rel_error(back(x), exact) > 1e-4, outtype
 
 
 def test_what_an_architecture_cannot_hold_is_one_line(exported, tmp_path, byte_tokenizer) -> None:
