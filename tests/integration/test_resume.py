@@ -108,3 +108,34 @@ def test_restored_sampler_iterator_continues_its_own_epoch(grouped: bool) -> Non
     restored.load_state_dict(running.state_dict())
     restored_sampler.set_epoch(2)  # the checkpoint was the last batch of epoch 1 (limit_train_batches)
     assert list(restored) == epoch_order(2)
+
+
+def test_killed_and_resumed_mixture_with_expert_adapters_equals_uninterrupted(tmp_path: Path) -> None:
+    """The same on a mixture of experts (tiny Qwen3-MoE, LoRA on attention and every expert; the load-balancing loss in
+    the loss): killed after step 3 and resumed, the losses, the expert adapters and the optimiser state are the
+    uninterrupted run's, bit for bit."""
+    moe = [
+        "--model.model_name",
+        "tiny_qwen3_moe",
+        "--model.apply_lora_to_mlp",
+        "false",
+        "--model.apply_lora_to_output",
+        "false",
+        "--model.apply_lora_to_experts",
+        "true",
+        "--model.lora_dropout",
+        "0.0",
+    ]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    kill = ["--trainer.callbacks+", "kill_helpers.KillAtStep", "--trainer.callbacks.step", "3"]
+    run_fits((fit_args(straight, "run", max_steps=6, extra=moe), False), (fit_args(broken, "run0", max_steps=6, extra=moe + kill), True), cwd=tmp_path)
+    run_fit(fit_args(broken, "resumed", max_steps=6, extra=[*moe, "--ckpt_path", "last"]), cwd=tmp_path)
+    expected = train_losses(straight, "run")
+    assert len(expected) == 6 and {**train_losses(broken, "run0"), **train_losses(broken, "resumed")} == expected
+    want = load_file(straight / "adapter" / "adapter_model.safetensors")
+    got = load_file(broken / "adapter" / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and any(k.endswith("mlp.experts.base_layer.lora_A.weight") for k in want)
+    assert all(torch.equal(want[key], got[key]) for key in want)
+    a, b = load_training_checkpoint(straight / "checkpoints" / "last.ckpt"), load_training_checkpoint(broken / "checkpoints" / "last.ckpt")
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq"))
