@@ -63,7 +63,7 @@ def _cache_file(records: datasets.Dataset, fingerprint: str) -> Path | None:
 def _offline(error: BaseException) -> bool:
     """Whether a failed Hub load failed for want of a network (HF_HUB_OFFLINE, no connection)."""
     text = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
-    return bool(re.search(r"offline|connection|resolve|network|timed out|HF_HUB_OFFLINE", text, re.IGNORECASE))
+    return bool(re.search(r"offline|connection|couldn.t reach|LocalEntryNotFound|resolve|network|timed out|HF_HUB_OFFLINE", text, re.IGNORECASE))
 
 
 def _recording_init(init: Callable) -> Callable:

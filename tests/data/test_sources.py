@@ -174,3 +174,26 @@ def test_demo_stands_in_for_any_data(tmp_path) -> None:
     full = instruct("demo", tmp_path, name="main", revision="0123abc", split="train_sft")
     assert len(full.train_dataset) == 1500
     assert len(instruct("demo", tmp_path, name="main", split="train[:10]").train_dataset) == 10
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (ConnectionError("Couldn't reach 'org/data' on the Hub (LocalEntryNotFoundError)"), "; you are offline: point source at a local copy (a folder laid out as on the Hub"),
+        (FileNotFoundError("Dataset 'org/data' doesn't exist on the Hub or cannot be accessed."), "; if you are offline, point source at a local folder"),
+    ],
+)
+def test_a_hub_name_without_a_network_is_one_line_saying_so(tmp_path, monkeypatch, error, says) -> None:
+    """What `datasets` raises with no network (as on this machine without HF_HUB_OFFLINE) against what it raises for a
+    name the Hub does not have: only the first is called offline; both are one line naming the options given."""
+
+    def unreachable(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    dm = InstructDataModule(source="org/data", name="main", revision="abc", tokenizer_path=str(DEMO_TOKENIZER), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as caught:
+        dm.setup("fit")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"org/data, name 'main', revision 'abc': cannot load this data set from the Hugging Face Hub ({error})")
+    assert says in message and ("you are offline:" in message) == isinstance(error, ConnectionError)
