@@ -17,6 +17,7 @@ from typing import Any
 
 from lightning_tune.cli.errors import UsageError, condense_parse_error
 from lightning_tune.cli.parser import CONFIG_OPTIONS_HELP
+from lightning_tune.families import SIZES, model_config
 
 # A tiny random-init model on the CPU with the bundled demo data (its tokenizer has 512 ids).
 TINY_MODEL_ARGS = "{vocab_size: 512, num_layers: 1, num_heads: 4, num_kv_heads: 2, embed_dim: 32, intermediate_dim: 64}"
@@ -68,7 +69,10 @@ def shrink_args(resolved: dict[str, Any]) -> list[str]:
     named = [] if init.get(size_key) else [f"--model.init_args.{size_key}=tiny_llama2"]
     # A sampling recipe (GRPO) decodes max_completion_len tokens per rollout: a few are enough to check it runs.
     rollouts = ["--model.init_args.max_completion_len=8", "--model.init_args.num_generations=2"] if "max_completion_len" in init else []
-    return [*SHRINK, *named, *rollouts]
+    # LongRoPE lists one factor per rotary frequency of the size's head: keep its head_dim (decoupled from the tiny width).
+    size = SIZES.get(init.get(size_key) or "")
+    head = [f"--model.init_args.model_args={TINY_MODEL_ARGS[:-1]}, head_dim: {model_config(init[size_key]).head_dim}}}"] if size and size.config.get("rope_type") == "longrope" else []
+    return [*SHRINK, *named, *rollouts, *head]
 
 
 def check_config(path: str | Path, *overrides: str, root: str | Path | None = None) -> ConfigCheck:

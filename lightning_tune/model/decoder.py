@@ -94,7 +94,9 @@ class Decoder(nn.Module):
             scale = 1 + self.config.query_scale_beta * torch.log(1 + torch.floor(positions / self.config.rope_original_max_seq_len))
             q_scale = scale.view(-1, 1, positions.shape[-1], 1)  # [B or 1, 1, T, 1]
         rotary: dict[float | None, tuple[Tensor, Tensor]] = {}
-        seq_len = int(positions.max()) + 1 if self.config.rope_type == "longrope" else 0  # longrope's factors depend on it (a sync)
+        seq_len = 0
+        if self.config.rope_type == "longrope":  # its factors depend on the largest position (a sync; on meta, estimates: the length)
+            seq_len = positions.shape[-1] if positions.is_meta else int(positions.max()) + 1
         kinds: dict[tuple[int | None, float | None], dict] = {}
         for index, layer in enumerate(self.layers):
             window, base = self.config.layer_window(index), self.config.layer_rope_base(index)

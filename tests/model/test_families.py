@@ -277,6 +277,7 @@ FAMILY_CONFIGS = [
     "chat_gemma2_9b_lora.yaml",
     "chat_phi3_mini_lora.yaml",
     "chat_phi4_14b_lora.yaml",
+    "chat_phi4_mini_lora.yaml",  # LongRoPE: validate traces it on meta
     "chat_olmo2_7b_lora.yaml",
     "chat_qwen3_30b_a3b_lora.yaml",
     "chat_gpt_oss_20b_lora.yaml",
