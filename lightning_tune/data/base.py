@@ -193,6 +193,8 @@ class TokenizedDataModule(LightningDataModule):
                 raise DataError(f"{', '.join(given)}: only for a Hub data set or a folder laid out as one; source {source!r} is a single file")
         if streaming and mixture is not None:
             raise DataError("streaming: takes one source, not a mixture (mix the files of one source with data_files instead)")
+        if streaming and group_by_length:
+            raise DataError("group_by_length: needs every sample's length up front, which a stream does not have; leave it false with streaming")
         if streaming and 0 < val_size < 1:
             raise DataError(f"val_size: a stream has no known length, so hold out a count of records (e.g. 100), not the fraction {val_size}")
         self.source = source

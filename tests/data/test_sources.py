@@ -151,6 +151,8 @@ def test_bad_options_are_one_line(hub, tmp_path) -> None:
         (dict(source=str(single), name="main", revision="abc"), "name, revision: only for a Hub data set or a folder laid out as one"),
         (dict(source=str(single), data_files="x.jsonl"), "data_files: only for a Hub data set"),
         (dict(source=str(hub), streaming=True, val_size=0.1), "val_size: a stream has no known length"),
+        (dict(source=str(hub), streaming=True, group_by_length=True), "group_by_length: needs every sample's length up front"),
+        (dict(source=str(hub), streaming=True, mixture=[{"source": str(hub)}]), "streaming: takes one source, not a mixture"),
     ]
     for kwargs, expected in at_init:
         with pytest.raises(DataError) as error:
