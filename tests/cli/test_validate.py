@@ -63,6 +63,7 @@ MEASURE = textwrap.dedent("""
     ("config", "extra"),
     [
         ("tiny_lora.yaml", []),
+        ("tiny_moe.yaml", []),  # sparse layers: sorted (token, expert) rows, grouped products, expert adapters
         ("tiny_full.yaml", ["--data.batch_size=32", "--model.init_args.activation_checkpointing=true"]),
     ],
 )

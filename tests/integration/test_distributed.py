@@ -345,6 +345,34 @@ def test_fsdp1_with_several_processes_is_refused_with_the_fix() -> None:
     assert module.model is None
 
 
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Qwen3-MoE (8 experts, 2 per token; demo vocabulary) saved as a Hugging Face directory."""
+    from lightning_tune.families import model_config
+    from lightning_tune.model import CausalLM
+
+    torch.manual_seed(0)
+    model = CausalLM(model_config("tiny_qwen3_moe", vocab_size=512))
+    model.init_weights(std=0.1)  # routing decided by margins far above the reordering noise
+    return save_hf_checkpoint(model, model.config, tmp_path_factory.mktemp("moe") / "tiny")
+
+
+def test_moe_with_expert_adapters_trains_sharded_as_one_process(tmp_path: Path, moe_checkpoint: Path) -> None:
+    """LoRA on a mixture's experts (tiny_moe.yaml) under FSDP2 on 2 processes: each rank holds half the experts
+    of each stack and half of their adapters, the forward gathers them; the losses and the exported adapter and
+    merged model equal one process's within the reordering bound."""
+    runs = {"single": tmp_path / "single", "fsdp": tmp_path / "fsdp"}
+    for strategy, root in runs.items():
+        fit("tiny_moe.yaml", strategy, root, moe_checkpoint)
+    want, got = metrics(runs["single"]), metrics(runs["fsdp"])
+    assert len(want["train_loss"]) == STEPS
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=REORDER_RTOL, atol=0)
+    expected = load_file(runs["single"] / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(runs["fsdp"] / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys() and any(k.endswith("mlp.experts.base_layer.lora_A.weight") for k in expected)
+    assert_same_training(runs["fsdp"], runs["single"], moe_checkpoint)
+
+
 def test_fsdp_random_init_equals_one_process(tmp_path: Path) -> None:
     """Without a checkpoint (the demos), FSDP2 draws each weight whole and keeps its shard: the same
     model, and so the same loss curve, as one process with the same seed."""
