@@ -83,7 +83,7 @@ class ExpertAdapter(nn.Module):
     B [X, out, r] ("in"/"out" as the projection maps, whatever the tensor's storage layout).
 
     Initialised as PEFT's `ParamWrapper` (A Kaiming-uniform with a = sqrt(5) over `in`, B zeros), and
-    exported in its layout (`expert_adapters_to_peft`). No dropout: PEFT's parameter adapters have none.
+    exported in its layout (`checkpoint/peft.py`: `expert_adapters_to_peft`). No dropout: PEFT's parameter adapters have none.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int, alpha: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -385,48 +385,3 @@ def disable_expert_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for adapter, state in zip(adapters, before, strict=True):
             adapter.disabled = state
-
-
-# PEFT's `target_parameters` for our expert adapters, in the order PEFT nests them (the first innermost).
-EXPERT_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-# Our adapter module (under `mlp.experts.`) -> PEFT's wrapper path of that parameter under `mlp.experts.`.
-PEFT_WRAPPERS = {"gate_up_lora": "base_layer.", "down_lora": ""}
-
-
-def expert_adapters_to_peft(state: dict[str, Tensor], adapters: dict[str, ExpertAdapter]) -> dict[str, Tensor]:
-    """Adapter tensors keyed as in the model -> the expert ones in PEFT's `ParamWrapper` layout and keys
-    (`mlp.experts[.base_layer].lora_A.weight` [r*X, in], whose rows x*r..x*r+r-1 are expert x's A;
-    `lora_B.weight` [out, r*X], whose column j*X + x is expert x's B column j); the rest as they are."""
-    if not adapters:
-        return state
-    out = {}
-    for key, tensor in state.items():
-        prefix, found, rest = key.partition(".mlp.experts.")
-        module, _, name = rest.partition(".")
-        if found and module in PEFT_WRAPPERS:
-            X, a, b = tensor.shape
-            flat = tensor.reshape(X * a, b) if name == "lora_A.weight" else tensor.permute(1, 2, 0).reshape(a, b * X)
-            out[f"{prefix}.mlp.experts.{PEFT_WRAPPERS[module]}{name}"] = flat
-        else:
-            out[key] = tensor
-    return out
-
-
-def expert_adapters_from_peft(tensors: dict[str, Tensor], model: nn.Module, rank: int) -> dict[str, Tensor]:
-    """`expert_adapters_to_peft` undone for `model`'s experts (keys without PEFT's prefix); tensors of
-    another shape keep PEFT's flat shape, for the key and shape check to name."""
-    X = model.config.num_experts
-    wrapped = {path: module for module, path in PEFT_WRAPPERS.items()}
-    out = {}
-    for key, tensor in tensors.items():
-        prefix, found, rest = key.partition(".mlp.experts.")
-        path, name = (rest[: -len("lora_A.weight")], "lora_A.weight") if rest.endswith("lora_A.weight") else (rest[: -len("lora_B.weight")], "lora_B.weight")
-        if not found or path not in wrapped or tensor.dim() != 2:
-            out[key] = tensor
-            continue
-        if name == "lora_A.weight" and tensor.shape[0] == X * rank:
-            tensor = tensor.reshape(X, rank, tensor.shape[1])
-        elif name == "lora_B.weight" and tensor.shape[1] == X * rank:
-            tensor = tensor.reshape(tensor.shape[0], rank, X).permute(2, 0, 1).contiguous()
-        out[f"{prefix}.mlp.experts.{wrapped[path]}.{name}"] = tensor
-    return out
