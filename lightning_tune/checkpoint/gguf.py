@@ -1,5 +1,5 @@
-"""GGUF weights in and out (llama.cpp's single-file format; its llama, gemma2, gemma3, phi3 and olmo2
-architectures): config and tensors read (dequantised by the gguf package), a model written as llama.cpp's
+"""GGUF weights in and out (llama.cpp's single-file format; its llama, gemma2, gemma3, phi3, olmo2, qwen2,
+qwen3 and qwen3moe architectures): config and tensors read (dequantised by the gguf package), a model written as llama.cpp's
 converter names, lays out and types it (gguf's own architecture names, tensor names and keys), with its Modelfile."""
 
 from __future__ import annotations
@@ -40,8 +40,29 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 
 # Our model_type (transformers') -> the llama.cpp architecture a GGUF of it is written as (gguf's MODEL_ARCH_NAMES).
-GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2"}
-MODEL_TYPES = {"llama": "llama", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2"}
+GGUF_ARCHES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+}
+MODEL_TYPES = {"llama": "llama", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+# llama.cpp's Qwen architectures: NEOX rotary (q/k rows as transformers stores them), no window; qwen2 with q/k/v
+# biases, qwen3 / qwen3moe with q/k RMSNorm. convert_hf_to_gguf writes the head size of a config.json that has
+# head_dim (every Qwen 3), and for Qwen3-MoE expert_count, expert_used_count and expert_feed_forward_length.
+QWEN_ARCHES = ("qwen2", "qwen3", "qwen3moe")
+QK_NORM_ARCHES = ("gemma3", "olmo2", "qwen3", "qwen3moe")
+# Our stacked experts (model/moe.py): gate_up_proj [X, 2I, E] ([gate; up] rows per expert), down_proj [X, E, I]. The
+# converter (Qwen2MoeModel.modify_tensors) splits gate_up_proj into mlp.experts.gate_proj / up_proj [X, I, E], names
+# each (and down_proj) with `.weight` through TensorNameMap: ffn_gate_exps, ffn_up_exps, ffn_down_exps (ggml ne
+# {E, I, X} and {I, E, X}: the same row-major bytes); the router mlp.gate [X, E] is ffn_gate_inp, always F32.
+MOE_GATE_UP, MOE_DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
+MOE_HALVES = (("mlp.experts.gate_proj.weight", 0), ("mlp.experts.up_proj.weight", 1))
 # llama.cpp's sliding / full layers (llama-model.cpp, set_swa_pattern(n)): layer i slides unless (i + 1) % n == 0.
 SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
 # llama.cpp takes a Gemma with this many layers for its 27B and scales scores by (embed // heads) ** -0.5, any
@@ -89,7 +110,7 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
     if (rope_scaling not in ("none", None) and not linear) or "rope_freqs.weight" in tensor_names:
         what = f"rope scaling {rope_scaling!r}" if rope_scaling not in ("none", None) else "a rope_freqs tensor (Llama 3.1 rotary scaling)"
         raise GGUFError(f"{path}: {what} is not supported; only the default rotary embedding is (and Gemma 3's linear scaling, Phi-3's LongRoPE factors)")
-    for key in (f"{arch}.expert_count",):
+    for key in (f"{arch}.expert_count",) if arch != "qwen3moe" else ():
         if metadata.get(key):
             raise GGUFError(f"{path}: {key} = {metadata[key]}: mixture-of-experts GGUF files are not supported")
     heads = int(metadata_value(path, metadata, f"{arch}.attention.head_count"))
@@ -169,6 +190,19 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
                 "rope_long_factor": _rope_factors(path, long, rope_dims // 2),
                 "rope_short_factor": _rope_factors(path, short, rope_dims // 2),
             }
+    elif arch in QWEN_ARCHES and not window:
+        values |= {"attention_bias": "qkv"} if arch == "qwen2" else {"qk_norm": True}
+        if arch == "qwen3moe":  # llama.cpp: every layer sparse, softmax over the experts, top k renormalised
+            used = int(metadata_value(path, metadata, f"{arch}.expert_used_count"))
+            # llama.cpp's expert size where the file has none: feed_forward_length / expert_used_count
+            fallback = values["intermediate_dim"] // used if used > 0 else 0
+            values |= {
+                "num_experts": int(metadata_value(path, metadata, f"{arch}.expert_count")),
+                "num_experts_per_tok": used,
+                "moe_intermediate_dim": int(metadata.get(f"{arch}.expert_feed_forward_length", 0)) or fallback,
+                "router": "softmax_topk",
+                "norm_topk_prob": True,
+            }
     elif window:
         raise GGUFError(f"{path}: {arch}.attention.sliding_window = {window} is not supported for {arch!r} files")
     try:
@@ -184,6 +218,14 @@ def _hf_names(config: ModelConfig) -> list[str]:
     """Our tensor names for `config` (transformers'), with Phi-3's fused projections in place of their parts."""
     with torch.device("meta"):
         keys = list(CausalLM(config).state_dict())
+    if config.num_experts:  # the converter's split and named experts (MOE_HALVES, down_proj.weight)
+        out = []
+        for key in keys:
+            if key.endswith(MOE_GATE_UP):
+                out += [key.removesuffix(MOE_GATE_UP) + half for half, _ in MOE_HALVES]
+            else:
+                out.append(f"{key}.weight" if key.endswith(MOE_DOWN) else key)
+        return out
     if GGUF_ARCHES.get(config.model_type) != "phi3":
         return keys
     out = []
@@ -202,18 +244,20 @@ PHI3_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 def gguf_name_map(config: ModelConfig) -> dict[str, str]:
     """Our tensor name -> its llama.cpp name, by gguf's `TensorNameMap` for the architecture (as convert_hf_to_gguf
-    maps it); Phi-3's q/k/v and gate/up under their fused names (`attn_qkv`, `ffn_up`)."""
+    maps it); Phi-3's q/k/v and gate/up under their fused names (`attn_qkv`, `ffn_up`), Qwen3-MoE's experts under
+    the converter's split names (`MOE_HALVES`, `mlp.experts.down_proj.weight`), biases as `.bias`."""
     gguf = import_gguf()
     arch = GGUF_ARCHES[config.model_type]
     ids = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
     names = gguf.get_tensor_name_map(ids[arch], config.num_layers)
     out = {}
     for key in _hf_names(config):
-        base = key.removesuffix(".weight")
+        suffix = ".bias" if key.endswith(".bias") else ".weight"
+        base = key.removesuffix(suffix)
         name = names.get_name(base) or ("output" if key == "lm_head.weight" else None)  # gemma2: always tied, never written
         if name is None:  # gguf's map holds only the architecture's own tensors (MODEL_TENSORS)
             raise GGUFError(f"{key}: llama.cpp's {arch!r} architecture has no tensor for it")
-        out[key] = f"{name}.weight"
+        out[key] = f"{name}{suffix}"
     return out
 
 
@@ -257,19 +301,41 @@ def _parts(config: ModelConfig, key: str) -> list[tuple[str, int, int]]:
     return [(key, 0, -1)]
 
 
+def _moe_part(key: str) -> tuple[str, int | None]:
+    """The source of an exported tensor (a name of `_hf_names`): (our key, 0 / 1 for the gate / up rows of a stacked
+    gate_up_proj, None for the whole tensor)."""
+    for part, half in MOE_HALVES:
+        if key.endswith(part):
+            return key.removesuffix(part) + MOE_GATE_UP, half
+    if key.endswith(f"{MOE_DOWN}.weight"):
+        return key.removesuffix(".weight"), None
+    return key, None
+
+
+def _dequantized(tensor: Any, shape: tuple[int, ...], first: int = 0, rows: int = -1) -> Tensor:
+    """A GGUF tensor (or `rows` of its first axis from `first`: whole rows, whole quant blocks) as fp32 of `shape`;
+    gguf.dequantize gives float32 for every type, np.array copies out of the read-only memory map."""
+    import numpy as np
+
+    gguf = import_gguf()
+    data = tensor.data if rows < 0 else tensor.data[first : first + rows]
+    return torch.from_numpy(np.array(gguf.dequantize(data, tensor.tensor_type), dtype=np.float32)).reshape(shape)
+
+
 def gguf_entries(path: str | Path, config: ModelConfig) -> list[Entry]:
     """The tensors of a GGUF file as checkpoint entries (our names, shapes), each dequantised to fp32 when read.
 
     Every tensor's type is checked here, before anything is read, so an unsupported one fails in one
     line and leaves the model untouched. Per architecture, as llama.cpp's converter wrote them: Llama's
     q/k rows back from Meta's rotary layout, Gemma's norms minus the 1 the converter added, Phi-3's
-    fused `attn_qkv` / `ffn_up` split into q/k/v and gate/up (rows sliced before dequantising).
+    fused `attn_qkv` / `ffn_up` split into q/k/v and gate/up (rows sliced before dequantising), Qwen3-MoE's
+    `ffn_gate_exps` and `ffn_up_exps` of a layer stacked into its gate_up_proj.
     """
-    gguf = import_gguf()
     path, reader = open_gguf(path)
     arch = GGUF_ARCHES[config.model_type]
     inverse = {v: k for k, v in gguf_name_map(config).items()}
     entries = []
+    halves: dict[str, dict[int, tuple[Any, tuple[int, ...]]]] = {}  # our gate_up_proj -> its gate (0) and up (1) tensors
     for tensor in reader.tensors:
         if arch == "phi3" and tensor.name in ("rope_factors_long.weight", "rope_factors_short.weight"):
             continue  # read into the config (gguf_config)
@@ -279,7 +345,11 @@ def gguf_entries(path: str | Path, config: ModelConfig) -> list[Entry]:
         if type_name not in READ_TYPES:
             raise GGUFError(f"{path}: tensor {tensor.name} has type {type_name}, which is not supported; supported: {', '.join(READ_TYPES)}")
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # ggml lists the fastest axis first
-        parts = _parts(config, inverse[tensor.name])
+        key, half = _moe_part(inverse[tensor.name]) if config.num_experts else (inverse[tensor.name], None)
+        if half is not None:
+            halves.setdefault(key, {})[half] = (tensor, shape)
+            continue
+        parts = _parts(config, key)
         if len(parts) > 1 and shape[0] != sum(rows for _, _, rows in parts):
             raise GGUFError(f"{path}: tensor {tensor.name} has {shape[0]} rows, the config's fused parts need {sum(rows for _, _, rows in parts)}")
         for key, first, rows in parts:
@@ -290,16 +360,24 @@ def gguf_entries(path: str | Path, config: ModelConfig) -> list[Entry]:
             part_shape = shape if rows < 0 else (rows, *shape[1:])
 
             def read(tensor=tensor, shape=part_shape, heads=heads, first=first, rows=rows, shift=shift) -> Tensor:
-                # gguf.dequantize gives float32 for every type; np.array copies out of the read-only memory map.
-                import numpy as np
-
-                data = tensor.data if rows < 0 else tensor.data[first : first + rows]  # whole rows: whole quant blocks
-                w = torch.from_numpy(np.array(gguf.dequantize(data, tensor.tensor_type), dtype=np.float32)).reshape(shape)
+                w = _dequantized(tensor, shape, first, rows)
                 if shift:
                     w = w - shift
                 return meta_to_hf_rotary(w, heads) if heads else w
 
             entries.append(Entry(key, part_shape, path, read))
+    for key, pair in halves.items():
+        names = " and ".join(gguf_name_map(config)[key.removesuffix(MOE_GATE_UP) + part] for part, _ in MOE_HALVES)
+        if len(pair) != 2:
+            raise GGUFError(f"{path}: has only one of {names}; a layer's experts need both")
+        (gate, shape), (up, up_shape) = pair[0], pair[1]
+        if shape != up_shape or len(shape) != 3:
+            raise GGUFError(f"{path}: {names} must be 3-D tensors of one shape, they have {list(shape)} and {list(up_shape)}")
+
+        def read_stack(gate=gate, up=up, shape=shape) -> Tensor:
+            return torch.cat([_dequantized(gate, shape), _dequantized(up, shape)], dim=1)
+
+        entries.append(Entry(key, (shape[0], 2 * shape[1], shape[2]), path, read_stack))
     return entries
 
 
@@ -313,9 +391,11 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
     gemma = arch in SWA_PERIOD
     rope_types = {"gemma3": ("default", "linear"), "phi3": ("default", "longrope")}.get(arch, ("default",))
     block = {"gemma2": "gemma", "gemma3": "gemma", "olmo2": "olmo2"}.get(arch, "llama")
-    qk_norm = arch in ("gemma3", "olmo2")
+    qk_norm = arch in QK_NORM_ARCHES
+    no_window = ("llama", "olmo2", *QWEN_ARCHES)
+    experts = getattr(config, "num_experts", 0)
     checks = [
-        (f"attention_bias {config.attention_bias!r}", config.attention_bias != "none"),
+        (f"attention_bias {config.attention_bias!r}" if config.attention_bias != "none" else "model without q/k/v biases", config.attention_bias != ("qkv" if arch == "qwen2" else "none")),
         ("mlp_bias", config.mlp_bias),
         (f"block {config.block!r}", config.block != block),
         (f"hidden_act {config.hidden_act!r}", config.hidden_act != ("gelu_pytorch_tanh" if gemma else "silu")),
@@ -327,9 +407,9 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
         (f"final_logit_softcap {config.final_logit_softcap}", not gemma and config.final_logit_softcap is not None),
         (f"query_pre_attn_scalar {config.query_pre_attn_scalar}", not gemma and config.query_pre_attn_scalar is not None),
         (f"rope_local_base {config.rope_local_base}", arch != "gemma3" and config.rope_local_base is not None),
-        (f"sliding_window {config.sliding_window}", arch in ("llama", "olmo2") and config.sliding_window is not None),
-        (f"layer_types {config.layer_types and list(config.layer_types)}", arch in ("llama", "olmo2", "phi3") and config.layer_types is not None),
-        (f"num_experts {getattr(config, 'num_experts', 0)} (mixture of experts)", getattr(config, "num_experts", 0) > 0),
+        (f"sliding_window {config.sliding_window}", arch in no_window and config.sliding_window is not None),
+        (f"layer_types {config.layer_types and list(config.layer_types)}", arch in (*no_window, "phi3") and config.layer_types is not None),
+        (f"num_experts {experts} (mixture of experts)", arch != "qwen3moe" and experts > 0),
         ("attention_sinks", getattr(config, "attention_sinks", False)),
     ]
     if gemma:
@@ -351,6 +431,14 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
         checks.append(
             (f"rope_local_base {config.rope_local_base} (its sliding layers turn with base {GEMMA3_SWA_BASE:g})", config.sliding_window is not None and config.rope_local_base != GEMMA3_SWA_BASE)
         )
+    if arch == "qwen3moe":  # llama.cpp's qwen3moe.cpp: experts in every layer, softmax then top k, always renormalised
+        dense = [i for i in range(config.num_layers) if not config.is_moe_layer(i)] if experts else []
+        checks += [
+            ("model without experts", not experts),
+            (f"router {config.router!r}", config.router != "softmax_topk"),
+            ("norm_topk_prob False (it always renormalises the chosen experts' weights to sum 1)", experts > 0 and not config.norm_topk_prob),
+            (f"dense layers {dense} (mlp_only_layers {list(config.mlp_only_layers)}, decoder_sparse_step {config.decoder_sparse_step}: every layer of it has experts)", bool(dense)),
+        ]
     return [what for what, present in checks if present]
 
 
@@ -378,14 +466,33 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
     q = gguf.GGMLQuantizationType
     wanted = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0}[outtype]
     block = gguf.GGML_QUANT_SIZES[q.Q8_0][0]
+    experts = config.num_experts
     head, embedding = state["lm_head.weight"], state["model.embed_tokens.weight"]
     tied = isinstance(head, Tensor) and isinstance(embedding, Tensor) and torch.equal(head, embedding)  # a lazily merged (QLoRA) head is its own
     if arch == "gemma2" and not tied:
         raise GGUFError(f"{path}: GGUF export writes llama.cpp's 'gemma2' architecture, which has no output weight of its own; lm_head.weight differs from the embedding")
     plan = []
+    stack: dict[str, Any] = {}  # the last stacked gate_up_proj read (a lazily merged one is computed once for both halves)
+
+    def stacked(key: str) -> Tensor:
+        if stack.get("key") != key:
+            stack.clear()
+            stack.update(key=key, value=state[key].detach().to("cpu"))
+        return stack["value"]
+
     for key, name in gguf_name_map(config).items():
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp uses token_embd for the output when output.weight is absent
+        source, half = _moe_part(key) if experts else (key, None)
+        if source != key:  # Qwen3-MoE's experts: gate and up rows of our stack, or our down_proj
+            size = config.moe_intermediate_dim
+            shape = expected[source] if half is None else (config.num_experts, size, config.embed_dim)
+
+            def take(source=source, half=half, size=size) -> Tensor:
+                return state[source].detach().to("cpu") if half is None else stacked(source)[:, half * size : (half + 1) * size]
+
+            plan.append((name, shape, q.F16 if wanted == q.Q8_0 and shape[-1] % block else wanted, take))  # Q8_0 blocks along a row
+            continue
         parts = [part for part, _, _ in _parts(config, key)] if arch == "phi3" else [key]
         shape = (sum(expected[k][0] for k in parts), *expected[parts[0]][1:])
         heads = None
@@ -399,7 +506,8 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
                 t = t.float() + shift  # the converter adds in the checkpoint's dtype; ours is fp32 first, then cast once
             return hf_to_meta_rotary(t, heads) if heads else t
 
-        kind = wanted if len(shape) == 2 else q.F32  # llama.cpp keeps 1-D norms in F32 for every file type
+        # llama.cpp keeps 1-D norms and biases, and the router (ffn_gate_inp), in F32 for every file type
+        kind = wanted if len(shape) == 2 and not (experts and key.endswith("mlp.gate.weight")) else q.F32
         if kind == q.Q8_0 and shape[-1] % block:
             kind = q.F16  # as convert_hf_to_gguf: a row that is not whole blocks cannot be Q8_0
         plan.append((name, shape, kind, make))
@@ -435,9 +543,16 @@ def _write_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
     if arch in ("llama", "phi3"):
         writer.add_rope_dimension_count(config.rotary_dim)  # Phi-3: int(partial_rotary_factor * n_embd) // n_head
     # Gemma's converter always writes the head size; elsewhere llama.cpp assumes embed / heads unless told
-    if arch in SWA_PERIOD or config.head_dim * config.num_heads != config.embed_dim:
+    if arch in ("qwen3", "qwen3moe"):  # Qwen 3's config.json has head_dim, so the converter writes it
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
+    elif arch in SWA_PERIOD or config.head_dim * config.num_heads != config.embed_dim:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    if arch == "qwen3moe":  # TextModel's expert counts, Qwen2MoeModel's expert size; llama.cpp always renormalises
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_dim)
     writer.add_rope_freq_base(config.rope_base)  # Gemma 3: the full layers' base (its sliding layers' is llama.cpp's fixed 10000)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
