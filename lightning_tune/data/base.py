@@ -331,7 +331,9 @@ class TokenizedDataModule(LightningDataModule):
         counts = mixture_counts([len(data) for data in kept], self.mixture)
         generator = torch.Generator().manual_seed(self.seed)
         parts, self.mixture_stats = [], []
-        for entry, data, count in zip(self.mixture, kept, counts):
+        for i, (entry, data, count) in enumerate(zip(self.mixture, kept, counts)):
+            if count and not len(data):
+                raise DataError(f"mixture[{i}]: {entry['source']} has no samples to draw {count} from (an empty file, a split sliced to nothing, or every sample left out)")
             part = data.select(draw(len(data), count, generator))
             part = part.remove_columns([name for name in ("keep",) if name in part.column_names])
             tokens, trained = token_counts(part)

@@ -106,6 +106,10 @@ def mixture_counts(available: list[int], entries: list[dict[str, Any]]) -> list[
 def draw(available: int, count: int, generator: torch.Generator) -> list[int]:
     """`count` indices of `available` samples: a seeded random subset when count <= available (no repeats), else
     every sample count // available times and a seeded subset of the rest."""
+    if available == 0:  # an empty source (an empty file, a split sliced to nothing): nothing to draw, not a division by 0
+        if count:
+            raise DataError(f"mixture: a source with no samples cannot give {count}")
+        return []
     whole, rest = divmod(count, available)
     return list(range(available)) * whole + torch.randperm(available, generator=generator)[:rest].tolist()
 

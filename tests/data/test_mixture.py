@@ -207,3 +207,11 @@ def test_preference_and_chat_mixtures_of_the_demo(tmp_path) -> None:
     alone = ChatDataModule(source="demo", split="train[:10]", cache_dir=str(tmp_path / "cache"), shuffle=False)
     alone.setup("fit")
     assert sorted(chat.train_dataset["input_ids"]) == sorted(alone.train_dataset["input_ids"])
+
+
+def test_a_count_from_an_empty_source_is_one_line(sources, tmp_path) -> None:
+    """A source sliced to nothing cannot give a count: one line naming its file (`draw` would divide by zero)."""
+    mixture = entries({"a": sources["a"], "b": sources["b"]}, a={"count": 10}, b={"count": 5, "split": "train[:0]"})
+    with pytest.raises(DataError, match=r"b\.jsonl") as error:
+        module(tmp_path, mixture)
+    assert "\n" not in str(error.value)
