@@ -223,6 +223,39 @@ def test_a_lazily_merged_expert_stack_is_computed_once(exported, tmp_path, byte_
     assert plain.keys() == merged.keys() and all(np.array_equal(plain[n], merged[n]) for n in plain)
 
 
+def test_a_mixture_fine_tuned_with_expert_adapters_exports_as_peft_gives_it(exported, tmp_path, byte_tokenizer) -> None:
+    """What users export: Qwen3-MoE with LoRA on attention and on the stacked experts, merged into the GGUF
+    (`export_state_dict`, as `export --format gguf --ckpt_path` does). Read back, it gives PEFT's adapter (our
+    adapter/ in its `target_parameters` form) on transformers' model."""
+    peft = pytest.importorskip("peft")
+    from lightning_tune.checkpoint import load_weights, save_peft_adapter
+    from lightning_tune.families.hf_config import config_from_hf
+    from lightning_tune.model import CausalLM
+    from lightning_tune.recipes.tuning import LoRA
+
+    _, folder, _, _ = exported["qwen3_moe"]
+    with torch.device("meta"):
+        model = CausalLM(config_from_hf(json.loads((folder / "config.json").read_text())))
+    lora = LoRA(rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], experts=True)
+    with lora.loading(model, torch.device("cpu")):
+        load_weights(model, folder)
+    lora.adapt(model, sharded=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    save_peft_adapter(model, tmp_path / "adapter")
+    out = save_gguf(lora.export_state_dict(model, None, str(folder)), model.config, tmp_path / "gguf" / "m.gguf", outtype="f32", tokenizer=byte_tokenizer)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    x = tokens()
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(x).logits
+        assert rel_error(from_pretrained(out)(x), expected) <= 1e-5
+        assert rel_error(transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(x).logits, expected) > 1e-3  # the adapters changed it
+
+
 def test_what_llama_cpps_qwen_architectures_cannot_hold_is_one_line(exported, tmp_path, byte_tokenizer) -> None:
     _, _, qwen2, _ = exported["qwen2"]
     _, _, qwen3, _ = exported["qwen3"]
