@@ -34,6 +34,7 @@ from test_gguf_families import _rewrite, as_stored, rel_error, tokens  # noqa: E
 
 from lightning_tune.checkpoint import from_pretrained, load_config  # noqa: E402
 from lightning_tune.checkpoint.gguf import gguf_config, save_gguf  # noqa: E402
+from lightning_tune.io.files import CheckpointError  # noqa: E402
 from lightning_tune.io.gguf import GGUFError  # noqa: E402
 
 VOCAB = 256
@@ -278,7 +279,8 @@ def test_what_llama_cpps_qwen_architectures_cannot_hold_is_one_line(exported, tm
 
 
 def test_a_qwen3moe_file_with_half_a_layers_experts_is_one_line(exported, tmp_path) -> None:
-    """Read side: a layer's ffn_up_exps without its ffn_gate_exps; an expert count of 0 (llama.cpp refuses it too)."""
+    """Read side: a layer's ffn_up_exps without its ffn_gate_exps; an expert size the tensors do not have; 0 experts
+    per token (llama.cpp refuses it too)."""
     _, _, ours, source = exported["qwen3_moe"]
     reader = gguf.GGUFReader(source)
     writer = gguf.GGUFWriter(tmp_path / "half.gguf", arch="qwen3moe")
@@ -294,6 +296,10 @@ def test_a_qwen3moe_file_with_half_a_layers_experts_is_one_line(exported, tmp_pa
     writer.close()
     with pytest.raises(GGUFError, match=r"half\.gguf: has only one of blk\.1\.ffn_gate_exps\.weight and blk\.1\.ffn_up_exps\.weight") as err:
         from_pretrained(tmp_path / "half.gguf")
+    assert "\n" not in str(err.value)
+    _rewrite(source, tmp_path / "size.gguf", fields={"qwen3moe.expert_feed_forward_length": 32})  # the tensors hold 64
+    with pytest.raises(CheckpointError, match=r"size\.gguf: model\.layers\.0\.mlp\.experts\.(down|gate_up)_proj has shape \[6, (64|128), 64\], the config expects") as err:
+        from_pretrained(tmp_path / "size.gguf")
     assert "\n" not in str(err.value)
     _rewrite(source, tmp_path / "zero.gguf", fields={"qwen3moe.expert_used_count": 0})
     with pytest.raises(GGUFError, match=r"zero\.gguf: .*num_experts_per_tok must be between 1 and num_experts") as err:
@@ -328,7 +334,7 @@ def test_a_qwen_tokenizer_json_exports_as_llama_cpps_qwen2_vocabulary(exported, 
     folder = asset("qwen3_tokenizer")
     _, _, ours, _ = exported["qwen3"]
     reference = transformers.AutoTokenizer.from_pretrained(str(folder))
-    config = dataclasses.replace(ours.config, vocab_size=len(reference))
+    config = dataclasses.replace(ours.config, vocab_size=151936)  # Qwen 3's embedding rows: more than the tokenizer's ids (padded)
     torch.manual_seed(0)
     from lightning_tune.model import CausalLM
 
@@ -338,6 +344,7 @@ def test_a_qwen_tokenizer_json_exports_as_llama_cpps_qwen2_vocabulary(exported, 
     meta = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items()}
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
     assert meta["tokenizer.ggml.tokens"][meta["tokenizer.ggml.eos_token_id"]] == reference.eos_token
+    assert len(meta["tokenizer.ggml.tokens"]) == 151936 > len(reference)
     back = load_tokenizer(out)
     for text in ["Hello world", "def f(x):\n    return x ** 2  # 12345", "<|im_start|>user\n你好<|im_end|>\n"]:
         assert back.encode(text) == reference.encode(text, add_special_tokens=True), text
