@@ -1,6 +1,7 @@
-"""GGUF weights in and out (llama.cpp's single-file format; its llama, gemma2, gemma3, phi3, olmo2, qwen2,
-qwen3 and qwen3moe architectures): config and tensors read (dequantised by the gguf package), a model written as llama.cpp's
-converter names, lays out and types it (gguf's own architecture names, tensor names and keys), with its Modelfile."""
+"""GGUF weights in and out (llama.cpp's single-file format; its llama, gemma2, gemma3, phi3, olmo2, qwen2, qwen3
+and qwen3moe architectures): config and tensors read (dequantised by the gguf package), a model written as
+llama.cpp's converter names, lays out and types it (gguf's own architecture names, tensor names and keys), with its
+Modelfile."""
 
 from __future__ import annotations
 
@@ -445,7 +446,8 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
 def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, path: Path) -> list[tuple[str, tuple[int, ...], Any, Callable[[], Tensor]]]:
     """(GGUF name, shape, ggml type, the tensor as llama.cpp stores it) in llama.cpp's order; output.weight left
     out when it equals the embedding (tied). As convert_hf_to_gguf writes each architecture: Llama's q/k in
-    Meta's rotary layout, Gemma's norms plus 1, Phi-3's q/k/v and gate/up fused, its LongRoPE factors."""
+    Meta's rotary layout, Gemma's norms plus 1, Phi-3's q/k/v and gate/up fused, its LongRoPE factors, Qwen3-MoE's
+    stacked gate_up_proj split into its gate and up rows (Qwen's q/k as stored: llama.cpp turns them NEOX-style)."""
     gguf = import_gguf()
     arch = gguf_arch(config)
     if arch is None:
@@ -542,11 +544,9 @@ def _write_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
     writer.add_head_count_kv(config.num_kv_heads)
     if arch in ("llama", "phi3"):
         writer.add_rope_dimension_count(config.rotary_dim)  # Phi-3: int(partial_rotary_factor * n_embd) // n_head
-    # Gemma's converter always writes the head size; elsewhere llama.cpp assumes embed / heads unless told
-    if arch in ("qwen3", "qwen3moe"):  # Qwen 3's config.json has head_dim, so the converter writes it
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-    elif arch in SWA_PERIOD or config.head_dim * config.num_heads != config.embed_dim:
+    # Gemma's converter always writes the head size, and Qwen 3's (its config.json has head_dim); elsewhere llama.cpp
+    # assumes embed / heads unless told
+    if arch in (*SWA_PERIOD, "qwen3", "qwen3moe") or config.head_dim * config.num_heads != config.embed_dim:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
     if arch == "qwen3moe":  # TextModel's expert counts, Qwen2MoeModel's expert size; llama.cpp always renormalises
