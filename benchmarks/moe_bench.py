@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from grpo_bench import cpu_summary, matmul_peak_fp32  # the same peak and CPU line as the GRPO table (this folder is on sys.path)
 
 SHAPE = dict(vocab_size=32000, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64, embed_dim=512, intermediate_dim=1024, moe_intermediate_dim=256, num_experts=32, num_experts_per_tok=4)
 BATCH, SEQ, RANK, ALPHA, LR = 4, 256, 16, 32.0, 1e-4
@@ -163,33 +163,6 @@ def step_flops() -> float:
     adapters = L * (RANK * (E + H * D) * 2 + RANK * (E + K * D) * 2 + k * RANK * ((E + 2 * I) + (I + E)))
     scores = 4 * SEQ * L * H * D  # q k^T and p v per token, forward
     return tokens * (2 * 2 * frozen + 3 * 2 * adapters + 3 * scores)
-
-
-def matmul_peak_fp32() -> float:
-    best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
-
-
-def cpu_summary() -> str:
-    name = platform.processor() or "cpu"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(shown) or 'no avx2'}"
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -433,10 +433,10 @@ def _merge(base: Tensor, adapter: tuple[Tensor, Tensor, float, Tensor | None] | 
 
 
 @contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Inside, every LoRA layer of `model` computes its base layer only (PEFT's `disable_adapter()`):
-    the base model without a second copy, e.g. DPO's reference. Restores each layer's state on exit."""
-    layers = list(lora_modules(model).values())
+def adapters_off(layers: Iterable) -> Iterator[None]:
+    """Inside, each of `layers` (anything with an `adapter_disabled` flag: `LoRALinear`, an expert adapter)
+    computes its base alone; each layer's own state is restored on exit."""
+    layers = list(layers)
     before = [layer.adapter_disabled for layer in layers]
     for layer in layers:
         layer.adapter_disabled = True
@@ -445,3 +445,9 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, state in zip(layers, before, strict=True):
             layer.adapter_disabled = state
+
+
+def disable_adapters(model: nn.Module) -> AbstractContextManager[None]:
+    """Inside, every LoRA layer of `model` computes its base layer only (PEFT's `disable_adapter()`):
+    the base model without a second copy, e.g. DPO's reference. Restores each layer's state on exit."""
+    return adapters_off(lora_modules(model).values())

@@ -22,15 +22,14 @@ groups), so no Python loop over experts runs on the hot path and nothing but the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_tune.families.config import ModelConfig
-from lightning_tune.layers.lora import LazyWeight
+from lightning_tune.layers.lora import LazyWeight, adapters_off
 from lightning_tune.layers.nf4 import NF4Weight
 
 
@@ -92,7 +91,7 @@ class ExpertAdapter(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.lora_A = Parameter3D(num_experts, rank, in_features, device=device, dtype=dtype)
         self.lora_B = Parameter3D(num_experts, out_features, rank, device=device, dtype=dtype)
-        self.disabled = False
+        self.adapter_disabled = False  # `layers.lora.adapters_off`
         if not self.lora_A.weight.is_meta:
             self.reset_lora_parameters()
 
@@ -205,7 +204,7 @@ class Experts(nn.Module):
         if self.gpt_oss:
             out = out + getattr(self, f"{name}_bias")[experts].to(out.dtype)
         adapter = self.adapters().get(name)
-        if adapter is not None and not adapter.disabled:
+        if adapter is not None and not adapter.adapter_disabled:
             # the rank-r intermediate, scaled there (as LoRALinear): r numbers per row instead of out
             low = grouped_mm(x, adapter.lora_A.weight.transpose(1, 2), offsets) * adapter.scaling
             out = out + grouped_mm(low, adapter.lora_B.weight.transpose(1, 2), offsets)
@@ -373,15 +372,6 @@ def add_expert_adapters(model: nn.Module, rank: int, alpha: float) -> list[str]:
     return list(expert_adapters(model))
 
 
-@contextmanager
-def disable_expert_adapters(model: nn.Module) -> Iterator[None]:
+def disable_expert_adapters(model: nn.Module) -> AbstractContextManager[None]:
     """Inside, every expert adapter is off (the base experts alone), as `layers.lora.disable_adapters`."""
-    adapters = list(expert_adapters(model).values())
-    before = [a.disabled for a in adapters]
-    for adapter in adapters:
-        adapter.disabled = True
-    try:
-        yield
-    finally:
-        for adapter, state in zip(adapters, before, strict=True):
-            adapter.disabled = state
+    return adapters_off(expert_adapters(model).values())
