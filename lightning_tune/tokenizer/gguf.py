@@ -340,7 +340,9 @@ def _vocab_from_tokenizer_json(path: Path) -> VocabMetadata:
         if name is None:
             raise GGUFError(f"{path}: its pre-tokenizer split is not one llama.cpp knows by name; supported: Llama 3, Qwen 2, Tekken and GPT-2 splits")
     else:
-        name = "smollm" if digits else "gpt2"  # SmolLM: digits split one by one before GPT-2's regex
+        # SmolLM: digits split one by one before GPT-2's regex; GPT-2 itself is llama.cpp's "gpt-2" (llama-vocab.cpp and the
+        # converter's get_vocab_base_pre: a "gpt2" pre-tokenizer is refused as unknown when the file loads)
+        name = "smollm" if digits else "gpt-2"
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {t["content"]: t for t in data.get("added_tokens", [])}
     for content, token in added.items():

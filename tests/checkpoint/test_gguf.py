@@ -326,7 +326,7 @@ def test_f32_export_holds_our_tensors_and_complete_metadata(random_model, byte_t
         "general.architecture": "llama", "general.file_type": 0, "llama.block_count": 2, "llama.context_length": 128,
         "llama.embedding_length": 256, "llama.feed_forward_length": 512, "llama.attention.head_count": 4,
         "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 64, "llama.vocab_size": 256,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.eos_token_id": 255,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.eos_token_id": 255,
         "tokenizer.ggml.bos_token_id": 254, "tokenizer.ggml.padding_token_id": 253, "tokenizer.ggml.add_bos_token": False,
     }  # fmt: skip
     for key, value in expected_meta.items():
