@@ -295,15 +295,24 @@ def test_bad_phi3_rope_factors_are_one_line(exported, tmp_path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed (it builds llama.cpp from source)")
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "olmo2"])
 def test_llama_cpp_loads_each_export_and_generates_our_tokens(family: str, exported) -> None:
-    """Greedy tokens within the shortest window / original context (8): llama.cpp disables Phi-3's window and
-    picks LongRoPE's factors by its context size, not by the sequence's length as transformers does."""
+    """Greedy tokens within the shortest window (8): llama.cpp disables Phi-3's window and picks LongRoPE's factors
+    by its context size, not by the sequence's length as transformers does: its context (16 asked, padded to 32 by
+    llama.cpp 0.3.16's build) exceeds the original 16, so it turns with the long factors, which ours must use too."""
+    import dataclasses
+
     from llama_cpp import Llama as LlamaCpp
 
     from lightning_tune.generate import generate
+    from lightning_tune.model import CausalLM
 
     _, _, ours, path = exported[family]
     prompt = [5, 17, 42]
     llm = LlamaCpp(model_path=str(path), n_ctx=16, verbose=False)
+    if ours.config.rope_type == "longrope":
+        assert llm.n_ctx() > ours.config.rope_original_max_seq_len  # else llama.cpp would turn with the short factors
+        long = CausalLM(dataclasses.replace(ours.config, rope_short_factor=ours.config.rope_long_factor))
+        long.load_state_dict(ours.state_dict())
+        ours = long.eval()
     theirs = []
     for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
         theirs.append(token)
