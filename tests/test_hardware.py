@@ -40,3 +40,23 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, caplog, nat
         ]
     ) == warned
     assert bool(lines) == warned
+
+
+def test_validate_names_bf16_mixed_as_the_fast_choice_on_an_amx_cpu(monkeypatch, capsys, tmp_path) -> None:
+    """Issue 37: on a CPU with AMX an fp32 CPU run is told that bf16-mixed is the fast choice; elsewhere nothing is said,
+    and bf16 on a CPU that emulates it is warned about."""
+    from lightning_tune import hardware
+    from lightning_tune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for amx, native, precision, expected in (
+        (True, True, "32", "note: this CPU has AMX"),
+        (False, True, "32", None),
+        (False, False, "bf16-mixed", "warning: precision bf16-mixed on a CPU without native bf16"),
+    ):
+        monkeypatch.setattr(hardware, "cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
+        capsys.readouterr()
+        assert main(["validate", "--config", "tiny_lora.yaml", "--trainer.precision", precision]) == 0
+        err = capsys.readouterr().err
+        assert (expected in err) if expected else ("AMX" not in err and "bf16" not in err), (amx, precision, err)

@@ -266,6 +266,7 @@ def main(argv: list[str]) -> int:
         return 0
     import torch
 
+    from lightning_tune.hardware import bf16_emulation_warning, cpu_precision_advice
     from lightning_tune.training.memory import GIB
 
     result = check(argv)
@@ -286,6 +287,13 @@ def main(argv: list[str]) -> int:
     device_memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     for line in result.estimate.lines(device_memory):
         print(line)
+    if s["accelerator"] in ("cpu", "auto") and device_memory is None:  # the run would use this CPU: is its precision the fast one?
+        if s["precision"].startswith("bf16"):
+            warning = bf16_emulation_warning(f"precision {s['precision']}")
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+        elif advice := cpu_precision_advice(s["precision"]):
+            print(advice, file=sys.stderr)
     if s["strategy"] == "fsdp" and not s["fsdp_wrapped_layers"] and s["devices"] * s["num_nodes"] == 1:
         print("note: FSDP without auto_wrap_policy gathers the whole model for compute (counted above); --trainer.strategy fsdp2 shards each decoder layer", file=sys.stderr)
     if result.problems:
