@@ -325,6 +325,17 @@ def _vocab_from_sentencepiece(path: Path, chat_template: str | None) -> VocabMet
     )  # fmt: skip
 
 
+def looks_special(token: str) -> bool:
+    """convert_hf_to_gguf's `does_token_look_special`: an added token it writes as CONTROL though tokenizer.json does not
+    mark it special (Qwen's <|fim_prefix|> ... <|file_sep|>, Gemma's <unused0>, <pad>, <mask>)."""
+    return (
+        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (token.startswith("<|") and token.endswith("|>"))
+        or (token.startswith("<｜") and token.endswith("｜>"))
+        or (token.startswith("<unused") and token.endswith(">"))
+    )
+
+
 def _vocab_from_tokenizer_json(path: Path) -> VocabMetadata:
     """A byte-level BPE `tokenizer.json` (+ `tokenizer_config.json` beside it) as llama.cpp's `_set_vocab_gpt2` writes it."""
     data = json.loads(path.read_text())
@@ -352,7 +363,7 @@ def _vocab_from_tokenizer_json(path: Path) -> VocabMetadata:
     types = [UNUSED] * size
     for token, i in vocab.items():
         tokens[i] = token
-        types[i] = (CONTROL if added[token].get("special") else USER_DEFINED) if token in added else NORMAL
+        types[i] = (CONTROL if added[token].get("special") or looks_special(token) else USER_DEFINED) if token in added else NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     # Special ids, the BOS flag and the chat template as lightning_tune reads this tokenizer (and
     # transformers: BOS is what the post-processor prepends unless tokenizer_config.json says otherwise).

@@ -345,6 +345,12 @@ def test_a_qwen_tokenizer_json_exports_as_llama_cpps_qwen2_vocabulary(exported, 
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
     assert meta["tokenizer.ggml.tokens"][meta["tokenizer.ggml.eos_token_id"]] == reference.eos_token
     assert len(meta["tokenizer.ggml.tokens"]) == 151936 > len(reference)
+    # token types as the converter's get_vocab_base: added tokens CONTROL when special or when they look special
+    # (<|...|>: Qwen's fim / repo tokens are not marked special), else USER_DEFINED (<think>); the padding UNUSED
+    added = {t.content: (i, t.special) for i, t in reference.added_tokens_decoder.items()}
+    kinds = {token: meta["tokenizer.ggml.token_type"][i] for token, (i, _) in added.items()}
+    assert kinds["<|fim_prefix|>"] == kinds["<|im_end|>"] == 3 and not added["<|fim_prefix|>"][1] and kinds["<think>"] == 4
+    assert meta["tokenizer.ggml.token_type"][len(reference) :] == [5] * (151936 - len(reference))
     back = load_tokenizer(out)
     for text in ["Hello world", "def f(x):\n    return x ** 2  # 12345", "<|im_start|>user\n你好<|im_end|>\n"]:
         assert back.encode(text) == reference.encode(text, add_special_tokens=True), text
