@@ -308,6 +308,7 @@ def load_balancing_loss(router_logits: list[Tensor], num_experts: int, top_k: in
         assigned = assigned + torch.zeros(num_experts, device=device).scatter_add_(0, chosen.reshape(-1), ones)
         probs_sum = probs_sum + (probs if weight is None else probs * weight[:, None]).sum(0)
         rows = rows + (probs.shape[0] if weight is None else weight.sum())
+    rows = rows.clamp(min=1)  # every token padding (a batch without a labelled token): 0, not 0 / 0
     return num_experts * torch.sum((assigned / rows) * (probs_sum / rows))
 
 

@@ -381,3 +381,13 @@ def test_validate_counts_the_parameters_a_token_computes_with() -> None:
     inactive = 48 * (128 - 8) * 3 * 2048 * 768  # per layer, 120 idle experts of gate, up and down (2048 x 768 each)
     assert estimate.parameters == 30_532_122_624 and estimate.active == 30_532_122_624 - inactive == 3_353_032_704
     assert "(3,353,032,704 active per token)" in estimate.lines()[0]
+
+
+def test_load_balancing_loss_of_all_padding_is_zero_not_nan() -> None:
+    from lightning_tune.model.moe import load_balancing_loss
+
+    logits = [torch.randn(6, 4, requires_grad=True)]
+    loss = load_balancing_loss(logits, num_experts=4, top_k=2, mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logits[0].grad).all()
