@@ -120,7 +120,10 @@ def test_config_json_reads_in_both_forms_and_exports_what_transformers_reads(cas
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"model_type": "deepseek_v3"}, "model_type 'deepseek_v3' is not supported; supported: llama, qwen2, qwen3, mistral, gemma3_text, gemma2, olmo2, phi3, ministral3, qwen3_moe, mixtral, gpt_oss"),
+        (
+            {"model_type": "deepseek_v3"},
+            "model_type 'deepseek_v3' is not supported; supported: llama, qwen2, qwen3, mistral, gemma3_text, gemma2, olmo2, phi3, ministral3, qwen3_moe, mixtral, gpt_oss",
+        ),
         ({"rope_parameters": None, "rope_theta": 1e4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rotary type 'yarn' is not supported; supported: default, llama3, linear"),
         ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rotary type 'longrope' is not supported"),
         ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding-window attention on some layers only"),
