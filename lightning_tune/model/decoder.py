@@ -217,13 +217,19 @@ class CausalLM(nn.Module):
         """The load-balancing loss of the router logits the sparse layers kept in the last training forward
         (`moe.load_balancing_loss`, transformers' `router_aux_loss`), unweighted; they are released.
         `mask` [B, T]: 1 for real tokens, 0 for padding. None for a dense model or after no training forward."""
+        logits = self.take_router_logits()
+        if not logits:
+            return None
+        return load_balancing_loss(logits, self.config.num_experts, self.config.num_experts_per_tok, mask)
+
+    def take_router_logits(self) -> list[Tensor]:
+        """The router logits the sparse layers kept in the last training forward, released from the layers
+        (a recipe whose loss leaves the load-balancing term out just drops them)."""
         layers = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
         logits = [moe.router_logits for moe in layers if moe.router_logits is not None]
         for moe in layers:
             moe.router_logits = None
-        if not logits:
-            return None
-        return load_balancing_loss(logits, self.config.num_experts, self.config.num_experts_per_tok, mask)
+        return logits
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         """Give every attention layer a preallocated cache for `batch_size` rows of `max_seq_len` tokens."""

@@ -441,7 +441,7 @@ class FinetuneModule(pl.LightningModule):
         """Release the router logits a recipe's loss did not take (every recipe but SFT's: as TRL, their losses
         leave the load-balancing term out)."""
         if self.model is not None and self.model.config.num_experts:
-            self.model.router_aux_loss()
+            self.model.take_router_logits()
 
     def on_fit_start(self) -> None:
         """With `compile`, compile each decoder layer in place (state-dict keys unchanged).

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_tune.checkpoint import save_peft_adapter, weight_reader
-from lightning_tune.layers.lora import MLP_TARGETS, apply_lora, disable_adapters, lora_modules, mark_only_lora_trainable, merged_state_dict, quantize_linears, resolve_targets
+from lightning_tune.layers.lora import MLP_TARGETS, apply_lora, disable_adapters, is_lora_key, lora_modules, mark_only_lora_trainable, merged_state_dict, quantize_linears, resolve_targets
 from lightning_tune.layers.nf4 import check_dtype, require_bitsandbytes
 from lightning_tune.model import CausalLM
 from lightning_tune.model.moe import add_expert_adapters, disable_expert_adapters, expert_adapters, merged_expert_tensors, quantize_experts
@@ -201,7 +201,7 @@ class LoRA:
             kinds.append(f"experts ({len(experts) // 2} layers x {model.config.num_experts} experts x gate_up_proj, down_proj)")
         elif model.config.num_experts:
             kinds.append(f"not the experts (apply_lora_to_experts: false; they hold most of the {model.config.num_experts}-expert model's weights)")
-        trained = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        trained = sum(p.numel() for n, p in model.named_parameters() if is_lora_key(n))
         return f"LoRA: rank {self.rank} adapters on {', '.join(kinds)}: {trained:,} trained parameters"
 
     @contextmanager

@@ -61,7 +61,7 @@ def our_router_logits(model: CausalLM, x: torch.Tensor) -> list[torch.Tensor]:
     model.train()  # the sparse layers keep their router logits in training forwards (nothing else differs: no dropout)
     model(x)
     logits = [layer.mlp.router_logits for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
-    model.router_aux_loss()
+    model.take_router_logits()
     return logits
 
 
