@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_tune.checkpoint.fp8 import ACTIVATION_SCALES, SCALE_SUFFIX, FP8Config, FP8Error, dequantize_fp8, fp8_config, not_converted, scale_shape
 from lightning_tune.checkpoint.mxfp4 import dequantize_mxfp4, dequantized_shape
 from lightning_tune.checkpoint.tensors import EXPERT_NAMES, Entry, check_entries, first_names, fuse_split, load_state_dict_file, split_fused, stack_experts, unstack_experts
 from lightning_tune.families import hf_mapping
@@ -46,9 +47,31 @@ def text_decoder_key(key: str) -> str | None:
 
 
 def load_hf_config(path: Path) -> tuple[ModelConfig, bool]:
-    """config.json -> (ModelConfig, tie_word_embeddings)."""
-    config = config_from_hf(read_json(path / "config.json"), path / "config.json")
+    """config.json -> (ModelConfig, tie_word_embeddings); a quantization_config this reader cannot
+    dequantise is refused here, before any weight file is opened."""
+    cfg = read_json(path / "config.json")
+    config = config_from_hf(cfg, path / "config.json")
+    hf_quantization(cfg, path / "config.json", config)
     return config, config.tie_word_embeddings
+
+
+def hf_quantization(cfg: dict, file: Path, config: ModelConfig) -> FP8Config | None:
+    """config.json's quantization_config: FP8 (`checkpoint/fp8.py`) read as an FP8Config, gpt-oss's MXFP4
+    (dequantised by `mxfp4_entries`) and none as None; any other method refused in one line."""
+    quant = cfg.get("quantization_config")
+    if quant is None:
+        return None
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{file}: quantization_config must be an object, got {str(quant)[:100]}")
+    method = quant.get("quant_method")
+    if method == "mxfp4" and hf_mapping(config.model_type).experts == "gpt_oss":
+        return None
+    if method != "fp8":
+        raise CheckpointError(f"{file}: quantization_config quant_method {str(method)[:50]!r} is not supported (supported: fp8, and mxfp4 for gpt-oss); use a bf16/fp32 copy of the model")
+    try:
+        return fp8_config(quant, cfg)
+    except FP8Error as err:
+        raise CheckpointError(f"{file}: quantization_config: {err}") from None
 
 
 def _hf_weight_files(path: Path) -> list[Path]:
@@ -242,6 +265,64 @@ def mxfp4_entries(entries: list[Entry]) -> list[Entry]:
     return out
 
 
+def _safetensors_dtypes(path: Path) -> dict[str, str]:
+    """Our key -> its safetensors dtype ("F8_E4M3", "F32", ...), from the headers alone (.bin files: none)."""
+    dtypes = {}
+    for file in _hf_weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    if text_decoder_key(key) is not None:
+                        dtypes[text_decoder_key(key)] = handle.get_slice(key).get_dtype()
+    return dtypes
+
+
+def _fp8_read(entry: Entry, scale: Entry, quant: FP8Config):
+    def read() -> Tensor:
+        try:
+            return dequantize_fp8(entry.read(), scale.read(), quant.block, quant.dtype)
+        except FP8Error as err:
+            raise CheckpointError(f"{entry.file}: {entry.key}: {err}") from None
+
+    return read
+
+
+def fp8_entries(entries: list[Entry], quant: FP8Config, dtypes: dict[str, str]) -> list[Entry]:
+    """Each FP8 `<module>.weight` with its `<module>.weight_scale_inv` becomes the weight, dequantised to
+    `quant.dtype` when read (`checkpoint/fp8.py`); activation scales are dropped; other entries pass.
+    Every scale's shape and dtype is checked against its weight before any tensor is read (`dtypes`: the
+    safetensors headers' dtypes), and a float8 weight without a scale, a scale without a weight or a scale
+    on a module the config leaves unquantised (`modules_to_not_convert`) is refused in one line."""
+    by_key = {e.key: e for e in entries}
+    out = []
+    for entry in entries:
+        module, _, name = entry.key.rpartition(".")
+        if name in ACTIVATION_SCALES:
+            continue
+        if name == SCALE_SUFFIX:
+            if f"{module}.weight" not in by_key:
+                raise CheckpointError(f"{entry.file}: {entry.key} has no weight {module}.weight to scale")
+            continue
+        scale = by_key.get(f"{module}.{SCALE_SUFFIX}") if name == "weight" else None
+        if scale is None:
+            if dtypes.get(entry.key, "").startswith("F8"):
+                raise CheckpointError(f"{entry.file}: {entry.key} is {dtypes[entry.key]} but has no {module}.{SCALE_SUFFIX} to dequantise it with")
+            out.append(entry)
+            continue
+        if not_converted(module, quant.not_converted):
+            raise CheckpointError(f"{scale.file}: {scale.key}: {module} is in quantization_config.modules_to_not_convert but has an FP8 scale")
+        if dtypes and dtypes.get(entry.key) != "F8_E4M3":
+            raise CheckpointError(f"{entry.file}: {entry.key} is {dtypes.get(entry.key)}, expected F8_E4M3 beside its {SCALE_SUFFIX}")
+        if dtypes and dtypes.get(scale.key) not in ("F32", "BF16", "F16"):
+            raise CheckpointError(f"{scale.file}: {scale.key} is {dtypes.get(scale.key)}, expected an F32, BF16 or F16 scale")
+        if len(entry.shape) != 2 or scale.shape not in scale_shape(entry.shape, quant.block):
+            layout = f"weight_block_size {list(quant.block)}" if quant.block else "one scale per tensor (weight_block_size null)"
+            expected = " or ".join(str(list(s)) for s in scale_shape(entry.shape, quant.block)) if len(entry.shape) == 2 else "a 2-D weight"
+            raise CheckpointError(f"{scale.file}: {scale.key} has shape {list(scale.shape)} for a weight of shape {list(entry.shape)}; {layout} needs {expected}")
+        out.append(Entry(entry.key, entry.shape, entry.file, None if entry.read is None else _fp8_read(entry, scale, quant)))
+    return out
+
+
 def detect(path: Path) -> bool:
     """A Hugging Face directory: config.json (after `meta.detect`: some downloads carry both configs)."""
     return path.is_dir() and (path / "config.json").is_file()
@@ -253,6 +334,9 @@ def read_config(path: Path) -> tuple[ModelConfig, bool]:
 
 def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entry]:
     entries = hf_entries(path, stack)
+    quant = hf_quantization(read_json(path / "config.json"), path / "config.json", config)
+    if quant is not None:  # before experts are stacked or projections split: those see plain weights
+        entries = fp8_entries(entries, quant, _safetensors_dtypes(path))
     mapping = hf_mapping(config.model_type)
     if mapping.experts in EXPERT_NAMES:
         entries = stack_experts(entries, mapping.experts, config.num_experts)
