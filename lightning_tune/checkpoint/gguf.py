@@ -1,5 +1,5 @@
-"""GGUF weights in and out (llama.cpp's single-file format; its llama, gemma2, gemma3, phi3, olmo2, qwen2, qwen3
-and qwen3moe architectures): config and tensors read (dequantised by the gguf package), a model written as
+"""GGUF weights in and out (llama.cpp's single-file format; its llama (Mixtral's experts too), gemma2, gemma3, phi3,
+olmo2, qwen2, qwen3 and qwen3moe architectures): config and tensors read (dequantised by the gguf package), a model written as
 llama.cpp's converter names, lays out and types it (gguf's own architecture names, tensor names and keys), with its
 Modelfile."""
 
@@ -44,6 +44,7 @@ OutType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_ARCHES = {
     "llama": "llama",
     "mistral": "llama",
+    "mixtral": "llama",  # llama.cpp's llama with expert_count: Mixtral's experts (convert_hf_to_gguf's LlamaModel)
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
@@ -58,8 +59,12 @@ MODEL_TYPES = {"llama": "llama", "gemma2": "gemma2", "gemma3": "gemma3_text", "p
 # head_dim (every Qwen 3), and for Qwen3-MoE expert_count, expert_used_count and expert_feed_forward_length.
 QWEN_ARCHES = ("qwen2", "qwen3", "qwen3moe")
 QK_NORM_ARCHES = ("gemma3", "olmo2", "qwen3", "qwen3moe")
+# Architectures whose layers may hold experts: llama.cpp's build_moe_ffn with softmax gating over every expert, the top
+# k renormalised (qwen3moe.cpp; llama.cpp for Mixtral), in every layer. A llama file with llama.expert_count is Mixtral.
+MOE_ARCHES = ("llama", "qwen3moe")
 # Our stacked experts (model/moe.py): gate_up_proj [X, 2I, E] ([gate; up] rows per expert), down_proj [X, E, I]. The
-# converter (Qwen2MoeModel.modify_tensors) splits gate_up_proj into mlp.experts.gate_proj / up_proj [X, I, E], names
+# converter (Qwen2MoeModel.modify_tensors; for Mixtral LlamaModel.modify_tensors stacks the Hub's per-expert w1 / w3 /
+# w2 into the same three tensors) splits gate_up_proj into mlp.experts.gate_proj / up_proj [X, I, E], names
 # each (and down_proj) with `.weight` through TensorNameMap: ffn_gate_exps, ffn_up_exps, ffn_down_exps (ggml ne
 # {E, I, X} and {I, E, X}: the same row-major bytes); the router mlp.gate [X, E] is ffn_gate_inp, always F32.
 MOE_GATE_UP, MOE_DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
@@ -111,9 +116,9 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
     if (rope_scaling not in ("none", None) and not linear) or "rope_freqs.weight" in tensor_names:
         what = f"rope scaling {rope_scaling!r}" if rope_scaling not in ("none", None) else "a rope_freqs tensor (Llama 3.1 rotary scaling)"
         raise GGUFError(f"{path}: {what} is not supported; only the default rotary embedding is (and Gemma 3's linear scaling, Phi-3's LongRoPE factors)")
-    for key in (f"{arch}.expert_count",) if arch != "qwen3moe" else ():
-        if metadata.get(key):
-            raise GGUFError(f"{path}: {key} = {metadata[key]}: mixture-of-experts GGUF files are not supported")
+    experts = int(metadata.get(f"{arch}.expert_count") or 0)
+    if experts and arch not in MOE_ARCHES:
+        raise GGUFError(f"{path}: {arch}.expert_count = {experts}: mixture-of-experts GGUF files are supported for {', '.join(MOE_ARCHES)}, not {arch!r}")
     heads = int(metadata_value(path, metadata, f"{arch}.attention.head_count"))
     embed_dim = int(metadata_value(path, metadata, f"{arch}.embedding_length"))
     if heads <= 0 or embed_dim <= 0:
@@ -145,7 +150,7 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
         "rope_base": float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
         "head_dim": head_dim,
         "tie_word_embeddings": tied,
-        "model_type": MODEL_TYPES[arch],
+        "model_type": "mixtral" if arch == "llama" and experts else MODEL_TYPES[arch],
     }
     window = metadata.get(f"{arch}.attention.sliding_window")
     if arch in SWA_PERIOD:  # Gemma: GeGLU, (1 + w) norms, llama.cpp's score scale and layer pattern
@@ -193,19 +198,20 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
             }
     elif arch in QWEN_ARCHES and not window:
         values |= {"attention_bias": "qkv"} if arch == "qwen2" else {"qk_norm": True}
-        if arch == "qwen3moe":  # llama.cpp: every layer sparse, softmax over the experts, top k renormalised
-            used = int(metadata_value(path, metadata, f"{arch}.expert_used_count"))
-            # llama.cpp's expert size where the file has none: feed_forward_length / expert_used_count
-            fallback = values["intermediate_dim"] // used if used > 0 else 0
-            values |= {
-                "num_experts": int(metadata_value(path, metadata, f"{arch}.expert_count")),
-                "num_experts_per_tok": used,
-                "moe_intermediate_dim": int(metadata.get(f"{arch}.expert_feed_forward_length", 0)) or fallback,
-                "router": "softmax_topk",
-                "norm_topk_prob": True,
-            }
     elif window:
         raise GGUFError(f"{path}: {arch}.attention.sliding_window = {window} is not supported for {arch!r} files")
+    if arch in MOE_ARCHES and (experts or arch == "qwen3moe"):  # llama.cpp: every layer sparse, softmax over the experts, top k renormalised
+        used = int(metadata_value(path, metadata, f"{arch}.expert_used_count"))
+        # llama.cpp's expert size where the file has none: qwen3moe feed_forward_length / expert_used_count, llama (Mixtral)
+        # feed_forward_length itself (its experts are intermediate_size wide; it writes no expert_feed_forward_length)
+        fallback = values["intermediate_dim"] if arch == "llama" else values["intermediate_dim"] // used if used > 0 else 0
+        values |= {
+            "num_experts": int(metadata_value(path, metadata, f"{arch}.expert_count")),
+            "num_experts_per_tok": used,
+            "moe_intermediate_dim": int(metadata.get(f"{arch}.expert_feed_forward_length", 0)) or fallback,
+            "router": "softmax_topk",
+            "norm_topk_prob": True,
+        }
     try:
         config = ModelConfig(**values)
     except (ValueError, TypeError) as err:
@@ -245,7 +251,7 @@ PHI3_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 def gguf_name_map(config: ModelConfig) -> dict[str, str]:
     """Our tensor name -> its llama.cpp name, by gguf's `TensorNameMap` for the architecture (as convert_hf_to_gguf
-    maps it); Phi-3's q/k/v and gate/up under their fused names (`attn_qkv`, `ffn_up`), Qwen3-MoE's experts under
+    maps it); Phi-3's q/k/v and gate/up under their fused names (`attn_qkv`, `ffn_up`), Qwen3-MoE's and Mixtral's experts under
     the converter's split names (`MOE_HALVES`, `mlp.experts.down_proj.weight`), biases as `.bias`."""
     gguf = import_gguf()
     arch = GGUF_ARCHES[config.model_type]
@@ -410,7 +416,7 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
         (f"rope_local_base {config.rope_local_base}", arch != "gemma3" and config.rope_local_base is not None),
         (f"sliding_window {config.sliding_window}", arch in no_window and config.sliding_window is not None),
         (f"layer_types {config.layer_types and list(config.layer_types)}", arch in (*no_window, "phi3") and config.layer_types is not None),
-        (f"num_experts {experts} (mixture of experts)", arch != "qwen3moe" and experts > 0),
+        (f"num_experts {experts} (mixture of experts)", arch not in MOE_ARCHES and experts > 0),
         ("attention_sinks", getattr(config, "attention_sinks", False)),
     ]
     if gemma:
@@ -432,11 +438,13 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
         checks.append(
             (f"rope_local_base {config.rope_local_base} (its sliding layers turn with base {GEMMA3_SWA_BASE:g})", config.sliding_window is not None and config.rope_local_base != GEMMA3_SWA_BASE)
         )
-    if arch == "qwen3moe":  # llama.cpp's qwen3moe.cpp: experts in every layer, softmax then top k, always renormalised
+    if arch in MOE_ARCHES:  # llama.cpp's qwen3moe.cpp and llama.cpp: experts in every layer, softmax then top k, always renormalised
         dense = [i for i in range(config.num_layers) if not config.is_moe_layer(i)] if experts else []
+        if arch == "llama" and experts:  # it has one feed-forward size: the experts' (no expert_feed_forward_length)
+            checks.append((f"moe_intermediate_dim {config.moe_intermediate_dim} other than intermediate_dim {config.intermediate_dim}", config.moe_intermediate_dim != config.intermediate_dim))
         checks += [
-            ("model without experts", not experts),
-            (f"router {config.router!r}", config.router != "softmax_topk"),
+            ("model without experts", not experts and (arch == "qwen3moe" or config.model_type == "mixtral")),
+            (f"router {config.router!r}", experts > 0 and config.router != "softmax_topk"),
             ("norm_topk_prob False (it always renormalises the chosen experts' weights to sum 1)", experts > 0 and not config.norm_topk_prob),
             (f"dense layers {dense} (mlp_only_layers {list(config.mlp_only_layers)}, decoder_sparse_step {config.decoder_sparse_step}: every layer of it has experts)", bool(dense)),
         ]
@@ -549,10 +557,11 @@ def _write_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
     if arch in (*SWA_PERIOD, "qwen3", "qwen3moe") or config.head_dim * config.num_heads != config.embed_dim:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    if arch == "qwen3moe":  # TextModel's expert counts, Qwen2MoeModel's expert size; llama.cpp always renormalises
+    if config.num_experts:  # TextModel's expert counts; Qwen2MoeModel's expert size (Mixtral's is feed_forward_length)
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(config.moe_intermediate_dim)
+        if arch == "qwen3moe":
+            writer.add_expert_feed_forward_length(config.moe_intermediate_dim)
     writer.add_rope_freq_base(config.rope_base)  # Gemma 3: the full layers' base (its sliding layers' is llama.cpp's fixed 10000)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)

@@ -394,7 +394,8 @@ def test_what_the_llama_architecture_cannot_hold_is_refused(random_model, byte_t
     for change, named in (
         ({"qk_norm": True}, "has no qk_norm"),
         ({"rope_type": "llama3", "rope_factor": 8.0}, "has no rope_type 'llama3'"),
-        ({"model_type": "mixtral"}, "architectures, which have no model_type 'mixtral'"),
+        ({"model_type": "gpt_oss"}, "architectures, which have no model_type 'gpt_oss'"),
+        ({"model_type": "mixtral"}, "'llama' architecture, which has no model without experts"),
     ):
         config = dataclasses.replace(SHAPE, **change)
         with pytest.raises(GGUFError, match=named):
