@@ -3,10 +3,14 @@ with YaRN rotary scaling (factor 16 over an original context of 16384, base 1e6)
 position-dependent query scaling, q * (1 + 0.1 * log(1 + floor(position / 16384))), after the rotary
 embedding. head_dim 128, a 131072-token Tekken vocabulary.
 
-The size below is transformers' `Ministral3Config` defaults, which its docstring ties to
-mistralai/Ministral-3-8B-Base-2512 [unconfirmed against the Hub file]. The released repositories are
+The 8B is transformers' `Ministral3Config` defaults, which its docstring ties to
+mistralai/Ministral-3-8B-Base-2512 [unconfirmed against the Hub file]. The 3B (hidden 3072, 26 layers,
+intermediate 9216, tied head, the same rotary) is the text_config that three independent public copies
+of the 3B's config agree on [not read from the Hub file]; its count, 3.43B, is the model card's "3.4B
+Language Model". No 14B: no public copy of its text_config was found. The released repositories are
 multimodal (`Mistral3ForConditionalGeneration`, `text_config` + `language_model.` weights; their text
-decoder loads, the vision tower is left out: `checkpoint/hf.py`).
+decoder loads, the vision tower is left out: `checkpoint/hf.py`); the Instruct ones ship the decoder's
+projections in FP8, one scale per tensor, dequantised as they load (`checkpoint/fp8.py`).
 """
 
 from __future__ import annotations
@@ -70,6 +74,25 @@ FAMILY = Family(
             ),
             8_489_553_920,
             "mistralai/Ministral-3-8B-Base-2512",
+        ),
+        "ministral3_3b": Size(
+            dict(
+                vocab_size=131072,
+                num_layers=26,
+                num_heads=32,
+                num_kv_heads=8,
+                head_dim=128,
+                embed_dim=3072,
+                intermediate_dim=9216,
+                max_seq_len=262144,
+                norm_eps=1e-5,
+                rope_base=1000000.0,
+                tie_word_embeddings=True,
+                model_type="ministral3",
+                **_YARN,
+            ),
+            3_429_006_336,
+            "mistralai/Ministral-3-3B-Instruct-2512",
         ),
     },
     # Tekken: <s> 1, </s> 2, [INST] 3, [/INST] 4, <pad> 11

@@ -363,7 +363,7 @@ QLORA_CONFIGS = [
     "alpaca_llama2_7b_qlora.yaml",
     "alpaca_llama2_70b_qlora.yaml",
     "alpaca_llama3_1_8b_qlora.yaml",
-    *(f"chat_{family}_qlora.yaml" for family in ("gemma3_4b", "gemma2_9b", "phi3_mini", "phi4_14b", "phi4_mini", "olmo2_7b", "qwen3_30b_a3b")),
+    *(f"chat_{family}_qlora.yaml" for family in ("gemma3_4b", "gemma2_9b", "phi3_mini", "phi4_14b", "phi4_mini", "olmo2_7b", "ministral3_8b", "qwen3_30b_a3b")),
 ]
 
 

@@ -282,6 +282,7 @@ FAMILY_CONFIGS = [
     "chat_phi4_14b_lora.yaml",
     "chat_phi4_mini_lora.yaml",  # LongRoPE: validate traces it on meta
     "chat_olmo2_7b_lora.yaml",
+    "chat_ministral3_8b_lora.yaml",  # an FP8 checkpoint: validate reads the shapes it dequantises to
     "chat_qwen3_30b_a3b_lora.yaml",
     "chat_gpt_oss_20b_lora.yaml",
 ]
