@@ -9,7 +9,8 @@ character span overlaps a trained span of the rendered text:
 - templates with `{% generation %}` blocks: the blocks' spans (as transformers' assistant masks);
 - otherwise: each assistant reply, found in order in the rendered text, through the first end-of-turn
   token after it (so the stop token is trained, and whatever the template writes between reply and
-  stop token, e.g. Llama 2's " "), with any `<think>...</think>` block rendered right before it
+  stop token, e.g. Llama 2's " "), with any `<think>...</think>` block rendered right before it, or the
+  message's own reasoning field where the template renders it before the reply (gpt-oss's analysis channel)
   (train as rendered: Qwen 3 keeps only the last turn's reasoning). The header stays masked.
 
 Record formats: OpenAI `messages: [{role, content}]` and ShareGPT `conversations: [{from, value}]`
@@ -203,6 +204,12 @@ def _reply_spans(text: str, messages: Sequence[Mapping[str, Any]], tokenizer: To
             think = re.search(r"<think>.*?</think>\s*$", text[cursor:start], re.S)
             if think is not None:
                 start = cursor + think.start()
+            # Reasoning given as a field and rendered before the reply in a channel of its own (gpt-oss renders
+            # the last turn's `thinking` as an analysis message, then the final one): from there on.
+            reasoning = _reasoning(message)
+            at = text.find(reasoning, cursor, start) if reasoning else -1
+            if at >= 0:
+                start = min(start, at)
         cursor = end
         if message["role"] == "assistant":
             stops = [found_at + len(s) for s in eot_strings if (found_at := text.find(s, end)) >= 0]
@@ -211,6 +218,12 @@ def _reply_spans(text: str, messages: Sequence[Mapping[str, Any]], tokenizer: To
                 cursor = end
             spans.append((start, end))
     return spans
+
+
+def _reasoning(message: Mapping[str, Any]) -> str | None:
+    """The message's reasoning text under any of the names templates read (as `render` aliases them)."""
+    value = next((message[key] for key in ("reasoning_content", "thinking", "reasoning") if message.get(key) is not None), None)
+    return value.strip() if isinstance(value, str) and value.strip() else None
 
 
 def _find_reply(text: str, content: str, cursor: int, eot_strings: Sequence[str]) -> tuple[int, int] | None:
