@@ -105,8 +105,8 @@ def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) ->
 def dequantize_fp8(weight: Tensor, scale: Tensor, block: tuple[int, int] | None, dtype: torch.dtype) -> Tensor:
     """float8 weight [..., out, in] times its scale (a scalar, or one per block of the [ceil(out / b0),
     ceil(in / b1)] grid), in float32, rounded once to `dtype`."""
-    if weight.dtype not in FP8_DTYPES:
-        raise FP8Error(f"expected a float8_e4m3fn weight, got {weight.dtype}")
+    if weight.dtype not in FP8_DTYPES or weight.dim() < 2:
+        raise FP8Error(f"expected a float8_e4m3fn weight of at least 2 dimensions, got {weight.dtype} {list(weight.shape)}")
     if not scale.dtype.is_floating_point or scale.element_size() < 2:
         raise FP8Error(f"expected a float32/bfloat16/float16 scale, got {scale.dtype}")
     if tuple(scale.shape) not in scale_shape(tuple(weight.shape), block):

@@ -265,15 +265,20 @@ def mxfp4_entries(entries: list[Entry]) -> list[Entry]:
     return out
 
 
-def _safetensors_dtypes(path: Path) -> dict[str, str]:
-    """Our key -> its safetensors dtype ("F8_E4M3", "F32", ...), from the headers alone (.bin files: none)."""
+SAFETENSORS_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _weight_dtypes(path: Path) -> dict[str, str]:
+    """Our key -> its dtype as safetensors names it ("F8_E4M3", "F32", ...): from the safetensors headers, or
+    from a memory-mapped .bin (no tensor data read either way)."""
     dtypes = {}
     for file in _hf_weight_files(path):
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    if text_decoder_key(key) is not None:
-                        dtypes[text_decoder_key(key)] = handle.get_slice(key).get_dtype()
+                found = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+        else:
+            found = {key: SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)) for key, t in load_state_dict_file(file).items()}
+        dtypes |= {text_decoder_key(key): dtype for key, dtype in found.items() if text_decoder_key(key) is not None}
     return dtypes
 
 
@@ -290,8 +295,8 @@ def _fp8_read(entry: Entry, scale: Entry, quant: FP8Config):
 def fp8_entries(entries: list[Entry], quant: FP8Config, dtypes: dict[str, str]) -> list[Entry]:
     """Each FP8 `<module>.weight` with its `<module>.weight_scale_inv` becomes the weight, dequantised to
     `quant.dtype` when read (`checkpoint/fp8.py`); activation scales are dropped; other entries pass.
-    Every scale's shape and dtype is checked against its weight before any tensor is read (`dtypes`: the
-    safetensors headers' dtypes), and a float8 weight without a scale, a scale without a weight or a scale
+    Every scale's shape and dtype is checked against its weight before any tensor is read (`dtypes`: each
+    key's dtype, `_weight_dtypes`), and a float8 weight without a scale, a scale without a weight or a scale
     on a module the config leaves unquantised (`modules_to_not_convert`) is refused in one line."""
     by_key = {e.key: e for e in entries}
     out = []
@@ -311,9 +316,9 @@ def fp8_entries(entries: list[Entry], quant: FP8Config, dtypes: dict[str, str]) 
             continue
         if not_converted(module, quant.not_converted):
             raise CheckpointError(f"{scale.file}: {scale.key}: {module} is in quantization_config.modules_to_not_convert but has an FP8 scale")
-        if dtypes and dtypes.get(entry.key) != "F8_E4M3":
+        if dtypes.get(entry.key) != "F8_E4M3":
             raise CheckpointError(f"{entry.file}: {entry.key} is {dtypes.get(entry.key)}, expected F8_E4M3 beside its {SCALE_SUFFIX}")
-        if dtypes and dtypes.get(scale.key) not in ("F32", "BF16", "F16"):
+        if dtypes.get(scale.key) not in ("F32", "BF16", "F16"):
             raise CheckpointError(f"{scale.file}: {scale.key} is {dtypes.get(scale.key)}, expected an F32, BF16 or F16 scale")
         if len(entry.shape) != 2 or scale.shape not in scale_shape(entry.shape, quant.block):
             layout = f"weight_block_size {list(quant.block)}" if quant.block else "one scale per tensor (weight_block_size null)"
@@ -336,7 +341,7 @@ def read_entries(path: Path, config: ModelConfig, stack: ExitStack) -> list[Entr
     entries = hf_entries(path, stack)
     quant = hf_quantization(read_json(path / "config.json"), path / "config.json", config)
     if quant is not None:  # before experts are stacked or projections split: those see plain weights
-        entries = fp8_entries(entries, quant, _safetensors_dtypes(path))
+        entries = fp8_entries(entries, quant, _weight_dtypes(path))
     mapping = hf_mapping(config.model_type)
     if mapping.experts in EXPERT_NAMES:
         entries = stack_experts(entries, mapping.experts, config.num_experts)

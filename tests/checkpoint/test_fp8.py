@@ -86,7 +86,8 @@ def write_fp8(model: transformers.PreTrainedModel, path: Path, quant: dict, dtyp
             state[key], state[key.replace(".weight", ".weight_scale_inv")] = q, inv
             if quant["activation_scheme"] == "static":
                 state[key.replace(".weight", ".activation_scale")] = torch.tensor(0.05)
-            exact[key] = q.float() * (inv if inv.dim() == 0 else inv.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]])
+            b0, b1 = quant["weight_block_size"] or q.shape
+            exact[key] = q.float() * (inv if inv.dim() == 0 else inv.repeat_interleave(b0, 0)[: q.shape[0]].repeat_interleave(b1, 1)[:, : q.shape[1]])
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | {"quantization_config": quant}, indent=2))
@@ -138,6 +139,21 @@ def test_a_per_tensor_fp8_ministral3_loads_as_transformers_dequantises_it(wrappe
     for key, value in reference.state_dict().items():
         if text_decoder_key(key) in mine:
             assert torch.equal(mine[text_decoder_key(key)], value), key
+
+
+def test_an_fp8_pytorch_bin_reads_as_its_safetensors(tmp_path: Path) -> None:
+    """The same FP8 tensors in pytorch_model.bin: the same model, and a float8 weight without its scale is
+    still refused before any read (its dtype comes from the memory-mapped file)."""
+    write_fp8(tiny_hf("ministral3", **TEXT), tmp_path, MINISTRAL3_FP8)
+    expected = from_pretrained(tmp_path).state_dict()
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert all(torch.equal(v, expected[k]) for k, v in from_pretrained(tmp_path).state_dict().items())
+    del state["model.layers.1.mlp.up_proj.weight_scale_inv"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: model.layers.1.mlp.up_proj.weight is F8_E4M3 but has no"):
+        from_pretrained(tmp_path)
 
 
 def test_bf16_fp8_checkpoint_dequantises_to_bf16_as_transformers_does(tmp_path: Path) -> None:
@@ -210,6 +226,33 @@ def test_fp8_loads_into_qlora_and_exports_plain(tmp_path: Path) -> None:
         plain = QLinear(layer.in_features, layer.out_features)
         plain.quantize_base_(dense[name.replace(".base_layer", "")].weight.detach().clone())
         assert torch.equal(layer.base_nf4.packed, plain.base_nf4.packed), name
+
+
+def test_a_qlora_fit_on_fp8_merges_into_the_dequantised_weights_and_exports_plain(tmp_path: Path) -> None:
+    """QLoRA's merged/ reads each original weight from the FP8 checkpoint again (`weight_reader`), dequantised:
+    a layer without an adapter is written exactly as the FP8 tensor dequantises, in float32, with no
+    quantization_config, and transformers reads merged/ with the trained model's logits."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_tune.recipes import LoRAFinetune
+
+    write_fp8(tiny_hf("ministral3", **TEXT), tmp_path / "fp8", MINISTRAL3_FP8)
+    pl.seed_everything(0)
+    module = LoRAFinetune(checkpoint_dir=str(tmp_path / "fp8"), lr=1e-2, warmup_steps=0, lora_rank=4, lora_alpha=8, lora_dropout=0.0, quantize_base="nf4")
+    x = ids()
+    batches = [{"input_ids": x, "labels": x.clone()}] * 2
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, default_root_dir=tmp_path / "run", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    merged = tmp_path / "run" / "merged"
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    tensors = load_file(merged / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    k_proj = "model.layers.0.self_attn.k_proj.weight"  # no adapter: the FP8 weight as it dequantises
+    assert torch.equal(tensors[k_proj], from_pretrained(tmp_path / "fp8").state_dict()[k_proj])
+    back = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_error(from_pretrained(merged)(x), back(x).logits) <= 1e-5
 
 
 def broken(tmp_path: Path, change) -> Path:
