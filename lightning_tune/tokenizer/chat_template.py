@@ -5,8 +5,8 @@ The environment is transformers' (`utils/chat_template_utils.py`): an `Immutable
 the `{% generation %}` tag, `raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape, and
 the variables `messages`, `tools`, `documents`, `add_generation_prompt` and the special tokens
 (`bos_token`, `eos_token`, ...). Messages lose their None-valued keys first, as there. So the rendered
-text, and with it the ids, equal `apply_chat_template` (tests compare on the real Llama 3.1 and Qwen 3
-templates).
+text, and with it the ids, equal `apply_chat_template` (tests compare on the real templates of Llama 3.1,
+Qwen 3, Gemma 2 and 3, Phi-3.5, Phi-4-mini, OLMo 2, gpt-oss and Mistral Small 3.2).
 
 `render` also returns the character spans of `{% generation %}` blocks, from the one rendering, for masks.
 """

@@ -71,8 +71,9 @@ CONVERSATIONS = [
     ],
 ]
 
-# Phi-3.5-mini-instruct's added tokens (its tokenizer_config.json added_tokens_decoder: all special, rstrip but
-# <|endoftext|>); public copy of that config with the same ids: torchtune's PHI3_SPECIAL_TOKENS.
+# Phi-3.5-mini-instruct's added tokens: ids as in github.com/pytorch/torchtune torchtune/models/phi3/_special_tokens.json;
+# flags (all special, all rstrip but <|endoftext|>) as in a public Python copy of Phi-3's tokenizer_config.json
+# added_tokens_decoder (same ids and contents).
 PHI3_5_ADDED = {
     32000: "<|endoftext|>",
     32001: "<|assistant|>",
@@ -86,8 +87,10 @@ PHI3_5_ADDED = {
     32009: "<|placeholder6|>",
     32010: "<|user|>",
 }
-# Phi-4-mini-instruct's chat tokens after o200k's <|endoftext|> 199999 and <|endofprompt|> 200018 (its
-# added_tokens.json; 200019..200021 and 200023 as also written in agentgym-rl's Phi4MiniInstructTokenHandler).
+# Phi-4-mini-instruct's chat tokens after o200k's <|endoftext|> 199999 and <|endofprompt|> 200018. 200019..200021
+# and 200023 as a public copy has them (an agentgym-rl Phi4MiniInstructTokenHandler); the others in the order of
+# the model's added_tokens.json as remembered, not read from a copy here (none was found): the comparison with
+# transformers holds whichever ids they are, only their realism rests on it.
 PHI4_MINI_ADDED = {
     200019: "<|assistant|>",
     200020: "<|end|>",
