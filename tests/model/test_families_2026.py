@@ -364,6 +364,40 @@ def test_a_multimodal_mistral3_checkpoint_loads_its_ministral3_decoder(tied: boo
         assert rel_error(ours(x), hf(input_ids=x).logits) <= 1e-5
 
 
+# A split regex of the form tekken.json carries (not necessarily its exact one: any pattern goes through the same converter)
+TEKKEN_PATTERN = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def test_a_tekken_tokenizer_json_reads_with_transformers_ids(tmp_path: Path) -> None:
+    """Ministral 3's tokenizer is Tekken, shipped as a tokenizer.json that transformers' converter writes
+    (a BPE over bytes, a Split + ByteLevel pre-tokenizer, the special tokens first). A tiny tekken.json put
+    through that converter reads with transformers' ids, special tokens and decoding (no BOS prepended, as
+    in transformers: the chat template writes <s>)."""
+    import base64
+
+    from lightning_tune.tokenizer import load_tokenizer
+
+    pytest.importorskip("transformers.integrations.mistral.tokenizer")
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>"]
+    pieces = [bytes([i]) for i in range(256)] + [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"th", b"the", b" the", b"in", b"ing"]
+    tekken = {
+        "config": {"pattern": TEKKEN_PATTERN, "default_vocab_size": 1000, "default_num_special_tokens": 100, "version": "v7"},
+        "vocab": [{"rank": i, "token_bytes": base64.b64encode(b).decode(), "token_str": None} for i, b in enumerate(pieces)],
+        "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(specials)],
+    }
+    (tmp_path / "tekken.json").write_text(json.dumps(tekken))
+    converted = convert_tekken_tokenizer(str(tmp_path / "tekken.json"))
+    converted.add_special_tokens({"pad_token": "<pad>"})  # as convert_ministral3_weights_to_hf.py does
+    converted.save_pretrained(tmp_path / "hf")
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer(tmp_path / "hf")
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.token_to_id("[INST]"), ours.token_to_id("[/INST]")) == (None, 2, 11, 3, 4)
+    for text in ["hello world", "[INST]hello[/INST] the world</s>", "héllo 123\n\nin the ing"]:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids and ours.decode(ids) == theirs.decode(ids), text
+
+
 # --------------------------------------------------------------------------------------------------
 # Phi-4-mini (its own family in families/phi4.py: partial rotary 0.75, LongRoPE, tied head, 200064 rows)
 
