@@ -94,10 +94,10 @@ def not_converted(module: str, patterns: tuple[str, ...]) -> bool:
 
 
 def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[tuple[int, ...], ...]:
-    """The scale shapes a weight of `weight_shape` may carry: a scalar (stored as [] or [1]) per tensor, else
-    the [ceil(out / b0), ceil(in / b1)] grid."""
+    """The scale shapes a weight of `weight_shape` may carry: a scalar (stored as [], [1] or [1, 1]) per tensor,
+    else the [ceil(out / b0), ceil(in / b1)] grid."""
     if block is None:
-        return ((), (1,))
+        return ((), (1,), (1, 1))
     out, inp = weight_shape[-2:]
     return ((*weight_shape[:-2], math.ceil(out / block[0]), math.ceil(inp / block[1])),)
 

@@ -185,6 +185,20 @@ def test_a_block_fp8_qwen3_and_llama_load_as_transformers_dequantises_them(tmp_p
             assert torch.equal(ours.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("block", [None, (128, 128)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_equals_transformers_fp8_dequantize(block, scale_dtype, dtype) -> None:
+    """Bit for bit transformers' `Fp8Dequantize` (its load-time op), every stored scalar shape included."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    torch.manual_seed(0)
+    q, inv = quantise(torch.randn(256, 384), list(block) if block else None)
+    for scale in [inv.to(scale_dtype)] if block else [inv.to(scale_dtype).reshape(shape) for shape in ((), (1,), (1, 1))]:
+        expected = Fp8Dequantize(None)._dequantize_one(q, scale, output_dtype=dtype)
+        assert torch.equal(dequantize_fp8(q, scale, block, dtype), expected), list(scale.shape)
+
+
 def test_blocks_cut_at_the_weight_edge_dequantise_by_the_ceil_grid() -> None:
     """A weight of 200 x 300 in 128-blocks: a [2, 3] grid whose last row and column of blocks are cut short
     (DeepSeek-V3's `weight_dequant`). transformers 5.25 derives the block from the grid (200 / 2 = 100 rows)
@@ -273,7 +287,7 @@ CASES = {
     ),
     "per tensor": (
         lambda s, c: c["quantization_config"].update(weight_block_size=None),
-        r"weight_scale_inv has shape \[2, 5\] for a weight of shape \[64, 160\]; one scale per tensor \(weight_block_size null\) needs \[\] or \[1\]",
+        r"weight_scale_inv has shape \[2, 5\] for a weight of shape \[64, 160\]; one scale per tensor \(weight_block_size null\) needs \[\] or \[1\] or \[1, 1\]",
     ),
     "missing scale": (lambda s, c: s.pop(f"{KEY}.weight_scale_inv"), r"q_proj.weight is F8_E4M3 but has no model.layers.0.self_attn.q_proj.weight_scale_inv"),
     "scale without weight": (lambda s, c: s.update({"model.layers.0.mlp.gate.weight_scale_inv": torch.ones(1)}), r"gate.weight_scale_inv has no weight"),
