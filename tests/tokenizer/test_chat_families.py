@@ -479,3 +479,24 @@ def test_a_reasoning_field_rendered_before_the_reply_is_trained_with_it() -> Non
     ]
     sample = encode_conversation(ours, conversation, template, 4096)
     assert ours.decode(trained(sample)) == "A1<|eot_id|>Think it through.<|eot_id|>final: A2<|eot_id|>"
+
+
+@pytest.mark.parametrize("name, training", [("gemma2", "gemma_training.jinja"), ("gemma3", "gemma3_training.jinja"), ("phi3_5_mini", "phi3_5_training.jinja")])
+def test_labels_equal_trls_training_templates_but_what_trl_trains_after_the_end_of_turn(families, name, training) -> None:
+    """A second reference no one here wrote: transformers' masks over TRL's own marked copies. TRL also trains
+    what follows the end-of-turn token (Gemma's "\\n", Phi-3.5's closing <|endoftext|>); we stop at it. (Phi-3.5's
+    header tokens are rstrip: <|assistant|> swallows a reply's leading newlines, and then all three train it.)"""
+    import trl
+
+    family = families(name)
+    ours = family.ours
+    template = (Path(trl.__file__).parent / "chat_templates" / training).read_text(encoding="utf-8")
+    end_of_turn = ours.token_to_id("<end_of_turn>" if name != "phi3_5_mini" else "<|end|>")
+    after = {ours.eos_id} if name == "phi3_5_mini" else set(ours.encode("\n", add_bos=False))  # what TRL trains after it
+    for conversation in family.conversations:
+        marked = family.reference.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template)
+        sample = encode_conversation(ours, conversation, ours.chat_template, 4096)
+        assert sample["input_ids"] == marked["input_ids"]
+        ids = marked["input_ids"]
+        expected = [i if m and not (i in after and k > 0 and ids[k - 1] == end_of_turn) else IGNORE_INDEX for k, (i, m) in enumerate(zip(ids, marked["assistant_masks"]))]
+        assert sample["labels"] == expected
