@@ -1,5 +1,5 @@
 """GGUF weights in and out (llama.cpp's single-file format; its llama (Mixtral's experts too), gemma2, gemma3, phi3,
-olmo2, qwen2, qwen3 and qwen3moe architectures): config and tensors read (dequantised by the gguf package), a model written as
+olmo2, qwen2, qwen3, qwen3moe and gpt-oss architectures): config and tensors read (dequantised by the gguf package), a model written as
 llama.cpp's converter names, lays out and types it (gguf's own architecture names, tensor names and keys), with its
 Modelfile."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -34,9 +35,12 @@ from lightning_tune.io.gguf import GGUFError, check_architecture, import_gguf, m
 from lightning_tune.tokenizer.chat_template import CHATML, ChatTemplateError, render
 from lightning_tune.tokenizer.gguf import VocabMetadata, vocab_metadata, write_vocab
 
+log = logging.getLogger(__name__)
+
 # Tensor types read (dequantised by the gguf package). Issue 17 asks for F32 F16 BF16 Q8_0 Q4_0 Q4_1
-# Q4_K Q5_K Q6_K; the other classic and K quants go through the same call and are tested the same way.
-READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Q4_K Q5_K Q6_K; the other classic and K quants go through the same call and are tested the same way. MXFP4: the
+# experts of gpt-oss GGUFs converted from OpenAI's MXFP4 checkpoints.
+READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 
@@ -52,8 +56,9 @@ GGUF_ARCHES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3moe",
+    "gpt_oss": "gpt-oss",
 }
-MODEL_TYPES = {"llama": "llama", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+MODEL_TYPES = {"llama": "llama", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}
 # llama.cpp's Qwen architectures: NEOX rotary (q/k rows as transformers stores them), no window; qwen2 with q/k/v
 # biases, qwen3 / qwen3moe with q/k RMSNorm. convert_hf_to_gguf writes the head size of a config.json that has
 # head_dim (every Qwen 3), and for Qwen3-MoE expert_count, expert_used_count and expert_feed_forward_length.
@@ -69,6 +74,24 @@ MOE_ARCHES = ("llama", "qwen3moe")
 # {E, I, X} and {I, E, X}: the same row-major bytes); the router mlp.gate [X, E] is ffn_gate_inp, always F32.
 MOE_GATE_UP, MOE_DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
 MOE_HALVES = (("mlp.experts.gate_proj.weight", 0), ("mlp.experts.up_proj.weight", 1))
+# gpt-oss's experts as transformers (and we) hold them: gate_up_proj [X, E, 2I] with gate and up interleaved on the
+# last axis, gate_up_proj_bias [X, 2I] likewise, down_proj [X, I, E], down_proj_bias [X, E]; the sinks [heads]. The
+# converter's GptOssModel (for experts not in MXFP4) transposes the weights to [X, out, in], takes the gate as the even
+# rows and the up as the odd ones (of the biases: the even and odd entries), names them with `.weight` / `.bias`
+# through TensorNameMap (ffn_gate_exps, ffn_up_exps, ffn_down_exps) and the sinks as `attn_sinks.weight`.
+OSS_PARTS = {  # the exported name's suffix -> (our key's suffix, 0 / 1 for the gate / up half or None, transposed)
+    "mlp.experts.gate_proj.weight": ("mlp.experts.gate_up_proj", 0, True),
+    "mlp.experts.up_proj.weight": ("mlp.experts.gate_up_proj", 1, True),
+    "mlp.experts.gate_proj.bias": ("mlp.experts.gate_up_proj_bias", 0, False),
+    "mlp.experts.up_proj.bias": ("mlp.experts.gate_up_proj_bias", 1, False),
+    "mlp.experts.down_proj.weight": ("mlp.experts.down_proj", None, True),
+    "mlp.experts.down_proj.bias": ("mlp.experts.down_proj_bias", None, False),
+    "self_attn.sinks.weight": ("self_attn.sinks", None, False),
+}
+# llama.cpp's gpt-oss (llama-model.cpp): layers slide, full, slide, ... (set_swa_pattern(2)); YaRN with its context
+# defaults beta_fast 32 / beta_slow 1 (the file has no key for them) and the correction range rounded outwards.
+OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+YARN_BETAS = (32.0, 1.0)
 # llama.cpp's sliding / full layers (llama-model.cpp, set_swa_pattern(n)): layer i slides unless (i + 1) % n == 0.
 SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
 # llama.cpp takes a Gemma with this many layers for its 27B and scales scores by (embed // heads) ** -0.5, any
@@ -113,12 +136,13 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
     arch = check_architecture(path, metadata)
     rope_scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     linear = arch == "gemma3" and rope_scaling == "linear"  # Gemma 3 4B and up: the full layers' positions divided by the factor
-    if (rope_scaling not in ("none", None) and not linear) or "rope_freqs.weight" in tensor_names:
+    yarn = arch == "gpt-oss" and rope_scaling == "yarn"
+    if (rope_scaling not in ("none", None) and not linear and not yarn) or "rope_freqs.weight" in tensor_names:
         what = f"rope scaling {rope_scaling!r}" if rope_scaling not in ("none", None) else "a rope_freqs tensor (Llama 3.1 rotary scaling)"
-        raise GGUFError(f"{path}: {what} is not supported; only the default rotary embedding is (and Gemma 3's linear scaling, Phi-3's LongRoPE factors)")
+        raise GGUFError(f"{path}: {what} is not supported; only the default rotary embedding is (and Gemma 3's linear scaling, Phi-3's LongRoPE factors, gpt-oss's YaRN)")
     experts = int(metadata.get(f"{arch}.expert_count") or 0)
-    if experts and arch not in MOE_ARCHES:
-        raise GGUFError(f"{path}: {arch}.expert_count = {experts}: mixture-of-experts GGUF files are supported for {', '.join(MOE_ARCHES)}, not {arch!r}")
+    if experts and arch not in (*MOE_ARCHES, "gpt-oss"):
+        raise GGUFError(f"{path}: {arch}.expert_count = {experts}: mixture-of-experts GGUF files are supported for {', '.join((*MOE_ARCHES, 'gpt-oss'))}, not {arch!r}")
     heads = int(metadata_value(path, metadata, f"{arch}.attention.head_count"))
     embed_dim = int(metadata_value(path, metadata, f"{arch}.embedding_length"))
     if heads <= 0 or embed_dim <= 0:
@@ -198,6 +222,30 @@ def _config_from_metadata(path: Path, metadata: dict[str, Any], tensor_names: li
             }
     elif arch in QWEN_ARCHES and not window:
         values |= {"attention_bias": "qkv"} if arch == "qwen2" else {"qk_norm": True}
+    elif arch == "gpt-oss":  # llama.cpp's openai-moe: biases, sinks, sliding and full layers alternating, top k then softmax
+        if experts <= 0:
+            raise GGUFError(f"{path}: gpt-oss.expert_count = {experts}; a gpt-oss model has experts in every layer")
+        values |= {
+            "attention_bias": "all",
+            "attention_sinks": True,
+            "num_experts": experts,
+            "num_experts_per_tok": int(metadata_value(path, metadata, f"{arch}.expert_used_count")),
+            "moe_intermediate_dim": int(metadata_value(path, metadata, f"{arch}.expert_feed_forward_length")),
+            "router": "topk_softmax",
+            "sliding_window": int(metadata_value(path, metadata, f"{arch}.attention.sliding_window")),
+            "layer_types": OSS_LAYER_TYPES,
+        }
+        if yarn:  # as llama.cpp turns it: its default betas, the correction range rounded (truncate), ggml's magnitude scale
+            factor = float(metadata_value(path, metadata, f"{arch}.rope.scaling.factor"))
+            values |= {
+                "rope_type": "yarn",
+                "rope_factor": factor,
+                "rope_original_max_seq_len": int(metadata_value(path, metadata, f"{arch}.rope.scaling.original_context_length")),
+                "rope_beta_fast": YARN_BETAS[0],
+                "rope_beta_slow": YARN_BETAS[1],
+                "rope_truncate": True,
+                "rope_attention_factor": yarn_attention_factor(factor) * float(metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
+            }
     elif window:
         raise GGUFError(f"{path}: {arch}.attention.sliding_window = {window} is not supported for {arch!r} files")
     if arch in MOE_ARCHES and (experts or arch == "qwen3moe"):  # llama.cpp: every layer sparse, softmax over the experts, top k renormalised
@@ -225,6 +273,12 @@ def _hf_names(config: ModelConfig) -> list[str]:
     """Our tensor names for `config` (transformers'), with Phi-3's fused projections in place of their parts."""
     with torch.device("meta"):
         keys = list(CausalLM(config).state_dict())
+    if config.model_type == "gpt_oss":  # the converter's split experts and named sinks (OSS_PARTS)
+        out = []
+        for key in keys:
+            exported = [(key.removesuffix(source) + name) for name, (source, _, _) in OSS_PARTS.items() if key.endswith(f".{source}")]
+            out += exported or [key]
+        return out
     if config.num_experts:  # the converter's split and named experts (MOE_HALVES, down_proj.weight)
         out = []
         for key in keys:
@@ -308,9 +362,14 @@ def _parts(config: ModelConfig, key: str) -> list[tuple[str, int, int]]:
     return [(key, 0, -1)]
 
 
-def _moe_part(key: str) -> tuple[str, int | None]:
+def _moe_part(key: str, gpt_oss: bool = False) -> tuple[str, int | None]:
     """The source of an exported tensor (a name of `_hf_names`): (our key, 0 / 1 for the gate / up rows of a stacked
-    gate_up_proj, None for the whole tensor)."""
+    gate_up_proj, None for the whole tensor); gpt-oss's by `OSS_PARTS`."""
+    if gpt_oss:
+        for name, (source, half, _) in OSS_PARTS.items():
+            if key.endswith(f".{name}"):
+                return key.removesuffix(name) + source, half
+        return key, None
     for part, half in MOE_HALVES:
         if key.endswith(part):
             return key.removesuffix(part) + MOE_GATE_UP, half
@@ -335,12 +394,15 @@ def gguf_entries(path: str | Path, config: ModelConfig) -> list[Entry]:
     Every tensor's type is checked here, before anything is read, so an unsupported one fails in one
     line and leaves the model untouched. Per architecture, as llama.cpp's converter wrote them: Llama's
     q/k rows back from Meta's rotary layout, Gemma's norms minus the 1 the converter added, Phi-3's
-    fused `attn_qkv` / `ffn_up` split into q/k/v and gate/up (rows sliced before dequantising), Qwen3-MoE's
-    `ffn_gate_exps` and `ffn_up_exps` of a layer stacked into its gate_up_proj.
+    fused `attn_qkv` / `ffn_up` split into q/k/v and gate/up (rows sliced before dequantising), Qwen3-MoE's and
+    Mixtral's `ffn_gate_exps` and `ffn_up_exps` of a layer stacked into its gate_up_proj, gpt-oss's interleaved
+    into it and transposed back (`OSS_PARTS`).
     """
     path, reader = open_gguf(path)
     arch = GGUF_ARCHES[config.model_type]
-    inverse = {v: k for k, v in gguf_name_map(config).items()}
+    name_map = gguf_name_map(config)
+    inverse = {v: k for k, v in name_map.items()}
+    oss = arch == "gpt-oss"
     entries = []
     halves: dict[str, dict[int, tuple[Any, tuple[int, ...]]]] = {}  # our gate_up_proj -> its gate (0) and up (1) tensors
     for tensor in reader.tensors:
@@ -352,9 +414,12 @@ def gguf_entries(path: str | Path, config: ModelConfig) -> list[Entry]:
         if type_name not in READ_TYPES:
             raise GGUFError(f"{path}: tensor {tensor.name} has type {type_name}, which is not supported; supported: {', '.join(READ_TYPES)}")
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # ggml lists the fastest axis first
-        key, half = _moe_part(inverse[tensor.name]) if config.num_experts else (inverse[tensor.name], None)
+        key, half = _moe_part(inverse[tensor.name], oss) if config.num_experts else (inverse[tensor.name], None)
         if half is not None:
             halves.setdefault(key, {})[half] = (tensor, shape)
+            continue
+        if oss and key.endswith(".mlp.experts.down_proj"):  # the converter's [X, out, in], ours [X, in, out]
+            entries.append(Entry(key, (shape[0], shape[2], shape[1]), path, lambda tensor=tensor, shape=shape: _dequantized(tensor, shape).transpose(1, 2).contiguous()))
             continue
         parts = _parts(config, key)
         if len(parts) > 1 and shape[0] != sum(rows for _, _, rows in parts):
@@ -374,12 +439,29 @@ def gguf_entries(path: str | Path, config: ModelConfig) -> list[Entry]:
 
             entries.append(Entry(key, part_shape, path, read))
     for key, pair in halves.items():
-        names = " and ".join(gguf_name_map(config)[key.removesuffix(MOE_GATE_UP) + part] for part, _ in MOE_HALVES)
+        if oss:
+            source = next(source for source, _, _ in OSS_PARTS.values() if key.endswith(f".{source}"))
+            parts = [name for name, (src, half, _) in OSS_PARTS.items() if src == source and half is not None]
+            names = " and ".join(name_map[key.removesuffix(source) + part] for part in parts)
+        else:
+            names = " and ".join(name_map[key.removesuffix(MOE_GATE_UP) + part] for part, _ in MOE_HALVES)
         if len(pair) != 2:
             raise GGUFError(f"{path}: has only one of {names}; a layer's experts need both")
         (gate, shape), (up, up_shape) = pair[0], pair[1]
-        if shape != up_shape or len(shape) != 3:
-            raise GGUFError(f"{path}: {names} must be 3-D tensors of one shape, they have {list(shape)} and {list(up_shape)}")
+        rank = 2 if oss and key.endswith("_bias") else 3
+        if shape != up_shape or len(shape) != rank:
+            raise GGUFError(f"{path}: {names} must be {rank}-D tensors of one shape, they have {list(shape)} and {list(up_shape)}")
+        if oss:  # gate and up interleaved on the last axis again: [X, I, E] each -> [X, E, 2I]; biases [X, I] -> [X, 2I]
+
+            def read_interleaved(gate=gate, up=up, shape=shape) -> Tensor:
+                g, u = _dequantized(gate, shape), _dequantized(up, shape)
+                if len(shape) == 3:
+                    g, u = g.transpose(1, 2), u.transpose(1, 2)
+                return torch.stack([g, u], dim=-1).reshape(*g.shape[:-1], 2 * g.shape[-1])
+
+            stacked = (shape[0], shape[2], 2 * shape[1]) if rank == 3 else (shape[0], 2 * shape[1])
+            entries.append(Entry(key, stacked, path, read_interleaved))
+            continue
 
         def read_stack(gate=gate, up=up, shape=shape) -> Tensor:
             return torch.cat([_dequantized(gate, shape), _dequantized(up, shape)], dim=1)
@@ -396,13 +478,16 @@ def check_outtype(outtype: str) -> None:
 def _unsupported(config: ModelConfig, arch: str) -> list[str]:
     """What llama.cpp's `arch` cannot express of `config` (each as the switch and its value)."""
     gemma = arch in SWA_PERIOD
-    rope_types = {"gemma3": ("default", "linear"), "phi3": ("default", "longrope")}.get(arch, ("default",))
+    rope_types = {"gemma3": ("default", "linear"), "phi3": ("default", "longrope"), "gpt-oss": ("default", "yarn")}.get(arch, ("default",))
     block = {"gemma2": "gemma", "gemma3": "gemma", "olmo2": "olmo2"}.get(arch, "llama")
     qk_norm = arch in QK_NORM_ARCHES
     no_window = ("llama", "olmo2", *QWEN_ARCHES)
     experts = getattr(config, "num_experts", 0)
     checks = [
-        (f"attention_bias {config.attention_bias!r}" if config.attention_bias != "none" else "model without q/k/v biases", config.attention_bias != ("qkv" if arch == "qwen2" else "none")),
+        (
+            f"attention_bias {config.attention_bias!r}" if config.attention_bias != "none" else "model without q/k/v biases",
+            config.attention_bias != {"qwen2": "qkv", "gpt-oss": "all"}.get(arch, "none"),
+        ),
         ("mlp_bias", config.mlp_bias),
         (f"block {config.block!r}", config.block != block),
         (f"hidden_act {config.hidden_act!r}", config.hidden_act != ("gelu_pytorch_tanh" if gemma else "silu")),
@@ -416,8 +501,8 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
         (f"rope_local_base {config.rope_local_base}", arch != "gemma3" and config.rope_local_base is not None),
         (f"sliding_window {config.sliding_window}", arch in no_window and config.sliding_window is not None),
         (f"layer_types {config.layer_types and list(config.layer_types)}", arch in (*no_window, "phi3") and config.layer_types is not None),
-        (f"num_experts {experts} (mixture of experts)", arch not in MOE_ARCHES and experts > 0),
-        ("attention_sinks", getattr(config, "attention_sinks", False)),
+        (f"num_experts {experts} (mixture of experts)", arch not in (*MOE_ARCHES, "gpt-oss") and experts > 0),
+        ("attention_sinks" if config.attention_sinks else "model without attention sinks", config.attention_sinks != (arch == "gpt-oss")),
     ]
     if gemma:
         period = SWA_PERIOD[arch]
@@ -448,7 +533,29 @@ def _unsupported(config: ModelConfig, arch: str) -> list[str]:
             ("norm_topk_prob False (it always renormalises the chosen experts' weights to sum 1)", experts > 0 and not config.norm_topk_prob),
             (f"dense layers {dense} (mlp_only_layers {list(config.mlp_only_layers)}, decoder_sparse_step {config.decoder_sparse_step}: every layer of it has experts)", bool(dense)),
         ]
+    if arch == "gpt-oss":  # llama.cpp's openai-moe: experts in every layer, top k of the router's logits then a softmax
+        pattern = tuple(OSS_LAYER_TYPES[i % 2] for i in range(config.num_layers))
+        yarn = config.rope_type == "yarn"
+        checks += [
+            ("model without experts", not experts),
+            (f"router {config.router!r}", experts > 0 and config.router != "topk_softmax"),
+            (f"dense layers {[i for i in range(config.num_layers) if not config.is_moe_layer(i)]}", experts > 0 and not all(config.is_moe_layer(i) for i in range(config.num_layers))),
+            (f"layer_types {config.layer_types and list(config.layer_types)} (its layers slide, then attend fully, alternately)", config.layer_types != pattern),
+            (
+                f"rope_beta_fast / rope_beta_slow {config.rope_beta_fast} / {config.rope_beta_slow} (it uses {YARN_BETAS[0]:g} / {YARN_BETAS[1]:g})",
+                yarn and (config.rope_beta_fast, config.rope_beta_slow) != YARN_BETAS,
+            ),
+            (
+                f"rope_attention_factor {config.rope_attention_factor} (it scales by 0.1 * ln(factor) + 1)",
+                yarn and not math.isclose(config.rope_attention_factor or 1.0, yarn_attention_factor(config.rope_factor), rel_tol=1e-6),
+            ),
+        ]
     return [what for what, present in checks if present]
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's magnitude scale as llama.cpp's rotary computes it (ggml rope_yarn: 1 + 0.1 * ln(factor)), and transformers' default."""
+    return 1.0 + 0.1 * math.log(factor) if factor > 1.0 else 1.0
 
 
 def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, path: Path) -> list[tuple[str, tuple[int, ...], Any, Callable[[], Tensor]]]:
@@ -493,8 +600,25 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
     for key, name in gguf_name_map(config).items():
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp uses token_embd for the output when output.weight is absent
-        source, half = _moe_part(key) if experts else (key, None)
-        if source != key:  # Qwen3-MoE's experts: gate and up rows of our stack, or our down_proj
+        source, half = _moe_part(key, arch == "gpt-oss") if experts else (key, None)
+        if source != key and arch == "gpt-oss":  # its experts' halves (even / odd), transposed; its sinks (OSS_PARTS)
+            transposed = next(t for part, (_, _, t) in OSS_PARTS.items() if key.endswith(f".{part}"))
+            shape = expected[source]
+            if half is not None:
+                shape = (*shape[:-1], shape[-1] // 2)
+            if transposed:
+                shape = (*shape[:-2], shape[-1], shape[-2])
+
+            def take_oss(source=source, half=half, transposed=transposed) -> Tensor:
+                t = state[source].detach().to("cpu")
+                t = t if half is None else t[..., half::2]
+                return t.transpose(-1, -2) if transposed else t
+
+            # biases and the sinks F32 (the converter: every non-.weight and 1-D tensor), Q8_0 along whole-block rows
+            kind = q.F32 if len(shape) < 2 or not name.endswith(".weight") else q.F16 if wanted == q.Q8_0 and shape[-1] % block else wanted
+            plan.append((name, shape, kind, take_oss))
+            continue
+        if source != key:  # Qwen3-MoE's and Mixtral's experts: gate and up rows of our stack, or our down_proj
             size = config.moe_intermediate_dim
             shape = expected[source] if half is None else (config.num_experts, size, config.embed_dim)
 
@@ -517,7 +641,7 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
             return hf_to_meta_rotary(t, heads) if heads else t
 
         # llama.cpp keeps 1-D norms and biases, and the router (ffn_gate_inp), in F32 for every file type
-        kind = wanted if len(shape) == 2 and not (experts and key.endswith("mlp.gate.weight")) else q.F32
+        kind = wanted if len(shape) == 2 and not name.endswith("ffn_gate_inp.weight") else q.F32
         if kind == q.Q8_0 and shape[-1] % block:
             kind = q.F16  # as convert_hf_to_gguf: a row that is not whole blocks cannot be Q8_0
         plan.append((name, shape, kind, make))
@@ -554,13 +678,13 @@ def _write_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
         writer.add_rope_dimension_count(config.rotary_dim)  # Phi-3: int(partial_rotary_factor * n_embd) // n_head
     # Gemma's converter always writes the head size, and Qwen 3's (its config.json has head_dim); elsewhere llama.cpp
     # assumes embed / heads unless told
-    if arch in (*SWA_PERIOD, "qwen3", "qwen3moe") or config.head_dim * config.num_heads != config.embed_dim:
+    if arch in (*SWA_PERIOD, "qwen3", "qwen3moe", "gpt-oss") or config.head_dim * config.num_heads != config.embed_dim:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
     if config.num_experts:  # TextModel's expert counts; Qwen2MoeModel's expert size (Mixtral's is feed_forward_length)
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
-        if arch == "qwen3moe":
+        if arch in ("qwen3moe", "gpt-oss"):
             writer.add_expert_feed_forward_length(config.moe_intermediate_dim)
     writer.add_rope_freq_base(config.rope_base)  # Gemma 3: the full layers' base (its sliding layers' is llama.cpp's fixed 10000)
     writer.add_layer_norm_rms_eps(config.norm_eps)
@@ -577,6 +701,12 @@ def _write_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
         if config.rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(config.rope_factor)
+    if arch == "gpt-oss":  # GptOssModel.set_gguf_parameters
+        writer.add_sliding_window(config.sliding_window)
+        if config.rope_type == "yarn":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(config.rope_factor)
+            writer.add_rope_scaling_orig_ctx_len(config.rope_original_max_seq_len)
     if arch == "phi3":
         longrope = config.rope_type == "longrope"
         writer.add_rope_scaling_orig_ctx_len(config.rope_original_max_seq_len if longrope else config.max_seq_len)
@@ -707,6 +837,12 @@ def save_gguf(
         vocab = dataclasses.replace(vocab, chat_template=chat_template)
     plan = _tensor_plan(state_dict, config, outtype, output)
     arch = gguf_arch(config)
+    if arch == "gpt-oss" and config.rope_type == "yarn" and not config.rope_truncate:
+        log.warning(
+            "%s: llama.cpp's gpt-oss rounds YaRN's correction range outwards (rope_truncate true), this model does not (as "
+            "transformers' gpt-oss): under llama.cpp a few rotary frequencies differ slightly from training's, as for every gpt-oss GGUF",
+            output.name,
+        )
     sizes = {name: math.prod(shape) * {"F32": 4, "F16": 2, "BF16": 2}.get(kind.name, 34 / 32) for name, shape, kind, _ in plan}
     output.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(existing_parent(output.parent), int(sum(sizes.values())) + 2**24)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # llama.cpp architectures (gguf's MODEL_ARCH_NAMES) read and written: Llama-like files, Gemma 2 / 3, Phi-3 / 4, OLMo 2,
 # Qwen 2 / 2.5, Qwen 3, Qwen3-MoE.
-ARCHITECTURES = ("llama", "gemma2", "gemma3", "phi3", "olmo2", "qwen2", "qwen3", "qwen3moe")
+ARCHITECTURES = ("llama", "gemma2", "gemma3", "phi3", "olmo2", "qwen2", "qwen3", "qwen3moe", "gpt-oss")
 
 
 class GGUFError(CheckpointError):
@@ -151,7 +151,9 @@ def check_architecture(path: Path, metadata: dict[str, Any]) -> str:
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         names = ", ".join(repr(a) for a in ARCHITECTURES)
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported; GGUF files of {names} (Llama 2/3, SmolLM2, Mistral 7B, Gemma 2/3, Phi-3/4, OLMo 2, Qwen 2/2.5/3, Qwen3-MoE) can be read")
+        raise GGUFError(
+            f"{path}: architecture {arch!r} is not supported; GGUF files of {names} (Llama 2/3, SmolLM2, Mistral 7B, Mixtral, Gemma 2/3, Phi-3/4, OLMo 2, Qwen 2/2.5/3, Qwen3-MoE, gpt-oss) can be read"
+        )
     return arch
 
 

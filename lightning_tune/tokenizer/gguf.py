@@ -34,14 +34,21 @@ _TEKKEN_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# OpenAI's o200k (gpt-4o, gpt-oss, Phi-4-mini): llama.cpp's "gpt-4o" (llama-vocab.cpp quotes this regex from tokenizer.json)
+_O200K_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
     "tekken": _TEKKEN_SPLIT,
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+    "gpt-4o": _O200K_SPLIT,  # not in transformers' table (it reads no gpt-oss GGUF): llama.cpp's split, as its vocab runs it
 }
 # Writing a byte-level tokenizer: the `tokenizer.ggml.pre` name llama.cpp needs for each split it knows.
-SPLIT_TO_PRE = {_LLAMA3_SPLIT: "llama-bpe", _TEKKEN_SPLIT: "tekken", _QWEN2_SPLIT: "qwen2"}
+SPLIT_TO_PRE = {_LLAMA3_SPLIT: "llama-bpe", _TEKKEN_SPLIT: "tekken", _QWEN2_SPLIT: "qwen2", _O200K_SPLIT: "gpt-4o"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +356,7 @@ def _vocab_from_tokenizer_json(path: Path) -> VocabMetadata:
     if splits:
         name = SPLIT_TO_PRE.get(splits[0])
         if name is None:
-            raise GGUFError(f"{path}: its pre-tokenizer split is not one llama.cpp knows by name; supported: Llama 3, Qwen 2, Tekken and GPT-2 splits")
+            raise GGUFError(f"{path}: its pre-tokenizer split is not one llama.cpp knows by name; supported: Llama 3, Qwen 2, Tekken, o200k (gpt-4o) and GPT-2 splits")
     else:
         # SmolLM: digits split one by one before GPT-2's regex; GPT-2 itself is llama.cpp's "gpt-2" (llama-vocab.cpp and the
         # converter's get_vocab_base_pre: a "gpt2" pre-tokenizer is refused as unknown when the file loads)

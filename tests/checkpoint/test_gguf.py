@@ -225,7 +225,9 @@ def test_tied_embeddings_without_output_weight(tmp_path) -> None:
 def test_other_architecture_is_refused(tmp_path) -> None:
     path = tmp_path / "qwen.gguf"
     write_small_gguf(path, arch="qwen2moe")  # Qwen1.5/2-MoE: shared experts, not read
-    with pytest.raises(GGUFError, match=r"qwen\.gguf: architecture 'qwen2moe' is not supported; GGUF files of 'llama', 'gemma2', 'gemma3', 'phi3', 'olmo2', 'qwen2', 'qwen3', 'qwen3moe' ") as err:
+    with pytest.raises(
+        GGUFError, match=r"qwen\.gguf: architecture 'qwen2moe' is not supported; GGUF files of 'llama', 'gemma2', 'gemma3', 'phi3', 'olmo2', 'qwen2', 'qwen3', 'qwen3moe', 'gpt-oss' "
+    ) as err:
         from_pretrained(path)
     assert "\n" not in str(err.value)
 
@@ -394,7 +396,7 @@ def test_what_the_llama_architecture_cannot_hold_is_refused(random_model, byte_t
     for change, named in (
         ({"qk_norm": True}, "has no qk_norm"),
         ({"rope_type": "llama3", "rope_factor": 8.0}, "has no rope_type 'llama3'"),
-        ({"model_type": "gpt_oss"}, "architectures, which have no model_type 'gpt_oss'"),
+        ({"model_type": "ministral3"}, "architectures, which have no model_type 'ministral3'"),
         ({"model_type": "mixtral"}, "'llama' architecture, which has no model without experts"),
     ):
         config = dataclasses.replace(SHAPE, **change)

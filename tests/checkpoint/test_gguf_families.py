@@ -245,7 +245,7 @@ def test_what_an_architecture_cannot_hold_is_one_line(exported, tmp_path, byte_t
         (gemma3, {"rope_local_base": 20000.0}, r"'gemma3' architecture, which has no rope_local_base 20000\.0 \(its sliding layers turn with base 10000\)"),
         (gemma3, {"layer_types": ("sliding_attention", "full_attention")}, "'gemma3' architecture, which has no layer_types"),
         (olmo2, {"sliding_window": 4}, "'olmo2' architecture, which has no sliding_window 4"),
-        (olmo2, {"model_type": "gpt_oss"}, "architectures, which have no model_type 'gpt_oss'"),
+        (olmo2, {"model_type": "ministral3"}, "architectures, which have no model_type 'ministral3'"),
         (olmo2, {"attention_sinks": True}, "'olmo2' architecture, which has no attention_sinks"),
     ]
     for model, change, message in cases:

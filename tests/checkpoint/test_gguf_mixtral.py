@@ -165,7 +165,7 @@ def test_expert_count_on_an_architecture_without_experts_is_one_line(tmp_path, b
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(GGUFError, match=r"bad\.gguf: qwen3\.expert_count = 6: mixture-of-experts GGUF files are supported for llama, qwen3moe, not 'qwen3'$") as err:
+    with pytest.raises(GGUFError, match=r"bad\.gguf: qwen3\.expert_count = 6: mixture-of-experts GGUF files are supported for llama, qwen3moe, gpt-oss, not 'qwen3'$") as err:
         from_pretrained(tmp_path / "bad.gguf")
     assert "\n" not in str(err.value)
 
