@@ -14,7 +14,7 @@ from lightning_tune.io.paths import resolve_path
 
 if TYPE_CHECKING:
     import tokenizers
-from lightning_tune.io.gguf import GGUFError, check_architecture, is_gguf, open_gguf, read_metadata
+from lightning_tune.io.gguf import GGUFError, check_architecture, import_gguf, is_gguf, open_gguf, read_metadata
 from lightning_tune.tokenizer.base import find_chat_template
 from lightning_tune.tokenizer.hf import HFTokenizer
 
@@ -280,11 +280,11 @@ def _vocab_from_gguf(path: Path) -> VocabMetadata:
     """A source GGUF's tokenizer fields, copied with their exact value types."""
     path, reader = open_gguf(path)
     metadata = read_metadata(reader)
+    gguf = import_gguf()
     raw = []
-    for key, field in reader.fields.items():
+    for key, (kind, item) in reader.types.items():
         if key.startswith("tokenizer."):
-            sub_type = field.types[-1] if len(field.types) > 1 else None
-            raw.append((key, field.contents(), field.types[0], sub_type))
+            raw.append((key, metadata[key], gguf.GGUFValueType(kind), None if item is None else gguf.GGUFValueType(item)))
     ids = {n: metadata[f"tokenizer.ggml.{n}_token_id"] for n in ("bos", "eos", "unknown", "padding") if f"tokenizer.ggml.{n}_token_id" in metadata}
     tokens = metadata.get("tokenizer.ggml.tokens")
     if tokens is None:
