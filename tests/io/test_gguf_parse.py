@@ -45,7 +45,22 @@ def test_every_value_type_and_tensor_type_parses_as_the_gguf_package_reads_it(al
     if alignment is not None:
         writer.add_custom_alignment(alignment)
     V = gguf.GGUFValueType
-    for i, (kind, value) in enumerate([(V.UINT8, 7), (V.INT8, -7), (V.UINT16, 700), (V.INT16, -700), (V.UINT32, 7 << 20), (V.INT32, -(7 << 20)), (V.FLOAT32, 0.1), (V.BOOL, True), (V.UINT64, 1 << 40), (V.INT64, -(1 << 40)), (V.FLOAT64, 0.1), (V.STRING, "héllo ✓")]):
+    for i, (kind, value) in enumerate(
+        [
+            (V.UINT8, 7),
+            (V.INT8, -7),
+            (V.UINT16, 700),
+            (V.INT16, -700),
+            (V.UINT32, 7 << 20),
+            (V.INT32, -(7 << 20)),
+            (V.FLOAT32, 0.1),
+            (V.BOOL, True),
+            (V.UINT64, 1 << 40),
+            (V.INT64, -(1 << 40)),
+            (V.FLOAT64, 0.1),
+            (V.STRING, "héllo ✓"),
+        ]
+    ):
         writer.add_key_value(f"test.scalar.{i}", value, kind)
     writer.add_array("test.strings", ["", "a", "日本語", "<|im_end|>"] * 3)
     writer.add_array("test.ints", [1, -2, 3])
