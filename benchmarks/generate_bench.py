@@ -16,6 +16,12 @@ batch `--batch` (all prompts, left-padded) for transformers fp32 and ours fp32 e
 int8 compiled; decode tok/s counts every row of a batch. Greedy agreement of bf16 and int8: for each
 prompt, the fraction of new tokens equal to our fp32 ones up to the first difference.
 
+Sampling (`--sample-prompts P --samples G`, default 4 x 8: GRPO's rollout shape): each of P prompts continued G
+times at temperature 1 (no top-k / top-p), exactly `--new-tokens` tokens per row; transformers `generate(do_sample=True,
+num_return_sequences=G)` (each row prefilled on its own) against ours `generate(num_samples=G, temperature=1)`
+(each prompt prefilled once, its cache copied to its G rows), fp32 eager, and ours int8 compiled. Tokens/s counts
+every sampled token of every row, over the whole call (prefill included): what a rollout costs.
+
     python benchmarks/generate_bench.py                          # SmolLM2-135M, 128 new tokens
     python benchmarks/generate_bench.py --workload llama2 --threads 2
     python benchmarks/generate_bench.py --rows fp32 fp32-compiled int8 --runs 1 --new-tokens 32   # a quick look
@@ -164,6 +170,28 @@ def run_hf(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[
     return ttft, (len(timer.times) - 1) / decode_s * len(prompts), out[:, T:].tolist()
 
 
+def run_ours_sampling(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, samples: int, compile: bool) -> tuple[float, float, list[list[int]]]:
+    timer = GenerationTimer()
+    start = time.perf_counter()
+    out = generate(model, prompts, new_tokens, temperature=1.0, num_samples=samples, seed=0, compile=compile, on_tokens=timer)
+    elapsed = time.perf_counter() - start
+    return timer.stats().prefill_s, sum(len(row) for row in out) / elapsed, out
+
+
+def run_hf_sampling(hf, prompts: list[list[int]], new_tokens: int, samples: int, pad_id: int) -> tuple[float, float, list[list[int]]]:
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    timer = HFTimer()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples, max_new_tokens=new_tokens, min_length=0, streamer=timer)
+    elapsed = time.perf_counter() - start
+    rows = out[:, T:]
+    return timer.times[0] - timer.start, rows.numel() / elapsed, rows.tolist()
+
+
 def agreement(rows: list[list[int]], reference: list[list[int]]) -> list[float]:
     """Per prompt: the fraction of new tokens equal to the reference's up to the first difference."""
     fractions = []
@@ -205,6 +233,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="batch-1 rows to run")
     parser.add_argument("--batch-rows", nargs="*", choices=BATCH_ROWS, default=BATCH_ROWS, help="batched rows to run (none: skip)")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 rows on a CPU that only emulates bf16")
+    parser.add_argument("--sample-prompts", type=int, default=4, help="sampling rows: prompts (0: skip sampling)")
+    parser.add_argument("--samples", type=int, default=8, help="sampling rows: completions per prompt")
     args = parser.parse_args()
 
     import transformers
@@ -228,7 +258,7 @@ def main() -> None:
     kernel = "oneDNN" if any(type(m) is OneDNNLinear for m in ours.modules()) else "torch's (MKL on x86)"
     if any(r.startswith("bf16") for r in args.rows) and not skipped:
         variants["bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
-    if any(r.startswith("int8") for r in args.rows + args.batch_rows):
+    if any(r.startswith("int8") for r in args.rows + args.batch_rows) or args.sample_prompts:
         variants["int8"] = quantize_int8_(copy.deepcopy(ours))
     int8_kernel = next((m.extra_repr().rpartition("kernel=")[2] for m in variants.get("int8", ours).modules() if isinstance(m, Int8Linear)), "-")
     N = args.new_tokens
@@ -247,6 +277,16 @@ def main() -> None:
 
     single = measure(fns(prompts[:1], args.rows), args.runs)
     batched = measure(fns(prompts, args.batch_rows), args.runs) if args.batch_rows and len(prompts) > 1 else {}
+    sampled = {}
+    if args.sample_prompts:
+        few = prompts[: args.sample_prompts]
+        G = args.samples
+        sampling = {
+            "transformers": lambda: run_hf_sampling(hf, few, N, G, 0),
+            "fp32": lambda: run_ours_sampling(ours, few, N, G, False),
+            "int8-compiled": lambda: run_ours_sampling(variants["int8"], few, N, G, True),
+        }
+        sampled = measure(sampling, args.runs)
     floors = {kind: statistics.median(matmul_floor_s(variants[kind], 1) for _ in range(3)) for kind in ("fp32-aten", "fp32")}
 
     print(f"{description}; {N} new tokens, greedy; median of {args.runs} runs after a warm-up")
@@ -271,6 +311,13 @@ def main() -> None:
                 print(f"{name:20}   skipped: this CPU has no native bf16 (emulated bf16 is slower than fp32); --force-bf16 runs it")
         if "transformers" in results and "fp32" in results:
             print(f"our fp32 eager tokens identical to transformers: {'yes' if results['fp32']['tokens'] == results['transformers']['tokens'] else 'NO'}")
+    if sampled:
+        hf_rate = sampled["transformers"]["rate"]
+        title = f"sampling {min(args.sample_prompts, len(prompts))} x {args.samples}"
+        print(f"\n{title:20}{'TTFT ms':>10}{'tok/s':>14}{'vs HF fp32':>12}{'warm-up s':>11}")
+        for name, r in sampled.items():
+            print(f"{name:20}{r['ttft'] * 1e3:10.1f}{r['rate']:14.1f}{r['rate'] / hf_rate:12.2f}{r['first_s']:11.1f}")
+        print("(temperature 1, no top-k / top-p; tok/s: every sampled token over the whole call, prefill included)")
     # Agreement on every prompt (one untimed eager batch per dtype; left padding changes no token).
     reference = generate(ours, prompts, N)
     print(f"\ngreedy agreement with our fp32 on {len(prompts)} prompts (per prompt: fraction of new tokens equal up to the first difference)")
