@@ -38,7 +38,7 @@ class FP8Config:
 
     block: tuple[int, int] | None  # None: one scale per tensor
     not_converted: tuple[str, ...]  # modules stored unquantised (transformers' patterns, as the checkpoint names them)
-    dtype: torch.dtype  # what the weights dequantise to: the checkpoint's own dtype (config.json's)
+    dtype: torch.dtype  # the checkpoint's own dtype (config.json's): what a model loads in when the caller names none
 
 
 def fp8_config(quant: dict, cfg: dict) -> FP8Config:

@@ -285,7 +285,7 @@ def _weight_dtypes(path: Path) -> dict[str, str]:
 def _fp8_read(entry: Entry, scale: Entry, quant: FP8Config):
     def read() -> Tensor:
         try:
-            return dequantize_fp8(entry.read(), scale.read(), quant.block, quant.dtype)
+            return dequantize_fp8(entry.read(), scale.read(), quant.block, torch.float32)
         except FP8Error as err:
             raise CheckpointError(f"{entry.file}: {entry.key}: {err}") from None
 
@@ -293,8 +293,10 @@ def _fp8_read(entry: Entry, scale: Entry, quant: FP8Config):
 
 
 def fp8_entries(entries: list[Entry], quant: FP8Config, dtypes: dict[str, str]) -> list[Entry]:
-    """Each FP8 `<module>.weight` with its `<module>.weight_scale_inv` becomes the weight, dequantised to
-    `quant.dtype` when read (`checkpoint/fp8.py`); activation scales are dropped; other entries pass.
+    """Each FP8 `<module>.weight` with its `<module>.weight_scale_inv` becomes the weight, dequantised when read
+    (`checkpoint/fp8.py`) to the float32 product, rounded once to whatever dtype the model loads in (the
+    checkpoint's, `quant.dtype`, where none is named, as transformers' dtype="auto"); activation scales are
+    dropped; other entries pass.
     Every scale's shape and dtype is checked against its weight before any tensor is read (`dtypes`: each
     key's dtype, `_weight_dtypes`), and a float8 weight without a scale, a scale without a weight or a scale
     on a module the config leaves unquantised (`modules_to_not_convert`) is refused in one line."""
@@ -324,7 +326,7 @@ def fp8_entries(entries: list[Entry], quant: FP8Config, dtypes: dict[str, str]) 
             layout = f"weight_block_size {list(quant.block)}" if quant.block else "one scale per tensor (weight_block_size null)"
             expected = " or ".join(str(list(s)) for s in scale_shape(entry.shape, quant.block)) if len(entry.shape) == 2 else "a 2-D weight"
             raise CheckpointError(f"{scale.file}: {scale.key} has shape {list(scale.shape)} for a weight of shape {list(entry.shape)}; {layout} needs {expected}")
-        out.append(Entry(entry.key, entry.shape, entry.file, None if entry.read is None else _fp8_read(entry, scale, quant)))
+        out.append(Entry(entry.key, entry.shape, entry.file, None if entry.read is None else _fp8_read(entry, scale, quant), quant.dtype))
     return out
 
 

@@ -80,7 +80,7 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, *, dtype: torch.d
         check_entries(path, entries, expected, skip)
         for entry in entries:
             if entry.key not in skip:
-                assign_tensor(model, entry.key, entry.read(), dtype, device)
+                assign_tensor(model, entry.key, entry.read(), dtype or entry.dtype, device)
     if tied:
         tie_embeddings(model)
 

@@ -34,6 +34,9 @@ class Entry:
     shape: tuple[int, ...]
     file: Path
     read: Callable[[], Tensor] | None = None  # None when only the key and shape are being checked
+    # The dtype the tensor loads as when the caller names none, where `read` gives a wider one (an FP8 weight's
+    # float32 product: the checkpoint's own dtype, as transformers' dtype="auto"); None: what `read` gives.
+    dtype: torch.dtype | None = None
 
 
 class Format(Protocol):
@@ -160,7 +163,7 @@ def split_fused(entries: list[Entry], config: ModelConfig) -> list[Entry]:
         start = 0
         for part, n in rows:
             read = None if entry.read is None else (lambda r=entry.read, a=start, b=start + n: r()[a:b])
-            out.append(Entry(f"{prefix}.{part}", (n, entry.shape[1]), entry.file, read))
+            out.append(Entry(f"{prefix}.{part}", (n, entry.shape[1]), entry.file, read, entry.dtype))
             start += n
     return out
 
@@ -250,7 +253,7 @@ def stack_experts(entries: list[Entry], kind: str, num_experts: int) -> list[Ent
         key = entry.key
         if hub != "mlp" and f".{hub}.gate." in key:
             key = key.replace(f".{hub}.gate.", ".mlp.gate.")
-            out.append(Entry(key, entry.shape, entry.file, entry.read))
+            out.append(Entry(key, entry.shape, entry.file, entry.read, entry.dtype))
             continue
         prefix, found, rest = key.partition(marker)
         index, _, name = rest.partition(".")
@@ -273,9 +276,9 @@ def stack_experts(entries: list[Entry], kind: str, num_experts: int) -> list[Ent
             return torch.stack([parts[down, x].read() for x in range(num_experts)])
 
         reads = all(e.read is not None for e in parts.values())
-        file = parts[gate, 0].file
-        out.append(Entry(f"{prefix}.mlp.experts.gate_up_proj", (num_experts, 2 * rows, cols), file, gate_up if reads else None))
-        out.append(Entry(f"{prefix}.mlp.experts.down_proj", (num_experts, *down_shape), file, down_proj if reads else None))
+        file, dtype = parts[gate, 0].file, parts[gate, 0].dtype
+        out.append(Entry(f"{prefix}.mlp.experts.gate_up_proj", (num_experts, 2 * rows, cols), file, gate_up if reads else None, dtype))
+        out.append(Entry(f"{prefix}.mlp.experts.down_proj", (num_experts, *down_shape), file, down_proj if reads else None, dtype))
     return out
 
 

@@ -169,6 +169,13 @@ def test_bf16_fp8_checkpoint_dequantises_to_bf16_as_transformers_does(tmp_path: 
             assert torch.equal(mine[text_decoder_key(key)], value), key
     for key, value in exact.items():
         assert torch.equal(mine[text_decoder_key(key)], value.to(torch.bfloat16)), key
+    # A float32 load of the same bf16 checkpoint keeps the float32 products, as transformers with dtype=float32.
+    wide = from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    reference = theirs(tmp_path, dtype=torch.float32)
+    for key, value in reference.state_dict().items():
+        if text_decoder_key(key) in wide:
+            assert value.dtype == torch.float32 and torch.equal(wide[text_decoder_key(key)], value), key
+    assert any(not torch.equal(wide[k], mine[k].float()) for k in mine)  # the bf16 rounding was real
 
 
 def test_a_block_fp8_qwen3_and_llama_load_as_transformers_dequantises_them(tmp_path: Path) -> None:
