@@ -283,6 +283,43 @@ def _rewrite(source: Path, path: Path, fields: dict | None = None, cut: dict | N
     writer.close()
 
 
+def copy_gguf(source: Path, path: Path, *, add: dict | None = None, drop: tuple[str, ...] = (), replace: dict | None = None) -> None:
+    """`source` written again under its own architecture with metadata `add`ed (key -> (value, GGUFValueType)),
+    tensors in `drop` left out and tensors in `replace` (name -> (array, raw ggml type or None)) swapped in."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(path, arch=reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for key, (value, kind) in (add or {}).items():
+        writer.add_key_value(key, value, kind)
+    for t in reader.tensors:
+        if t.name in drop:
+            continue
+        if t.name in (replace or {}):
+            data, raw = replace[t.name]
+            writer.add_tensor(t.name, data, raw_dtype=raw)
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], count: int, n_ctx: int = 32) -> list[int]:
+    """llama.cpp's (llama-cpp-python's) first `count` greedy tokens after `prompt` from the file at `path`."""
+    from llama_cpp import Llama as LlamaCpp
+
+    llm = LlamaCpp(model_path=str(path), n_ctx=n_ctx, verbose=False)
+    tokens = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == count:
+            break
+    return tokens
+
+
 def test_bad_phi3_rope_factors_are_one_line(exported, tmp_path) -> None:
     """Sizes read from the file are checked against the file: a rope_factors tensor of the wrong length."""
     _, _, _, source = exported["phi3"]

@@ -35,7 +35,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 import test_gguf_families as families  # noqa: E402
 from hf_helpers import tiny_hf  # noqa: E402
-from test_gguf_families import rel_error, tokens  # noqa: E402
+from test_gguf_families import copy_gguf, llama_cpp_greedy, rel_error, tokens  # noqa: E402
 from test_gguf_qwen import stored  # noqa: E402
 
 from lightning_tune.checkpoint import from_pretrained, load_config  # noqa: E402
@@ -252,8 +252,6 @@ def test_llama_cpp_loads_the_export_and_generates_our_tokens(outtype: str, expor
     q8_0: against our reader of the same file (its dequantised weights); llama.cpp's Q8_0 kernels also round the
     activations to 8 bits, so only the first tokens are compared (measured with llama-cpp-python 0.3.16: the 9th
     differs), which still shows llama.cpp takes Q8_0 experts with F32 biases, sinks and router."""
-    from llama_cpp import Llama as LlamaCpp
-
     from lightning_tune.generate import generate
 
     _, _, ours, path = exported
@@ -261,13 +259,7 @@ def test_llama_cpp_loads_the_export_and_generates_our_tokens(outtype: str, expor
         path = save_gguf(ours.state_dict(), ours.config, tmp_path / "q8" / "m.gguf", outtype="q8_0", tokenizer=byte_tokenizer)
         ours = from_pretrained(path).eval()
     prompt, count = [5, 17, 42, 9, 77, 3], 12 if outtype == "f32" else 6
-    llm = LlamaCpp(model_path=str(path), n_ctx=64, verbose=False)
-    theirs = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == count:
-            break
-    assert generate(ours, [prompt], max_new_tokens=count, temperature=0.0)[0] == theirs
+    assert generate(ours, [prompt], max_new_tokens=count, temperature=0.0)[0] == llama_cpp_greedy(path, prompt, count, n_ctx=64)
 
 
 def _gguf_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
@@ -307,27 +299,16 @@ def mxfp4(exported, tmp_path_factory, byte_tokenizer):
     (hf_dir / "config.json").write_text(json.dumps(config))
     reference = from_pretrained(hf_dir).eval()  # dequantised as transformers' Mxfp4Config(dequantize=True) (tests/model/test_moe.py)
     dense = save_gguf(reference.state_dict(), reference.config, out / "f32" / "m.gguf", outtype="f32", tokenizer=byte_tokenizer)
-    reader = gguf.GGUFReader(dense)
+    MXFP4 = gguf.GGMLQuantizationType.MXFP4
+    replace = {}
+    for layer in range(OSS["num_hidden_layers"]):
+        blocks, scales = quantised[(layer, "gate_up_proj")]  # the converter: the gate the even rows, the up the odd
+        replace[f"blk.{layer}.ffn_gate_exps.weight"] = (_gguf_mxfp4(blocks[:, 0::2], scales[:, 0::2]), MXFP4)
+        replace[f"blk.{layer}.ffn_up_exps.weight"] = (_gguf_mxfp4(blocks[:, 1::2], scales[:, 1::2]), MXFP4)
+        replace[f"blk.{layer}.ffn_down_exps.weight"] = (_gguf_mxfp4(*quantised[(layer, "down_proj")]), MXFP4)
     path = out / "mxfp4" / "m.gguf"
     path.parent.mkdir()
-    writer = gguf.GGUFWriter(path, arch="gpt-oss")
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for t in reader.tensors:
-        layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1
-        if t.name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):  # the converter: gate the even rows, up the odd
-            blocks, scales = quantised[(layer, "gate_up_proj")]
-            half = 0 if "gate" in t.name else 1
-            writer.add_tensor(t.name, _gguf_mxfp4(blocks[:, half::2], scales[:, half::2]), raw_dtype=gguf.GGMLQuantizationType.MXFP4)
-        elif t.name.endswith("ffn_down_exps.weight"):
-            writer.add_tensor(t.name, _gguf_mxfp4(*quantised[(layer, "down_proj")]), raw_dtype=gguf.GGMLQuantizationType.MXFP4)
-        else:
-            writer.add_tensor(t.name, np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    copy_gguf(dense, path, replace=replace)
     return reference, path
 
 
@@ -348,19 +329,11 @@ def test_a_gguf_with_mxfp4_experts_reads_as_the_mxfp4_checkpoint(mxfp4) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed (it builds llama.cpp from source)")
 def test_llama_cpp_runs_the_mxfp4_file_with_our_greedy_tokens(mxfp4) -> None:
     """llama.cpp's MXFP4 kernels round activations (to 8 bits, as Q8_0's), so the first tokens are compared, as for q8_0."""
-    from llama_cpp import Llama as LlamaCpp
-
     from lightning_tune.generate import generate
 
     reference, path = mxfp4
     prompt = [5, 17, 42, 9, 77, 3]
-    llm = LlamaCpp(model_path=str(path), n_ctx=64, verbose=False)
-    theirs = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 6:
-            break
-    assert generate(reference, [prompt], max_new_tokens=6, temperature=0.0)[0] == theirs
+    assert generate(reference, [prompt], max_new_tokens=6, temperature=0.0)[0] == llama_cpp_greedy(path, prompt, 6, n_ctx=64)
 
 
 def test_gpt_oss_tokenizer_exports_as_llama_cpps_gpt_4o_vocabulary(tmp_path) -> None:

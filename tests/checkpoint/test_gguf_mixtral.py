@@ -27,7 +27,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 import test_gguf_families as families  # noqa: E402
-from test_gguf_families import rel_error, tokens  # noqa: E402
+from test_gguf_families import copy_gguf, llama_cpp_greedy, rel_error, tokens  # noqa: E402
 from test_gguf_qwen import _checkpoint, stored  # noqa: E402
 
 from lightning_tune.checkpoint import from_pretrained, load_config  # noqa: E402
@@ -153,18 +153,7 @@ def test_expert_count_on_an_architecture_without_experts_is_one_line(tmp_path, b
     model = CausalLM(config)
     model.init_weights()
     dense = save_gguf(model.state_dict(), config, tmp_path / "dense" / "m.gguf", outtype="f32", tokenizer=byte_tokenizer)
-    reader = gguf.GGUFReader(dense)
-    writer = gguf.GGUFWriter(tmp_path / "bad.gguf", arch="qwen3")
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    writer.add_expert_count(6)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    copy_gguf(dense, tmp_path / "bad.gguf", add={"qwen3.expert_count": (6, gguf.GGUFValueType.UINT32)})
     with pytest.raises(GGUFError, match=r"bad\.gguf: qwen3\.expert_count = 6: mixture-of-experts GGUF files are supported for llama, qwen3moe, gpt-oss, not 'qwen3'$") as err:
         from_pretrained(tmp_path / "bad.gguf")
     assert "\n" not in str(err.value)
@@ -184,8 +173,6 @@ def test_llama_cpp_loads_the_export_and_generates_our_tokens(outtype: str, expor
     """llama.cpp builds Mixtral from our file and its 8 greedy tokens are ours (q8_0: against our reader of the same
     file, its dequantised weights; llama.cpp's Q8_0 kernels also round activations, so this holds at these shapes,
     not by construction)."""
-    from llama_cpp import Llama as LlamaCpp
-
     from lightning_tune.generate import generate
 
     _, _, ours, path = exported
@@ -193,10 +180,4 @@ def test_llama_cpp_loads_the_export_and_generates_our_tokens(outtype: str, expor
         path = save_gguf(ours.state_dict(), ours.config, tmp_path / "q8" / "m.gguf", outtype="q8_0", tokenizer=byte_tokenizer)
         ours = from_pretrained(path).eval()
     prompt = [5, 17, 42]
-    llm = LlamaCpp(model_path=str(path), n_ctx=32, verbose=False)
-    theirs = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 8:
-            break
-    assert generate(ours, [prompt], max_new_tokens=8, temperature=0.0)[0] == theirs
+    assert generate(ours, [prompt], max_new_tokens=8, temperature=0.0)[0] == llama_cpp_greedy(path, prompt, 8)

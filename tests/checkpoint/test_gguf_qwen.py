@@ -30,7 +30,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 import test_gguf_families as families  # noqa: E402
 from hf_helpers import tiny_hf  # noqa: E402
-from test_gguf_families import _rewrite, as_stored, rel_error, tokens  # noqa: E402
+from test_gguf_families import _rewrite, as_stored, copy_gguf, llama_cpp_greedy, rel_error, tokens  # noqa: E402
 
 from lightning_tune.checkpoint import from_pretrained, load_config  # noqa: E402
 from lightning_tune.checkpoint.gguf import gguf_config, save_gguf  # noqa: E402
@@ -282,18 +282,7 @@ def test_a_qwen3moe_file_with_half_a_layers_experts_is_one_line(exported, tmp_pa
     """Read side: a layer's ffn_up_exps without its ffn_gate_exps; an expert size the tensors do not have; 0 experts
     per token (llama.cpp refuses it too)."""
     _, _, ours, source = exported["qwen3_moe"]
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(tmp_path / "half.gguf", arch="qwen3moe")
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for t in reader.tensors:
-        if t.name != "blk.1.ffn_gate_exps.weight":
-            writer.add_tensor(t.name, np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    copy_gguf(source, tmp_path / "half.gguf", drop=("blk.1.ffn_gate_exps.weight",))
     with pytest.raises(GGUFError, match=r"half\.gguf: has only one of blk\.1\.ffn_gate_exps\.weight and blk\.1\.ffn_up_exps\.weight") as err:
         from_pretrained(tmp_path / "half.gguf")
     assert "\n" not in str(err.value)
@@ -364,8 +353,6 @@ def test_llama_cpp_loads_each_export_and_generates_our_tokens(family: str, expor
     our reader of the same file (its dequantised weights); llama.cpp's Q8_0 kernels also round the activations to
     8 bits, so this one holds at these shapes (measured with llama-cpp-python 0.3.16: all 8 equal; the q8_0 tokens
     differ from the f32 export's from the 4th on, so the check sees the quantisation), not by construction."""
-    from llama_cpp import Llama as LlamaCpp
-
     from lightning_tune.generate import generate
 
     _, _, ours, path = exported[family.removesuffix("_q8_0")]
@@ -373,10 +360,4 @@ def test_llama_cpp_loads_each_export_and_generates_our_tokens(family: str, expor
         path = save_gguf(ours.state_dict(), ours.config, tmp_path / "q8" / "m.gguf", outtype="q8_0", tokenizer=byte_tokenizer)
         ours = from_pretrained(path).eval()
     prompt = [5, 17, 42]
-    llm = LlamaCpp(model_path=str(path), n_ctx=32, verbose=False)
-    theirs = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 8:
-            break
-    assert generate(ours, [prompt], max_new_tokens=8, temperature=0.0)[0] == theirs
+    assert generate(ours, [prompt], max_new_tokens=8, temperature=0.0)[0] == llama_cpp_greedy(path, prompt, 8)
