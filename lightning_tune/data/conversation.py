@@ -11,7 +11,9 @@ character span overlaps a trained span of the rendered text:
   token after it (so the stop token is trained, and whatever the template writes between reply and
   stop token, e.g. Llama 2's " "), with any `<think>...</think>` block rendered right before it, or the
   message's own reasoning field where the template renders it before the reply (gpt-oss's analysis channel)
-  (train as rendered: Qwen 3 keeps only the last turn's reasoning). The header stays masked.
+  (train as rendered: Qwen 3 keeps only the last turn's reasoning), and whatever the template writes between
+  its generation prompt and the reply (gpt-oss's `<|channel|>final<|message|>` after `<|start|>assistant`):
+  what the model writes at inference. The header up to the generation prompt stays masked.
 
 Record formats: OpenAI `messages: [{role, content}]` and ShareGPT `conversations: [{from, value}]`
 (`human`/`gpt`/`system`), both normalised to OpenAI messages first, so they give identical samples.
@@ -19,6 +21,7 @@ Record formats: OpenAI `messages: [{role, content}]` and ShareGPT `conversations
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -104,7 +107,7 @@ def encode_conversation(
         start = completion_start(tokenizer, messages, template, ids, where)
         labels = [IGNORE_INDEX] * start + list(ids[start:])
     else:
-        spans = rendered.generation_spans or _reply_spans(text, messages, tokenizer, where)
+        spans = rendered.generation_spans or _reply_spans(text, messages, tokenizer, where, generation_prompt(template, tokenizer.special_tokens))
         if train_on == "last_assistant":
             spans = spans[-1:]
         labels = _mask(ids, offsets, spans)
@@ -178,8 +181,27 @@ def _mask(ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequenc
     return labels
 
 
-def _reply_spans(text: str, messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerProtocol, where: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant reply in the rendered `text`, through its end-of-turn token.
+def generation_prompt(template: str, special_tokens: Mapping[str, str]) -> str | None:
+    """What `template` writes after a conversation to open the assistant's turn (`add_generation_prompt`), found
+    on a one-message probe: what the model is given, so what a turn holds after it is the model's to write.
+    None where the template writes nothing there or renders the probe some other way."""
+    return _generation_prompt(template, tuple(sorted(special_tokens.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _generation_prompt(template: str, special_tokens: tuple[tuple[str, str], ...]) -> str | None:
+    probe = [{"role": "user", "content": "Hi"}]
+    try:
+        plain = render(template, probe, special_tokens=dict(special_tokens)).text
+        opened = render(template, probe, special_tokens=dict(special_tokens), add_generation_prompt=True).text
+    except ChatTemplateError:
+        return None
+    return opened[len(plain) :] if opened.startswith(plain) and len(opened) > len(plain) else None
+
+
+def _reply_spans(text: str, messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerProtocol, where: str, prompt: str | None = None) -> list[tuple[int, int]]:
+    """Character spans of each assistant reply in the rendered `text`, through its end-of-turn token, from
+    where the template's generation `prompt` (`generation_prompt`) ends in the turn's header, if it is there.
 
     Messages are found in order (a cursor moves past each one found), so a reply is never matched
     inside an earlier turn. Templates may trim a reply or drop an earlier turn's reasoning: the reply
@@ -210,6 +232,10 @@ def _reply_spans(text: str, messages: Sequence[Mapping[str, Any]], tokenizer: To
             at = text.find(reasoning, cursor, start) if reasoning else -1
             if at >= 0:
                 start = min(start, at)
+            # What the template writes after its generation prompt (gpt-oss's channel header) the model writes too.
+            at = text.rfind(prompt, cursor, start) if prompt else -1
+            if at >= 0:
+                start = min(start, at + len(prompt))
         cursor = end
         if message["role"] == "assistant":
             stops = [found_at + len(s) for s in eot_strings if (found_at := text.find(s, end)) >= 0]

@@ -152,14 +152,14 @@ MARKS = {
         ("{{ '<|assistant|>\\n'  + message['content'] + eos_token + '\\n' }}", "{{ '<|assistant|>\\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}"),
         ("{{ '<|assistant|>\\n'  + message['content'] + eos_token }}", "{{ '<|assistant|>\\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"),
     ],
-    # the last turn's reasoning (an analysis message, rendered in training only) is the model's output from its
-    # text on, through the final channel's header that the model writes after it
+    # everything after the generation prompt <|start|>assistant is the model's output: the channel header, the last
+    # turn's reasoning (an analysis message, rendered in training only) and the final channel after it
     "gpt_oss": [
         (
             '{%- if "thinking" in message %}\n                {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" }}\n            {%- endif %}',
-            '{%- if "thinking" in message %}{{- "<|start|>assistant<|channel|>analysis<|message|>" }}'
-            '{%- generation %}{{- message.thinking + "<|end|><|start|>assistant<|channel|>final<|message|>" }}{%- endgeneration %}'
-            '{%- else %}{{- "<|start|>assistant<|channel|>final<|message|>" }}{%- endif %}',
+            '{%- if "thinking" in message %}{{- "<|start|>assistant" }}'
+            '{%- generation %}{{- "<|channel|>analysis<|message|>" + message.thinking + "<|end|><|start|>assistant<|channel|>final<|message|>" }}{%- endgeneration %}'
+            '{%- else %}{{- "<|start|>assistant" }}{%- generation %}{{- "<|channel|>final<|message|>" }}{%- endgeneration %}{%- endif %}',
         ),
         (
             '{{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|return|>" }}',
@@ -167,7 +167,7 @@ MARKS = {
         ),
         (
             '{{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|end|>" }}',
-            '{{- "<|start|>assistant<|channel|>final<|message|>" }}{%- generation %}{{- message.content + "<|end|>" }}{%- endgeneration %}',
+            '{{- "<|start|>assistant" }}{%- generation %}{{- "<|channel|>final<|message|>" + message.content + "<|end|>" }}{%- endgeneration %}',
         ),
     ],
     "mistral_small_3_2": [("{{- message['content'] + eos_token }}", "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}")],
@@ -415,7 +415,8 @@ def test_gpt_oss_trains_its_training_rendering(families) -> None:
     """Harmony renders a conversation for training differently from the same turns as a prompt: the last reply
     ends in <|return|> (the end of generation) with its reasoning as an analysis message before it, while as an
     earlier turn or before a generation prompt a reply ends in <|end|> and its reasoning is dropped. Samples are
-    the training rendering, trained from the last reasoning on; the prompt of the last turn is its prefix."""
+    the training rendering, each assistant turn trained after the generation prompt <|start|>assistant (its channel
+    headers, the last turn's reasoning, the replies and their end tokens); the prompt of the last turn is its prefix."""
     oss = families("gpt_oss")
     ours, conversation = oss.ours, CONVERSATIONS[5]
     training = ours.apply_chat_template(conversation, tokenize=False)
@@ -428,7 +429,7 @@ def test_gpt_oss_trains_its_training_rendering(families) -> None:
     assert inference.endswith(earlier + "<|start|>assistant<|channel|>final<|message|>Six.<|end|><|start|>assistant")
     assert "Earlier reasoning" not in training
     sample = encode_conversation(ours, conversation, ours.chat_template, 4096)
-    assert ours.decode(trained(sample)) == "Four.<|end|>Add three and three.<|end|><|start|>assistant<|channel|>final<|message|>Six.<|return|>"
+    assert ours.decode(trained(sample)) == "<|channel|>final<|message|>Four.<|end|><|channel|>analysis<|message|>Add three and three.<|end|><|start|>assistant<|channel|>final<|message|>Six.<|return|>"
     prompt = ours.apply_chat_template(conversation[:-1], add_generation_prompt=True)
     assert sample["input_ids"][: len(prompt)] == prompt and all(label == IGNORE_INDEX for label in sample["labels"][len(prompt) - 1 : len(prompt)])
     assert ours.eos_id == ours.token_to_id("<|return|>") and sample["labels"][-1] == ours.eos_id
@@ -479,6 +480,27 @@ def test_a_reasoning_field_rendered_before_the_reply_is_trained_with_it() -> Non
     ]
     sample = encode_conversation(ours, conversation, template, 4096)
     assert ours.decode(trained(sample)) == "A1<|eot_id|>Think it through.<|eot_id|>final: A2<|eot_id|>"
+
+
+def test_what_a_template_writes_between_its_generation_prompt_and_the_reply_is_trained() -> None:
+    """The rule gpt-oss's channel header needs, on its own: the model is given the generation prompt and writes the
+    rest of its turn, so a header part after it ("[final] ") is trained with the reply; the generation prompt and
+    everything before it stay masked. A template without a generation prompt keeps its whole header masked."""
+    from lightning_tune.data.conversation import generation_prompt
+
+    ours = load_tokenizer(asset("llama3_1_tokenizer"))
+    template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+        "{% if m['role'] == 'assistant' %}[final] {% endif %}{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}"
+    )
+    assert generation_prompt(template, ours.special_tokens) == "<|start_header_id|>assistant<|end_header_id|>"
+    conversation = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    assert ours.decode(trained(encode_conversation(ours, conversation, template, 4096))) == "[final] A1<|eot_id|>[final] A2<|eot_id|>"
+    no_prompt = template.replace("<|start_header_id|>assistant<|end_header_id|>{% endif %}", "{% endif %}")
+    assert generation_prompt(no_prompt, ours.special_tokens) is None
+    # (" A1" is one token straddling the reply's first character: trained, as transformers' masks would)
+    assert ours.decode(trained(encode_conversation(ours, conversation, no_prompt, 4096))) == " A1<|eot_id|> A2<|eot_id|>"
 
 
 @pytest.mark.parametrize("name, training", [("gemma2", "gemma_training.jinja"), ("gemma3", "gemma3_training.jinja"), ("phi3_5_mini", "phi3_5_training.jinja")])
