@@ -72,14 +72,14 @@ def test_weights_give_the_largest_mixture_in_proportion_without_oversampling(sou
     = min(80, 83.3, 300) = 80, so n = floor(p N) = 40, 24, 16: a is used whole, none is repeated."""
     mixture = entries(sources, a={"weight": 0.5}, b={"weight": 0.3}, c={"weight": 0.2})
     dm = module(tmp_path, mixture)
-    got = Counter(origin(tmp_path, mixture)[tuple(ids)] for ids in dm.train_dataset["input_ids"])
+    table = origin(tmp_path, mixture)
+    got = Counter(table[tuple(ids)] for ids in dm.train_dataset["input_ids"])
     assert [got[i] for i in range(3)] == [40, 24, 16] == [s["drawn"] for s in dm.mixture_stats]
     assert len(set(map(tuple, dm.train_dataset["input_ids"]))) == len(dm.train_dataset) == 80  # no sample twice
     assert [s["available"] for s in dm.mixture_stats] == [40, 25, 60]
     # tokens per source: the sum over exactly those samples
     by_source = Counter()
     trained = Counter()
-    table = origin(tmp_path, mixture)
     for ids, labels in zip(dm.train_dataset["input_ids"], dm.train_dataset["labels"]):
         by_source[table[tuple(ids)]] += len(ids)
         trained[table[tuple(ids)]] += sum(label != -100 for label in labels)

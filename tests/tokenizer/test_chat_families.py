@@ -1,6 +1,7 @@
 """Chat templates of seven more families on their real templates: our text and ids equal transformers'
 `apply_chat_template`, `encode_conversation` gives those ids, and the trained labels are exactly each
-assistant reply as the template renders it (trimmed where it trims) through its end-of-turn token, as
+assistant reply as the template renders it (trimmed where it trims) through its end-of-turn token, with what the
+template writes between its generation prompt and the reply (gpt-oss's channel header), as
 transformers' assistant masks give them over a copy of the template with `{% generation %}` around exactly
 that (`MARKS`: each edit must apply once, and the marked copy must render the same text).
 
