@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 # Q4_K Q5_K Q6_K; the other classic and K quants go through the same call and are tested the same way. MXFP4: the
 # experts of gpt-oss GGUFs converted from OpenAI's MXFP4 checkpoints.
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-OutType = Literal["f32", "f16", "bf16", "q8_0"]
+# mxfp4: llama-quantize's MXFP4_MOE for a mixture of experts: the experts' 3-D weights in MXFP4 (the format
+# gpt-oss ships in), every other matrix in Q8_0, norms, biases and the router in F32.
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "mxfp4")
+OutType = Literal["f32", "f16", "bf16", "q8_0", "mxfp4"]
 
 # Our model_type (transformers') -> the llama.cpp architecture a GGUF of it is written as (gguf's MODEL_ARCH_NAMES).
 GGUF_ARCHES = {
@@ -581,9 +583,12 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
         if tuple(state[key].shape) != shape:
             raise GGUFError(f"{path}: {key} has shape {list(state[key].shape)}, the config expects {list(shape)}")
     q = gguf.GGMLQuantizationType
-    wanted = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0}[outtype]
-    block = gguf.GGML_QUANT_SIZES[q.Q8_0][0]
     experts = config.num_experts
+    if outtype == "mxfp4" and not experts:
+        raise GGUFError(f"{path}: --outtype mxfp4 writes a mixture's experts in MXFP4 (llama.cpp's MXFP4_MOE); this model has no experts: use q8_0")
+    wanted = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "mxfp4": q.Q8_0}[outtype]
+    block = gguf.GGML_QUANT_SIZES[q.Q8_0][0]  # 32 values, as MXFP4's block
+    exps = q.MXFP4 if outtype == "mxfp4" else wanted  # the experts' 3-D weights
     head, embedding = state["lm_head.weight"], state["model.embed_tokens.weight"]
     tied = isinstance(head, Tensor) and isinstance(embedding, Tensor) and torch.equal(head, embedding)  # a lazily merged (QLoRA) head is its own
     if arch == "gemma2" and not tied:
@@ -614,8 +619,8 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
                 t = t if half is None else t[..., half::2]
                 return t.transpose(-1, -2) if transposed else t
 
-            # biases and the sinks F32 (the converter: every non-.weight and 1-D tensor), Q8_0 along whole-block rows
-            kind = q.F32 if len(shape) < 2 or not name.endswith(".weight") else q.F16 if wanted == q.Q8_0 and shape[-1] % block else wanted
+            # biases and the sinks F32 (the converter: every non-.weight and 1-D tensor), Q8_0 / MXFP4 along whole-block rows
+            kind = q.F32 if len(shape) < 2 or not name.endswith(".weight") else q.F16 if exps in (q.Q8_0, q.MXFP4) and shape[-1] % block else exps
             plan.append((name, shape, kind, take_oss))
             continue
         if source != key:  # Qwen3-MoE's and Mixtral's experts: gate and up rows of our stack, or our down_proj
@@ -625,7 +630,7 @@ def _tensor_plan(state: dict[str, Tensor], config: ModelConfig, outtype: str, pa
             def take(source=source, half=half, size=size) -> Tensor:
                 return state[source].detach().to("cpu") if half is None else stacked(source)[:, half * size : (half + 1) * size]
 
-            plan.append((name, shape, q.F16 if wanted == q.Q8_0 and shape[-1] % block else wanted, take))  # Q8_0 blocks along a row
+            plan.append((name, shape, q.F16 if exps in (q.Q8_0, q.MXFP4) and shape[-1] % block else exps, take))  # Q8_0 / MXFP4 blocks along a row
             continue
         parts = [part for part, _, _ in _parts(config, key)] if arch == "phi3" else [key]
         shape = (sum(expected[k][0] for k in parts), *expected[parts[0]][1:])
@@ -662,7 +667,7 @@ def _gguf_array(t: Tensor, kind: Any) -> Any:
     if kind == q.F16:
         return t.to(torch.float16).contiguous().numpy()
     x = t.to(torch.float32).contiguous().numpy()
-    return gguf.quants.quantize(x, q.Q8_0) if kind == q.Q8_0 else x
+    return gguf.quants.quantize(x, kind) if kind in (q.Q8_0, q.MXFP4) else x
 
 
 def _write_hparams(writer: Any, config: ModelConfig, arch: str) -> None:
@@ -853,9 +858,15 @@ def save_gguf(
         writer.add_name(name or output.stem)
         writer.add_string(EXPORT_KEY, "1")  # ours: a later export may replace this file (check_gguf_target)
         _write_hparams(writer, config, arch)
-        file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+        file_type = {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "mxfp4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
+        }[outtype]
         writer.add_file_type(file_type)
-        if outtype == "q8_0":
+        if outtype in ("q8_0", "mxfp4"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_vocab(writer, vocab, config.vocab_size, output)
         # Tensor infos first (shapes and types), then the data one tensor at a time: memory stays

@@ -16,7 +16,7 @@ def export(
     ckpt_path: str | None = None,
     checkpoint_dir: str | None = None,
     tokenizer_path: str | None = None,
-    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16",
+    outtype: Literal["f32", "f16", "bf16", "q8_0", "mxfp4"] = "f16",
 ):
     """Export a fit checkpoint: a PEFT adapter (LoRA runs), a Hugging Face directory (adapters merged in)
     or a GGUF file for llama.cpp / Ollama (also from a Hugging Face directory or a .gguf, without a checkpoint).
@@ -27,7 +27,7 @@ def export(
         ckpt_path: Lightning checkpoint (.ckpt) of a fit run, e.g. out/RUN/checkpoints/last.ckpt; gguf can instead convert checkpoint_dir alone.
         checkpoint_dir: Base model directory (or .gguf); default: the one the run was trained from.
         tokenizer_path: Tokenizer copied into an hf export (written into a gguf); default: the run's.
-        outtype: gguf only: type of the 2-D weights, f32, f16, bf16 or q8_0.
+        outtype: gguf only: type of the 2-D weights, f32, f16, bf16 or q8_0; mxfp4 for a mixture of experts (experts in MXFP4, the rest q8_0).
     """
     if format == "gguf":
         from lightning_tune.recipes.export import export_gguf

@@ -138,7 +138,8 @@ def export_gguf(
 
     Args:
         output: The .gguf file to write (an Ollama Modelfile is written beside it).
-        outtype: Tensor type of the 2-D weights: f32, f16, bf16 or q8_0 (norms stay f32, as llama.cpp writes them).
+        outtype: Tensor type of the 2-D weights: f32, f16, bf16 or q8_0 (norms stay f32, as llama.cpp writes them);
+            mxfp4 for a mixture of experts: its experts in MXFP4, every other matrix in q8_0 (llama.cpp's MXFP4_MOE).
         ckpt_path: Lightning checkpoint (.ckpt) of a fit run; its base model comes from the run (or checkpoint_dir).
         checkpoint_dir: Without ckpt_path: the model to convert, a Hugging Face directory (e.g. a fit's merged/) or a .gguf.
         tokenizer_path: Tokenizer to write into the file; default: the run's, else the one in or of checkpoint_dir.

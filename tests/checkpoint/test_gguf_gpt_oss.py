@@ -370,3 +370,33 @@ def test_gpt_oss_tokenizer_exports_as_llama_cpps_gpt_4o_vocabulary(tmp_path) -> 
         llm = LlamaCpp(model_path=str(out), n_ctx=32, verbose=False, vocab_only=True)
         for text in texts:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == reference.encode(text, add_special_tokens=False), text
+
+
+def test_mxfp4_export_writes_the_experts_in_mxfp4_and_the_rest_as_llama_quantize_does(exported, tmp_path, byte_tokenizer) -> None:
+    """`--outtype mxfp4` (llama-quantize's MXFP4_MOE): the experts' 3-D weights MXFP4, every other matrix Q8_0, biases,
+    sinks, norms and the router F32; read back, each expert is gguf's dequantisation of gguf's MXFP4 of ours, in the
+    file's layout. A model without experts is refused in one line."""
+    _, _, ours, _ = exported
+    Q = gguf.GGMLQuantizationType
+    path = save_gguf(ours.state_dict(), ours.config, tmp_path / "mx" / "m.gguf", outtype="mxfp4", tokenizer=byte_tokenizer)
+    parsed = parse_gguf(path)
+    types = {t.name: t.tensor_type for t in parsed.tensors}
+    assert parsed.metadata["general.file_type"] == gguf.LlamaFileType.MOSTLY_MXFP4_MOE
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.0.ffn_up_exps.weight"] == types["blk.0.ffn_down_exps.weight"] == Q.MXFP4
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == Q.Q8_0
+    assert {types[n] for n in ("blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.bias", "blk.0.attn_sinks.weight", "blk.0.attn_norm.weight")} == {Q.F32}
+    back = from_pretrained(path).state_dict()
+    down = ours.state_dict()["model.layers.0.mlp.experts.down_proj"].transpose(1, 2).contiguous().numpy()  # [X, out, in] as written
+    assert np.array_equal(back["model.layers.0.mlp.experts.down_proj"].transpose(1, 2).numpy(), gguf.dequantize(gguf.quantize(down, Q.MXFP4), Q.MXFP4))
+    from lightning_tune.families.config import ModelConfig
+    from lightning_tune.model import CausalLM
+
+    dense = ModelConfig(vocab_size=256, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=32, intermediate_dim=64)
+    with pytest.raises(GGUFError, match=r"--outtype mxfp4 writes a mixture's experts in MXFP4 .*this model has no experts: use q8_0$"):
+        save_gguf(CausalLM(dense).state_dict(), dense, tmp_path / "dense" / "m.gguf", outtype="mxfp4", tokenizer=byte_tokenizer)
+    assert not (tmp_path / "dense").exists()
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp runs the file: its first greedy tokens are our reader's
+        from lightning_tune.generate import generate
+
+        prompt = [5, 17, 42, 9, 77, 3]
+        assert generate(from_pretrained(path).eval(), [prompt], max_new_tokens=4, temperature=0.0)[0] == llama_cpp_greedy(path, prompt, 4, n_ctx=64)
