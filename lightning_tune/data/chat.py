@@ -22,6 +22,7 @@ from lightning_tune.data.conversation import (
     TrainOn,
     encode_conversation,
     normalize_messages,
+    record_tools,
 )
 from lightning_tune.data.errors import DataError
 from lightning_tune.tokenizer import TokenizerProtocol
@@ -46,7 +47,7 @@ class ChatDataModule(TokenizedDataModule):
 
     record_kind = "conversations (records with a messages or conversations list)"
     demo_data = ASSETS / "chat_demo.jsonl"
-    encoding_version = 1
+    encoding_version = 2  # 2: a record's `tools` reach the template; turns of tool calls train; gpt-oss's channel header trains
 
     def __init__(
         self,
@@ -168,17 +169,18 @@ class ChatDataModule(TokenizedDataModule):
         for index in range(count):
             where = f"{self.source}: record {index} (counting from 0)"
             messages = normalize_messages(records[index][columns["messages"]], self.role_map, columns, where)
+            tools = record_tools(records[index], where)
             ids = data[index]["input_ids"]
             if data[index]["truncated"]:
                 continue
             if own is None:
                 break
-            expected = self.tokenizer.apply_chat_template(messages)
+            expected = self.tokenizer.apply_chat_template(messages, tools=tools)
             if own == self.template:
                 if ids != expected:
                     raise DataError(f"{where}: the ids differ from the tokenizer's own chat template output at token {_first_difference(ids, expected)}")
                 if reference is not None:
-                    theirs = reference.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+                    theirs = reference.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
                     if ids != theirs:
                         raise DataError(f"{where}: the ids differ from transformers' apply_chat_template at token {_first_difference(ids, theirs)}")
             elif ids != expected and not reported:
@@ -206,7 +208,7 @@ def _encode_chat_record(
     """One raw record -> `encode_conversation` output, its messages checked first."""
     where = f"{source}: record {index} (counting from 0)"
     messages = normalize_messages(record.get(columns["messages"]), role_map, columns, where)
-    return encode_conversation(tokenizer, messages, template, max_seq_len, train_on, truncation, where)
+    return encode_conversation(tokenizer, messages, template, max_seq_len, train_on, truncation, where, record_tools(record, where))
 
 
 def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:

@@ -22,6 +22,7 @@ Record formats: OpenAI `messages: [{role, content}]` and ShareGPT `conversations
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -54,7 +55,8 @@ def normalize_messages(raw: Any, role_map: Mapping[str, str], columns: Mapping[s
     """One record's message list as OpenAI messages [{role, content, ...}], checked.
 
     `where` names the record ("data.jsonl: record 3") in the one-line `DataError` a bad record raises:
-    no messages, an unknown role, a non-string content, no assistant turn."""
+    no messages, an unknown role, a non-string content (none is "" for an assistant turn of `tool_calls`
+    only, as OpenAI writes it), no assistant turn."""
     role_key, content_key = columns["role"], columns["content"]
     if raw is None or (isinstance(raw, (list, tuple)) and not raw):
         raise DataError(f"{where}: no messages (expected a non-empty list in column {columns['messages']!r})")
@@ -69,6 +71,8 @@ def normalize_messages(raw: Any, role_map: Mapping[str, str], columns: Mapping[s
             known = ", ".join(sorted(role_map))
             raise DataError(f"{where}, message {position}: unknown role {role!r} (known: {known}; add it to role_map)")
         content = message.get(content_key)
+        if content is None and message.get("tool_calls"):
+            content = ""
         if not isinstance(content, str):
             raise DataError(f"{where}, message {position} ({role}): content must be a string, got {'nothing' if content is None else type(content).__name__}")
         extra = {key: value for key, value in message.items() if key not in (role_key, content_key, "role", "content") and value is not None}
@@ -76,6 +80,23 @@ def normalize_messages(raw: Any, role_map: Mapping[str, str], columns: Mapping[s
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: no assistant turn, so nothing to train on")
     return messages
+
+
+def record_tools(record: Mapping[str, Any], where: str) -> list[dict] | None:
+    """A record's function definitions (its `tools`: a list of JSON schemas, or that list as a JSON string, as Hub
+    data sets often store it) for templates that list them, as transformers' `apply_chat_template(tools=...)`;
+    None where it has none."""
+    tools = record.get("tools")
+    if tools is None or tools == "" or (isinstance(tools, list) and not tools):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: tools is not valid JSON ({error.msg} at character {error.pos})") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, Mapping) for tool in tools):
+        raise DataError(f"{where}: tools must be a list of function definitions (JSON objects), got {type(tools).__name__}")
+    return [dict(tool) for tool in tools] or None
 
 
 def encode_conversation(
@@ -86,8 +107,10 @@ def encode_conversation(
     train_on: TrainOn = "assistant",
     truncation: ChatTruncation = "keep_start",
     where: str = "conversation",
+    tools: list[dict] | None = None,
 ) -> dict:
-    """Render, encode and mask one conversation; check it; cut it to `max_seq_len`.
+    """Render, encode and mask one conversation (with the function definitions `tools` its template may list, as
+    transformers' `apply_chat_template(tools=...)`); check it; cut it to `max_seq_len`.
 
     Returns `input_ids`, `labels` (aligned, -100 where masked), `truncated` (it was longer than
     `max_seq_len`) and `keep` (False only for `truncation="drop"` of a long sample, or when a cut left
@@ -96,7 +119,7 @@ def encode_conversation(
     turn), and at least one trained end-of-turn token.
     """
     try:
-        rendered = render(template, messages, special_tokens=tokenizer.special_tokens)
+        rendered = render(template, messages, special_tokens=tokenizer.special_tokens, tools=tools)
     except ChatTemplateError as error:
         raise DataError(f"{where}: {error}") from None
     text = rendered.text
@@ -104,7 +127,7 @@ def encode_conversation(
     if train_on == "all":
         labels = list(ids)
     elif train_on == "completion":
-        start = completion_start(tokenizer, messages, template, ids, where)
+        start = completion_start(tokenizer, messages, template, ids, where, tools)
         labels = [IGNORE_INDEX] * start + list(ids[start:])
     else:
         spans = rendered.generation_spans or _reply_spans(text, messages, tokenizer, where, generation_prompt(template, tokenizer.special_tokens))
@@ -133,14 +156,14 @@ def encode_conversation(
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "keep": keep}
 
 
-def completion_start(tokenizer: TokenizerProtocol, messages: Sequence[Mapping[str, Any]], template: str, ids: Sequence[int], where: str = "conversation") -> int:
+def completion_start(tokenizer: TokenizerProtocol, messages: Sequence[Mapping[str, Any]], template: str, ids: Sequence[int], where: str = "conversation", tools: list[dict] | None = None) -> int:
     """Where the completion (the last message and what the template writes after it) starts in `ids`, the
     encoded whole conversation: the length of the common prefix of `ids` and the ids of the conversation
     without its last message rendered with the generation prompt, as TRL 1.16's DPO/SFT tokenisation
     finds it (the two usually agree up to the whole prompt; a template that renders the prompt alone
     differently moves the start back to where they diverge)."""
     try:
-        prompt = render(template, messages[:-1], special_tokens=tokenizer.special_tokens, add_generation_prompt=True).text
+        prompt = render(template, messages[:-1], special_tokens=tokenizer.special_tokens, add_generation_prompt=True, tools=tools).text
     except ChatTemplateError as error:
         raise DataError(f"{where}: {error}") from None
     prompt_ids = tokenizer.encode_with_offsets(prompt, chat=True)[0]
@@ -212,6 +235,12 @@ def _reply_spans(text: str, messages: Sequence[Mapping[str, Any]], tokenizer: To
     cursor = 0
     for position, message in enumerate(messages):
         found = _find_reply(text, message["content"], cursor, eot_strings if message["role"] == "assistant" else [])
+        if found is None and message["role"] == "assistant" and message.get("tool_calls") and prompt:
+            # A turn of tool calls: the template writes them in its own form, so the model's part of the turn is
+            # what follows the next generation prompt, through the end-of-turn token after it (as for a reply).
+            at = text.find(prompt, cursor)
+            if at >= 0:
+                found = (at + len(prompt), at + len(prompt))
         if found is None:
             if message["role"] == "assistant":
                 raise DataError(

@@ -268,3 +268,74 @@ def test_chat_demo_is_reproducible_and_every_conversation_trains_its_replies() -
         text = demo.decode(trained(sample))  # replies, each with its " " and </s> (which decodes as nothing)
         assert text.split() == " ".join(replies).split(), index
         assert trained(sample).count(demo.eos_id) == len(replies)
+
+
+# --- conversations with tool calls ----------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees."},
+]
+
+
+def test_tool_calls_train_as_the_template_writes_them_qwen3() -> None:
+    """Qwen 3's own template lists `tools` in its system turn and writes each call as <tool_call> JSON: text and ids
+    equal transformers' `apply_chat_template(tools=...)`; the model's part of the calls' turn (after its generation
+    prompt, through <|im_end|>) trains, the tool's answer does not. (TRL's marked Qwen 3 copy renders this turn with
+    its own think block, so its masks are not comparable here.)"""
+    transformers = pytest.importorskip("transformers")
+    folder = asset("qwen3_tokenizer")
+    ours, reference = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    messages = normalize_messages(TOOL_CONVERSATION, DEFAULT_ROLE_MAP, OPENAI_COLUMNS, "record 0")  # content None -> "" for a turn of calls
+    sample = encode_conversation(ours, messages, ours.chat_template, 4096, tools=TOOLS)
+    assert ours.apply_chat_template(messages, tools=TOOLS, tokenize=False) == reference.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    assert sample["input_ids"] == reference.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    assert ours.decode(trained(sample)) == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|><think>\n\n</think>\n\nIt is 21 degrees.<|im_end|>'
+
+
+def test_tool_calls_train_as_the_template_writes_them_llama3_1() -> None:
+    """Llama 3.1's full template (tests/fixtures/chat_templates) writes a call as a JSON object after the assistant
+    header, ending in <|eot_id|>; the tool's answer is an ipython turn, not trained."""
+    transformers = pytest.importorskip("transformers")
+    folder = asset("llama3_1_tokenizer")
+    template = (Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates" / "llama3_1_8b_instruct.jinja").read_text(encoding="utf-8")
+    ours, reference = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    messages = normalize_messages(TOOL_CONVERSATION, DEFAULT_ROLE_MAP, OPENAI_COLUMNS, "record 0")
+    kwargs = dict(tools=TOOLS, chat_template=template, date_string="26 Jul 2024")
+    assert ours.apply_chat_template(messages, tokenize=False, **kwargs) == reference.apply_chat_template(messages, tokenize=False, **kwargs)
+    sample = encode_conversation(ours, messages, template, 4096, tools=TOOLS)
+    assert sample["input_ids"] == reference.apply_chat_template(messages, tools=TOOLS, chat_template=template, tokenize=True, return_dict=True)["input_ids"]
+    assert ours.decode(trained(sample)) == '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>It is 21 degrees.<|eot_id|>'
+
+
+def test_a_records_tools_reach_the_template_through_the_chat_module(tmp_path) -> None:
+    """A JSON Lines record with `tools` (here a JSON string, as Hub data sets often store it) and a turn of tool calls
+    whose content is null, as OpenAI writes it: the module checks its ids against the tokenizer's own template and
+    transformers' with those tools; a tools value that is not a list of objects is one line naming the record."""
+    from lightning_tune.data import ChatDataModule
+
+    folder = asset("qwen3_tokenizer")
+    path = tmp_path / "tools.jsonl"
+    record = {"messages": TOOL_CONVERSATION, "tools": json.dumps(TOOLS)}
+    path.write_text(json.dumps(record) + "\n" + json.dumps({**record, "tools": TOOLS}) + "\n")
+    dm = ChatDataModule(source=str(path), tokenizer_path=str(folder), cache_dir=str(tmp_path / "cache"), max_seq_len=1024, pack=False)
+    dm.setup("fit")
+    ours = load_tokenizer(folder)
+    first, second = dm.train_dataset[0], dm.train_dataset[1]
+    assert first["input_ids"] == second["input_ids"] and "get_weather" in ours.decode(first["input_ids"])
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**record, "tools": "{not json"}) + "\n")
+    bad = ChatDataModule(source=str(tmp_path / "bad.jsonl"), tokenizer_path=str(folder), cache_dir=str(tmp_path / "cache"), pack=False)
+    with pytest.raises(DataError, match=r"bad\.jsonl: record 0 \(counting from 0\): tools is not valid JSON \(Expecting property name enclosed in double quotes at character 1\)"):
+        bad.setup("fit")
