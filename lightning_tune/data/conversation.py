@@ -13,7 +13,9 @@ character span overlaps a trained span of the rendered text:
   message's own reasoning field where the template renders it before the reply (gpt-oss's analysis channel)
   (train as rendered: Qwen 3 keeps only the last turn's reasoning), and whatever the template writes between
   its generation prompt and the reply (gpt-oss's `<|channel|>final<|message|>` after `<|start|>assistant`):
-  what the model writes at inference. The header up to the generation prompt stays masked.
+  what the model writes at inference. The header up to the generation prompt stays masked. An assistant
+  turn of `tool_calls` only (its content empty) is what follows its generation prompt, through the
+  end-of-turn token: the calls as the template writes them.
 
 Record formats: OpenAI `messages: [{role, content}]` and ShareGPT `conversations: [{from, value}]`
 (`human`/`gpt`/`system`), both normalised to OpenAI messages first, so they give identical samples.
