@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,15 +23,10 @@ from lightning_tune.checkpoint.meta import meta_to_hf_rotary
 from lightning_tune.checkpoint.tensors import Entry
 from lightning_tune.families import family_for
 from lightning_tune.families.config import ModelConfig
-from lightning_tune.io.files import check_disk_space, existing_parent
-from lightning_tune.io.gguf import is_gguf
+from lightning_tune.io.files import atomic_file, atomic_write_text, check_disk_space, existing_parent
+from lightning_tune.io.gguf import GGUFError, check_architecture, import_gguf, is_gguf, metadata_value, open_gguf, read_metadata
 from lightning_tune.io.paths import resolve_path
 from lightning_tune.model.decoder import CausalLM
-
-if TYPE_CHECKING:
-    pass
-from lightning_tune.io.files import atomic_file, atomic_write_text
-from lightning_tune.io.gguf import GGUFError, check_architecture, import_gguf, metadata_value, open_gguf, read_metadata
 from lightning_tune.tokenizer.chat_template import CHATML, ChatTemplateError, render
 from lightning_tune.tokenizer.gguf import VocabMetadata, vocab_metadata, write_vocab
 

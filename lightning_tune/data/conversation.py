@@ -98,7 +98,7 @@ def record_tools(record: Mapping[str, Any], where: str) -> list[dict] | None:
             raise DataError(f"{where}: tools is not valid JSON ({error.msg} at character {error.pos})") from None
     if not isinstance(tools, list) or not all(isinstance(tool, Mapping) for tool in tools):
         raise DataError(f"{where}: tools must be a list of function definitions (JSON objects), got {type(tools).__name__}")
-    return [dict(tool) for tool in tools] or None
+    return [dict(tool) for tool in tools]
 
 
 def encode_conversation(

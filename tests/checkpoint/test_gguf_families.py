@@ -102,17 +102,26 @@ def byte_tokenizer(tmp_path_factory) -> Path:
     return folder
 
 
+def export_f32(hf, folder: Path, tokenizer: Path) -> tuple:
+    """(transformers' model, its directory folder/hf, our model read from it, our f32 GGUF of that in folder/gguf)."""
+    ours = from_pretrained(folder / "hf")
+    path = save_gguf(ours.state_dict(), ours.config, folder / "gguf" / "model.gguf", outtype="f32", tokenizer=tokenizer)
+    return hf, folder / "hf", ours, path
+
+
+def export_cases(tmp_path_factory, cases: dict, checkpoint, tokenizer: Path) -> dict:
+    """family -> `export_f32` of `checkpoint(model_type, kwargs, folder / "hf")` for each (model_type, _, kwargs) of `cases`."""
+    out = {}
+    for family, (model_type, _, kwargs) in cases.items():
+        folder = tmp_path_factory.mktemp(family)
+        out[family] = export_f32(checkpoint(model_type, kwargs, folder / "hf"), folder, tokenizer)
+    return out
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, byte_tokenizer) -> dict:
     """family -> (transformers' model, its directory, our model read from it, our f32 GGUF of that)."""
-    out = {}
-    for family, (model_type, _, kwargs) in CASES.items():
-        folder = tmp_path_factory.mktemp(family)
-        hf = _checkpoint(model_type, kwargs, folder / "hf")
-        ours = from_pretrained(folder / "hf")
-        path = save_gguf(ours.state_dict(), ours.config, folder / "gguf" / "model.gguf", outtype="f32", tokenizer=byte_tokenizer)
-        out[family] = (hf, folder / "hf", ours, path)
-    return out
+    return export_cases(tmp_path_factory, CASES, _checkpoint, byte_tokenizer)
 
 
 @pytest.mark.parametrize("family", CASES)

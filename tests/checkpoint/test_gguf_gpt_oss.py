@@ -94,10 +94,7 @@ def _checkpoint(folder, truncate: bool):
 def exported(tmp_path_factory, byte_tokenizer):
     """(transformers' model with truncate true, its directory, our model read from it, our f32 GGUF of that)."""
     folder = tmp_path_factory.mktemp("gpt_oss")
-    hf = _checkpoint(folder / "hf", truncate=True)
-    ours = from_pretrained(folder / "hf")
-    path = save_gguf(ours.state_dict(), ours.config, folder / "gguf" / "model.gguf", outtype="f32", tokenizer=byte_tokenizer)
-    return hf, folder / "hf", ours, path
+    return families.export_f32(_checkpoint(folder / "hf", truncate=True), folder, byte_tokenizer)
 
 
 def test_our_reader_gives_transformers_logits_from_our_export(exported) -> None:

@@ -42,10 +42,7 @@ MIXTRAL = dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=64)
 def exported(tmp_path_factory, byte_tokenizer):
     """(transformers' model, its directory, our model read from it, our f32 GGUF of that)."""
     folder = tmp_path_factory.mktemp("mixtral")
-    hf = _checkpoint("mixtral", MIXTRAL, folder / "hf")
-    ours = from_pretrained(folder / "hf")
-    path = save_gguf(ours.state_dict(), ours.config, folder / "gguf" / "model.gguf", outtype="f32", tokenizer=byte_tokenizer)
-    return hf, folder / "hf", ours, path
+    return families.export_f32(_checkpoint("mixtral", MIXTRAL, folder / "hf"), folder, byte_tokenizer)
 
 
 def test_our_reader_gives_transformers_logits_from_our_export(exported) -> None:

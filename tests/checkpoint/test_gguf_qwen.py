@@ -74,14 +74,7 @@ def stored(config):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, byte_tokenizer) -> dict:
     """family -> (transformers' model, its directory, our model read from it, our f32 GGUF of that)."""
-    out = {}
-    for family, (model_type, _, kwargs) in CASES.items():
-        folder = tmp_path_factory.mktemp(family)
-        hf = _checkpoint(model_type, kwargs, folder / "hf")
-        ours = from_pretrained(folder / "hf")
-        path = save_gguf(ours.state_dict(), ours.config, folder / "gguf" / "model.gguf", outtype="f32", tokenizer=byte_tokenizer)
-        out[family] = (hf, folder / "hf", ours, path)
-    return out
+    return families.export_cases(tmp_path_factory, CASES, _checkpoint, byte_tokenizer)
 
 
 @pytest.mark.parametrize("family", CASES)
