@@ -6,7 +6,8 @@ through the prompt template and `encode_sample` (BOS + prompt + completion + EOS
 to string completions), conversational pairs (the prompt a list of messages, chosen / rejected one
 assistant reply each) through the chat template and `encode_conversation`, trained from where the prompt ends to the end of
 the rendering as TRL 1.16 trains it (the reply, its end-of-turn token and whatever the template writes
-after it, such as Qwen's "\n" after <|im_end|>).
+after it, such as Qwen's "\n" after <|im_end|>). A conversational record's `tools` (function definitions, a
+list or its JSON string) reach the template as transformers' `tools=`, as TRL 1.16's trainers pass them.
 The prompt is masked (labels -100). A batch is [chosen rows; rejected rows], right-padded: one
 forward scores both sides of every pair (`collate_pairs`).
 """
@@ -24,7 +25,7 @@ import datasets
 
 from lightning_tune.data.base import ASSETS, TokenizedDataModule
 from lightning_tune.data.collate import IGNORE_INDEX, SIDES, collate_pairs
-from lightning_tune.data.conversation import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages
+from lightning_tune.data.conversation import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages, record_tools
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import InstructTruncation, encode_sample
 from lightning_tune.data.templates import PromptTemplate, get_template
@@ -74,6 +75,7 @@ def _encode_pair(
     if values["chosen"] == values["rejected"]:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair needs two different completions")
     out: dict[str, Any] = {"truncated": False, "pair_index": index}
+    tools = record_tools(record, where) if conversational else None  # TRL 1.16 reads a record's `tools` the same way
     if "margin" in values:
         out["margin"] = float(values["margin"])
     for side in SIDES:
@@ -81,7 +83,7 @@ def _encode_pair(
             if not isinstance(values["prompt"], (list, tuple)):
                 raise DataError(f"{where}: 'prompt' must be a list of messages like the other records' (conversational pairs), got {type(values['prompt']).__name__}")
             messages = normalize_messages([*values["prompt"], *_assistant_reply(values[side], f"{where}, {side!r}")], DEFAULT_ROLE_MAP, OPENAI_COLUMNS, where)
-            sample = encode_conversation(tokenizer, messages, chat_template, max_seq_len, "completion", "keep_start", where)
+            sample = encode_conversation(tokenizer, messages, chat_template, max_seq_len, "completion", "keep_start", where, tools)
         else:
             if not all(isinstance(values[field], str) for field in ("prompt", side)):
                 raise DataError(f"{where}: 'prompt' and {side!r} must both be strings, or the prompt a list of messages (conversational pairs)")
@@ -111,7 +113,7 @@ class PreferenceDataModule(TokenizedDataModule):
 
     record_kind = "prompt/chosen/rejected records"
     demo_data: Path = DEMO_PREFERENCES
-    encoding_version = 3  # 2: each pair carries its pair_index; 3: conversational completions run to the end (TRL's rule)
+    encoding_version = 4  # 2: each pair carries its pair_index; 3: conversational completions run to the end (TRL's rule); 4: a record's tools reach the template
     rows_per_sample = 2  # a pair is two rows of a batch (memory estimates count rows)
 
     def __init__(

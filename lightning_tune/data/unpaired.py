@@ -2,7 +2,9 @@
 
 A record becomes one sample, prompt + completion, encoded as `PreferenceDataModule` encodes one side of a
 pair (string records through the prompt template and `encode_sample`, conversational ones through the chat
-template and `encode_conversation`), the prompt masked, plus its `label` (desirable or not). A batch also
+template and `encode_conversation`, a record's `tools` passed to the template and the completion trained from where
+the prompt stops matching to the end of the rendering, as TRL 1.16's KTOTrainer does both), the prompt masked, plus
+its `label` (desirable or not). A batch also
 carries KTO's mismatched rows for the KL estimate (`collate_unpaired`): each sample's prompt followed by the
 completion of the sample before it in the batch (the first by the last's), as TRL 1.16's `KTOTrainer`
 rotates completions within a batch.
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from lightning_tune.data.base import ASSETS, TokenizedDataModule
 from lightning_tune.data.collate import IGNORE_INDEX, collate
-from lightning_tune.data.conversation import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages
+from lightning_tune.data.conversation import DEFAULT_ROLE_MAP, OPENAI_COLUMNS, encode_conversation, normalize_messages, record_tools
 from lightning_tune.data.errors import DataError
 from lightning_tune.data.instruct import InstructTruncation, encode_sample
 from lightning_tune.data.templates import PromptTemplate, get_template
@@ -69,7 +71,8 @@ def _encode_record(
         if not isinstance(values["prompt"], (list, tuple)):
             raise DataError(f"{where}: 'prompt' must be a list of messages like the other records' (conversational records), got {type(values['prompt']).__name__}")
         messages = normalize_messages([*values["prompt"], *_reply(values["completion"], where)], DEFAULT_ROLE_MAP, OPENAI_COLUMNS, where)
-        sample = encode_conversation(tokenizer, messages, chat_template, max_seq_len, "last_assistant", "keep_start", where)
+        # trained from where the prompt stops matching to the end of the rendering, as TRL 1.16's KTOTrainer (Qwen's "\n" after <|im_end|> too)
+        sample = encode_conversation(tokenizer, messages, chat_template, max_seq_len, "completion", "keep_start", where, record_tools(record, where))
     else:
         if not all(isinstance(values[field], str) for field in ("prompt", "completion")):
             raise DataError(f"{where}: 'prompt' and 'completion' must both be strings, or the prompt a list of messages (conversational records)")
@@ -109,6 +112,7 @@ class UnpairedDataModule(TokenizedDataModule):
     (`collate_unpaired`), so batch_size should be 2 or more (one sample's KL row is itself).
     """
 
+    encoding_version = 2  # 2: a conversational record's tools reach the template; its completion trains to the end of the rendering (TRL's rule)
     record_kind = "prompt/completion/label records"
     demo_data: Path = DEMO_UNPAIRED
 

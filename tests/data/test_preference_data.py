@@ -33,10 +33,13 @@ PAIRS = [
 
 
 def trl_tokenized(tokenizer, pair: dict) -> dict[str, list[int]]:
-    """TRL 1.16 DPOTrainer's `tokenize_fn` for a conversational pair (dpo_trainer.py), with TRL's own helpers."""
-    prompt_ids = trl_data._tokenize(tokenizer, pair["prompt"], add_generation_prompt=True)["input_ids"]
-    chosen = trl_data._tokenize(tokenizer, pair["prompt"] + pair["chosen"])["input_ids"]
-    rejected = trl_data._tokenize(tokenizer, pair["prompt"] + pair["rejected"])["input_ids"]
+    """TRL 1.16 DPOTrainer's `tokenize_fn` for a conversational pair (dpo_trainer.py), with TRL's own helpers,
+    a pair's `tools` (a list or its JSON string) passed to the template as it passes them."""
+    tools = pair.get("tools")
+    kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools}
+    prompt_ids = trl_data._tokenize(tokenizer, pair["prompt"], add_generation_prompt=True, **kwargs)["input_ids"]
+    chosen = trl_data._tokenize(tokenizer, pair["prompt"] + pair["chosen"], **kwargs)["input_ids"]
+    rejected = trl_data._tokenize(tokenizer, pair["prompt"] + pair["rejected"], **kwargs)["input_ids"]
     start = min(trl_data.common_prefix_length(prompt_ids, chosen), trl_data.common_prefix_length(prompt_ids, rejected))
     return {"prompt": prompt_ids[:start], "chosen": chosen[start:], "rejected": rejected[start:]}
 
@@ -61,6 +64,42 @@ def test_conversational_pairs_train_what_trl_trains(name: str, tmp_path: Path) -
             trailing += reference.decode(theirs[side]).endswith("<|im_end|>\n")
     # Qwen 3's template ends every turn with "<|im_end|>\n": the test covers the case that differed.
     assert trailing == (2 * len(PAIRS) if name == "qwen3_tokenizer" else 0)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    }
+]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+
+
+@pytest.mark.parametrize("stored", ["json", "list"])
+def test_a_pairs_tools_reach_the_template_as_trl_passes_them(stored: str, tmp_path: Path) -> None:
+    """A pair's `tools` (a JSON string, as Hub data sets often store them, or a list) reach the template as TRL 1.16's
+    DPOTrainer passes them (`tools=` to `apply_chat_template`): Qwen 3 lists them in its system turn, and the chosen
+    side may be a turn of tool calls. Ids and trained labels equal TRL's for both sides."""
+    folder = asset("qwen3_tokenizer")
+    tools = json.dumps(TOOLS) if stored == "json" else TOOLS
+    pairs = [
+        {"prompt": WEATHER, "chosen": [CALL], "rejected": [{"role": "assistant", "content": "It is always sunny there."}], "tools": tools},
+        {"prompt": WEATHER, "chosen": [{"role": "assistant", "content": "Let me look that up."}], "rejected": [CALL], "tools": tools},
+    ]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    data = PreferenceDataModule(source=str(source), tokenizer_path=str(folder), max_seq_len=512, val_size=0, cache_dir=str(tmp_path / "cache"))
+    data.setup("fit")
+    reference = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    rows = {int(sample["pair_index"]): sample for sample in data.train_dataset}
+    for index, pair in enumerate(pairs):
+        theirs = trl_tokenized(reference, pair)
+        assert "get_weather" in reference.decode(theirs["prompt"])  # the tools are listed in the prompt
+        for side in ("chosen", "rejected"):
+            assert list(rows[index][f"{side}_input_ids"]) == theirs["prompt"] + theirs[side], (index, side)
+            assert list(rows[index][f"{side}_labels"]) == [IGNORE_INDEX] * len(theirs["prompt"]) + theirs[side], (index, side)
+    assert "<tool_call>" in reference.decode(trl_tokenized(reference, pairs[0])["chosen"])  # the call itself is trained
 
 
 def test_the_chat_template_the_pairs_used_is_known_for_the_export(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import asset
 
 from lightning_tune.data import DataError, UnpairedDataModule, collate_unpaired, encode_sample
 from lightning_tune.data.base import DEMO_TOKENIZER
@@ -77,6 +78,36 @@ def test_conversational_records_train_the_reply(tmp_path: Path) -> None:
         trained = [t for t, label in zip(sample["input_ids"], sample["labels"], strict=True) if label != IGNORE_INDEX]
         assert 0 < sample["prompt_len"] < len(sample["input_ids"]) and trained
     assert [s["label"] for s in data.train_dataset] == [True, False]
+
+
+@pytest.mark.parametrize("tools", [None, "json"])
+def test_conversational_records_are_tokenised_as_trl_kto_tokenises_them(tools: str | None, tmp_path: Path) -> None:
+    """Conversational records as TRL 1.16's KTOTrainer `tokenize_fn` tokenises them, with TRL's own helpers: the prompt
+    rendered with the generation prompt, prompt + completion rendered whole (a record's `tools`, here its JSON string,
+    passed to both as `tools=`), the completion every token after their common prefix. So what Qwen 3 writes after
+    <|im_end|> ("\n") trains as TRL trains it, and a completion that is a turn of tool calls trains whole."""
+    transformers = pytest.importorskip("transformers")
+    trl_data = pytest.importorskip("trl.data_utils")
+    folder = asset("qwen3_tokenizer")
+    schemas = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    prompt = [{"role": "user", "content": "What is the weather in Paris?"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    completions = [[call], [{"role": "assistant", "content": "It is sunny."}]] if tools else [[{"role": "assistant", "content": "It is sunny."}], "Rain."]
+    records = [{"prompt": prompt, "completion": completion, "label": i == 0} | ({"tools": json.dumps(schemas)} if tools else {}) for i, completion in enumerate(completions)]
+    data = module(tmp_path, records, tokenizer_path=str(folder), max_seq_len=512)
+    reference = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    kwargs = {"tools": schemas if tools else None}
+    for sample, completion in zip(data.train_dataset, completions, strict=True):
+        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        prompt_ids = trl_data._tokenize(reference, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        ids = trl_data._tokenize(reference, prompt + completion, **kwargs)["input_ids"]
+        start = trl_data.common_prefix_length(prompt_ids, ids)
+        assert list(sample["input_ids"]) == ids and sample["prompt_len"] == start
+        assert list(sample["labels"]) == [IGNORE_INDEX] * start + ids[start:]
+        assert reference.decode(ids[start:]).endswith("<|im_end|>\n")
+        assert ("get_weather" in reference.decode(ids[:start])) == bool(tools)
+    if tools:
+        assert "<tool_call>" in reference.decode(data.train_dataset[0]["input_ids"][data.train_dataset[0]["prompt_len"] :])
 
 
 @pytest.mark.parametrize(
