@@ -89,6 +89,7 @@ class Row(NamedTuple):
     pack: bool = False
     grouped: bool = False
     strategy: str = "auto"
+    checkpointing: bool = False  # the recipe's activation_checkpointing (each layer recomputed in backward)
 
 
 CONFIGS: dict[str, Row] = {
@@ -106,6 +107,7 @@ CONFIGS: dict[str, Row] = {
     "ours-full": Row("full", "ours", pack=True),
     "ours-full-padded": Row("full", "ours"),
     "ours-full-grouped": Row("full", "ours", grouped=True),
+    "ours-full-checkpointed": Row("full", "ours", pack=True, checkpointing=True),
 }
 DEFAULT_CONFIGS = {
     "cpu": ["plain-lora", "trl-lora", "ours-lora", "ours-lora-padded", "ours-lora-bf16-mixed", "ours-lora-bf16-true", "plain-full", "trl-full", "ours-full", "ours-full-padded"],
@@ -369,6 +371,7 @@ def run_ours(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
         warmup_steps=0,
         export=False,
         compile=args.compile,
+        activation_checkpointing=row.checkpointing,
     )
     if row.recipe == "lora":
         module = LoRAFinetune(**common, lora_rank=w.lora["rank"], lora_alpha=w.lora["alpha"], lora_dropout=w.lora["dropout"], lora_attn_modules=w.lora["attn"], apply_lora_to_mlp=w.lora["mlp"])
@@ -422,6 +425,7 @@ def run_ours(args: argparse.Namespace, row: Row, timer: Timer) -> dict:
         fsdp_wrapped_layers=row.strategy == "fsdp2",
         accelerator=args.device,
         loss_chunk_size=module.loss_chunk_size,
+        activation_checkpointing=row.checkpointing,
     )
     return {"tokens": dm.step_tokens[:steps], "estimate_gib": estimate.total / 2**30}
 
