@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,13 +34,22 @@ class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def allocated_bytes() -> float | None:
-    """Bytes glibc's malloc has handed out and not had back (heap in use + mapped chunks), or None off glibc."""
+@functools.cache
+def mallinfo2() -> Callable[[], MallInfo2] | None:
+    """glibc's `mallinfo2`, loaded once, or None off glibc (or before 2.33)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
+    return libc.mallinfo2
+
+
+def allocated_bytes() -> float | None:
+    """Bytes glibc's malloc has handed out and not had back (heap in use + mapped chunks), or None off glibc."""
+    read = mallinfo2()
+    if read is None:
+        return None
+    info = read()
     return float(info.uordblks + info.hblkhd)
 
 

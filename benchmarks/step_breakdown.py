@@ -47,6 +47,14 @@ PARTS = {
 OUTSIDE = ("head + cross-entropy (forward, its gradients included)", "backward outside the modules", "optimiser step + zero_grad")
 
 
+def instrumented_children(module: nn.Module) -> list[nn.Module]:
+    """The instrumented modules below `module` with no instrumented module between them and it."""
+    found = []
+    for child in module.children():
+        found += [child] if type(child).__name__ in PARTS else instrumented_children(child)
+    return found
+
+
 class StepClock:
     """Each module call's span, forward and backward; `own(phase)` charges each module its own time."""
 
@@ -64,20 +72,13 @@ class StepClock:
         for module in model.modules():
             if type(module).__name__ not in PARTS:
                 continue
-            self.children[module] = [m for m in module.modules() if m is not module and type(m).__name__ in PARTS and self.nearest(module, m)]
+            self.children[module] = instrumented_children(module)
             self.handles += [
                 module.register_forward_pre_hook(lambda m, args: self.start("forward", m, args)),
                 module.register_forward_hook(lambda m, args, out: self.stop("forward", m)),
                 module.register_full_backward_pre_hook(lambda m, grad_out: self.start("backward", m)),
                 module.register_full_backward_hook(lambda m, grad_in, grad_out: self.stop("backward", m)),
             ]
-
-    def nearest(self, parent: nn.Module, child: nn.Module) -> bool:
-        """Whether no instrumented module lies between `parent` and its descendant `child`."""
-        for middle in parent.modules():
-            if middle is not parent and middle is not child and type(middle).__name__ in PARTS and any(m is child for m in middle.modules()):
-                return False
-        return True
 
     def start(self, phase: str, module: nn.Module, args: tuple = ()) -> None:
         if args and not (isinstance(args[0], torch.Tensor) and args[0].requires_grad):
